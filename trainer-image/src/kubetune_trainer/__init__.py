@@ -1,0 +1,1 @@
+"""KubeTune data plane: train, export and serve (runs in pods and in local mode)."""
