@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubetune.crdgen import dump_yaml, render_crd
 from tests.cases.manifests import INVALID_CASES, InvalidCase, base_manifest
