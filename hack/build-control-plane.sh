@@ -15,8 +15,6 @@ BIN=$CACHE_ROOT/controlplane-k8s$K8S_VERSION-kwok$KWOK_VERSION-helm$HELM_VERSION
 WORK=$CACHE_ROOT/controlplane-build-$K8S_VERSION
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-trimpath
-command -v go >/dev/null || { echo "go is not installed: cannot build the control plane" >&2; exit 3; }
-
 mkdir -p "$BIN" "$WORK"
 log() { echo "[build-control-plane] $*" >&2; }
 
@@ -26,6 +24,7 @@ have_all() {
   done
 }
 if have_all; then echo "$BIN"; exit 0; fi
+command -v go >/dev/null || { echo "go is not installed: cannot build the control plane" >&2; exit 3; }
 
 K8S_GOMOD=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
