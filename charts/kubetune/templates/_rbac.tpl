@@ -1,0 +1,43 @@
+{{/* The rules the operator needs in every namespace it serves: exactly the calls of
+     operator/src/kubetune/kube.py, controller.py, progress_server.py and kopf's watches. */}}
+{{- define "kubetune.namespacedRules" -}}
+# FineTuneJobs: listed and watched by kopf, which keeps its bookkeeping in annotations
+# (patch); the controller merge-patches their status. Nothing reads one by name.
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/status"]
+  verbs: ["patch"]
+# Transitions are posted as Events.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+# Training Jobs, export Jobs and serving Deployments: watched (kopf indexes), applied
+# server-side (create + patch) and deleted when a generation is replaced or serving is off.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# Run-config ConfigMaps, rendezvous and serving Services: applied and deleted, never watched.
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["create", "patch", "delete"]
+# The artifact PVC: applied; a referenced one is checked to exist (never deleted: it holds
+# the checkpoints and models).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+# Trainer pods are only read: termination messages (final report), scheduling failures, the
+# pod a progress token is bound to.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# A referenced Secret (model token) is checked to exist with a metadata-only read; its value
+# reaches pods only through secretKeyRef.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end -}}
