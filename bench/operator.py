@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Operator benchmark: 200 FineTuneJobs created at once against the real control plane.
+
+Prints create-to-training-Job latency (p50, p99), the time until every FineTuneJob is
+reconciled (Validated=True and its training Job reported in status), and the API requests the
+operator sent per FineTuneJob during the burst and while idle afterwards (watches count once,
+when opened). Goals (issue 5): p50 <= 250 ms, p99 <= 1 s, no request loop while idle.
+
+The operator is the real `kubetune operator` in a subprocess; a wrapper counts every HTTP
+request its aiohttp sessions send (kopf's watches and patches as well as KubeTune's own
+applies), so the numbers are the operator's alone, not the apiserver's other clients'.
+
+The jobs carry a Kueue queue label, so their training Jobs are created suspended (as Kueue
+would hold them): the benchmark measures the operator, not kwok and the scheduler running
+200 fake pods on three fake nodes.
+
+    python bench/operator.py [--jobs 200] [--idle-seconds 30] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "hack"))
+
+import cluster as controlplane  # noqa: E402  (hack/ is not a package)
+
+NAMESPACE = "bench"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+# --------------------------------------------------------------------------- counting operator
+
+
+def run_counting_operator(counts_file: str, operator_args: list[str]) -> int:
+    """Run `kubetune operator` with every aiohttp request counted into `counts_file`."""
+    import aiohttp
+
+    counts: Counter[str] = Counter()
+    original = aiohttp.ClientSession._request
+
+    async def counted(self: aiohttp.ClientSession, method: str, url: Any, **kwargs: Any) -> Any:
+        params = kwargs.get("params") or {}
+        watch = "watch" in str(url) or str(params.get("watch", "")).lower() == "true"
+        parts = str(url).split("?")[0].rstrip("/").split("/")
+        # .../<resource>/<name>, .../<name>/status, or a POST to the collection itself.
+        collection = method.upper() == "POST" or watch or parts[-1] in {"status", "eviction"}
+        resource = parts[-1] if collection else parts[-2]
+        counts[f"{'WATCH' if watch else method.upper()} {resource}"] += 1
+        return await original(self, method, url, **kwargs)
+
+    aiohttp.ClientSession._request = counted  # type: ignore[method-assign,assignment]
+
+    def dump() -> None:
+        while True:
+            Path(counts_file + ".tmp").write_text(json.dumps(dict(counts)))
+            os.replace(counts_file + ".tmp", counts_file)
+            time.sleep(0.2)
+
+    threading.Thread(target=dump, daemon=True).start()
+    from kubetune.cli import main
+
+    return main(["operator", *operator_args])
+
+
+def read_counts(path: Path) -> Counter[str]:
+    try:
+        return Counter(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return Counter()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def finetunejob(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"kueue.x-k8s.io/queue-name": "bench"},
+        },
+        "spec": {
+            "model": {"source": "builtin://smollm2-135m-instruct"},
+            "dataset": {"source": "builtin://kubectl-commands"},
+            "resources": {"gpusPerNode": 1},
+            "storage": {"claimName": "shared"},
+        },
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kib = 0
+    return f"{cpu}, {os.cpu_count()} cores, {mem_kib / 2**20:.0f} GiB RAM, {platform.system()}"
+
+
+def reconciled(obj: dict[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    conditions = {c["type"]: c for c in status.get("conditions") or []}
+    validated = conditions.get("Validated", {})
+    trained = conditions.get("Trained", {})
+    return (
+        status.get("observedGeneration") == obj["metadata"]["generation"]
+        and validated.get("status") == "True"
+        and trained.get("reason") == "Queued"  # the Job exists and the operator has seen it
+    )
+
+
+def benchmark(
+    cluster: controlplane.Cluster, jobs: int, idle_seconds: float, workdir: Path
+) -> dict[str, Any]:
+    from kubernetes import client, config, watch
+
+    crd = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "crd"], capture_output=True, text=True, check=True
+    ).stdout
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=crd)
+    controlplane.wait_for(
+        lambda: (
+            "Established"
+            in cluster.kubectl(
+                "get",
+                "crd",
+                "finetunejobs.kubetune.io",
+                "-o",
+                "jsonpath={.status.conditions[*].type}",
+            ).stdout
+        ),
+        timeout=30,
+        what="the CRD to be established",
+    )
+    cluster.kubectl("create", "namespace", NAMESPACE)
+    cluster.wait_for("serviceaccount", "default", lambda _: True, namespace=NAMESPACE)
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "shared", "namespace": NAMESPACE},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+    )
+
+    counts_file = workdir / "counts.json"
+    log = (workdir / "operator.log").open("wb")
+    operator = subprocess.Popen(
+        [
+            sys.executable, __file__, "--counting-operator", str(counts_file), "--",
+            "--kubeconfig", str(cluster.kubeconfig), "--lease-namespace", NAMESPACE,
+            "--progress-port", "0", "--liveness-port", "0", "--resync-seconds", "10",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=cluster.env,
+    )  # fmt: skip
+    try:
+        controlplane.wait_for(
+            lambda: "Initial authentication has finished" in (workdir / "operator.log").read_text(),
+            timeout=60, what="the operator to start",
+        )  # fmt: skip
+        time.sleep(2)  # kopf opens its watches right after logging in; let them settle
+        config.load_kube_config(str(cluster.kubeconfig))
+        api = client.ApiClient()
+        custom = client.CustomObjectsApi(api)
+        batch = client.BatchV1Api(api)
+
+        job_seen: dict[str, float] = {}
+        stop = threading.Event()
+
+        def watch_jobs() -> None:
+            stream = watch.Watch()
+            for event in stream.stream(batch.list_namespaced_job, NAMESPACE, timeout_seconds=600):
+                if event["type"] == "ADDED":
+                    owner = event["object"].metadata.labels.get("kubetune.io/job")
+                    job_seen.setdefault(owner, time.monotonic())
+                if stop.is_set():
+                    stream.stop()
+
+        watcher = threading.Thread(target=watch_jobs, daemon=True)
+        watcher.start()
+        time.sleep(1)
+        before = read_counts(counts_file)
+        created: dict[str, float] = {}
+
+        def create(index: int) -> None:
+            name = f"bench-{index:04d}"
+            created[name] = time.monotonic()
+            custom.create_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", NAMESPACE, "finetunejobs", finetunejob(name)
+            )
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(create, range(jobs)))
+        created_all = time.monotonic() - start
+
+        def all_reconciled() -> bool:
+            response = custom.list_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", NAMESPACE, "finetunejobs"
+            )
+            listed = dict(response)["items"]  # type: ignore[call-overload]
+            return len(listed) == jobs and all(reconciled(o) for o in listed)
+
+        controlplane.wait_for(all_reconciled, timeout=600, what="every FineTuneJob reconciled",
+                              interval=0.25)  # fmt: skip
+        done = time.monotonic() - start
+        burst = read_counts(counts_file) - before
+
+        # Idle: wait until the operator has gone quiet, then count over a window that spans
+        # several resync periods.
+        settle = read_counts(counts_file)
+        time.sleep(3)
+        idle_start = read_counts(counts_file)
+        time.sleep(idle_seconds)
+        idle = read_counts(counts_file) - idle_start
+        settling = idle_start - settle
+        stop.set()
+
+        latencies = [(job_seen[n] - created[n]) * 1000 for n in created if n in job_seen]
+        return {
+            "jobs": jobs,
+            "created_in_s": created_all,
+            "jobs_seen": len(latencies),
+            "p50_ms": percentile(latencies, 0.5),
+            "p99_ms": percentile(latencies, 0.99),
+            "max_ms": max(latencies),
+            "mean_ms": statistics.mean(latencies),
+            "all_reconciled_s": done,
+            "burst_requests": sum(burst.values()),
+            "burst_per_job": sum(burst.values()) / jobs,
+            "burst_breakdown": dict(burst.most_common()),
+            "settling_requests": sum(settling.values()),
+            "idle_seconds": idle_seconds,
+            "idle_requests": sum(idle.values()),
+            "idle_per_job": sum(idle.values()) / jobs,
+            "idle_breakdown": dict(idle.most_common()),
+        }
+    finally:
+        operator.terminate()
+        operator.wait(timeout=30)
+        log.close()
+
+
+def report(result: dict[str, Any]) -> str:
+    goal = lambda ok: "meets the goal" if ok else "MISSES the goal"  # noqa: E731
+    lines = [
+        f"FineTuneJobs created at once: {result['jobs']} (16 client threads, "
+        f"{result['created_in_s']:.1f} s to send them all)",
+        f"create-to-training-Job latency: p50 {result['p50_ms']:.0f} ms "
+        f"({goal(result['p50_ms'] <= 250)} of 250 ms), p99 {result['p99_ms']:.0f} ms "
+        f"({goal(result['p99_ms'] <= 1000)} of 1 s), max {result['max_ms']:.0f} ms",
+        f"all reconciled after: {result['all_reconciled_s']:.1f} s",
+        f"operator API requests per job during the burst: {result['burst_per_job']:.1f} "
+        f"({result['burst_requests']} in all: {result['burst_breakdown']})",
+        f"operator API requests while idle for {result['idle_seconds']:.0f} s: "
+        f"{result['idle_requests']} ({result['idle_per_job']:.2f} per job) "
+        f"{result['idle_breakdown'] or ''}",
+    ]
+    return "\n".join(lines)
+
+
+def record(text: str) -> None:
+    stamp = time.strftime("%Y-%m-%d")
+    entry = (
+        f"\n### bench/operator.py, {stamp}\n\nMachine: {machine()}; control plane: "
+        f"hack/cluster.py (etcd, kube-apiserver, KCM, scheduler, kwok on loopback, same "
+        f"machine).\n\n```\n{text}\n```\n"
+    )
+    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if "## Operator" not in existing:
+        existing = existing.rstrip("\n") + "\n\n## Operator\n"
+    head, _, tail = existing.partition("## Operator\n")
+    # Append inside the Operator section, before the next section if any.
+    body, sep, rest = tail.partition("\n## ")
+    RESULTS.write_text(
+        head + "## Operator\n" + body.rstrip("\n") + "\n" + entry + (sep + rest if sep else "")
+    )
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--counting-operator":
+        return run_counting_operator(sys.argv[2], sys.argv[4:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    args = parser.parse_args()
+    reason = controlplane.unavailable_reason()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
+        workdir = Path(tmp)
+        with controlplane.running(workdir / "cluster") as cluster:
+            result = benchmark(cluster, args.jobs, args.idle_seconds, workdir)
+    text = report(result)
+    print(text)
+    if args.record:
+        record(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

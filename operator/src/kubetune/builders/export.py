@@ -1,0 +1,94 @@
+"""The export Job: adapter merge -> ONNX Runtime GenAI model, after training succeeded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune import naming
+from kubetune.api import FineTuneJobSpec
+from kubetune.builders import pod
+from kubetune.builders.meta import Manifest, Owner, metadata, pod_metadata_overrides, with_hash
+from kubetune.builders.training import CONFIGURATION_ERROR_EXIT_CODE
+from kubetune.operator_config import OperatorConfig
+
+
+def export_args(owner: Owner, generation: int, spec: FineTuneJobSpec) -> list[str]:
+    run_dir = f"{naming.ARTIFACTS_MOUNT}/{naming.run_path(owner.name, generation)}"
+    return [
+        "-m", "kubetune_trainer", "export",
+        "--input", run_dir,
+        "--output", f"{run_dir}/onnx",
+        "--precision", spec.serving.precision.value,
+        "--device", spec.serving.device.value,
+    ]  # fmt: skip
+
+
+def export_job(
+    owner: Owner, generation: int, spec: FineTuneJobSpec, config: OperatorConfig
+) -> Manifest:
+    name = naming.export_job_name(owner.name, generation)
+    extra_labels, extra_annotations = pod_metadata_overrides(owner, "export", config)
+    gpus = spec.serving.resources.gpus if spec.serving.resources else 0
+    if spec.serving.device.value != "CUDA":
+        gpus = 0
+    container: dict[str, Any] = {
+        "name": naming.EXPORTER_CONTAINER,
+        "image": config.trainer_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["python"],
+        "args": export_args(owner, generation, spec),
+        "env": [*pod.common_env(owner.name, generation), *pod.secret_env(spec)],
+        "volumeMounts": [
+            {"name": pod.ARTIFACTS_VOLUME, "mountPath": naming.ARTIFACTS_MOUNT},
+            pod.tmp_mount(),
+        ],
+        "securityContext": pod.container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if gpus:
+        amount = {spec.resources.gpu_resource: str(gpus)}
+        container["resources"] = {"requests": dict(amount), "limits": dict(amount)}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod.pod_security_context(config),
+        "containers": [container],
+        "volumes": [pod.artifacts_volume(pod.artifacts_claim(spec, owner.name)), pod.tmp_volume()],
+    }
+    tolerations = pod.gpu_tolerations(spec, gpus)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.resources.node_selector and gpus:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    pod_labels = {**metadata(owner, name, naming.COMPONENT_EXPORTER, generation)["labels"]}
+    return with_hash(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": metadata(owner, name, naming.COMPONENT_EXPORTER, generation),
+            "spec": {
+                "backoffLimit": config.export_backoff_limit,
+                "podFailurePolicy": {
+                    "rules": [
+                        {
+                            "action": "FailJob",
+                            "onExitCodes": {
+                                "containerName": naming.EXPORTER_CONTAINER,
+                                "operator": "In",
+                                "values": [CONFIGURATION_ERROR_EXIT_CODE],
+                            },
+                        },
+                        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    ]
+                },
+                "template": {
+                    "metadata": {
+                        "labels": {**pod_labels, **extra_labels},
+                        "annotations": extra_annotations,
+                    },
+                    "spec": pod_spec,
+                },
+            },
+        }
+    )

@@ -1,0 +1,118 @@
+"""Pod pieces shared by the trainer, exporter and server: security, volumes, secrets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune import naming
+from kubetune.api import FineTuneJobSpec
+from kubetune.operator_config import OperatorConfig
+
+ARTIFACTS_VOLUME = "artifacts"
+TMP_VOLUME = "tmp"
+
+
+def pod_security_context(config: OperatorConfig) -> dict[str, Any]:
+    """The pod half of the `restricted` Pod Security Standard; fsGroup makes the PVC writable."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": config.run_as_user,
+        "runAsGroup": config.run_as_user,
+        "fsGroup": config.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def artifacts_claim(spec: FineTuneJobSpec, job: str) -> str:
+    return spec.storage.claim_name or naming.artifacts_claim_name(job)
+
+
+def artifacts_volume(claim: str, read_only: bool = False) -> dict[str, Any]:
+    return {
+        "name": ARTIFACTS_VOLUME,
+        "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only},
+    }
+
+
+def tmp_volume() -> dict[str, Any]:
+    # Data-plane processes write caches under $HOME; the image's root filesystem is not theirs.
+    return {"name": TMP_VOLUME, "emptyDir": {}}
+
+
+def tmp_mount() -> dict[str, Any]:
+    return {"name": TMP_VOLUME, "mountPath": "/tmp"}
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
+    """Claims named by `pvc://claim/path` model or dataset sources, in a stable order."""
+    sources = [spec.model.source, spec.dataset.source]
+    if spec.dataset.validation and spec.dataset.validation.source:
+        sources.append(spec.dataset.validation.source)
+    claims = [s.removeprefix("pvc://").split("/", 1)[0] for s in sources if s.startswith("pvc://")]
+    return sorted(set(claims))
+
+
+def pvc_source_volumes(spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) for `pvc://` sources: each claim read-only at /mnt/pvc/<claim>."""
+    volumes, mounts = [], []
+    for index, claim in enumerate(pvc_claims(spec)):
+        name = f"source-{index}"
+        volumes.append(
+            {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append(
+            {"name": name, "mountPath": f"{naming.PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
+        )
+    return volumes, mounts
+
+
+def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """Tokens as `secretKeyRef` env vars only: the value never passes through the operator.
+
+    The data plane reads `HF_TOKEN` for both the model and an `hf://` dataset; a dataset
+    with a Secret of its own also gets `KUBETUNE_DATASET_TOKEN`.
+    """
+    refs = [("HF_TOKEN", spec.model.secret_ref or spec.dataset.secret_ref)]
+    if spec.model.secret_ref and spec.dataset.secret_ref:
+        refs.append(("KUBETUNE_DATASET_TOKEN", spec.dataset.secret_ref))
+    return [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        for name, ref in refs
+        if ref is not None
+    ]
+
+
+def referenced_secrets(spec: FineTuneJobSpec) -> list[str]:
+    names = {ref.name for ref in (spec.model.secret_ref, spec.dataset.secret_ref) if ref}
+    return sorted(names)
+
+
+def gpu_tolerations(spec: FineTuneJobSpec, gpus: int) -> list[dict[str, Any]]:
+    """The usual GPU taint (`<gpuResource>` with any value) plus the spec's own tolerations."""
+    tolerations: list[dict[str, Any]] = []
+    if gpus > 0:
+        tolerations.append(
+            {"key": spec.resources.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}
+        )
+    for toleration in spec.resources.tolerations or []:
+        tolerations.append(toleration.to_wire())
+    return tolerations
+
+
+def common_env(job: str, generation: int) -> list[dict[str, Any]]:
+    return [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{naming.ARTIFACTS_MOUNT}/{job}/.cache/huggingface"},
+        {"name": "KUBETUNE_PVC_ROOT", "value": naming.PVC_MOUNT_ROOT},
+        {"name": "KUBETUNE_GENERATION", "value": str(generation)},
+    ]

@@ -1,0 +1,101 @@
+"""Names, labels and annotations of the objects the operator creates.
+
+Every child's name is a pure function of the FineTuneJob's name and the training generation,
+so a restarted operator finds (and server-side applies onto) the same objects instead of
+creating duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+APP_NAME = "kubetune"
+MANAGED_BY = "kubetune"
+FIELD_MANAGER = "kubetune"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_JOB = "kubetune.io/job"
+LABEL_GENERATION = "kubetune.io/generation"
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
+
+ANNOTATION_HASH = "kubetune.io/applied-hash"
+"""sha256 of the manifest as the operator last applied it: equal hash, nothing to apply."""
+ANNOTATION_TRAINING_HASH = "kubetune.io/training-hash"
+"""sha256 of the training-relevant spec: a different one starts a new generation."""
+ANNOTATION_MODEL_GENERATION = "kubetune.io/model-generation"
+ANNOTATION_MODEL_EVAL_LOSS = "kubetune.io/model-eval-loss"
+ANNOTATION_SUSPEND_REQUESTED = "kubetune.io/suspend-requested"
+ANNOTATION_POD_METADATA = "kubetune.io/pod-metadata"
+"""JSON `{"train"|"export"|"serve": {"labels": {...}, "annotations": {...}}}` copied onto the
+pods' templates when the operator runs with `--allow-pod-metadata` (tests drive kwok with it)."""
+JOB_COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+COMPONENT_TRAINER = "trainer"
+COMPONENT_EXPORTER = "exporter"
+COMPONENT_SERVER = "server"
+COMPONENT_STORAGE = "storage"
+COMPONENT_CONFIG = "run-config"
+COMPONENT_RENDEZVOUS = "rendezvous"
+
+TRAINER_CONTAINER = "trainer"
+EXPORTER_CONTAINER = "exporter"
+SERVER_CONTAINER = "server"
+
+RENDEZVOUS_PORT = 29500
+SERVING_PORT = 8000
+ARTIFACTS_MOUNT = "/artifacts"
+CONFIG_MOUNT = "/etc/kubetune"
+RUN_CONFIG_KEY = "run.json"
+PROGRESS_TOKEN_DIR = "/var/run/secrets/kubetune/progress"
+PVC_MOUNT_ROOT = "/mnt/pvc"
+
+MAX_NAME = 63
+
+
+def bounded(name: str, limit: int = MAX_NAME) -> str:
+    """`name` if it fits a DNS label, else a prefix plus a short hash (still unique, stable)."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def training_job_name(job: str, generation: int) -> str:
+    # Pod hostnames are `<job>-<index>`: leave room for the index within 63 characters.
+    return bounded(f"{job}-g{generation}-train", MAX_NAME - 4)
+
+
+def rendezvous_service_name(job: str, generation: int) -> str:
+    return bounded(f"{job}-g{generation}-rdzv")
+
+
+def config_map_name(job: str, generation: int) -> str:
+    return bounded(f"{job}-g{generation}-config", 253)
+
+
+def export_job_name(job: str, generation: int) -> str:
+    return bounded(f"{job}-g{generation}-export", MAX_NAME - 4)
+
+
+def artifacts_claim_name(job: str) -> str:
+    return bounded(f"{job}-artifacts", 253)
+
+
+def serving_name(job: str) -> str:
+    """The stable Deployment and Service of a FineTuneJob (one per job, all generations)."""
+    return bounded(f"{job}-server")
+
+
+def run_path(job: str, generation: int) -> str:
+    """A generation's run directory, relative to the artifact volume's root."""
+    return f"{job}/gen-{generation}"
+
+
+def endpoint_url(service: str, namespace: str) -> str:
+    return f"http://{service}.{namespace}.svc:{SERVING_PORT}/v1"
