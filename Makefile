@@ -26,7 +26,7 @@ controlplane:
 	bash hack/build-control-plane.sh
 
 run: setup
-	$(VENV)/bin/kubetune run examples/quickstart.yaml --output runs/quickstart
+	$(VENV)/bin/kubetune run examples/quickstart.yaml --output runs/quickstart --no-serve
 
 test: setup controlplane
 	$(VENV)/bin/ruff check .

@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check FineTuneJob manifests offline")
     validate.add_argument("files", nargs="+", help="YAML manifests")
     validate.set_defaults(func=_validate)
+
+    from kubetune.local import add_run_command
+
+    add_run_command(commands)
+
+    from kubetune.operator_main import add_operator_command
+
+    add_operator_command(commands)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""Held-out evaluation for `kubetune run`: exact-match accuracy through a served endpoint.
+
+Both the base and the fine-tuned model are asked through the same OpenAI-compatible server
+(ONNX Runtime GenAI), with greedy decoding, so the comparison differs only in the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# A model may wrap a command in a code fence or backticks; that is formatting, not content.
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace collapsed, surrounding code fences and backticks removed."""
+    text = _FENCE.sub("", text.strip()).strip().strip("`").strip()
+    return " ".join(text.split())
+
+
+def exact_match(answer: str, reference: str) -> bool:
+    return normalize_answer(answer) == normalize_answer(reference)
+
+
+def load_chat_examples(path: Path) -> list[tuple[list[dict[str, str]], str]]:
+    """(prompt messages, reference answer) for every Chat record ending in an assistant turn."""
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a Chat record ({error})") from None
+        if messages and messages[-1].get("role") == "assistant":
+            examples.append((messages[:-1], str(messages[-1]["content"])))
+    return examples
+
+
+def chat(base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int = 48,
+         timeout: float = 120.0) -> str:
+    """One greedy chat completion from an OpenAI-compatible server."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    request = urllib.request.Request(
+        f"{base_url.rstrip('/')}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            reply: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")[:500]
+        raise RuntimeError(f"{base_url}: HTTP {error.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise RuntimeError(f"{base_url}: {error}") from None
+    return str(reply["choices"][0]["message"]["content"])
+
+
+def is_ready(root_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{root_url}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class EvalResult:
+    correct: int = 0
+    total: int = 0
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """A few (request, answer, reference) triples, for the report."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": round(self.accuracy, 4), "correct": self.correct,
+                "total": self.total, "samples": self.samples}
+
+
+def evaluate(base_url: str, model: str, examples: list[tuple[list[dict[str, str]], str]],
+             keep_samples: int = 5) -> EvalResult:
+    result = EvalResult()
+    for messages, reference in examples:
+        # An answer much longer than the reference cannot match it; capping the length (at
+        # more tokens than the reference can take) keeps a rambling base model from costing
+        # minutes without changing any verdict.
+        answer = chat(base_url, model, messages, max_tokens=len(reference) // 2 + 24)
+        result.total += 1
+        result.correct += exact_match(answer, reference)
+        if len(result.samples) < keep_samples:
+            request = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            result.samples.append({"request": request, "answer": answer,
+                                   "reference": reference})
+    return result
+
+
+def side_by_side(base: dict[str, Any] | None, tuned: dict[str, Any], split: str) -> str:
+    """The comparison table `kubetune run` prints at the end."""
+    def cell(result: dict[str, Any] | None) -> str:
+        if result is None:
+            return "not measured"
+        return f"{100 * result['accuracy']:5.1f}%  ({result['correct']}/{result['total']})"
+
+    return "\n".join([
+        f"Exact-match accuracy on the held-out {split} split:",
+        f"  base model        {cell(base)}",
+        f"  fine-tuned model  {cell(tuned)}",
+    ])
