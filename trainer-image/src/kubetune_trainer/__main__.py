@@ -1,0 +1,21 @@
+"""`python -m kubetune_trainer <train|export|serve> ...`: one module per subcommand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = ("train", "export", "serve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in COMMANDS:
+        print(f"usage: python -m kubetune_trainer {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"kubetune_trainer.{args[0]}")
+    return int(module.main(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

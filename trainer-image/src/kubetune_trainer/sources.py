@@ -1,0 +1,104 @@
+"""Where models and datasets come from: `builtin://`, `file://`, `pvc://` and `hf://` URIs.
+
+`pvc://claim/path` maps to `$KUBETUNE_PVC_ROOT/claim/path` (default root `/mnt/pvc`): the
+operator mounts each claim a run reads from at `<root>/<claim>`, and local mode points the root
+at a directory holding one folder per claim name. `hf://org/name` is handed to transformers as a
+Hub id; with `HF_HUB_OFFLINE=1` it resolves from the local Hugging Face cache only, and the
+token comes from `HF_TOKEN` (set by the operator from the spec's `secretRef`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune_trainer.errors import ConfigError
+
+DATASETS_DIR = Path(__file__).parent / "datasets"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """What to pass to `from_pretrained`: a local directory or a Hub id (with revision)."""
+
+    name_or_path: str
+    revision: str | None = None
+    is_hub: bool = False
+
+
+def _split(uri: str) -> tuple[str, str]:
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not rest:
+        raise ConfigError(f"{uri!r} is not a <scheme>://... URI")
+    return scheme, rest
+
+
+def pvc_path(rest: str) -> Path:
+    """`claim/path` -> `$KUBETUNE_PVC_ROOT/claim/path`."""
+    root = Path(os.environ.get("KUBETUNE_PVC_ROOT", DEFAULT_PVC_ROOT))
+    return root / rest.lstrip("/")
+
+
+def resolve_model(uri: str, revision: str | None = None) -> ModelLocation:
+    """Map a model URI to a directory or Hub id; builtin models are converted on first use."""
+    scheme, rest = _split(uri)
+    if scheme == "builtin":
+        from kubetune_trainer.builtin import BUILTIN_MODELS, builtin_model_dir
+
+        if rest not in BUILTIN_MODELS:
+            raise ConfigError(f"spec.model.source: unknown built-in model {rest!r}")
+        return ModelLocation(str(builtin_model_dir(rest)))
+    if scheme in ("file", "pvc"):
+        path = Path(rest) if scheme == "file" else pvc_path(rest)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"spec.model.source: {uri} -> {path} has no config.json")
+        return ModelLocation(str(path))
+    if scheme == "hf":
+        return ModelLocation(rest, revision=revision, is_hub=True)
+    raise ConfigError(f"spec.model.source: unsupported scheme {scheme!r} in {uri!r}")
+
+
+def resolve_dataset(uri: str) -> Path:
+    """Map a dataset URI to a local JSONL file (builtin: `datasets/<name>/train.jsonl`)."""
+    scheme, rest = _split(uri)
+    if scheme == "builtin":
+        path = DATASETS_DIR / rest / "train.jsonl"
+    elif scheme == "file":
+        path = Path(rest)
+    elif scheme == "pvc":
+        path = pvc_path(rest)
+    elif scheme == "hf":
+        path = _hub_dataset_file(rest)
+    else:
+        raise ConfigError(f"dataset source: unsupported scheme {scheme!r} in {uri!r}")
+    if not path.is_file():
+        raise ConfigError(f"dataset source {uri}: {path} does not exist")
+    return path
+
+
+def builtin_validation(uri: str) -> Path | None:
+    """The validation file shipped beside a builtin dataset, if any."""
+    scheme, rest = _split(uri)
+    if scheme != "builtin":
+        return None
+    path = DATASETS_DIR / rest / "validation.jsonl"
+    return path if path.is_file() else None
+
+
+def _hub_dataset_file(repo_and_file: str) -> Path:
+    """`hf://org/name[/file.jsonl]` -> a JSONL file of that dataset repo, from the local cache
+    when offline (the default file is `train.jsonl`)."""
+    parts = repo_and_file.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "train.jsonl"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(
+            hf_hub_download(
+                repo, filename, repo_type="dataset", token=os.environ.get("HF_TOKEN") or None
+            )
+        )
+    except Exception as error:  # the hub raises many types; all mean "not available"
+        raise ConfigError(f"dataset hf://{repo_and_file}: {error}") from error
