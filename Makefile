@@ -31,7 +31,7 @@ run: setup
 test: setup controlplane
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest tests -p no:cacheprovider
+	$(PY) -m pytest tests -p no:cacheprovider --durations=25
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -p no:cacheprovider
