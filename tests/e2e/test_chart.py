@@ -35,17 +35,16 @@ RESTRICTED = {
     "pod-security.kubernetes.io/warn-version": "latest",
 }
 TERMINATION_MESSAGE = "kubetune.io/fake-termination-message"
-# kopf's cluster scanning (CRDs, namespaces) is not granted: kopf falls back to the watched
-# namespaces after retrying. `settings.scanning.disabled = True` in the operator skips it.
+# kopf's cluster scanning (CRDs, namespaces) is not granted; the operator turns it off
+# (`settings.scanning.disabled`) for exact namespaces, so kopf must not even try.
 KOPF_SCANNING = (
     'cannot list resource "customresourcedefinitions"',
     'cannot list resource "namespaces"',
     "Not enough permissions to",
 )
 ANONYMOUS_CLIENT = (
-    "kubetune.kube.KubeClient sent no token, so the API server saw system:anonymous: with "
-    "kubernetes>=3x the loaders store it as api_key['BearerToken'], read it with "
-    "get_api_key_with_prefix('BearerToken', alias='authorization')"
+    "kubetune.kube.KubeClient sent no token, so the API server saw system:anonymous "
+    "(the loaders store it as api_key['BearerToken'])"
 )
 
 
@@ -474,6 +473,9 @@ def operator_process(
     ]
     env = {k: v for k, v in cluster.env.items() if k != "KUBECONFIG"}
     env["KUBECONFIG"] = str(kubeconfig)
+    # What the chart's Deployment sets in namespaced mode (deployment.yaml).
+    env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] = "kubetune-trainer"
+    env["KUBETUNE_SERVING_SERVICE_ACCOUNT"] = "kubetune-serving"
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
@@ -534,7 +536,7 @@ def test_operator_with_only_the_chart_service_account_runs_a_job_to_ready(
 
         def ready_job() -> dict[str, Any] | None:
             if 'User "system:anonymous"' in log.read_text(errors="replace"):
-                pytest.xfail(ANONYMOUS_CLIENT)
+                pytest.fail(ANONYMOUS_CLIENT)
             current = cluster.get("finetunejob", "rbac-proof", watched)
             return current if current and has_condition("Ready")(current) else None
 
@@ -550,17 +552,25 @@ def test_operator_with_only_the_chart_service_account_runs_a_job_to_ready(
             )
         assert process.poll() is None, "the operator exited"
 
-    forbidden = [line for line in log.read_text(errors="replace").splitlines()
-                 if ("403" in line or "forbidden" in line.lower())
-                 and not any(scan in line for scan in KOPF_SCANNING)]
+    lines = log.read_text(errors="replace").splitlines()
+    forbidden = [line for line in lines if "403" in line or "forbidden" in line.lower()]
     assert forbidden == [], "calls the chart's RBAC does not allow:\n" + "\n".join(forbidden)
+    scanning = [line for line in lines if any(scan in line for scan in KOPF_SCANNING)]
+    assert scanning == [], "kopf scanned the cluster:\n" + "\n".join(scanning)
     assert ready["status"]["serving"]["endpoint"].startswith("http://")
     assert ready["status"]["observedGeneration"] == ready["metadata"]["generation"]
     assert argocd_health(ready) in ("Healthy", "lupa is not installed")
-    components = {
-        j["metadata"]["labels"]["app.kubernetes.io/component"]
-        for j in json.loads(
-            cluster.kubectl("get", "jobs", "-n", watched, "-o", "json").stdout
-        )["items"]
-    }
+    jobs = json.loads(cluster.kubectl("get", "jobs", "-n", watched, "-o", "json").stdout)
+    components = {j["metadata"]["labels"]["app.kubernetes.io/component"] for j in jobs["items"]}
     assert components == {"trainer", "exporter"}
+    # The data plane runs as the chart's token-less ServiceAccounts.
+    deployments = json.loads(
+        cluster.kubectl("get", "deployments", "-n", watched, "-o", "json").stdout
+    )
+    accounts = {
+        item["metadata"]["labels"]["app.kubernetes.io/component"]:
+            item["spec"]["template"]["spec"].get("serviceAccountName")
+        for item in [*jobs["items"], *deployments["items"]]
+    }  # fmt: skip
+    assert accounts == {"trainer": "kubetune-trainer", "exporter": "kubetune-trainer",
+                        "server": "kubetune-serving"}  # fmt: skip

@@ -150,6 +150,37 @@ def test_restricted_security_context_and_failure_policy() -> None:
     assert job["spec"]["backoffLimit"] == CONFIG.training_backoff_limit
 
 
+def test_data_plane_pods_run_as_the_configured_service_accounts() -> None:
+    config = OperatorConfig(
+        trainer_service_account="kubetune-trainer", serving_service_account="kubetune-serving"
+    )
+    spec = _spec()
+    trainer = _pod_spec(_job(spec, config=config))
+    exporter = _pod_spec(builders.export_job(_owner(), 3, spec, config))
+    server = _pod_spec(builders.serving_deployment(_owner(), 3, None, spec, config))
+    assert trainer["serviceAccountName"] == "kubetune-trainer"
+    assert exporter["serviceAccountName"] == "kubetune-trainer"
+    assert server["serviceAccountName"] == "kubetune-serving"
+    for pod_spec in (trainer, exporter, server):
+        assert pod_spec["automountServiceAccountToken"] is False
+    # The progress token is a projected volume: it needs no automounted API token.
+    [progress] = [v for v in trainer["volumes"] if v["name"] == "progress-token"]
+    [source] = progress["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == config.progress_audience
+
+
+def test_no_service_account_configured_leaves_the_namespace_default() -> None:
+    spec = _spec()
+    pod_specs = [
+        _pod_spec(_job(spec, config=OperatorConfig())),
+        _pod_spec(builders.export_job(_owner(), 3, spec, OperatorConfig())),
+        _pod_spec(builders.serving_deployment(_owner(), 3, None, spec, OperatorConfig())),
+    ]
+    for pod_spec in pod_specs:
+        assert "serviceAccountName" not in pod_spec
+        assert pod_spec["automountServiceAccountToken"] is False
+
+
 def test_deadline_and_suspend_reach_the_job() -> None:
     job = _job(_spec(activeDeadlineSeconds=600, suspend=True))
     assert job["spec"]["activeDeadlineSeconds"] == 600

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -19,6 +19,7 @@ import kopf
 from kubetune import naming
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.controller import Controller, RetryLater
+from kubetune.metrics import OperatorMetrics
 from kubetune.progress_server import ProgressSink
 
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
@@ -75,10 +76,19 @@ async def _reconcile(memo: kopf.Memo, body: Mapping[str, Any], indexes: Mapping[
         memo.shared["indexes"] = {name: indexes[name] for name in INDEXES}
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     controller: Controller = memo.controller
+    metrics: OperatorMetrics | None = memo.get("metrics")
+    if metrics is not None:
+        metrics.reconciles.inc()
     try:
         await controller.reconcile(body, children_of(key, indexes))
     except RetryLater as error:
+        if metrics is not None:
+            metrics.reconcile_errors.inc()
         raise kopf.TemporaryError(str(error), delay=5) from error
+    except Exception:
+        if metrics is not None:
+            metrics.reconcile_errors.inc()
+        raise
 
 
 async def resync_forever(memo: kopf.Memo, interval: float) -> None:
@@ -180,9 +190,26 @@ def register(registry: kopf.OperatorRegistry) -> None:
         )(child_changed)
 
 
-def settings(prefix: str = "kubetune.io") -> kopf.OperatorSettings:
+GLOB_CHARACTERS = frozenset("*?!,")
+
+
+def needs_scanning(namespaces: Sequence[str]) -> bool:
+    """Whether kopf must list and watch Namespaces: only to match `--namespace` globs
+    (kopf's patterns: `*`, `?`, `!negation`, `a,b` lists). Exact names, or all namespaces,
+    need no Namespace listing. Pure."""
+    return any(GLOB_CHARACTERS & set(pattern) for pattern in namespaces)
+
+
+def settings(
+    prefix: str = "kubetune.io", namespaces: Sequence[str] = ()
+) -> kopf.OperatorSettings:
     """kopf's bookkeeping in annotations (never in status), few events of its own."""
     result = kopf.OperatorSettings()
+    # kopf's scanning lists and watches CRDs and Namespaces, which least-privilege RBAC does
+    # not grant: kopf then retries for about a minute before serving anything. The CRD is
+    # installed before the operator starts (one discovery at startup still finds it), so
+    # scanning is only kept for namespace globs, which need the Namespace list to match.
+    result.scanning.disabled = not needs_scanning(namespaces)
     result.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     result.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=prefix, key="last-handled-configuration"
@@ -193,9 +220,9 @@ def settings(prefix: str = "kubetune.io") -> kopf.OperatorSettings:
     result.watching.server_timeout = 300
     # kopf keeps one worker per object for `idle_timeout` after its last event; a cap on
     # workers would make a burst of new objects wait for idle ones to expire.
-    result.batching.worker_limit = None
-    result.batching.idle_timeout = 1.0
-    result.batching.batch_window = 0.02  # kopf's default 0.1 s is added to every reaction
+    result.queueing.worker_limit = None
+    result.queueing.idle_timeout = 1.0
+    # (kopf 1.45 removed time-based batching: no batch window delays a reaction any more.)
     result.execution.max_workers = 4
     # On SIGTERM kopf stops and `kubetune operator` then releases its Lease: no SIGKILL.
     result.process.ultimate_exiting_timeout = None

@@ -88,9 +88,10 @@ class KubeClient:
     def _headers(self) -> dict[str, str]:
         headers = {"User-Agent": "kubetune-operator", "Accept": "application/json"}
         if self._auth is not None:
-            if self._auth.refresh_api_key_hook is not None:
-                self._auth.refresh_api_key_hook(self._auth)
-            token = self._auth.get_api_key_with_prefix("authorization")
+            # The loaders store a token as api_key["BearerToken"] (prefix "Bearer" included in
+            # the value); "authorization" is the older key, still used for basic auth. The
+            # getter runs the refresh hook itself (expiring in-cluster or exec tokens).
+            token = self._auth.get_api_key_with_prefix("BearerToken", alias="authorization")
             if token:
                 headers["Authorization"] = token
         return headers

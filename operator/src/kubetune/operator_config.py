@@ -30,3 +30,7 @@ class OperatorConfig:
     """Honour the `kubetune.io/pod-metadata` annotation (extra pod labels/annotations; tests)."""
     run_as_user: int = 1000
     """UID of the data-plane containers (the images' non-root user)."""
+    trainer_service_account: str = ""
+    """ServiceAccount of the training and export pods ("" = the namespace's `default`)."""
+    serving_service_account: str = ""
+    """ServiceAccount of the inference pods ("" = the namespace's `default`)."""

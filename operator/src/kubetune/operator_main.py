@@ -11,8 +11,8 @@ RBAC the operator needs (ClusterRole unless it watches listed namespaces only):
 - configmaps, services, persistentvolumeclaims: get, create, patch, delete
 - secrets: get (existence only; read as PartialObjectMetadata, never the data)
 - events (core): create, patch; authentication.k8s.io tokenreviews: create
-- apiextensions.k8s.io customresourcedefinitions: get, list, watch (kopf's discovery)
-- namespaces: get, list, watch (only with `--namespace` globs)
+- namespaces: list, watch, and customresourcedefinitions: list, watch (only with
+  `--namespace` globs: kopf's scanning is off otherwise, see `handlers.needs_scanning`)
 - coordination.k8s.io leases in the Lease namespace: get, create, update
 """
 
@@ -70,6 +70,18 @@ def add_operator_command(subparsers: Any) -> None:
     parser.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE)
     parser.add_argument("--serving-image", default=DEFAULT_SERVING_IMAGE)
     parser.add_argument(
+        "--trainer-service-account",
+        default=os.environ.get("KUBETUNE_TRAINER_SERVICE_ACCOUNT", ""),
+        help="ServiceAccount of training and export pods, in the job's namespace "
+        "(default: $KUBETUNE_TRAINER_SERVICE_ACCOUNT; empty: the namespace's default)",
+    )
+    parser.add_argument(
+        "--serving-service-account",
+        default=os.environ.get("KUBETUNE_SERVING_SERVICE_ACCOUNT", ""),
+        help="ServiceAccount of inference pods, in the job's namespace "
+        "(default: $KUBETUNE_SERVING_SERVICE_ACCOUNT; empty: the namespace's default)",
+    )
+    parser.add_argument(
         "--image-pull-policy", default="IfNotPresent", choices=["Always", "IfNotPresent", "Never"]
     )
     parser.add_argument(
@@ -105,6 +117,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         image_pull_policy=args.image_pull_policy,
         progress_url=progress_url,
         allow_pod_metadata=args.allow_pod_metadata,
+        trainer_service_account=args.trainer_service_account,
+        serving_service_account=args.serving_service_account,
     )
 
 
@@ -130,6 +144,7 @@ async def serve(args: argparse.Namespace) -> int:
     from kubetune.controller import Controller, utc_now
     from kubetune.kube import KubeClient
     from kubetune.leader import LeaseLock
+    from kubetune.metrics import OperatorMetrics, index_bodies
     from kubetune.progress_server import ProgressServer, ProgressSink
 
     if args.kubeconfig:
@@ -146,19 +161,26 @@ async def serve(args: argparse.Namespace) -> int:
         client, args.progress_min_interval, utc_now,
         on_patched=controller.remember,
     )  # fmt: skip
-    runner = web.AppRunner(ProgressServer(client, config.progress_audience, sink).app())
+    shared: dict[str, Any] = {}
+    metrics = OperatorMetrics(
+        api_requests=lambda: client.requests,
+        progress_patches=lambda: sink.patches,
+        finetunejobs=lambda: index_bodies(shared),
+    )
+    progress = ProgressServer(client, config.progress_audience, sink, metrics)
+    runner = web.AppRunner(progress.app())
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", args.progress_port).start()
 
     registry = kopf.OperatorRegistry()
     handlers.register(registry)
-    memo = kopf.Memo(controller=controller, sink=sink, shared={})
+    memo = kopf.Memo(controller=controller, sink=sink, shared=shared, metrics=metrics)
     stop = asyncio.Event()
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     operator = asyncio.create_task(
         kopf.operator(
             registry=registry,
-            settings=handlers.settings(),
+            settings=handlers.settings(namespaces=args.namespaces),
             standalone=True,
             clusterwide=not args.namespaces,
             namespaces=args.namespaces,

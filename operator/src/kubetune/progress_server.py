@@ -23,6 +23,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune import naming
 from kubetune.kube import ApiError, KubeClient
+from kubetune.metrics import CONTENT_TYPE, OperatorMetrics
 from kubetune.status_view import decimal
 
 log = logging.getLogger(__name__)
@@ -152,20 +153,37 @@ class ProgressSink:
 
 
 class ProgressServer:
-    def __init__(self, client: KubeClient, audience: str, sink: ProgressSink) -> None:
+    """The operator's HTTP port: progress reports, /healthz and Prometheus' /metrics."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        audience: str,
+        sink: ProgressSink,
+        metrics: OperatorMetrics | None = None,
+    ) -> None:
         self.client = client
         self.audience = audience
         self.sink = sink
+        self.metrics = metrics or OperatorMetrics(
+            api_requests=lambda: client.requests, progress_patches=lambda: sink.patches
+        )
         self._verified: dict[str, tuple[float, str, str]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/v1/progress/{namespace}/{name}", self.handle)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics_text)
         return app
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def metrics_text(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     async def _authorize(self, token: str, namespace: str, name: str) -> None:
         """Refused unless the token proves a trainer pod of `namespace/name` sent it. A
@@ -207,6 +225,8 @@ class ProgressServer:
         except Refused as refused:
             if refused.status == 403:
                 log.warning("refused a progress report for %s/%s: %s", namespace, name, refused)
+            self.metrics.report(accepted=False, code=refused.status)
             return web.json_response({"error": str(refused)}, status=refused.status)
         self.sink.submit((namespace, name), report)
+        self.metrics.report(accepted=True, code=202)
         return web.json_response({"accepted": True}, status=202)

@@ -50,9 +50,7 @@ def export_job(
         container["resources"] = {"requests": dict(amount), "limits": dict(amount)}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod.pod_security_context(config),
+        **pod.base_pod_spec(config, config.trainer_service_account),
         "containers": [container],
         "volumes": [pod.artifacts_volume(pod.artifacts_claim(spec, owner.name)), pod.tmp_volume()],
     }

@@ -116,3 +116,17 @@ def common_env(job: str, generation: int) -> list[dict[str, Any]]:
         {"name": "KUBETUNE_PVC_ROOT", "value": naming.PVC_MOUNT_ROOT},
         {"name": "KUBETUNE_GENERATION", "value": str(generation)},
     ]
+
+
+def base_pod_spec(config: OperatorConfig, service_account: str) -> dict[str, Any]:
+    """What every data-plane pod spec starts with. No API token is mounted: the trainer's
+    progress token is a projected `serviceAccountToken` volume of its own, which works
+    with automounting off. The ServiceAccount is set only when the deployment names one
+    (the chart makes a token-less, permission-less one per watched namespace)."""
+    spec: dict[str, Any] = {}
+    if service_account:
+        spec["serviceAccountName"] = service_account
+    spec["automountServiceAccountToken"] = False
+    spec["enableServiceLinks"] = False
+    spec["securityContext"] = pod_security_context(config)
+    return spec

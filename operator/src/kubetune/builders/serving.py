@@ -80,9 +80,7 @@ def serving_deployment(
         "securityContext": pod.container_security_context(),
     }
     pod_spec: dict[str, Any] = {
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod.pod_security_context(config),
+        **pod.base_pod_spec(config, config.serving_service_account),
         "containers": [container],
         "volumes": [
             pod.artifacts_volume(pod.artifacts_claim(spec, owner.name), read_only=True),

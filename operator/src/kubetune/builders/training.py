@@ -229,9 +229,7 @@ def training_job(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # required by podFailurePolicy; the Job retries instead
         "subdomain": naming.rendezvous_service_name(owner.name, generation),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod.pod_security_context(config),
+        **pod.base_pod_spec(config, config.trainer_service_account),
         "containers": [container],
         "volumes": volumes,
     }
