@@ -25,6 +25,8 @@ import pytest
 import yaml
 from cluster import Cluster, wait_for
 
+from tests.cases.manifests import base_manifest
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubetune"
 CRD = "finetunejobs.kubetune.io"
@@ -369,16 +371,9 @@ def test_a_privileged_pod_is_refused_there(cluster: Cluster, namespace: str) -> 
 
 
 def _quick_job(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "builtin://smollm2-135m-instruct"},
-            "dataset": {"source": "builtin://kubectl-commands"},
-            "resources": {"gpusPerNode": 0},
-        },
-    }
+    manifest = base_manifest(name)
+    manifest["spec"]["resources"] = {"gpusPerNode": 0}
+    return manifest
 
 
 def test_upgrade_rolls_the_operator_and_uninstall_keeps_crd_and_jobs(
