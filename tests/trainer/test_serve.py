@@ -378,7 +378,7 @@ def test_text_assembler_holds_back_partial_stops(
 
 
 def test_genai_engine_serves_the_same_greedy_text(server: Server) -> None:
-    """The per-request onnxruntime-genai engine (--engine genai) agrees with the batching one."""
+    """The default engine (batch) and `--engine genai` give the same greedy text."""
     body = {
         "model": server.name,
         "prompt": "The three primary colours are",

@@ -1,8 +1,13 @@
-"""`python -m kubetune_trainer serve`: an OpenAI-compatible server on ONNX Runtime GenAI.
+"""`python -m kubetune_trainer serve`: an OpenAI-compatible server on ONNX Runtime.
 
     serve --model DIR [--host 0.0.0.0] [--port 8000] [--served-model-name NAME]
           [--max-tokens N] [--max-concurrency N] [--max-queue N] [--max-body-bytes N]
-          [--grace-seconds S] [--engine genai|batch]
+          [--grace-seconds S] [--engine batch|genai]
+
+`--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
+(continuous batching, `serve_batch.py`); `--engine genai` runs one onnxruntime-genai generator
+per request (`serve_engine.py`), kept as a reference: it is slower on every measure
+(bench/RESULTS.md).
 
 Each limit also reads `KUBETUNE_SERVE_<FLAG>` (e.g. KUBETUNE_SERVE_MAX_QUEUE). `--model` is an
 exported model directory (or a run directory holding `onnx/`).
@@ -221,7 +226,7 @@ async def send(stream: web.StreamResponse, body: dict[str, Any]) -> None:
 
 
 def build_app(
-    model_dir: Path, name: str, limits: Limits, engine_kind: str = "genai"
+    model_dir: Path, name: str, limits: Limits, engine_kind: str = "batch"
 ) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=limits.max_body_bytes)
     idle = asyncio.Event()
@@ -255,7 +260,7 @@ async def load_engine(app: web.Application) -> None:
 
     state = app[STATE]
     try:
-        kind = BatchEngine if state["engine_kind"] == "batch" else Engine
+        kind = Engine if state["engine_kind"] == "genai" else BatchEngine
         engine = await asyncio.to_thread(kind, state["model_dir"], state["limits"])
         seconds = await asyncio.to_thread(engine.warm_up)
         state["engine"], state["ready"] = engine, True
@@ -322,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engine",
         choices=("batch", "genai"),
-        default=_env("engine", "genai"),
-        help="genai (default): one onnxruntime-genai generator per request, in worker threads; "
-        "batch: continuous batching on plain ONNX Runtime (see bench/RESULTS.md)",
+        default=_env("engine", "batch"),
+        help="batch (default): continuous batching on plain ONNX Runtime; genai: one "
+        "onnxruntime-genai generator per request, in worker threads (see bench/RESULTS.md)",
     )
     for flag in (
         "max_tokens",
