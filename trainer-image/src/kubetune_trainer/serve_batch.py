@@ -1,53 +1,59 @@
 """Continuous batching on plain ONNX Runtime, for the model the GenAI builder exports.
 
-One scheduler thread owns the batch. Between decode steps it admits waiting requests: each new
-prompt is prefilled alone (batch 1), then its KV cache joins the batch. Every step decodes one
-token for every running sequence in a single session run, so the weights are read once per step
-for the whole batch instead of once per sequence: on a memory-bound CPU that is where aggregate
-throughput comes from. Finished or cancelled sequences leave the batch at once.
+The server's default engine. One scheduler thread owns the batch. Between decode steps it
+admits waiting requests: those admitted together are prefilled together (right padded, in
+groups of bounded size), then each one's KV cache is copied into a row of the batch cache
+(`serve_kv.KVCache`). Every step decodes one token for every running sequence in a single
+session run, so the weights are read once per step for the whole batch instead of once per
+sequence: on a memory-bound CPU that is where aggregate throughput comes from. Finished or
+cancelled sequences leave the batch at once.
 
 Sequences of different lengths share a step through right padding: the builder's
 GroupQueryAttention takes each row's length from its attention-mask sum, writes the new key and
 value at that row's own position and never reads past it, so padded positions are inert (checked
-against unbatched greedy decoding, token for token). onnxruntime-genai's own batching pads on the
-left instead, which its CPU attention decodes wrongly; hence this scheduler.
+against unbatched greedy decoding, token for token, in tests/trainer/test_serve_batch.py).
+onnxruntime-genai's own batching pads on the left instead, which its CPU attention decodes
+wrongly; hence this scheduler rather than onnxruntime-genai's.
 
-Status (`--engine batch`, not the default): it does scale (8 streams gave 3.8x its own single
-stream on INT4) but its single stream is far slower than onnxruntime-genai's (9 vs 29 tok/s,
-measured on a loaded 2-core machine), likely the per-step KV copy of a non-shared past/present
-buffer and no IO binding, so its 8-stream aggregate only matched the per-request engine's.
-Shared KV buffers bound through IO binding are the next step before it can be the default.
+Per step the Python work is kept small: greedy rows are picked with one argmax over the batch,
+and the step's events for all sequences reach the event loop in one thread-safe call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import random
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kubetune_trainer.serve_engine import EngineBase, Event, TextAssembler
+from kubetune_trainer.serve_kv import GROW, KVCache
 from kubetune_trainer.serve_protocol import GenerationRequest, Limits
 
+# Padded tokens per batched prefill. The exported model returns logits for every position,
+# (rows, width, vocab) floats, so this bounds that allocation (~200 MB at a 49k vocabulary).
+PREFILL_TOKENS = 1024
 
-@dataclass
+
+@dataclass(eq=False)
 class Sequence:
     request: GenerationRequest
     prompt: list[int]
-    report: Callable[[Event], object]
+    events: asyncio.Queue[Event]
+    loop: asyncio.AbstractEventLoop
     cancel: threading.Event
     text: TextAssembler
     rng: np.random.Generator
-    length: int = 0  # tokens in the KV cache
+    length: int = 0  # positions in the KV cache
     generated: int = 0
     last: int = 0
     finish: str | None = None
-    kv: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def sample(logits: np.ndarray, request: GenerationRequest, rng: np.random.Generator) -> int:
@@ -67,6 +73,23 @@ def sample(logits: np.ndarray, request: GenerationRequest, rng: np.random.Genera
     return int(rng.choice(len(probabilities), p=probabilities))
 
 
+def prefill_groups(joined: list[Sequence]) -> list[list[Sequence]]:
+    """Split newly admitted sequences into prefill batches of similar prompt length."""
+    groups: list[list[Sequence]] = []
+    for sequence in sorted(joined, key=lambda s: len(s.prompt)):
+        # Sorted, so this prompt is the group's widest: the group would pad every row to it.
+        if groups and (len(groups[-1]) + 1) * len(sequence.prompt) <= PREFILL_TOKENS:
+            groups[-1].append(sequence)
+        else:
+            groups.append([sequence])
+    return groups
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
+
+
 class BatchEngine(EngineBase):
     """Same interface as `serve_engine.Engine`: prompt_ids, admit/release, start, warm_up."""
 
@@ -76,22 +99,33 @@ class BatchEngine(EngineBase):
         import onnxruntime as ort
 
         super().__init__(model_dir, limits)
-        config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        model = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        config = model["decoder"]
+        # ONNX Runtime's defaults measured fastest here: one intra-op thread per core, spinning.
         self.session = ort.InferenceSession(
             str(model_dir / config["filename"]), providers=["CPUExecutionProvider"]
         )
-        self.layers = int(config["num_hidden_layers"])
-        self.kv_heads, self.head_size = int(config["num_key_value_heads"]), int(config["head_size"])
+        layers = int(config["num_hidden_layers"])
+        self.kv_shape = (int(config["num_key_value_heads"]), int(config["head_size"]))
         kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past"))
         self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
         self.kv_names = [
             f"past_key_values.{layer}.{part}"
-            for layer in range(self.layers)
+            for layer in range(layers)
             for part in ("key", "value")
         ]
         self.output_names = ["logits"] + [
             n.replace("past_key_values", "present") for n in self.kv_names
         ]
+        self.cache = KVCache(
+            self.session,
+            self.kv_names,
+            self.kv_shape,
+            self.kv_dtype,
+            limits.max_concurrency,
+            int(model["vocab_size"]),
+        )
+        self.outbox: list[tuple[Sequence, Event]] = []
         self.incoming: queue.Queue[Sequence] = queue.Queue()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
@@ -110,7 +144,8 @@ class BatchEngine(EngineBase):
             Sequence(
                 request,
                 ids,
-                lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                events,
+                loop,
                 cancel,
                 TextAssembler(self.tokenizer.decode, request.stop),
                 np.random.default_rng(seed),
@@ -119,76 +154,105 @@ class BatchEngine(EngineBase):
         return events, cancel
 
     def warm_up(self) -> float:
-        import time
-
+        """One short generation through the scheduler, so the first request pays no set-up."""
         started = time.monotonic()
-        ids = self.tokenizer.encode("Hello")
-        kv = self._empty_kv(1)
-        self._run(np.array([ids]), np.ones((1, len(ids)), np.int64), kv)
+        request = GenerationRequest(
+            chat=False,
+            messages=None,
+            prompt="Hello",
+            max_tokens=4,
+            temperature=0,
+            top_p=1.0,
+            seed=0,
+            stop=(),
+            stream=False,
+            include_usage=False,
+        )
+
+        async def once() -> None:
+            ids = self.tokenizer.encode("Hello")
+            events, _ = self.start(request, ids, asyncio.get_running_loop())
+            while (event := await events.get()).kind == "delta":
+                pass
+            if event.kind == "error":
+                raise RuntimeError(f"warm-up failed: {event.text}")
+
+        asyncio.run(once())
         return time.monotonic() - started
-
-    def _empty_kv(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.kv_heads, 0, self.head_size)
-        return {name: np.zeros(shape, self.kv_dtype) for name in self.kv_names}
-
-    def _run(
-        self, ids: np.ndarray, mask: np.ndarray, kv: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask, **kv}
-        outputs = self.session.run(self.output_names, feeds)
-        return outputs[0], dict(zip(self.kv_names, outputs[1:], strict=True))
 
     def _loop(self) -> None:
         batch: list[Sequence] = []
-        kv: dict[str, np.ndarray] = {}
         while not self.stopped.is_set():
-            joined = self._admit(batch, block=not batch)
-            if joined:
-                kv = self._merge(kv if batch else None, joined)
-                batch.extend(joined)
-            batch, kv = self._retire(batch, kv)
+            self._admit(batch, block=not batch)
+            self._retire(batch)
+            self._flush()
             self.running = len(batch)
             if not batch:
+                if self.cache.capacity > 4 * GROW:  # keep a small cache, free a big one
+                    self.cache.release()
                 continue
-            lengths = np.array([s.length for s in batch])
-            total = kv[self.kv_names[0]].shape[2] + 1
-            mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
             try:
-                logits, kv = self._run(np.array([[s.last] for s in batch]), mask, kv)
+                logits = self.cache.step([s.last for s in batch], [s.length for s in batch])
             except Exception as error:  # the whole step failed: fail its requests, keep serving
                 for sequence in batch:
-                    sequence.report(Event("error", text=f"{type(error).__name__}: {error}"))
-                batch, kv = [], {}
+                    self._report(sequence, Event("error", text=f"{type(error).__name__}: {error}"))
+                batch.clear()
+                self.cache.release()
+                self._flush()
                 continue
+            greedy = logits.argmax(axis=1).tolist()  # one call for the whole batch
             for row, sequence in enumerate(batch):
                 sequence.length += 1
-                self._accept(sequence, sample(logits[row, -1], sequence.request, sequence.rng))
+                if sequence.request.temperature == 0:
+                    self._accept(sequence, greedy[row])
+                else:
+                    self._accept(sequence, sample(logits[row], sequence.request, sequence.rng))
+            self._flush()  # now, not after the next admission's prefill
 
-    def _admit(self, batch: list[Sequence], block: bool) -> list[Sequence]:
-        """Prefill waiting requests (alone, batch 1) while there is room in the batch."""
+    def _admit(self, batch: list[Sequence], block: bool) -> None:
+        """Take waiting requests while there is room, prefill them and add them to the batch."""
         joined: list[Sequence] = []
         while len(batch) + len(joined) < self.limits.max_concurrency:
             try:
                 sequence = (
                     self.incoming.get(timeout=0.1)
                     if block and not joined
-                    else (self.incoming.get_nowait())
+                    else self.incoming.get_nowait()
                 )
             except queue.Empty:
                 break
             if sequence.cancel.is_set():
-                sequence.report(Event("done", finish="stop", prompt_tokens=len(sequence.prompt)))
+                self._report(
+                    sequence, Event("done", finish="stop", prompt_tokens=len(sequence.prompt))
+                )
                 continue
-            try:
-                ids = np.array([sequence.prompt])
-                logits, sequence.kv = self._run(ids, np.ones_like(ids), self._empty_kv(1))
-            except Exception as error:
-                sequence.report(Event("error", text=f"{type(error).__name__}: {error}"))
-                continue
-            sequence.length = len(sequence.prompt)
-            self._accept(sequence, sample(logits[0, -1], sequence.request, sequence.rng))
             joined.append(sequence)
-        return joined
+        for group in prefill_groups(joined):
+            self._prefill(group, batch)
+
+    def _prefill(self, group: list[Sequence], batch: list[Sequence]) -> None:
+        width = max(len(s.prompt) for s in group)
+        ids = np.zeros((len(group), width), np.int64)
+        mask = np.zeros((len(group), width), np.int64)
+        for row, sequence in enumerate(group):
+            ids[row, : len(sequence.prompt)] = sequence.prompt
+            mask[row, : len(sequence.prompt)] = 1
+        empty = np.zeros((len(group), *self.kv_shape[:1], 0, self.kv_shape[1]), self.kv_dtype)
+        feeds = {"input_ids": ids, "attention_mask": mask, **dict.fromkeys(self.kv_names, empty)}
+        try:
+            logits, *present = self.session.run(self.output_names, feeds)
+        except Exception as error:
+            for sequence in group:
+                self._report(sequence, Event("error", text=f"{type(error).__name__}: {error}"))
+            return
+        needed = max(len(s.prompt) + s.request.max_tokens for s in [*batch, *group])
+        self.cache.reserve(len(batch), needed)
+        for index, sequence in enumerate(group):
+            sequence.length = len(sequence.prompt)
+            self.cache.store(len(batch), present, index, sequence.length)
+            batch.append(sequence)
+            last = logits[index, sequence.length - 1]
+            self._accept(sequence, sample(last, sequence.request, sequence.rng))
 
     def _accept(self, sequence: Sequence, token: int) -> None:
         """Record one generated token; set `finish` when the sequence is over."""
@@ -199,55 +263,51 @@ class BatchEngine(EngineBase):
             return
         delta = sequence.text.add(token)
         if delta or sequence.generated == 1:
-            sequence.report(Event("delta", text=delta, completion_tokens=sequence.generated))
+            self._report(sequence, Event("delta", text=delta, completion_tokens=sequence.generated))
         if sequence.text.stopped:
             sequence.finish = "stop"
         elif sequence.generated >= sequence.request.max_tokens:
             sequence.finish = "length"
-        elif sequence.cancel.is_set():
-            sequence.finish = "cancelled"
 
-    def _merge(
-        self, current: dict[str, np.ndarray] | None, joined: list[Sequence]
-    ) -> dict[str, np.ndarray]:
-        """The batch KV cache with the new sequences' caches appended as rows (right padded)."""
-        parts = [s.kv for s in joined]
-        if current:
-            parts.insert(0, current)
-        width = max(p[self.kv_names[0]].shape[2] for p in parts)
-        merged = {
-            name: np.concatenate(
-                [
-                    np.pad(p[name], ((0, 0), (0, 0), (0, width - p[name].shape[2]), (0, 0)))
-                    for p in parts
-                ]
-            )
-            for name in self.kv_names
-        }
-        for sequence in joined:
-            sequence.kv = {}
-        return merged
-
-    def _retire(
-        self, batch: list[Sequence], kv: dict[str, np.ndarray]
-    ) -> tuple[list[Sequence], dict[str, np.ndarray]]:
-        """Report finished sequences and drop their rows (and padding nobody needs any more)."""
-        keep = [i for i, s in enumerate(batch) if s.finish is None]
-        for sequence in batch:
-            if sequence.finish is not None:
-                tail = sequence.text.flush()  # empty after a stop sequence
-                if tail:
-                    sequence.report(Event("delta", text=tail, completion_tokens=sequence.generated))
-                sequence.report(
-                    Event(
-                        "done",
-                        finish=sequence.finish.replace("cancelled", "stop"),
-                        prompt_tokens=len(sequence.prompt),
-                        completion_tokens=sequence.generated,
-                    )
+    def _retire(self, batch: list[Sequence]) -> None:
+        """Report finished or cancelled sequences; the last row moves into each freed row."""
+        row = 0
+        while row < len(batch):
+            sequence = batch[row]
+            if sequence.finish is None and sequence.cancel.is_set():
+                sequence.finish = "stop"
+            if sequence.finish is None:
+                row += 1
+                continue
+            tail = sequence.text.flush()  # empty after a stop sequence
+            if tail:
+                self._report(
+                    sequence, Event("delta", text=tail, completion_tokens=sequence.generated)
                 )
-        if len(keep) != len(batch) and kv:
-            rows = np.array(keep, dtype=np.int64)
-            width = max((batch[i].length for i in keep), default=0)
-            kv = {name: value[rows, :, :width] for name, value in kv.items()}
-        return [batch[i] for i in keep], kv
+            done = Event(
+                "done",
+                finish=sequence.finish,
+                prompt_tokens=len(sequence.prompt),
+                completion_tokens=sequence.generated,
+            )
+            self._report(sequence, done)
+            moved = batch.pop()
+            if moved is not sequence:
+                self.cache.move(len(batch), row, moved.length)
+                batch[row] = moved
+
+    def _report(self, sequence: Sequence, event: Event) -> None:
+        self.outbox.append((sequence, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops, one thread-safe call per loop."""
+        if not self.outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
+        for sequence, event in self.outbox:
+            by_loop.setdefault(sequence.loop, []).append((sequence.events, event))
+        self.outbox.clear()
+        for loop, items in by_loop.items():
+            # A closed loop has nobody waiting for these events any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
