@@ -100,3 +100,30 @@ def test_batched_decoding_equals_unbatched_greedy() -> None:
         expected = reference_ids(model, ids, tokens, engine.eos)
         assert count == len(expected), prompt
         assert text == engine.tokenizer.decode(expected), prompt
+
+
+def test_cancelled_sequence_leaves_the_batch_and_others_finish() -> None:
+    prompt, tokens = "Once upon a time, in a small village by the sea,", 200
+    model = exported_model("INT4")
+    engine = BatchEngine(model, Limits(max_concurrency=2))
+    try:
+
+        async def run() -> tuple[int, tuple[str, int]]:
+            events, cancel = engine.start(
+                request(prompt, tokens), engine.tokenizer.encode(prompt), asyncio.get_running_loop()
+            )
+            other = asyncio.create_task(collect(engine, *LATE))
+            assert (await events.get()).kind == "delta"
+            cancel.set()  # what the server does when the client goes away
+            while (event := await events.get()).kind == "delta":
+                pass
+            assert event.kind == "done" and event.finish == "stop"
+            return event.completion_tokens, await other
+
+        generated, (text, count) = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    uncancelled = reference_ids(model, engine.tokenizer.encode(prompt), tokens, engine.eos)
+    assert generated < len(uncancelled) // 2
+    expected = reference_ids(model, engine.tokenizer.encode(LATE[0]), LATE[1], engine.eos)
+    assert count == len(expected) and text == engine.tokenizer.decode(expected)

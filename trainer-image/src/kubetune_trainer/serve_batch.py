@@ -124,6 +124,7 @@ class BatchEngine(EngineBase):
             self.kv_dtype,
             limits.max_concurrency,
             int(model["vocab_size"]),
+            limits.context_length,
         )
         self.outbox: list[tuple[Sequence, Event]] = []
         self.incoming: queue.Queue[Sequence] = queue.Queue()

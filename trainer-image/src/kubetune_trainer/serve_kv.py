@@ -32,6 +32,7 @@ class KVCache:
         dtype: type[np.generic],
         rows: int,
         vocab: int,
+        limit: int,
     ) -> None:
         self.session = session
         self.past_names = past_names
@@ -39,6 +40,7 @@ class KVCache:
         self.heads, self.head_size = shape
         self.dtype = dtype
         self.rows = rows
+        self.limit = limit  # the context length: the rotary caches have no more positions
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
         self.vocab = vocab
@@ -54,7 +56,7 @@ class KVCache:
         """Make room for `capacity` positions per row, keeping the first `used` rows."""
         if capacity <= self.capacity:
             return
-        capacity = -(-capacity // GROW) * GROW
+        capacity = min(-(-capacity // GROW) * GROW, max(self.limit, capacity))
         shape = (self.rows, self.heads, capacity, self.head_size)
         buffers = [np.zeros(shape, self.dtype) for _ in self.past_names]
         for new, old in zip(buffers, self.buffers, strict=False):
