@@ -422,3 +422,10 @@ def test_sampling_follows_temperature_and_top_p() -> None:
     assert nucleus == {1}  # token 1 alone holds more than half of the mass
     wide = {sample(logits, request(1.0, 1.0), rng) for _ in range(500)}
     assert {1, 2} <= wide
+
+    # A flat distribution: the 0.9 nucleus holds most of the tokens, none far below the top.
+    flat = -np.arange(4000) / 2000
+    mass = np.cumsum(np.exp(flat)) / np.exp(flat).sum()
+    size = int(np.searchsorted(mass, 0.9)) + 1
+    drawn = [sample(flat, request(1.0, 0.9), rng) for _ in range(2000)]
+    assert max(drawn) < size and max(drawn) > size * 0.9 > 1000
