@@ -666,6 +666,32 @@ class Cluster:
         """Server-side apply of manifests given as dicts."""
         self.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(list(manifests)))
 
+    def token_kubeconfig(self, service_account: str, namespace: str, path: Path) -> Path:
+        """A kubeconfig that holds only a fresh token of `service_account` (how a pod of it
+        would authenticate), for the same server and CA as the admin kubeconfig."""
+        token = self.kubectl(
+            "create", "token", service_account, "-n", namespace, "--duration=1h"
+        ).stdout.strip()
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        server = admin["clusters"][0]["cluster"]
+        ca = server.get("certificate-authority-data") or base64.b64encode(
+            Path(server["certificate-authority"]).read_bytes()
+        ).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "e2e", "cluster": {"server": server["server"],
+                                            "certificate-authority-data": ca}}
+            ],
+            "users": [{"name": service_account, "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "e2e", "user": service_account}}],
+            "current-context": "sa",
+        }  # fmt: skip
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         """The object as a dict, or None when it does not exist."""
         ns_args = ["-n", namespace] if namespace else []

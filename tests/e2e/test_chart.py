@@ -6,7 +6,6 @@ driven by an operator that holds only the chart's ServiceAccount token.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cluster import Cluster, wait_for
 
 from tests.cases.manifests import base_manifest
@@ -431,25 +429,7 @@ def _free_port() -> int:
 
 def service_account_kubeconfig(cluster: Cluster, release: Release, path: Path) -> Path:
     """A kubeconfig holding only a token of the chart's operator ServiceAccount."""
-    token = cluster.kubectl("create", "token", release.operator, "-n", release.namespace,
-                            "--duration=1h").stdout.strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    server = admin["clusters"][0]["cluster"]
-    ca = server.get("certificate-authority-data") or base64.b64encode(
-        Path(server["certificate-authority"]).read_bytes()
-    ).decode()
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": {"server": server["server"],
-                                                  "certificate-authority-data": ca}}],
-        "users": [{"name": release.operator, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "e2e", "user": release.operator}}],
-        "current-context": "sa",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
+    return cluster.token_kubeconfig(release.operator, release.namespace, path)
 
 
 @contextlib.contextmanager

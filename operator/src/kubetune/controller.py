@@ -10,8 +10,10 @@ nothing changes, a pass sends no request at all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +23,15 @@ from pydantic import ValidationError
 
 from kubetune import naming
 from kubetune.api import FineTuneJobSpec, PlanStatus
+from kubetune.api.deepspeed import deepspeed_config
 from kubetune.builders import pod
+from kubetune.conditions import Event
 from kubetune.kube import ApiError, KubeClient
+from kubetune.lanes import Lanes
+from kubetune.lookups import ExistenceCache
+from kubetune.observe import slim
 from kubetune.operator_config import OperatorConfig
+from kubetune.planner import PlanError, plan
 from kubetune.reconcile import Observed, needs_reference_check, reconcile
 
 log = logging.getLogger(__name__)
@@ -49,9 +57,6 @@ def _rv(obj: Mapping[str, Any] | None) -> int:
 
 def plan_for(spec: FineTuneJobSpec) -> tuple[PlanStatus | None, str | None, dict[str, Any]]:
     """(plan, why it does not fit, DeepSpeed config). The planner lives in its own module."""
-    from kubetune.api.deepspeed import deepspeed_config
-    from kubetune.planner import PlanError, plan
-
     try:
         resolved = plan(spec)
     except PlanError as error:
@@ -65,6 +70,8 @@ class Applied:
 
     hashes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     deleting: set[tuple[str, str]] = field(default_factory=set)
+    unsent: set[tuple[str, str]] = field(default_factory=set)
+    """Unwatched children whose last apply failed: sent again on the next pass."""
 
 
 class Controller:
@@ -81,6 +88,9 @@ class Controller:
         self._applied: defaultdict[Key, Applied] = defaultdict(Applied)
         self._latest: dict[Key, dict[str, Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._references = ExistenceCache(client.exists)
+        self._lanes = Lanes()
+        self._last_pass: dict[Key, float] = {}
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -88,6 +98,7 @@ class Controller:
         """The FineTuneJob is gone: drop what this process remembered about it."""
         self._applied.pop(key, None)
         self._latest.pop(key, None)
+        self._last_pass.pop(key, None)
         self._locks.pop(key, None)
 
     def child_deleted(self, key: Key, kind: str, name: str) -> None:
@@ -106,6 +117,17 @@ class Controller:
         latest = self._latest.get(key)
         return latest if latest is not None and _rv(latest) > _rv(body) else body
 
+    def wrote(self, key: Key, body: Mapping[str, Any]) -> bool:
+        """Whether `body` is exactly the version this process's last status patch produced
+        (its watch event echoes a decision already made)."""
+        latest = self._latest.get(key)
+        return latest is not None and _rv(body) > 0 and _rv(body) == _rv(latest)
+
+    def passed_within(self, key: Key, seconds: float) -> bool:
+        """Whether a pass over this FineTuneJob ran in the last `seconds` (the resync skips
+        it: an event got there first)."""
+        return time.monotonic() - self._last_pass.get(key, -1e18) < seconds
+
     # ------------------------------------------------------------------ the pass
 
     async def reconcile(
@@ -113,6 +135,7 @@ class Controller:
     ) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         async with self._locks[key]:
+            self._last_pass[key] = time.monotonic()
             await self._reconcile(key, self._freshest(key, body), children)
 
     async def _reconcile(
@@ -129,32 +152,39 @@ class Controller:
         missing: list[str] = []
         if needs_reference_check(body):
             missing = await self._missing_references(namespace, spec)
-        outcome = reconcile(
-            Observed(
-                body=body,
-                spec=spec,
-                plan=plan,
-                plan_error=plan_error,
-                deepspeed=deepspeed,
-                missing=missing,
-                children=children,
-                now=self.clock(),
-            ),
-            self.config,
+        observed = Observed(
+            body=body,
+            spec=spec,
+            plan=plan,
+            plan_error=plan_error,
+            deepspeed=deepspeed,
+            missing=missing,
+            children=children,
+            now=self.clock(),
         )
-        await self._apply(key, outcome.apply, children)
+        outcome = reconcile(observed, self.config)
+        applied = await self._apply(key, outcome.apply, children)
+        if applied:
+            # Decide the status again with what the apply responses say (a new Job is already
+            # Queued or Pending): one status patch now instead of a second one when the
+            # watch delivers the Job. What else this pass would apply waits for that event.
+            observed = dataclasses.replace(observed, children=_updated(children, applied))
+            outcome = reconcile(observed, self.config)
         await self._delete(key, outcome.delete)
         if outcome.status_patch:
-            await self._patch_status(key, body, outcome.status_patch)
+            async with self._lanes.deferred():
+                await self._patch_status(key, body, outcome.status_patch)
             now = self.clock()
             for event in outcome.events:
                 log.info("%s/%s: %s %s", namespace, name, event.reason, event.message)
                 # Best effort and off the critical path: the status already says it.
-                task = asyncio.create_task(
-                    self.client.post_event(body, event.type, event.reason, event.message, now)
-                )
+                task = asyncio.create_task(self._post_event(body, event, now))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    async def _post_event(self, body: Mapping[str, Any], event: Event, now: str) -> None:
+        async with self._lanes.deferred():
+            await self.client.post_event(body, event.type, event.reason, event.message, now)
 
     async def _missing_references(self, namespace: str, spec: FineTuneJobSpec) -> list[str]:
         wanted = [("Secret", secret) for secret in pod.referenced_secrets(spec)]
@@ -164,7 +194,7 @@ class Controller:
         wanted += [("PersistentVolumeClaim", claim) for claim in sorted(claims)]
         try:
             found = await asyncio.gather(
-                *(self.client.exists("v1", kind, namespace, obj) for kind, obj in wanted)
+                *(self._references.exists("v1", kind, namespace, obj) for kind, obj in wanted)
             )
         except ApiError as error:
             raise RetryLater(str(error)) from error
@@ -191,47 +221,80 @@ class Controller:
         key: Key,
         manifests: Sequence[Mapping[str, Any]],
         children: Sequence[Mapping[str, Any]],
-    ) -> None:
-        """Apply what changed. ConfigMaps, Services and PVCs are not watched: they are sent
-        along whenever a Job or Deployment is (and skipped when this process already sent
-        the same hash), so an idle pass and a restart send nothing."""
+    ) -> list[dict[str, Any]]:
+        """Apply what changed; return the applied Jobs and Deployments as the server answered
+        (slimmed like the indexes' children).
+
+        ConfigMaps, Services and PVCs are not watched: they are sent along whenever a Job or
+        Deployment is (skipped when this process already sent the same hash), or again after
+        a failed apply, so an idle pass and a restart send nothing. Jobs, Deployments and
+        PVCs (pods cannot be scheduled without their claim) take the critical lane; the
+        ConfigMap and Service follow when it is idle (see `kubetune.lanes`)."""
         observed = {(c["kind"], c["metadata"]["name"]): c for c in children}
         watched = [
             m for m in manifests if m["kind"] in WATCHED and self._needs_apply(key, m, observed)
         ]
-        if not watched:
-            return
-        applied = self._applied[key].hashes
+        record = self._applied[key]
         companions = [
             m
             for m in manifests
             if m["kind"] not in WATCHED
-            and applied.get((m["kind"], m["metadata"]["name"]), ("",))[0]
+            and (watched or (m["kind"], m["metadata"]["name"]) in record.unsent)
+            and record.hashes.get((m["kind"], m["metadata"]["name"]), ("",))[0]
             != m["metadata"]["annotations"][naming.ANNOTATION_HASH]
         ]
-        # All at once: a pod that starts before its ConfigMap or volume exists waits for them
-        # (the kubelet retries the mount); waiting here would delay every Job by a round trip.
-        results = await asyncio.gather(
-            *(self._apply_one(key, m) for m in [*companions, *watched]), return_exceptions=True
+        critical = [*watched, *(m for m in companions if m["kind"] == "PersistentVolumeClaim")]
+        deferred = [m for m in companions if m["kind"] != "PersistentVolumeClaim"]
+        results: list[dict[str, Any]] = []
+        if critical:
+            async with self._lanes.critical():
+                results = await self._apply_all(key, critical)
+        if deferred:
+            async with self._lanes.deferred():
+                await self._apply_all(key, deferred)
+        return [
+            slim(result, result["kind"], result["apiVersion"])
+            for result in results
+            if result.get("kind") in WATCHED
+        ]
+
+    async def _apply_all(
+        self, key: Key, manifests: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        outcomes = await asyncio.gather(
+            *(self._apply_one(key, m) for m in manifests), return_exceptions=True
         )
-        errors = [r for r in results if isinstance(r, BaseException)]
+        record = self._applied[key]
+        errors = []
+        for manifest, outcome in zip(manifests, outcomes, strict=True):
+            ref = (manifest["kind"], manifest["metadata"]["name"])
+            if isinstance(outcome, BaseException):
+                errors.append(outcome)
+                if ref[0] not in WATCHED:
+                    record.unsent.add(ref)
+            else:
+                record.unsent.discard(ref)
         if errors:
             raise RetryLater("; ".join(str(e) for e in errors))
+        return [o for o in outcomes if isinstance(o, dict)]
 
-    async def _apply_one(self, key: Key, manifest: Mapping[str, Any]) -> None:
+    async def _apply_one(self, key: Key, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
         ref = (manifest["kind"], manifest["metadata"]["name"])
         digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
         try:
-            result = await self.client.apply(manifest)
+            # Only Jobs and Deployments are read back (for the status); for the rest the
+            # metadata (resourceVersion) is all this process keeps.
+            result = await self.client.apply(manifest, metadata_only=ref[0] not in WATCHED)
         except ApiError as error:
             if error.status not in (400, 422):
                 raise
             # Invalid or immutable (e.g. a Job's pod template): retrying cannot help.
             log.warning("%s/%s: cannot apply %s %s: %s", *key, *ref, error)
             self._applied[key].hashes[ref] = (digest, 2**62)
-            return
+            return None
         self._applied[key].hashes[ref] = (digest, _rv(result))
         self._applied[key].deleting.discard(ref)
+        return result
 
     async def _delete(self, key: Key, refs: Sequence[Any]) -> None:
         applied = self._applied[key]
@@ -255,6 +318,19 @@ class Controller:
             raise RetryLater(str(error)) from error
         if result is not None:
             self._latest[key] = result
+
+
+def _updated(
+    children: Sequence[Mapping[str, Any]], applied: Sequence[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """`children` with the freshly applied objects in place of (or added to) what the
+    indexes held; the newer resourceVersion wins."""
+    merged = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    for obj in applied:
+        ref = (obj["kind"], obj["metadata"]["name"])
+        if _rv(obj) >= _rv(merged.get(ref)):
+            merged[ref] = obj
+    return list(merged.values())
 
 
 def _invalid_spec_status(

@@ -1,6 +1,7 @@
-"""kopf wiring only: indexes of children, and handlers a few lines long that call the
-controller. Handlers return nothing (a returned value would land in status) and raise
-`kopf.TemporaryError` instead of sleeping.
+"""kopf wiring only: indexes of children, and event handlers a few lines long that call the
+controller. Handlers return nothing (a returned value would land in status); a failed pass
+is retried from here after RETRY_SECONDS (kopf retries no event handler), never by sleeping
+in the handler.
 
 A resync loop (not a kopf timer: see `resync_forever`) makes the operator level-based.
 Indexes hold the FineTuneJobs and their Jobs, Pods and Deployments, keyed by
@@ -20,38 +21,11 @@ from kubetune import naming
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.controller import Controller, RetryLater
 from kubetune.metrics import OperatorMetrics
+from kubetune.observe import slim
 from kubetune.progress_server import ProgressSink
 
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 CHILD_INDEXES = ("kubetune_jobs", "kubetune_pods", "kubetune_deployments")
-
-
-def _slim(body: kopf.Body, kind: str, api_version: str) -> dict[str, Any]:
-    """What reconcile reads of a child; the rest (pod specs, managedFields) is dropped."""
-    meta = body.metadata
-    spec = dict(body.spec)
-    slim_spec: dict[str, Any] = {}
-    for key in ("suspend", "parallelism", "completions", "replicas"):
-        if key in spec:
-            slim_spec[key] = spec[key]
-    template_meta = (spec.get("template") or {}).get("metadata")
-    if template_meta:
-        slim_spec["template"] = {"metadata": dict(template_meta)}
-    return {
-        "apiVersion": api_version,
-        "kind": kind,
-        "metadata": {
-            "name": meta.name,
-            "namespace": meta.namespace,
-            "uid": meta.uid,
-            "generation": meta.get("generation"),
-            "resourceVersion": meta.get("resourceVersion"),
-            "labels": dict(meta.labels),
-            "annotations": dict(meta.annotations),
-        },
-        "spec": slim_spec,
-        "status": dict(body.status),
-    }
 
 
 def _owner_key(body: kopf.Body) -> tuple[str, str] | None:
@@ -67,6 +41,7 @@ def children_of(key: tuple[str, str], indexes: Mapping[str, Any]) -> list[dict[s
 
 
 INDEXES = ("finetunejobs", *CHILD_INDEXES)
+RETRY_SECONDS = 5.0
 
 
 async def _reconcile(memo: kopf.Memo, body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
@@ -81,37 +56,56 @@ async def _reconcile(memo: kopf.Memo, body: Mapping[str, Any], indexes: Mapping[
         metrics.reconciles.inc()
     try:
         await controller.reconcile(body, children_of(key, indexes))
-    except RetryLater as error:
+    except Exception as error:
+        # kopf does not retry event handlers: this module does, from the indexes.
         if metrics is not None:
             metrics.reconcile_errors.inc()
-        raise kopf.TemporaryError(str(error), delay=5) from error
-    except Exception:
-        if metrics is not None:
-            metrics.reconcile_errors.inc()
-        raise
+        log = logging.getLogger(__name__)
+        if isinstance(error, RetryLater):
+            log.warning("%s/%s: %s; retrying in %.0f s", *key, error, RETRY_SECONDS)
+        else:
+            log.exception("%s/%s: reconcile failed; retrying in %.0f s", *key, RETRY_SECONDS)
+        _retry_later(memo, key)
+
+
+def _retry_later(memo: kopf.Memo, key: tuple[str, str]) -> None:
+    """Reconcile `key` again after RETRY_SECONDS with the freshest body and children the
+    indexes hold then; one pending retry per FineTuneJob."""
+    retries: dict[tuple[str, str], asyncio.Task[None]] = memo.shared.setdefault("retries", {})
+    if key in retries:
+        return
+
+    async def retry() -> None:
+        await asyncio.sleep(RETRY_SECONDS)  # a back-off, not a wait for a condition
+        retries.pop(key, None)
+        indexes = memo.shared["indexes"]
+        for body in list(indexes["finetunejobs"].get(key) or ()):
+            await _reconcile(memo, body, indexes)
+
+    retries[key] = asyncio.create_task(retry())
 
 
 async def resync_forever(memo: kopf.Memo, interval: float) -> None:
     """Level-based safety net: every `interval` seconds, reconcile every FineTuneJob from the
     indexes. It catches what no event announces (a Secret created later, a missed watch
-    event); with nothing to change a pass sends no request.
+    event); with nothing to change a pass sends no request. Jobs an event reconciled within
+    the last interval are skipped, so a burst is not reconciled twice.
 
     A loop rather than `@kopf.timer`: kopf puts a finalizer on every object with a timer,
     which costs a patch and a round trip before the first Job, and blocks deletion
     whenever the operator is not running.
     """
-    log = logging.getLogger(__name__)
     while True:
         await asyncio.sleep(interval)  # the resync period itself, not a wait for a condition
         indexes = memo.shared.get("indexes")
         if indexes is None:
             continue
-        for bodies in list(indexes["finetunejobs"].values()):
+        controller: Controller = memo.controller
+        for key, bodies in list(indexes["finetunejobs"].items()):
+            if controller.passed_within(key, interval):
+                continue
             for body in list(bodies):
-                try:
-                    await _reconcile(memo, body, indexes)
-                except kopf.TemporaryError as error:
-                    log.warning("resync of %s: %s", body["metadata"]["name"], error)
+                await _reconcile(memo, body, indexes)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
@@ -123,46 +117,48 @@ def register(registry: kopf.OperatorRegistry) -> None:
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="finetunejobs")
-    def finetunejobs(body: kopf.Body, **_: Any) -> Any:
+    async def finetunejobs(body: kopf.Body, **_: Any) -> Any:
         return {(body.metadata.namespace, body.metadata.name): dict(body)}
 
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="kubetune_jobs")
-    def kubetune_jobs(body: kopf.Body, **_: Any) -> Any:
+    async def kubetune_jobs(body: kopf.Body, **_: Any) -> Any:
         key = _owner_key(body)
-        return {key: _slim(body, "Job", "batch/v1")} if key else None
+        return {key: slim(body, "Job", "batch/v1")} if key else None
 
     @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry, id="kubetune_pods")
-    def kubetune_pods(body: kopf.Body, **_: Any) -> Any:
+    async def kubetune_pods(body: kopf.Body, **_: Any) -> Any:
         key = _owner_key(body)
-        return {key: _slim(body, "Pod", "v1")} if key else None
+        return {key: slim(body, "Pod", "v1")} if key else None
 
     @kopf.index(
         "apps", "v1", "deployments", labels=MANAGED, registry=registry, id="kubetune_deployments"
     )
-    def kubetune_deployments(body: kopf.Body, **_: Any) -> Any:
+    async def kubetune_deployments(body: kopf.Body, **_: Any) -> Any:
         key = _owner_key(body)
-        return {key: _slim(body, "Deployment", "apps/v1")} if key else None
+        return {key: slim(body, "Deployment", "apps/v1")} if key else None
 
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="created")
-    async def created(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-        await _reconcile(memo, body, kwargs)
-
-    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="updated")
-    async def updated(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-        await _reconcile(memo, body, kwargs)
-
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="resumed")
-    async def resumed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-        await _reconcile(memo, body, kwargs)
-
-    # Children are owned: the garbage collector deletes them. Nothing to block on, so no
-    # finalizer (optional=True); only this process's memory of the job is dropped.
-    @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry, id="deleted")
-    async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # One event handler for create, update, resume (kopf's initial listing) and delete. kopf's
+    # change handlers (on.create/on.update/on.resume) would record a last-handled-configuration
+    # annotation on every FineTuneJob after each change: one more write per change for the
+    # API server, and one more watch event for the operator. The reconcile is level-based
+    # (spec generation vs status.observedGeneration, children from the indexes), so it needs
+    # no diff from kopf; in bench/operator.py that write was a sixth of all requests.
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="finetunejob")
+    async def finetunejob_changed(
+        body: kopf.Body, type: str | None, memo: kopf.Memo, **kwargs: Any
+    ) -> None:
         key = (body.metadata.namespace or "", body.metadata.name or "")
-        memo.controller.forget(key)
-        sink: ProgressSink = memo.sink
-        sink.forget(key)
+        controller: Controller = memo.controller
+        if type == "DELETED":
+            # Children are owned: the garbage collector deletes them. Nothing to block on, so
+            # no finalizer; only this process's memory of the job is dropped.
+            controller.forget(key)
+            sink: ProgressSink = memo.sink
+            sink.forget(key)
+            return
+        if controller.wrote(key, body):
+            return  # the echo of this process's own status patch: nothing new to decide
+        await _reconcile(memo, body, kwargs)
 
     async def child_changed(
         body: kopf.Body, type: str | None, memo: kopf.Memo, **kwargs: Any
@@ -172,13 +168,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
             return
         if type == "DELETED":
             memo.controller.child_deleted(key, body.get("kind", ""), body.metadata.name)
-        owners = kwargs["finetunejobs"].get(key)
-        for owner in owners or ():
-            try:
-                await _reconcile(memo, owner, kwargs)
-            except kopf.TemporaryError as error:
-                # Event handlers are not retried; the timer will pick it up.
-                logging.getLogger(__name__).warning("%s/%s: %s", *key, error)
+        for owner in kwargs["finetunejobs"].get(key) or ():
+            await _reconcile(memo, owner, kwargs)
 
     for group, version, plural in (
         ("batch", "v1", "jobs"),
@@ -188,6 +179,22 @@ def register(registry: kopf.OperatorRegistry) -> None:
         kopf.on.event(
             group, version, plural, labels=MANAGED, registry=registry, id="child_changed"
         )(child_changed)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base. kopf builds one (a deep copy of the body) for every event of every
+    watched object, to feed change handlers; this operator registers none (see
+    `finetunejob_changed`), so the copy would be thrown away: in bench/operator.py it was a
+    tenth of the operator's CPU during a burst."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
 
 
 GLOB_CHARACTERS = frozenset("*?!,")
@@ -200,9 +207,7 @@ def needs_scanning(namespaces: Sequence[str]) -> bool:
     return any(GLOB_CHARACTERS & set(pattern) for pattern in namespaces)
 
 
-def settings(
-    prefix: str = "kubetune.io", namespaces: Sequence[str] = ()
-) -> kopf.OperatorSettings:
+def settings(prefix: str = "kubetune.io", namespaces: Sequence[str] = ()) -> kopf.OperatorSettings:
     """kopf's bookkeeping in annotations (never in status), few events of its own."""
     result = kopf.OperatorSettings()
     # kopf's scanning lists and watches CRDs and Namespaces, which least-privilege RBAC does
@@ -211,9 +216,7 @@ def settings(
     # scanning is only kept for namespace globs, which need the Namespace list to match.
     result.scanning.disabled = not needs_scanning(namespaces)
     result.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
-    result.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration"
-    )
+    result.persistence.diffbase_storage = NoDiffBase()
     result.persistence.finalizer = f"{prefix}/finalizer"
     # kopf would post an Event per handler run; the operator posts its own on transitions.
     result.posting.level = logging.WARNING

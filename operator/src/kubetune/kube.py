@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +38,9 @@ PLURALS = {
     (API_VERSION, KIND): PLURAL,
 }
 RETRIABLE = {429, 500, 502, 503, 504}
+TOKEN_RECHECK_SECONDS = 10.0
+"""How long a bearer token is reused before the loader's refresh hook runs again (projected
+ServiceAccount tokens rotate after ~48 minutes at the earliest; the hook reloads them)."""
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
@@ -62,6 +66,8 @@ class KubeClient:
         self._ssl = ssl_context
         self._auth = auth  # kubernetes.client.Configuration: token refresh lives there
         self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_checked_at = -TOKEN_RECHECK_SECONDS
         self.requests: Counter[str] = Counter()
         """Requests sent, by `METHOD resource` (for the benchmark and /metrics)."""
 
@@ -88,12 +94,18 @@ class KubeClient:
     def _headers(self) -> dict[str, str]:
         headers = {"User-Agent": "kubetune-operator", "Accept": "application/json"}
         if self._auth is not None:
-            # The loaders store a token as api_key["BearerToken"] (prefix "Bearer" included in
-            # the value); "authorization" is the older key, still used for basic auth. The
-            # getter runs the refresh hook itself (expiring in-cluster or exec tokens).
-            token = self._auth.get_api_key_with_prefix("BearerToken", alias="authorization")
-            if token:
-                headers["Authorization"] = token
+            now = time.monotonic()
+            if now >= self._token_checked_at + TOKEN_RECHECK_SECONDS:
+                # The loaders store a token as api_key["BearerToken"] (prefix "Bearer"
+                # included); "authorization" is the older key, still used for basic auth.
+                # The getter runs the loader's refresh hook (expiring in-cluster or exec
+                # tokens), which re-reads files: not on every request.
+                self._token = self._auth.get_api_key_with_prefix(
+                    "BearerToken", alias="authorization"
+                )
+                self._token_checked_at = now
+            if self._token:
+                headers["Authorization"] = self._token
         return headers
 
     async def close(self) -> None:
@@ -149,9 +161,13 @@ class KubeClient:
 
     # ------------------------------------------------------------------ children
 
-    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    async def apply(
+        self, manifest: Mapping[str, Any], metadata_only: bool = False
+    ) -> dict[str, Any]:
         """Server-side apply under the `kubetune` field manager. `force` takes over fields
-        another manager set by hand on our children (the operator is their owner)."""
+        another manager set by hand on our children (the operator is their owner).
+        `metadata_only` asks for the answer as PartialObjectMetadata: a ConfigMap's data
+        need not travel back and be parsed."""
         meta = manifest["metadata"]
         path = object_path(
             manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"]
@@ -162,6 +178,7 @@ class KubeClient:
             body=manifest,
             content_type="application/apply-patch+yaml",
             params={"fieldManager": naming.FIELD_MANAGER, "force": "true"},
+            accept=METADATA_ONLY if metadata_only else None,
         )
         return result
 

@@ -169,3 +169,31 @@ def run_status(
             retries=retries,
         )
     return RunStatus(RunState.PENDING, "Pending", f"{what} pods are starting", retries=retries)
+
+
+def slim(obj: Mapping[str, Any], kind: str, api_version: str) -> dict[str, Any]:
+    """What reconcile reads of a child; the rest (pod specs, managedFields) is dropped, so the
+    indexes stay small and an apply response can stand in for the child until the watch
+    delivers it."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    kept = ("suspend", "parallelism", "completions", "replicas")
+    slim_spec: dict[str, Any] = {key: spec[key] for key in kept if key in spec}
+    template_meta = (spec.get("template") or {}).get("metadata")
+    if template_meta:
+        slim_spec["template"] = {"metadata": dict(template_meta)}
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "generation": meta.get("generation"),
+            "resourceVersion": meta.get("resourceVersion"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": dict(meta.get("annotations") or {}),
+        },
+        "spec": slim_spec,
+        "status": dict(obj.get("status") or {}),
+    }
