@@ -201,12 +201,15 @@ class BatchEngine(EngineBase):
         while not self.stopped.is_set():
             self._admit(batch, block=not batch)
             self._retire(batch)
-            self._flush()
             self.running = len(batch)
             if not batch:
+                self._flush()
                 if self.cache.capacity > 4 * GROW:  # keep a small cache, free a big one
                     self.cache.release()
                 continue
+            # Events go out just before the step, so the event loop handles them while the step
+            # runs (ONNX Runtime releases the GIL) rather than contending with this thread.
+            self._flush()
             try:
                 logits = self.cache.step([s.last for s in batch], [s.length for s in batch])
             except Exception as error:  # the whole step failed: fail its requests, keep serving
@@ -223,7 +226,6 @@ class BatchEngine(EngineBase):
                     self._accept(sequence, greedy[row])
                 else:
                     self._accept(sequence, sample(logits[row], sequence.request, sequence.rng))
-            self._flush()  # now, not after the next admission's prefill
 
     def _admit(self, batch: list[Sequence], block: bool) -> None:
         """Take waiting requests while there is room, prefill them and add them to the batch."""
@@ -247,6 +249,7 @@ class BatchEngine(EngineBase):
             self._prefill(group, batch)
 
     def _prefill(self, group: list[Sequence], batch: list[Sequence]) -> None:
+        self._flush()  # the running sequences' last tokens go out before a long prefill
         width = max(len(s.prompt) for s in group)
         ids = np.zeros((len(group), width), np.int64)
         mask = np.zeros((len(group), width), np.int64)
