@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -375,6 +375,40 @@ def test_text_assembler_holds_back_partial_stops(
     assembler = TextAssembler(lambda ids: "".join(pieces[i] for i in ids), stop)
     text = "".join(assembler.add(i) for i in range(len(pieces)) if not assembler.stopped)
     assert text + assembler.flush() == expected
+
+
+def assembled(decode: Callable[[list[int]], str], ids: list[int]) -> str:
+    assembler = TextAssembler(decode, ())
+    return "".join(assembler.add(token) for token in ids) + assembler.flush()
+
+
+TEXTS = [
+    "Plain words, then 'quotes', tabs\tand\nnew lines.",
+    "Accents: déjà vu, naïve façade; CJK: 你好 世界; emoji: 👍🏽 🇫🇷 done.",
+    "  leading spaces and trailing ones  ",
+]
+
+
+def test_incremental_text_equals_decoding_all_ids() -> None:
+    """Deltas decoded from short windows add up to what decoding every id at once gives."""
+    import random
+
+    from tokenizers import SentencePieceBPETokenizer
+
+    from kubetune_trainer.tokenizer_parity import ServingTokenizer
+
+    byte_level = ServingTokenizer.load(exported_model("INT4"))
+    rng = random.Random(0)
+    cases = [byte_level.encode(text) for text in TEXTS]
+    cases += [[rng.randrange(49152) for _ in range(60)] for _ in range(20)]  # split characters
+    for ids in cases:
+        assert assembled(byte_level.decode, ids) == byte_level.decode(ids)
+    # SentencePiece-style decoding drops the leading space of whatever it decodes first.
+    metaspace = SentencePieceBPETokenizer()
+    metaspace.train_from_iterator(TEXTS * 4, vocab_size=120, show_progress=False)
+    for text in TEXTS:
+        ids = metaspace.encode(text).ids
+        assert assembled(metaspace.decode, ids) == metaspace.decode(ids)
 
 
 def test_genai_engine_serves_the_same_greedy_text(server: Server) -> None:
