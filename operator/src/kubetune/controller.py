@@ -245,7 +245,7 @@ class Controller:
         ]
         critical = [*watched, *(m for m in companions if m["kind"] == "PersistentVolumeClaim")]
         deferred = [m for m in companions if m["kind"] != "PersistentVolumeClaim"]
-        results: list[dict[str, Any]] = []
+        results: list[tuple[Mapping[str, Any], dict[str, Any]]] = []
         if critical:
             async with self._lanes.critical():
                 results = await self._apply_all(key, critical)
@@ -253,14 +253,17 @@ class Controller:
             async with self._lanes.deferred():
                 await self._apply_all(key, deferred)
         return [
-            slim(result, result["kind"], result["apiVersion"])
-            for result in results
-            if result.get("kind") in WATCHED
+            _as_applied(
+                manifest, result, observed.get((manifest["kind"], manifest["metadata"]["name"]))
+            )
+            for manifest, result in results
+            if manifest["kind"] in WATCHED
         ]
 
     async def _apply_all(
         self, key: Key, manifests: Sequence[Mapping[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
+        """Apply all at once; the (manifest, answer) pairs, or RetryLater if any failed."""
         outcomes = await asyncio.gather(
             *(self._apply_one(key, m) for m in manifests), return_exceptions=True
         )
@@ -276,15 +279,15 @@ class Controller:
                 record.unsent.discard(ref)
         if errors:
             raise RetryLater("; ".join(str(e) for e in errors))
-        return [o for o in outcomes if isinstance(o, dict)]
+        return [(m, o) for m, o in zip(manifests, outcomes, strict=True) if isinstance(o, dict)]
 
     async def _apply_one(self, key: Key, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
         ref = (manifest["kind"], manifest["metadata"]["name"])
         digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
         try:
-            # Only Jobs and Deployments are read back (for the status); for the rest the
-            # metadata (resourceVersion) is all this process keeps.
-            result = await self.client.apply(manifest, metadata_only=ref[0] not in WATCHED)
+            # The answer's metadata (resourceVersion) is all this process keeps: a Job's full
+            # answer (pod template, managedFields) would only be parsed to be dropped.
+            result = await self.client.apply(manifest, metadata_only=True)
         except ApiError as error:
             if error.status not in (400, 422):
                 raise
@@ -318,6 +321,20 @@ class Controller:
             raise RetryLater(str(error)) from error
         if result is not None:
             self._latest[key] = result
+
+
+def _as_applied(
+    manifest: Mapping[str, Any], answer: Mapping[str, Any], known: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A child as the indexes would hold it once the watch delivers the applied object: the
+    spec this process sent (it owns those fields), the server's identity and version, and
+    the status already known (an apply does not change status)."""
+    child = slim(manifest, manifest["kind"], manifest["apiVersion"])
+    meta = answer.get("metadata") or {}
+    for field_name in ("uid", "resourceVersion", "generation"):
+        child["metadata"][field_name] = meta.get(field_name)
+    child["status"] = dict((known or {}).get("status") or {})
+    return child
 
 
 def _updated(
