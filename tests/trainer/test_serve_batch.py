@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from kubetune_trainer import serve_batch
 from kubetune_trainer.serve_batch import BatchEngine
 from kubetune_trainer.serve_protocol import GenerationRequest, Limits
 from tests.trainer.test_export import exported_model
@@ -80,7 +82,12 @@ async def collect(engine: BatchEngine, prompt: str, tokens: int) -> tuple[str, i
     return "".join(text), event.completion_tokens
 
 
-def test_batched_decoding_equals_unbatched_greedy() -> None:
+@pytest.mark.parametrize("prefill_tokens", [serve_batch.PREFILL_TOKENS, 8])
+def test_batched_decoding_equals_unbatched_greedy(
+    prefill_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 8 tokens per prefill run, each prompt is prefilled alone and in chunks."""
+    monkeypatch.setattr(serve_batch, "PREFILL_TOKENS", prefill_tokens)
     model = exported_model("INT4")
     engine = BatchEngine(model, Limits(max_concurrency=4))
     try:
@@ -125,5 +132,37 @@ def test_cancelled_sequence_leaves_the_batch_and_others_finish() -> None:
         engine.shutdown()
     uncancelled = reference_ids(model, engine.tokenizer.encode(prompt), tokens, engine.eos)
     assert generated < len(uncancelled) // 2
+    expected = reference_ids(model, engine.tokenizer.encode(LATE[0]), LATE[1], engine.eos)
+    assert count == len(expected) and text == engine.tokenizer.decode(expected)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = exported_model("INT4")
+    engine = BatchEngine(model, Limits(max_concurrency=2))
+    step = engine.cache.step
+
+    def fail_once(tokens: list[int], lengths: list[int]) -> np.ndarray:
+        monkeypatch.setattr(engine.cache, "step", step)
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine.cache, "step", fail_once)
+    try:
+
+        async def run() -> tuple[list[str], tuple[str, int]]:
+            prompt, tokens = LATE
+            events, _ = engine.start(
+                request(prompt, tokens), engine.tokenizer.encode(prompt), asyncio.get_running_loop()
+            )
+            kinds = [(await events.get()).kind]
+            while kinds[-1] == "delta":
+                kinds.append((await events.get()).kind)
+            return kinds, await collect(engine, prompt, tokens)
+
+        kinds, (text, count) = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert kinds[-1] == "error"
     expected = reference_ids(model, engine.tokenizer.encode(LATE[0]), LATE[1], engine.eos)
     assert count == len(expected) and text == engine.tokenizer.decode(expected)

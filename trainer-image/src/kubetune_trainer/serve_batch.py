@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import random
 import threading
@@ -36,8 +37,11 @@ from kubetune_trainer.serve_engine import EngineBase, Event, TextAssembler
 from kubetune_trainer.serve_kv import GROW, KVCache
 from kubetune_trainer.serve_protocol import GenerationRequest, Limits
 
-# Padded tokens per batched prefill. The exported model returns logits for every position,
-# (rows, width, vocab) floats, so this bounds that allocation (~200 MB at a 49k vocabulary).
+log = logging.getLogger("kubetune.serve")
+
+# Padded tokens per prefill run. The exported model returns logits for every position,
+# (rows, width, vocab) floats, so this bounds that allocation (~200 MB at a 49k vocabulary);
+# a longer prompt is prefilled in chunks.
 PREFILL_TOKENS = 1024
 
 
@@ -199,33 +203,36 @@ class BatchEngine(EngineBase):
     def _loop(self) -> None:
         batch: list[Sequence] = []
         while not self.stopped.is_set():
-            self._admit(batch, block=not batch)
-            self._retire(batch)
-            self.running = len(batch)
-            if not batch:
-                self._flush()
-                if self.cache.capacity > 4 * GROW:  # keep a small cache, free a big one
-                    self.cache.release()
-                continue
-            # Events go out just before the step, so the event loop handles them while the step
-            # runs (ONNX Runtime releases the GIL) rather than contending with this thread.
-            self._flush()
             try:
-                logits = self.cache.step([s.last for s in batch], [s.length for s in batch])
-            except Exception as error:  # the whole step failed: fail its requests, keep serving
+                self._iterate(batch)
+            except Exception as error:  # a failed step (or a bug): fail its requests, keep serving
+                log.exception("batch step failed; failing its %d request(s)", len(batch))
                 for sequence in batch:
                     self._report(sequence, Event("error", text=f"{type(error).__name__}: {error}"))
                 batch.clear()
                 self.cache.release()
                 self._flush()
-                continue
-            greedy = logits.argmax(axis=1).tolist()  # one call for the whole batch
-            for row, sequence in enumerate(batch):
-                sequence.length += 1
-                if sequence.request.temperature == 0:
-                    self._accept(sequence, greedy[row])
-                else:
-                    self._accept(sequence, sample(logits[row], sequence.request, sequence.rng))
+
+    def _iterate(self, batch: list[Sequence]) -> None:
+        self._admit(batch, block=not batch)
+        self._retire(batch)
+        self.running = len(batch)
+        if not batch:
+            self._flush()
+            if self.cache.capacity > 4 * GROW:  # keep a small cache, free a big one
+                self.cache.release()
+            return
+        # Events go out just before the step, so the event loop handles them while the step
+        # runs (ONNX Runtime releases the GIL) rather than contending with this thread.
+        self._flush()
+        logits = self.cache.step([s.last for s in batch], [s.length for s in batch])
+        greedy = logits.argmax(axis=1).tolist()  # one call for the whole batch
+        for row, sequence in enumerate(batch):
+            sequence.length += 1
+            if sequence.request.temperature == 0:
+                self._accept(sequence, greedy[row])
+            else:
+                self._accept(sequence, sample(logits[row], sequence.request, sequence.rng))
 
     def _admit(self, batch: list[Sequence], block: bool) -> None:
         """Take waiting requests while there is room, prefill them and add them to the batch."""
@@ -249,29 +256,53 @@ class BatchEngine(EngineBase):
             self._prefill(group, batch)
 
     def _prefill(self, group: list[Sequence], batch: list[Sequence]) -> None:
+        """Prefill a group and add it to the batch; a failure fails only the group's requests."""
         self._flush()  # the running sequences' last tokens go out before a long prefill
+        joined = 0
+        try:
+            last, present = self._forward(group)
+            needed = max(len(s.prompt) + s.request.max_tokens for s in [*batch, *group])
+            self.cache.reserve(len(batch), needed)
+            for index, sequence in enumerate(group):
+                sequence.length = len(sequence.prompt)
+                self.cache.store(len(batch), present, index, sequence.length)
+                batch.append(sequence)
+                joined += 1
+                self._accept(sequence, sample(last[index], sequence.request, sequence.rng))
+        except Exception as error:
+            log.exception("prefill failed")
+            for sequence in group[joined:]:
+                self._report(sequence, Event("error", text=f"{type(error).__name__}: {error}"))
+
+    def _forward(self, group: list[Sequence]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the group's prompts: each row's last logits, and the present key/values.
+
+        At most PREFILL_TOKENS padded tokens go through one run. `prefill_groups` keeps a group
+        of several prompts within that, so only a prompt alone can take several runs: chunks
+        whose past is the previous chunk's present (exactly what one run computes).
+        """
         width = max(len(s.prompt) for s in group)
         ids = np.zeros((len(group), width), np.int64)
         mask = np.zeros((len(group), width), np.int64)
         for row, sequence in enumerate(group):
             ids[row, : len(sequence.prompt)] = sequence.prompt
             mask[row, : len(sequence.prompt)] = 1
-        empty = np.zeros((len(group), *self.kv_shape[:1], 0, self.kv_shape[1]), self.kv_dtype)
-        feeds = {"input_ids": ids, "attention_mask": mask, **dict.fromkeys(self.kv_names, empty)}
-        try:
+        heads, size = self.kv_shape
+        present = [np.zeros((len(group), heads, 0, size), self.kv_dtype)] * len(self.kv_names)
+        last = np.zeros((len(group), self.cache.vocab), self.cache.logits_dtype)
+        chunk = max(1, PREFILL_TOKENS // len(group))
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            feeds = {
+                "input_ids": ids[:, start:end],
+                "attention_mask": mask[:, :end],
+                **dict(zip(self.kv_names, present, strict=True)),
+            }
             logits, *present = self.session.run(self.output_names, feeds)
-        except Exception as error:
-            for sequence in group:
-                self._report(sequence, Event("error", text=f"{type(error).__name__}: {error}"))
-            return
-        needed = max(len(s.prompt) + s.request.max_tokens for s in [*batch, *group])
-        self.cache.reserve(len(batch), needed)
-        for index, sequence in enumerate(group):
-            sequence.length = len(sequence.prompt)
-            self.cache.store(len(batch), present, index, sequence.length)
-            batch.append(sequence)
-            last = logits[index, sequence.length - 1]
-            self._accept(sequence, sample(last, sequence.request, sequence.rng))
+            for row, sequence in enumerate(group):
+                if start < len(sequence.prompt) <= end:
+                    last[row] = logits[row, len(sequence.prompt) - 1 - start]
+        return last, present
 
     def _accept(self, sequence: Sequence, token: int) -> None:
         """Record one generated token; set `finish` when the sequence is over."""
