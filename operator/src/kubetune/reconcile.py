@@ -14,11 +14,30 @@ from typing import Any
 from kubetune import builders, naming
 from kubetune.api import ConditionType, FineTuneJobSpec, PlanStatus
 from kubetune.builders.meta import Manifest, Owner
+from kubetune.children import (
+    ChildRef,
+    _named,
+    _of,
+    _pods_of,
+    _stale_children,
+    current_generation,
+)
 from kubetune.conditions import Cond, Event, merge, phase, transitions
 from kubetune.gate import evaluate_gate
 from kubetune.observe import RunState, RunStatus, run_status
 from kubetune.operator_config import OperatorConfig
+from kubetune.readiness import _export_cond, _ready_cond, _serving_cond, _training_cond
 from kubetune.status_view import ServingView, build_status, serving_view
+
+# ChildRef and current_generation are imported from here by callers and tests too.
+__all__ = [
+    "ChildRef",
+    "Observed",
+    "Outcome",
+    "current_generation",
+    "needs_reference_check",
+    "reconcile",
+]
 
 T = ConditionType
 
@@ -41,59 +60,12 @@ class Observed:
     """RFC 3339 time, for condition transitions."""
 
 
-@dataclass(frozen=True)
-class ChildRef:
-    api_version: str
-    kind: str
-    name: str
-
-
 @dataclass
 class Outcome:
     apply: list[Manifest] = field(default_factory=list)
     delete: list[ChildRef] = field(default_factory=list)
     status_patch: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
-
-
-def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
-    return (obj.get("metadata") or {}).get("labels") or {}
-
-
-def _of(
-    children: Sequence[Mapping[str, Any]], kind: str, component: str
-) -> list[Mapping[str, Any]]:
-    return [
-        c
-        for c in children
-        if c.get("kind") == kind and _labels(c).get(naming.LABEL_COMPONENT) == component
-    ]
-
-
-def _named(objs: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
-    return next((o for o in objs if o["metadata"]["name"] == name), None)
-
-
-def _generation_of(obj: Mapping[str, Any]) -> int | None:
-    value = _labels(obj).get(naming.LABEL_GENERATION)
-    return int(value) if value and value.isdigit() else None
-
-
-def current_generation(
-    children: Sequence[Mapping[str, Any]], training_hash: str, spec_generation: int
-) -> int:
-    """The training generation: the newest training Job's, while its training hash still
-    matches the spec; a new one (the spec's generation) otherwise. Suspending changes the
-    spec generation but not the training hash, so a resumed run keeps its generation."""
-    jobs = _of(children, "Job", naming.COMPONENT_TRAINER)
-    matching = [
-        _generation_of(j)
-        for j in jobs
-        if (j["metadata"].get("annotations") or {}).get(naming.ANNOTATION_TRAINING_HASH)
-        == training_hash
-    ]
-    found = [g for g in matching if g is not None]
-    return max(found) if found else spec_generation
 
 
 def needs_reference_check(body: Mapping[str, Any]) -> bool:
@@ -105,117 +77,6 @@ def needs_reference_check(body: Mapping[str, Any]) -> bool:
                 cond.get("status") == "True" and cond.get("observedGeneration") == generation
             )
     return True
-
-
-def _pods_of(children: Sequence[Mapping[str, Any]], job_name: str) -> list[Mapping[str, Any]]:
-    return [
-        c
-        for c in children
-        if c.get("kind") == "Pod" and _labels(c).get("batch.kubernetes.io/job-name") == job_name
-    ]
-
-
-def _stale_children(children: Sequence[Mapping[str, Any]], generation: int) -> list[ChildRef]:
-    """Training children of other generations. ConfigMaps and Services are not watched (no
-    need to hold every ConfigMap of the cluster in memory): their names follow from the old
-    trainer Job's generation, which is deleted last so a crash half-way repeats the cleanup."""
-    stale = []
-    for job in _of(children, "Job", naming.COMPONENT_TRAINER):
-        old = _generation_of(job)
-        if old is None or old == generation:
-            continue
-        owner = _labels(job).get(naming.LABEL_JOB, "")
-        stale += [
-            ChildRef("v1", "ConfigMap", naming.config_map_name(owner, old)),
-            ChildRef("v1", "Service", naming.rendezvous_service_name(owner, old)),
-            ChildRef("batch/v1", "Job", naming.export_job_name(owner, old)),
-            ChildRef("batch/v1", "Job", job["metadata"]["name"]),
-        ]
-    for job in _of(children, "Job", naming.COMPONENT_EXPORTER):
-        old = _generation_of(job)
-        if old is not None and old != generation:
-            stale.append(ChildRef("batch/v1", "Job", job["metadata"]["name"]))
-    return list(dict.fromkeys(stale))
-
-
-def _training_cond(run: RunStatus) -> Cond:
-    if run.state is RunState.SUCCEEDED:
-        report = run.report or {}
-        details = [
-            f"{key} {report[key]}" for key in ("steps", "trainLoss", "evalLoss") if key in report
-        ]
-        message = "training finished" + (f": {', '.join(details)}" if details else "")
-        return Cond(T.TRAINED, "True", "Succeeded", message)
-    if run.state is RunState.FAILED:
-        return Cond(T.TRAINED, "False", run.reason, run.message)
-    return Cond(T.TRAINED, "Unknown", run.reason, run.message)
-
-
-def _export_cond(run: RunStatus | None, serving_enabled: bool) -> Cond:
-    if not serving_enabled:
-        return Cond(T.EXPORTED, "False", "Disabled", "serving.enabled is false")
-    if run is None:
-        return Cond(T.EXPORTED, "Unknown", "WaitingForTraining", "export starts after training")
-    if run.state is RunState.SUCCEEDED:
-        return Cond(T.EXPORTED, "True", "Succeeded", "exported to ONNX")
-    if run.state is RunState.FAILED:
-        return Cond(T.EXPORTED, "False", run.reason, run.message)
-    return Cond(T.EXPORTED, "Unknown", run.reason, run.message)
-
-
-def _serving_cond(view: ServingView, enabled: bool, endpoint: str) -> Cond:
-    if not enabled:
-        return Cond(T.SERVING, "False", "Disabled", "serving.enabled is false")
-    if not view.exists:
-        return Cond(T.SERVING, "Unknown", "NoModel", "no model has passed the gate yet")
-    if view.available_replicas > 0 and view.serving_generation is not None:
-        rolling = "" if view.rolled_out else f" (rolling out generation {view.template_generation})"
-        return Cond(
-            T.SERVING,
-            "True",
-            "Available",
-            f"generation {view.serving_generation} serves at {endpoint}, "
-            f"{view.available_replicas} ready{rolling}",
-        )
-    if view.serving_generation is None:
-        return Cond(T.SERVING, "Unknown", "Deploying", "waiting for the first inference pod")
-    return Cond(T.SERVING, "False", "Unavailable", "no inference pod is ready")
-
-
-def _ready_cond(
-    conds: Mapping[ConditionType, Cond],
-    generation: int,
-    serving_enabled: bool,
-    gate: tuple[bool, str] | None,
-    view: ServingView,
-) -> Cond:
-    validated, trained, exported = conds[T.VALIDATED], conds[T.TRAINED], conds[T.EXPORTED]
-    keeps = (
-        f"; generation {view.serving_generation} keeps serving"
-        if view.serving_generation is not None and view.serving_generation != generation
-        else ""
-    )
-    if validated.status != "True":
-        return Cond(T.READY, "False", "ValidationFailed", validated.message + keeps)
-    if trained.status == "False":
-        return Cond(
-            T.READY, "False", "TrainingFailed", f"generation {generation}: {trained.message}{keeps}"
-        )
-    if trained.status != "True":
-        return Cond(T.READY, "False", "Training", trained.message)
-    if not serving_enabled:
-        return Cond(T.READY, "True", "Trained", f"generation {generation} is trained")
-    if exported.status == "False":
-        return Cond(
-            T.READY, "False", "ExportFailed", f"generation {generation}: {exported.message}{keeps}"
-        )
-    if exported.status != "True":
-        return Cond(T.READY, "False", "Exporting", exported.message)
-    if gate is not None and not gate[0]:
-        return Cond(T.READY, "False", "GateFailed", f"generation {generation}: {gate[1]}{keeps}")
-    if view.serving_generation == generation and view.rolled_out:
-        return Cond(T.READY, "True", "Serving", f"generation {generation} is serving")
-    return Cond(T.READY, "False", "Deploying", f"rolling out generation {generation}")
 
 
 def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
