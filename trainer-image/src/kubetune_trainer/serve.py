@@ -40,11 +40,10 @@ from kubetune_trainer.serve_protocol import (
     Limits,
     chunk,
     full_response,
-    parse_json,
-    parse_request,
     usage,
     usage_chunk,
 )
+from kubetune_trainer.serve_requests import parse_json, parse_request
 
 log = logging.getLogger("kubetune.serve")
 ENGINE: web.AppKey[Any] = web.AppKey("engine", object)
