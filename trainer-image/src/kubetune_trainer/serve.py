@@ -16,6 +16,9 @@ Lifecycle: the port opens at once (`/healthz` answers), the model loads and runs
 generation in the background, then `/readyz` turns 200. On SIGTERM or SIGINT the server stops
 taking new work (503, `/readyz` 503), lets every in-flight request and stream finish within
 `--grace-seconds`, then exits 0, so a rolling update drops nothing.
+
+This module holds the command line, the app wiring and that lifecycle; the endpoints are in
+`serve_http.py` (probes, models, metrics, errors) and `serve_completions.py` (generation).
 """
 
 from __future__ import annotations
@@ -33,195 +36,19 @@ from typing import Any
 
 from aiohttp import web
 
-from kubetune_trainer.serve_metrics import Metrics
-from kubetune_trainer.serve_protocol import (
-    ApiError,
-    GenerationRequest,
-    Limits,
-    chunk,
-    full_response,
-    usage,
-    usage_chunk,
+from kubetune_trainer.serve_completions import completion_handler
+from kubetune_trainer.serve_http import (
+    STATE,
+    errors_middleware,
+    healthz,
+    metrics_endpoint,
+    models,
+    readyz,
 )
-from kubetune_trainer.serve_requests import parse_json, parse_request
+from kubetune_trainer.serve_metrics import Metrics
+from kubetune_trainer.serve_protocol import Limits
 
 log = logging.getLogger("kubetune.serve")
-ENGINE: web.AppKey[Any] = web.AppKey("engine", object)
-STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
-
-
-def error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every HTTP-level failure (404, 405, 413, ...) in OpenAI's error shape too."""
-    try:
-        return await handler(request)
-    except ApiError as error:
-        return error_response(error)
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        return error_response(ApiError(error.status, error.reason, kind=kind))
-
-
-async def read_body(request: web.Request, limits: Limits) -> dict[str, Any]:
-    too_large = ApiError(
-        413, f"request body exceeds {limits.max_body_bytes} bytes", code="request_too_large"
-    )
-    if (request.content_length or 0) > limits.max_body_bytes:
-        raise too_large
-    body = await request.content.read(limits.max_body_bytes + 1)
-    if len(body) > limits.max_body_bytes:
-        raise too_large
-    return parse_json(body)
-
-
-def served_name(request: web.Request) -> str:
-    return str(request.app[STATE]["name"])
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if state["draining"]:
-        return web.json_response({"status": "draining"}, status=503)
-    if state["error"]:
-        return web.json_response({"status": "failed", "error": state["error"]}, status=503)
-    if not state["ready"]:
-        return web.json_response({"status": "loading"}, status=503)
-    return web.json_response({"status": "ready"})
-
-
-async def models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    entry = {
-        "id": state["name"],
-        "object": "model",
-        "created": state["created"],
-        "owned_by": "kubetune",
-    }
-    return web.json_response({"object": "list", "data": [entry]})
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    metrics: Metrics = request.app[STATE]["metrics"]
-    engine = request.app[STATE].get("engine")
-    if engine is not None:
-        metrics.set_load(engine.running, engine.admitted - engine.running)
-    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
-
-
-def completion_handler(chat: bool) -> Any:
-    endpoint = "chat_completions" if chat else "completions"
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        state = request.app[STATE]
-        metrics: Metrics = state["metrics"]
-        started = time.monotonic()
-        status = 500
-        try:
-            if state["draining"]:
-                raise ApiError(
-                    503, "the server is shutting down", kind="server_error", code="shutting_down"
-                )
-            if not state["ready"]:
-                raise ApiError(
-                    503, "the model is still loading", kind="server_error", code="not_ready"
-                )
-            engine = state["engine"]
-            parsed = parse_request(
-                await read_body(request, engine.limits), chat, state["name"], engine.limits
-            )
-            ids = engine.prompt_ids(parsed)
-            engine.admit()
-            state["inflight"] += 1
-            state["idle"].clear()
-            try:
-                response = await generate(request, engine, parsed, ids, metrics, started)
-            finally:
-                state["inflight"] -= 1
-                engine.release()
-                if state["inflight"] == 0:
-                    state["idle"].set()
-            status = response.status
-            return response
-        except ApiError as error:
-            status = error.status
-            metrics.error(error.code or error.kind)
-            return error_response(error)
-        finally:
-            metrics.request(endpoint, status, time.monotonic() - started)
-
-    return handle
-
-
-async def generate(
-    request: web.Request,
-    engine: Any,
-    parsed: GenerationRequest,
-    ids: list[int],
-    metrics: Metrics,
-    started: float,
-) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
-    events, cancel = engine.start(parsed, ids, loop)
-    name = served_name(request)
-    stream: web.StreamResponse | None = None
-    pieces: list[str] = []
-    first = True
-    try:
-        while True:
-            event = await events.get()
-            if event.kind == "error":
-                metrics.error("generation_failed")
-                if stream is None:
-                    raise ApiError(500, f"generation failed: {event.text}", kind="server_error")
-                break
-            if event.kind == "delta" and first:
-                metrics.first_token(time.monotonic() - started)
-            if parsed.stream and stream is None:
-                stream = web.StreamResponse(
-                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-                )
-                await stream.prepare(request)
-                await send(stream, chunk(parsed, name, None, None, first=True))
-            if event.kind == "delta":
-                first = False
-                if stream is not None and event.text:
-                    await send(stream, chunk(parsed, name, event.text, None))
-                elif stream is None:
-                    pieces.append(event.text)
-                continue
-            counts = usage(event.prompt_tokens, event.completion_tokens)
-            metrics.tokens(event.prompt_tokens, event.completion_tokens)
-            if stream is None:
-                return web.json_response(
-                    full_response(parsed, name, "".join(pieces), event.finish or "stop", counts)
-                )
-            await send(stream, chunk(parsed, name, None, event.finish))
-            if parsed.include_usage:
-                await send(stream, usage_chunk(parsed, name, counts))
-            break
-        assert stream is not None
-        await stream.write(b"data: [DONE]\n\n")
-        await stream.write_eof()
-        return stream
-    except (ConnectionResetError, asyncio.CancelledError):
-        cancel.set()  # the client went away: stop generating for it
-        raise
-    finally:
-        cancel.set()
-
-
-async def send(stream: web.StreamResponse, body: dict[str, Any]) -> None:
-    await stream.write(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
 
 
 def build_app(
