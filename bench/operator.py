@@ -14,12 +14,17 @@ The jobs carry a Kueue queue label, so their training Jobs are created suspended
 would hold them): the benchmark measures the operator, not kwok and the scheduler running
 200 fake pods on three fake nodes.
 
-    python bench/operator.py [--jobs 200] [--idle-seconds 30] [--record]
+The same burst also runs, on a fresh control plane, against a floor controller (one watch,
+the same training Job applied at once, nothing else): what any controller would get from
+this machine and API server. The ratio to it is printed.
+
+    python bench/operator.py [--jobs 200] [--idle-seconds 30] [--record] [--no-floor]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -72,9 +77,58 @@ def run_counting_operator(counts_file: str, operator_args: list[str]) -> int:
             time.sleep(0.2)
 
     threading.Thread(target=dump, daemon=True).start()
+    if operator_args[:1] == ["--floor"]:
+        return asyncio.run(floor_controller(operator_args[1]))
     from kubetune.cli import main
 
     return main(["operator", *operator_args])
+
+
+async def floor_controller(kubeconfig: str) -> int:
+    """The floor: the least a controller can do on this machine. One watch on FineTuneJobs
+    and, for each new one, the same training Job KubeTune builds, server-side applied at
+    once: no kopf, no planner, no ConfigMap/Service/status/Event, no retries. What it
+    measures is the API server's and the machine's share of the latency."""
+    import aiohttp
+
+    from kubetune import builders
+    from kubetune.api import FineTuneJobSpec
+    from kubetune.builders.meta import Owner
+    from kubetune.kube import KubeClient
+    from kubetune.operator_config import OperatorConfig
+
+    client = KubeClient.connect(kubeconfig)
+    config = OperatorConfig()
+    tasks: set[asyncio.Task[Any]] = set()
+    url = f"{client.server}/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/finetunejobs"
+    connector = aiohttp.TCPConnector(ssl=client._ssl)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while True:  # until RBAC for the fresh ServiceAccount is in effect
+            response = await session.get(
+                url,
+                params={"watch": "true"},
+                headers=client._headers(),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+            if response.status == 200:
+                break
+            response.release()
+            await asyncio.sleep(0.5)
+        print("floor controller watching", flush=True)
+        async for line in response.content:
+            event = json.loads(line)
+            if event.get("type") != "ADDED":
+                continue
+            body = event["object"]
+            spec = FineTuneJobSpec.model_validate(body["spec"])
+            job = builders.training_job(
+                Owner.from_body(body), 1, spec, config, builders.training_hash(spec)
+            )
+            task = asyncio.create_task(client.apply(job, metadata_only=True))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    await client.close()
+    return 0
 
 
 def read_counts(path: Path) -> Counter[str]:
@@ -136,8 +190,9 @@ def reconciled(obj: dict[str, Any]) -> bool:
 
 
 def benchmark(
-    cluster: controlplane.Cluster, jobs: int, idle_seconds: float, workdir: Path
+    cluster: controlplane.Cluster, jobs: int, idle_seconds: float, workdir: Path, floor: bool
 ) -> dict[str, Any]:
+    """One burst against `kubetune operator`, or against the floor controller."""
     from kubernetes import client, config, watch
 
     crd = subprocess.run(
@@ -185,17 +240,20 @@ def benchmark(
     )
     counts_file = workdir / "counts.json"
     log = (workdir / "operator.log").open("wb")
-    operator = subprocess.Popen(
-        [
-            sys.executable, __file__, "--counting-operator", str(counts_file), "--",
+    arguments = (
+        ["--floor", str(operator_kubeconfig)] if floor else [
             "--kubeconfig", str(operator_kubeconfig), "--lease-namespace", NAMESPACE,
             "--progress-port", "0", "--liveness-port", "0", "--resync-seconds", "10",
-        ],
+        ]
+    )  # fmt: skip
+    operator = subprocess.Popen(
+        [sys.executable, __file__, "--counting-operator", str(counts_file), "--", *arguments],
         stdout=log, stderr=subprocess.STDOUT, env=cluster.env,
     )  # fmt: skip
+    started = "floor controller watching" if floor else "Initial authentication has finished"
     try:
         controlplane.wait_for(
-            lambda: "Initial authentication has finished" in (workdir / "operator.log").read_text(),
+            lambda: started in (workdir / "operator.log").read_text(),
             timeout=60, what="the operator to start",
         )  # fmt: skip
         time.sleep(2)  # kopf opens its watches right after logging in; let them settle
@@ -216,6 +274,16 @@ def benchmark(
                 if stop.is_set():
                     stream.stop()
 
+        def until_stopped(target: Any) -> Any:
+            def run() -> None:
+                try:
+                    target()
+                except Exception:
+                    if not stop.is_set():  # the cluster going away ends the watches
+                        raise
+
+            return run
+
         done_at: dict[str, float] = {}
 
         def watch_finetunejobs() -> None:
@@ -233,7 +301,7 @@ def benchmark(
                     stream.stop()
 
         for target in (watch_jobs, watch_finetunejobs):
-            threading.Thread(target=target, daemon=True).start()
+            threading.Thread(target=until_stopped(target), daemon=True).start()
         time.sleep(1)
         before = read_counts(counts_file)
         created: dict[str, float] = {}
@@ -250,19 +318,28 @@ def benchmark(
             list(pool.map(create, range(jobs)))
         created_all = time.monotonic() - start
 
-        controlplane.wait_for(lambda: len(done_at) >= jobs, timeout=600,
+        # The floor writes no status: for it, "reconciled" is its Job existing.
+        finished = job_seen if floor else done_at
+        controlplane.wait_for(lambda: len(finished) >= jobs, timeout=120,
                               what="every FineTuneJob reconciled", interval=0.05)  # fmt: skip
-        done = max(done_at.values()) - start
-        burst = read_counts(counts_file) - before
+        done = max(finished.values()) - start
+        # The burst's requests include what the operator sends after the last status (Events
+        # wait for the critical lane to be idle): count until nothing but Lease renewals
+        # came for two seconds.
+        settled = read_counts(counts_file)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            now_counts = read_counts(counts_file)
+            if not [k for k in now_counts - settled if "leases" not in k]:
+                break
+            settled = now_counts
+        burst = settled - before
 
-        # Idle: wait until the operator has gone quiet, then count over a window that spans
-        # several resync periods.
-        settle = read_counts(counts_file)
-        time.sleep(3)
+        # Idle: count over a window that spans several resync periods.
         idle_start = read_counts(counts_file)
         time.sleep(idle_seconds)
         idle = read_counts(counts_file) - idle_start
-        settling = idle_start - settle
         stop.set()
 
         latencies = [(job_seen[n] - created[n]) * 1000 for n in created if n in job_seen]
@@ -278,12 +355,16 @@ def benchmark(
             "burst_requests": sum(burst.values()),
             "burst_per_job": sum(burst.values()) / jobs,
             "burst_breakdown": dict(burst.most_common()),
-            "settling_requests": sum(settling.values()),
             "idle_seconds": idle_seconds,
             "idle_requests": sum(idle.values()),
             "idle_per_job": sum(idle.values()) / jobs,
             "idle_breakdown": dict(idle.most_common()),
         }
+    except Exception:
+        log.flush()
+        tail = (workdir / "operator.log").read_text().splitlines()[-40:]
+        print("controller log (last lines):", *tail, sep="\n", file=sys.stderr)
+        raise
     finally:
         operator.terminate()
         operator.wait(timeout=30)
@@ -306,6 +387,16 @@ def report(result: dict[str, Any]) -> str:
         f"{result['idle_breakdown'] or ''}",
     ]
     return "\n".join(lines)
+
+
+def floor_report(floor: dict[str, Any], kubetune: dict[str, Any]) -> str:
+    return (
+        f"floor controller (one watch, the same Job applied at once, nothing else), same "
+        f"burst: p50 {floor['p50_ms']:.0f} ms, p99 {floor['p99_ms']:.0f} ms, all Jobs after "
+        f"{floor['all_reconciled_s']:.1f} s, {floor['burst_per_job']:.1f} requests per job\n"
+        f"KubeTune / floor: p50 {kubetune['p50_ms'] / floor['p50_ms']:.2f}x, "
+        f"p99 {kubetune['p99_ms'] / floor['p99_ms']:.2f}x"
+    )
 
 
 def record(text: str) -> None:
@@ -333,16 +424,24 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor controller run")
     args = parser.parse_args()
     reason = controlplane.unavailable_reason()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
-        workdir = Path(tmp)
-        with controlplane.running(workdir / "cluster") as cluster:
-            result = benchmark(cluster, args.jobs, args.idle_seconds, workdir)
-    text = report(result)
+    runs: dict[str, dict[str, Any]] = {}
+    for name in ("kubetune",) if args.no_floor else ("floor", "kubetune"):
+        # A fresh control plane for each run: the second must not inherit the first's objects.
+        with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
+            workdir = Path(tmp)
+            with controlplane.running(workdir / "cluster") as cluster:
+                floor = name == "floor"
+                idle = 0.0 if floor else args.idle_seconds
+                runs[name] = benchmark(cluster, args.jobs, idle, workdir, floor)
+    text = report(runs["kubetune"])
+    if "floor" in runs:
+        text += "\n" + floor_report(runs["floor"], runs["kubetune"])
     print(text)
     if args.record:
         record(text)
