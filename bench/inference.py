@@ -1,5 +1,7 @@
-"""Serving benchmark: the KubeTune server (ONNX Runtime GenAI, INT4 and FP32) against PyTorch
-transformers `generate`, on the same prompts, in one run on one machine.
+"""Serving benchmark: the KubeTune server (INT4 and FP32 models from onnxruntime-genai's builder,
+served by each engine: `batch`, the default, continuous batching on ONNX Runtime; `genai`,
+one onnxruntime-genai generator per request) against PyTorch transformers `generate`, on the
+same prompts, in one run on one machine.
 
     python bench/inference.py [--tokens 64] [--work /tmp/kubetune-bench] [--json out.json]
                               [--engines batch,genai]

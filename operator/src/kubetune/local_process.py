@@ -46,11 +46,15 @@ def export_command(source: Path, output: Path, precision: str, device: str) -> l
     ]
 
 
+SERVE_ENGINE = "batch"
+"""The server's engine in local mode: continuous batching on ONNX Runtime (its default)."""
+
+
 def serve_command(model_dir: Path, host: str, port: int, name: str) -> list[str]:
     return [
         sys.executable, "-m", "kubetune_trainer", "serve",
         "--model", str(model_dir), "--host", host, "--port", str(port),
-        "--served-model-name", name,
+        "--served-model-name", name, "--engine", SERVE_ENGINE,
     ]
 
 

@@ -26,6 +26,7 @@ from kubetune.local_eval import (
     side_by_side,
 )
 from kubetune.local_process import (
+    SERVE_ENGINE,
     Child,
     Interrupted,
     export_command,
@@ -35,6 +36,8 @@ from kubetune.local_process import (
 )
 
 HOST = "127.0.0.1"
+ENGINE = f"onnxruntime ({SERVE_ENGINE} engine)"
+"""Recorded with the test-split scores, which are re-measured when it changes."""
 READY_TIMEOUT_SECONDS = 300.0
 FALLBACK_QUESTION = [{"role": "user", "content": "Say hello in one short sentence."}]
 
@@ -118,7 +121,7 @@ def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_pat
     precision = export_precision(config)
     cached = report.get("test")
     if (isinstance(cached, dict) and cached.get("path") == str(test_path)
-            and cached.get("precision") == precision):
+            and cached.get("precision") == precision and cached.get("engine") == ENGINE):
         return cached
     examples = load_chat_examples(test_path)
     print(f"Evaluating {len(examples)} held-out test requests (ONNX Runtime, greedy)...",
@@ -132,7 +135,7 @@ def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_pat
             base = evaluate(base_server.base_url, base_server.name, examples).to_dict()
     except RuntimeError as error:
         print(f"Base model not measured: {error}", file=sys.stderr)
-    return {"path": str(test_path), "engine": "onnxruntime-genai", "precision": precision,
+    return {"path": str(test_path), "engine": ENGINE, "precision": precision,
             "base": base, "fineTuned": fine_tuned}
 
 
