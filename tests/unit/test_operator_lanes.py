@@ -1,12 +1,15 @@
-"""The operator's burst helpers: write lanes, shared existence checks, apply bookkeeping."""
+"""The operator's burst helpers: write lanes, shared existence checks, apply bookkeeping,
+retries of refused passes."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
-from kubetune.controller import _updated
+from kubetune.applier import RetryLater
+from kubetune.applier import updated_children as _updated
 from kubetune.lanes import Lanes
 from kubetune.lookups import ExistenceCache
 
@@ -113,3 +116,44 @@ def test_apply_responses_replace_older_children_only() -> None:
     assert merged["train-1"]["spec"] == {"suspend": False}  # newer: the response wins
     assert merged["export-1"]["spec"] == {"suspend": False}  # older response: index wins
     assert "train-2" in merged  # not in the index yet
+
+
+class FlakyController:
+    """Refuses the first pass as the API server would (RetryLater), accepts the next."""
+
+    def __init__(self) -> None:
+        self.passes: list[str] = []
+
+    async def reconcile(self, body: dict[str, Any], children: list[Any]) -> None:
+        self.passes.append(body["metadata"]["resourceVersion"])
+        if len(self.passes) == 1:
+            raise RetryLater("PATCH jobs: HTTP 429")
+
+
+def test_a_refused_pass_is_retried_from_the_indexes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kopf
+
+    from kubetune import handlers
+
+    monkeypatch.setattr(handlers, "RETRY_SECONDS", 0.01)
+    key = ("ns", "job")
+    stale = {"metadata": {"namespace": "ns", "name": "job", "resourceVersion": "1"}}
+    fresh = {"metadata": {"namespace": "ns", "name": "job", "resourceVersion": "2"}}
+    indexes: dict[str, dict[Any, Any]] = {name: {} for name in handlers.INDEXES}
+    indexes["finetunejobs"][key] = [stale]
+    controller = FlakyController()
+    memo = kopf.Memo(controller=controller, shared={})
+
+    async def main() -> None:
+        await handlers._reconcile(memo, stale, indexes)  # refused: a retry is scheduled
+        await handlers._reconcile(memo, stale, indexes)  # an event's pass: accepted
+        indexes["finetunejobs"][key] = [fresh]  # the watch delivered a newer body meanwhile
+        for _ in range(100):
+            if len(controller.passes) == 3:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    # The retry reads the indexes when it fires, so it reconciles the freshest body.
+    assert controller.passes == ["1", "1", "2"]
+    assert memo.shared["retries"] == {}

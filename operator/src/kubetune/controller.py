@@ -16,43 +16,30 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune import naming
 from kubetune.api import FineTuneJobSpec, PlanStatus
 from kubetune.api.deepspeed import deepspeed_config
+from kubetune.applier import Applier, RetryLater, updated_children
+from kubetune.applier import resource_version as _rv
 from kubetune.builders import pod
 from kubetune.conditions import Event
 from kubetune.kube import ApiError, KubeClient
 from kubetune.lanes import Lanes
 from kubetune.lookups import ExistenceCache
-from kubetune.observe import slim
 from kubetune.operator_config import OperatorConfig
 from kubetune.planner import PlanError, plan
 from kubetune.reconcile import Observed, needs_reference_check, reconcile
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
-WATCHED = {"Job", "Deployment"}
-"""Child kinds kept in kopf indexes (with Pods, which the operator never applies)."""
-
-
-class RetryLater(Exception):
-    """The API server refused something transient; the handler asks kopf to retry."""
+__all__ = ["Controller", "RetryLater", "plan_for", "utc_now"]
 
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _rv(obj: Mapping[str, Any] | None) -> int:
-    try:
-        return int((obj or {}).get("metadata", {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0
 
 
 def plan_for(spec: FineTuneJobSpec) -> tuple[PlanStatus | None, str | None, dict[str, Any]]:
@@ -62,16 +49,6 @@ def plan_for(spec: FineTuneJobSpec) -> tuple[PlanStatus | None, str | None, dict
     except PlanError as error:
         return None, str(error), {}
     return resolved, None, deepspeed_config(spec, resolved)
-
-
-@dataclass
-class Applied:
-    """What this process applied, until the watch shows it (indexes lag a little)."""
-
-    hashes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
-    deleting: set[tuple[str, str]] = field(default_factory=set)
-    unsent: set[tuple[str, str]] = field(default_factory=set)
-    """Unwatched children whose last apply failed: sent again on the next pass."""
 
 
 class Controller:
@@ -85,27 +62,24 @@ class Controller:
         self.config = config
         self.clock = clock
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._applied: defaultdict[Key, Applied] = defaultdict(Applied)
         self._latest: dict[Key, dict[str, Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._references = ExistenceCache(client.exists)
         self._lanes = Lanes()
+        self._applier = Applier(client, self._lanes)
         self._last_pass: dict[Key, float] = {}
 
     # ------------------------------------------------------------------ bookkeeping
 
     def forget(self, key: Key) -> None:
         """The FineTuneJob is gone: drop what this process remembered about it."""
-        self._applied.pop(key, None)
+        self._applier.forget(key)
         self._latest.pop(key, None)
         self._last_pass.pop(key, None)
         self._locks.pop(key, None)
 
     def child_deleted(self, key: Key, kind: str, name: str) -> None:
-        applied = self._applied.get(key)
-        if applied is not None:
-            applied.hashes.pop((kind, name), None)
-            applied.deleting.discard((kind, name))
+        self._applier.child_deleted(key, kind, name)
 
     def remember(self, key: Key, body: Mapping[str, Any]) -> None:
         """A newer FineTuneJob body seen by someone else (e.g. a progress patch's response)."""
@@ -163,14 +137,14 @@ class Controller:
             now=self.clock(),
         )
         outcome = reconcile(observed, self.config)
-        applied = await self._apply(key, outcome.apply, children)
+        applied = await self._applier.apply(key, outcome.apply, children)
         if applied:
             # Decide the status again with what the apply responses say (a new Job is already
             # Queued or Pending): one status patch now instead of a second one when the
             # watch delivers the Job. What else this pass would apply waits for that event.
-            observed = dataclasses.replace(observed, children=_updated(children, applied))
+            observed = dataclasses.replace(observed, children=updated_children(children, applied))
             outcome = reconcile(observed, self.config)
-        await self._delete(key, outcome.delete)
+        await self._applier.delete(key, outcome.delete)
         if outcome.status_patch:
             async with self._lanes.deferred():
                 await self._patch_status(key, body, outcome.status_patch)
@@ -200,118 +174,6 @@ class Controller:
             raise RetryLater(str(error)) from error
         return [f'{kind} "{obj}"' for (kind, obj), ok in zip(wanted, found, strict=True) if not ok]
 
-    def _needs_apply(
-        self, key: Key, manifest: Mapping[str, Any], observed: Mapping[tuple[str, str], Any]
-    ) -> bool:
-        ref = (manifest["kind"], manifest["metadata"]["name"])
-        digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
-        current = observed.get(ref)
-        if current is not None:
-            current_hash = (current["metadata"].get("annotations") or {}).get(
-                naming.ANNOTATION_HASH
-            )
-            if current_hash == digest:
-                return False
-        applied = self._applied[key].hashes.get(ref)
-        # Our own apply not yet visible in the index: do not send it again.
-        return not (applied and applied[0] == digest and applied[1] > _rv(current))
-
-    async def _apply(
-        self,
-        key: Key,
-        manifests: Sequence[Mapping[str, Any]],
-        children: Sequence[Mapping[str, Any]],
-    ) -> list[dict[str, Any]]:
-        """Apply what changed; return the applied Jobs and Deployments as the server answered
-        (slimmed like the indexes' children).
-
-        ConfigMaps, Services and PVCs are not watched: they are sent along whenever a Job or
-        Deployment is (skipped when this process already sent the same hash), or again after
-        a failed apply, so an idle pass and a restart send nothing. Jobs, Deployments and
-        PVCs (pods cannot be scheduled without their claim) take the critical lane; the
-        ConfigMap and Service follow when it is idle (see `kubetune.lanes`)."""
-        observed = {(c["kind"], c["metadata"]["name"]): c for c in children}
-        watched = [
-            m for m in manifests if m["kind"] in WATCHED and self._needs_apply(key, m, observed)
-        ]
-        record = self._applied[key]
-        companions = [
-            m
-            for m in manifests
-            if m["kind"] not in WATCHED
-            and (watched or (m["kind"], m["metadata"]["name"]) in record.unsent)
-            and record.hashes.get((m["kind"], m["metadata"]["name"]), ("",))[0]
-            != m["metadata"]["annotations"][naming.ANNOTATION_HASH]
-        ]
-        critical = [*watched, *(m for m in companions if m["kind"] == "PersistentVolumeClaim")]
-        deferred = [m for m in companions if m["kind"] != "PersistentVolumeClaim"]
-        results: list[tuple[Mapping[str, Any], dict[str, Any]]] = []
-        if critical:
-            async with self._lanes.critical():
-                results = await self._apply_all(key, critical)
-        if deferred:
-            async with self._lanes.deferred():
-                await self._apply_all(key, deferred)
-        return [
-            _as_applied(
-                manifest, result, observed.get((manifest["kind"], manifest["metadata"]["name"]))
-            )
-            for manifest, result in results
-            if manifest["kind"] in WATCHED
-        ]
-
-    async def _apply_all(
-        self, key: Key, manifests: Sequence[Mapping[str, Any]]
-    ) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
-        """Apply all at once; the (manifest, answer) pairs, or RetryLater if any failed."""
-        outcomes = await asyncio.gather(
-            *(self._apply_one(key, m) for m in manifests), return_exceptions=True
-        )
-        record = self._applied[key]
-        errors = []
-        for manifest, outcome in zip(manifests, outcomes, strict=True):
-            ref = (manifest["kind"], manifest["metadata"]["name"])
-            if isinstance(outcome, BaseException):
-                errors.append(outcome)
-                if ref[0] not in WATCHED:
-                    record.unsent.add(ref)
-            else:
-                record.unsent.discard(ref)
-        if errors:
-            raise RetryLater("; ".join(str(e) for e in errors))
-        return [(m, o) for m, o in zip(manifests, outcomes, strict=True) if isinstance(o, dict)]
-
-    async def _apply_one(self, key: Key, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-        ref = (manifest["kind"], manifest["metadata"]["name"])
-        digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
-        try:
-            # The answer's metadata (resourceVersion) is all this process keeps: a Job's full
-            # answer (pod template, managedFields) would only be parsed to be dropped.
-            result = await self.client.apply(manifest, metadata_only=True)
-        except ApiError as error:
-            if error.status not in (400, 422):
-                raise
-            # Invalid or immutable (e.g. a Job's pod template): retrying cannot help.
-            log.warning("%s/%s: cannot apply %s %s: %s", *key, *ref, error)
-            self._applied[key].hashes[ref] = (digest, 2**62)
-            return None
-        self._applied[key].hashes[ref] = (digest, _rv(result))
-        self._applied[key].deleting.discard(ref)
-        return result
-
-    async def _delete(self, key: Key, refs: Sequence[Any]) -> None:
-        applied = self._applied[key]
-        todo = [r for r in refs if (r.kind, r.name) not in applied.deleting]
-        try:
-            await asyncio.gather(
-                *(self.client.delete(r.api_version, r.kind, key[0], r.name) for r in todo)
-            )
-        except ApiError as error:
-            raise RetryLater(str(error)) from error
-        for ref in todo:
-            applied.deleting.add((ref.kind, ref.name))
-            applied.hashes.pop((ref.kind, ref.name), None)
-
     async def _patch_status(
         self, key: Key, body: Mapping[str, Any], patch: Mapping[str, Any]
     ) -> None:
@@ -321,33 +183,6 @@ class Controller:
             raise RetryLater(str(error)) from error
         if result is not None:
             self._latest[key] = result
-
-
-def _as_applied(
-    manifest: Mapping[str, Any], answer: Mapping[str, Any], known: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """A child as the indexes would hold it once the watch delivers the applied object: the
-    spec this process sent (it owns those fields), the server's identity and version, and
-    the status already known (an apply does not change status)."""
-    child = slim(manifest, manifest["kind"], manifest["apiVersion"])
-    meta = answer.get("metadata") or {}
-    for field_name in ("uid", "resourceVersion", "generation"):
-        child["metadata"][field_name] = meta.get(field_name)
-    child["status"] = dict((known or {}).get("status") or {})
-    return child
-
-
-def _updated(
-    children: Sequence[Mapping[str, Any]], applied: Sequence[Mapping[str, Any]]
-) -> list[Mapping[str, Any]]:
-    """`children` with the freshly applied objects in place of (or added to) what the
-    indexes held; the newer resourceVersion wins."""
-    merged = {(c["kind"], c["metadata"]["name"]): c for c in children}
-    for obj in applied:
-        ref = (obj["kind"], obj["metadata"]["name"])
-        if _rv(obj) >= _rv(merged.get(ref)):
-            merged[ref] = obj
-    return list(merged.values())
 
 
 def _invalid_spec_status(
