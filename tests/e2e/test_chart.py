@@ -187,7 +187,6 @@ def test_operator_service_account_can_do_its_work_everywhere(
     lease = ("-n", cluster_wide.namespace)
     allowed = decisions(cluster, cluster_wide.user, [
         ("watch", "finetunejobs.kubetune.io", ("-A",)),
-        ("patch", "finetunejobs.kubetune.io", ns),
         ("patch", "finetunejobs.kubetune.io", (*ns, "--subresource=status")),
         ("create", "jobs.batch", ns),
         ("delete", "jobs.batch", ns),
@@ -231,6 +230,8 @@ def test_operator_service_account_cannot_do_what_it_does_not_need(
         ("delete", "persistentvolumeclaims", ns),
         ("delete", "finetunejobs.kubetune.io", ns),
         ("create", "finetunejobs.kubetune.io", ns),
+        # Only status: the spec and metadata are the user's (kopf writes no annotations).
+        ("patch", "finetunejobs.kubetune.io", ns),
         ("update", "customresourcedefinitions.apiextensions.k8s.io", ()),
         ("delete", "namespaces", ()),
         ("update", "leases.coordination.k8s.io/someone-else", lease),

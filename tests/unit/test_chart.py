@@ -42,7 +42,7 @@ WATCHED_CHILD = ["list", "watch", "create", "patch", "delete"]
 # What `kubetune operator` calls in each namespace it serves. Changing the operator's API
 # calls means changing this list, the chart's templates/_rbac.tpl and docs in one go.
 NAMESPACED_RULES: list[Rule] = [
-    *_rule("kubetune.io", ["finetunejobs"], ["list", "watch", "patch"]),
+    *_rule("kubetune.io", ["finetunejobs"], ["list", "watch"]),
     *_rule("kubetune.io", ["finetunejobs/status"], ["patch"]),
     *_rule("", ["events"], ["create"]),
     *_rule("batch", ["jobs"], WATCHED_CHILD),

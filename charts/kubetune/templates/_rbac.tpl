@@ -1,11 +1,11 @@
 {{/* The rules the operator needs in every namespace it serves: exactly the calls of
      operator/src/kubetune/kube.py, controller.py, progress_server.py and kopf's watches. */}}
 {{- define "kubetune.namespacedRules" -}}
-# FineTuneJobs: listed and watched by kopf, which keeps its bookkeeping in annotations
-# (patch); the controller merge-patches their status. Nothing reads one by name.
+# FineTuneJobs: listed and watched by kopf (event handlers only: kopf writes no bookkeeping
+# to them); the controller merge-patches their status. Nothing reads one by name.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
