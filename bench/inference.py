@@ -31,6 +31,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from kubetune.local_process import export_command
+
 PROMPTS = (
     "Once upon a time, in a small village by the sea,",
     "The history of the printing press begins",
@@ -103,23 +105,7 @@ def export(source: Path, output: Path, precision: str) -> Path:
     report = output / "export.json"
     if report.is_file() and json.loads(report.read_text()).get("ok"):
         return output
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetune_trainer",
-            "export",
-            "--input",
-            str(source),
-            "--output",
-            str(output),
-            "--precision",
-            precision,
-            "--device",
-            "CPU",
-        ],
-        check=True,
-    )
+    subprocess.run(export_command(source, output, precision, "CPU"), check=True)
     return output
 
 

@@ -10,12 +10,12 @@ import functools
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from kubetune.local_process import export_command
 from kubetune_trainer import export as export_module
 from kubetune_trainer.builtin import GGUF_PRE_TOKENIZERS, builtin_model_dir
 from kubetune_trainer.tokenizer_parity import ServingTokenizer, check_parity
@@ -24,24 +24,20 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="kubetune-export-tests-"))
 atexit.register(shutil.rmtree, SCRATCH, True)
 
 
+GPT2_PRE_TOKENIZER = {
+    "type": "ByteLevel",
+    "add_prefix_space": False,
+    "trim_offsets": True,
+    "use_regex": True,
+}
+"""What transformers falls back to for the GGUF's unknown `smollm` pre-tokenizer: no digit
+split, so it tokenizes differently from training."""
+
+
 def run_export(
     source: Path, output: Path, precision: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "kubetune_trainer",
-        "export",
-        "--input",
-        str(source),
-        "--output",
-        str(output),
-        "--precision",
-        precision,
-        "--device",
-        "CPU",
-        *extra,
-    ]
+    command = [*export_command(source, output, precision, "CPU"), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
 
 
@@ -106,12 +102,7 @@ def test_parity_fails_loudly_on_a_mismatched_tokenizer(tmp_path: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copyfile(source / name, tmp_path / name)
     data = json.loads((tmp_path / "tokenizer.json").read_text())
-    data["pre_tokenizer"] = {
-        "type": "ByteLevel",
-        "add_prefix_space": False,
-        "trim_offsets": True,
-        "use_regex": True,
-    }
+    data["pre_tokenizer"] = GPT2_PRE_TOKENIZER
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     result = check_parity(source, ServingTokenizer.load(tmp_path))
     assert not result["ok"] and result["mismatchCount"] > 0
@@ -142,12 +133,7 @@ def test_failed_verification_fails_the_export(tmp_path: Path) -> None:
         (model / item.name).symlink_to(item)
     (model / "tokenizer.json").unlink()
     data = json.loads((source / "tokenizer.json").read_text())
-    data["pre_tokenizer"] = {
-        "type": "ByteLevel",
-        "add_prefix_space": False,
-        "trim_offsets": True,
-        "use_regex": True,
-    }
+    data["pre_tokenizer"] = GPT2_PRE_TOKENIZER
     (model / "tokenizer.json").write_text(json.dumps(data))
     # The training tokenizer is the source's; the served one is the tampered copy.
     original_verify = export_module.verify
