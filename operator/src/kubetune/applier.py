@@ -30,6 +30,11 @@ class RetryLater(Exception):
     """The API server refused something transient; the pass is retried a little later."""
 
 
+def _ref(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(kind, name): how this module tells children apart within one FineTuneJob."""
+    return obj["kind"], obj["metadata"]["name"]
+
+
 def resource_version(obj: Mapping[str, Any] | None) -> int:
     try:
         return int((obj or {}).get("metadata", {}).get("resourceVersion") or 0)
@@ -65,7 +70,7 @@ class Applier:
     def needs_apply(
         self, key: Key, manifest: Mapping[str, Any], observed: Mapping[tuple[str, str], Any]
     ) -> bool:
-        ref = (manifest["kind"], manifest["metadata"]["name"])
+        ref = _ref(manifest)
         digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
         current = observed.get(ref)
         if current is not None:
@@ -92,7 +97,7 @@ class Applier:
         a failed apply, so an idle pass and a restart send nothing. Jobs, Deployments and
         PVCs (pods cannot be scheduled without their claim) take the critical lane; the
         ConfigMap and Service follow when it is idle (see `kubetune.lanes`)."""
-        observed = {(c["kind"], c["metadata"]["name"]): c for c in children}
+        observed = {_ref(c): c for c in children}
         watched = [
             m for m in manifests if m["kind"] in WATCHED and self.needs_apply(key, m, observed)
         ]
@@ -101,8 +106,8 @@ class Applier:
             m
             for m in manifests
             if m["kind"] not in WATCHED
-            and (watched or (m["kind"], m["metadata"]["name"]) in record.unsent)
-            and record.hashes.get((m["kind"], m["metadata"]["name"]), ("",))[0]
+            and (watched or _ref(m) in record.unsent)
+            and record.hashes.get(_ref(m), ("",))[0]
             != m["metadata"]["annotations"][naming.ANNOTATION_HASH]
         ]
         critical = [*watched, *(m for m in companions if m["kind"] == "PersistentVolumeClaim")]
@@ -115,9 +120,7 @@ class Applier:
             async with self._lanes.deferred():
                 await self._apply_all(key, deferred)
         return [
-            _as_applied(
-                manifest, result, observed.get((manifest["kind"], manifest["metadata"]["name"]))
-            )
+            _as_applied(manifest, result, observed.get(_ref(manifest)))
             for manifest, result in results
             if manifest["kind"] in WATCHED
         ]
@@ -132,7 +135,7 @@ class Applier:
         record = self._records[key]
         errors = []
         for manifest, outcome in zip(manifests, outcomes, strict=True):
-            ref = (manifest["kind"], manifest["metadata"]["name"])
+            ref = _ref(manifest)
             if isinstance(outcome, BaseException):
                 errors.append(outcome)
                 if ref[0] not in WATCHED:
@@ -144,7 +147,7 @@ class Applier:
         return [(m, o) for m, o in zip(manifests, outcomes, strict=True) if isinstance(o, dict)]
 
     async def _apply_one(self, key: Key, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-        ref = (manifest["kind"], manifest["metadata"]["name"])
+        ref = _ref(manifest)
         digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
         try:
             # The answer's metadata (resourceVersion) is all this process keeps: a Job's full
@@ -194,9 +197,9 @@ def updated_children(
 ) -> list[Mapping[str, Any]]:
     """`children` with the freshly applied objects in place of (or added to) what the
     indexes held; the newer resourceVersion wins."""
-    merged = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    merged = {_ref(c): c for c in children}
     for obj in applied:
-        ref = (obj["kind"], obj["metadata"]["name"])
+        ref = _ref(obj)
         if resource_version(obj) >= resource_version(merged.get(ref)):
             merged[ref] = obj
     return list(merged.values())
