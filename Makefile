@@ -52,7 +52,7 @@ crd: setup
 	cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/kubetune.io_finetunejobs.yaml
 
 docs: setup
-	$(PY) -m kubetune.apidocs > docs/api.md
+	$(PY) -m kubetune.api.codegen.docs > docs/api.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from kubetune.local_process import export_command
+from kubetune.local.processes import export_command
 
 PROMPTS = (
     "Once upon a time, in a small village by the sea,",

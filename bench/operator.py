@@ -91,11 +91,11 @@ async def floor_controller(kubeconfig: str) -> int:
     measures is the API server's and the machine's share of the latency."""
     import aiohttp
 
-    from kubetune import builders
     from kubetune.api import FineTuneJobSpec
-    from kubetune.builders.meta import Owner
-    from kubetune.kube import KubeClient
-    from kubetune.operator_config import OperatorConfig
+    from kubetune.builders.config import OperatorConfig
+    from kubetune.builders.meta import Owner, training_hash
+    from kubetune.builders.training import training_job
+    from kubetune.operator.client import KubeClient
 
     client = KubeClient.connect(kubeconfig)
     config = OperatorConfig()
@@ -121,8 +121,8 @@ async def floor_controller(kubeconfig: str) -> int:
                 continue
             body = event["object"]
             spec = FineTuneJobSpec.model_validate(body["spec"])
-            job = builders.training_job(
-                Owner.from_body(body), 1, spec, config, builders.training_hash(spec)
+            job = training_job(
+                Owner.from_body(body), 1, spec, config, training_hash(spec)
             )
             task = asyncio.create_task(client.apply(job, metadata_only=True))
             tasks.add(task)

@@ -60,7 +60,7 @@ def dataset(path: Path, records: int, shortest: int, longest: int, tokenizer: An
 
 
 def child_kubetune(args: argparse.Namespace) -> dict[str, Any]:
-    from kubetune_trainer import train
+    from kubetune_trainer.train import run as train
 
     micro = args.micro_batch
     config = {
@@ -106,8 +106,8 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     from kubetune_trainer.builtin import builtin_model_dir
-    from kubetune_trainer.data import load_examples
-    from kubetune_trainer.encoding import encode
+    from kubetune_trainer.train.data import load_examples
+    from kubetune_trainer.train.encoding import encode
 
     path = builtin_model_dir("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 
 def missing_dependency() -> str | None:
-    for module in ("kubetune.planner", "kubetune.api.deepspeed"):
+    for module in ("kubetune.planner.plan", "kubetune.planner.deepspeed"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not written yet: the operator cannot plan a job"
     return None

@@ -43,7 +43,7 @@ KOPF_SCANNING = (
     "Not enough permissions to",
 )
 ANONYMOUS_CLIENT = (
-    "kubetune.kube.KubeClient sent no token, so the API server saw system:anonymous "
+    "kubetune.operator.client.KubeClient sent no token, so the API server saw system:anonymous "
     "(the loaders store it as api_key['BearerToken'])"
 )
 
@@ -309,13 +309,16 @@ def _pod_from_template(owner: dict[str, Any], namespace: str, name: str) -> dict
 def test_trainer_export_and_serving_pods_are_admitted_as_restricted(
     cluster: Cluster, namespace: str
 ) -> None:
-    builders = pytest.importorskip("kubetune.builders", reason="the operator's builders")
     from kubetune.api import FineTuneJobSpec
-    from kubetune.operator_config import OperatorConfig
+    from kubetune.builders.config import OperatorConfig
+    from kubetune.builders.export import export_job
+    from kubetune.builders.meta import Owner, training_hash
+    from kubetune.builders.serving import serving_deployment
+    from kubetune.builders.training import training_job
 
     cluster.kubectl("label", "namespace", namespace, *(f"{k}={v}" for k, v in RESTRICTED.items()))
     config = OperatorConfig()
-    owner = builders.Owner(name="pss", namespace=namespace, uid=str(uuid.uuid4()))
+    owner = Owner(name="pss", namespace=namespace, uid=str(uuid.uuid4()))
     specs = {
         "gpu": FineTuneJobSpec.model_validate({
             "model": {"source": "hf://org/model", "secretRef": {"name": "hf-token"}},
@@ -333,10 +336,10 @@ def test_trainer_export_and_serving_pods_are_admitted_as_restricted(
     workloads = []
     for label, spec in specs.items():
         workloads += [
-            (f"train-{label}", builders.training_job(
-                owner, 1, spec, config, builders.training_hash(spec))),
-            (f"export-{label}", builders.export_job(owner, 1, spec, config)),
-            (f"serve-{label}", builders.serving_deployment(owner, 1, None, spec, config)),
+            (f"train-{label}", training_job(
+                owner, 1, spec, config, training_hash(spec))),
+            (f"export-{label}", export_job(owner, 1, spec, config)),
+            (f"serve-{label}", serving_deployment(owner, 1, None, spec, config)),
         ]
     for name, workload in workloads:
         workload["metadata"]["name"] = name
@@ -493,7 +496,7 @@ def test_operator_with_only_the_chart_service_account_runs_a_job_to_ready(
 ) -> None:
     """The strongest proof that the RBAC is enough: the whole lifecycle, as that identity, in
     a namespace that enforces the restricted Pod Security profile."""
-    pytest.importorskip("kubetune.operator_main", reason="`kubetune operator`")
+    pytest.importorskip("kubetune.operator.main", reason="`kubetune operator`")
     [watched] = namespaced.watched
     report = {"steps": 8, "trainLoss": "1.25", "evalLoss": "1.5", "baseEvalLoss": "2.0",
               "tokensPerSecond": "100"}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.crdgen import dump_yaml, render_crd
+from kubetune.api.codegen.crd import dump_yaml, render_crd
 from tests.cases.manifests import INVALID_CASES, InvalidCase, base_manifest
 
 ROOT = Path(__file__).parents[2]

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from cluster import Cluster
 
-from kubetune import naming
-from kubetune.observe import parse_report
+from kubetune.builders import naming
+from kubetune.reconcile.runs import parse_report
 
 from .operator_harness import (
     OperatorProcess,
@@ -42,8 +42,8 @@ pytestmark = pytest.mark.slow
 def operator(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    if importlib.util.find_spec("kubetune_trainer.train") is None:
-        pytest.skip("kubetune_trainer.train (the trainer) is not written yet")
+    if importlib.util.find_spec("kubetune_trainer.train.run") is None:
+        pytest.skip("kubetune_trainer.train.run (the trainer) is not written yet")
     with running_operator(cluster, tmp_path_factory.mktemp("operator-seam")) as process:
         yield process
 

@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+from kubetune.api import FineTuneJobSpec, PlanStatus
+from kubetune.planner.deepspeed import deepspeed_config
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -77,10 +80,13 @@ def run_config(train: Path, validation: Path | None, *, method: str = "LoRA", st
     if method != "Full":
         spec["lora"] = {"rank": 8, "alpha": 16, "dropout": "0"}
     micro = max(1, batch // world)
-    return {"name": "test", "spec": spec, "plan": {
-        "worldSize": world, "zeroStage": zero, "microBatchSize": micro,
-        "gradientAccumulationSteps": 1, "globalBatchSize": micro * world,
-        "estimatedGpuMemoryGiB": "1"}}
+    plan = {"worldSize": world, "zeroStage": zero, "microBatchSize": micro,
+            "gradientAccumulationSteps": 1, "globalBatchSize": micro * world,
+            "estimatedGpuMemoryGiB": "1"}
+    # The DeepSpeed config the control plane writes beside the plan (as the operator does).
+    deepspeed = deepspeed_config(FineTuneJobSpec.model_validate(spec),
+                                 PlanStatus.model_validate(plan))
+    return {"name": "test", "spec": spec, "plan": plan, "deepspeed": dict(deepspeed)}
 
 
 def trainer_env(tmp_path: Path, **extra: str) -> dict[str, str]:

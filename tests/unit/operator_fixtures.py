@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec, PlanStatus
-from kubetune.operator_config import OperatorConfig
-from kubetune.reconcile import Observed, Outcome, reconcile
+from kubetune.builders.config import OperatorConfig
+from kubetune.reconcile.decide import Observed, Outcome, reconcile
 
 NOW = "2026-01-01T00:00:00Z"
 CONFIG = OperatorConfig(allow_pod_metadata=True)

@@ -10,7 +10,7 @@ from kubetune.api import ManifestError, load_manifest
 
 
 def _crd(_: argparse.Namespace) -> int:
-    from kubetune.crdgen import render_crd
+    from kubetune.api.codegen.crd import render_crd
 
     sys.stdout.write(render_crd())
     return 0
@@ -42,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", help="YAML manifests")
     validate.set_defaults(func=_validate)
 
-    from kubetune.local import add_run_command
+    from kubetune.local.run import add_run_command
 
     add_run_command(commands)
 
-    from kubetune.operator_main import add_operator_command
+    from kubetune.operator.main import add_operator_command
 
     add_operator_command(commands)
     return parser

@@ -1,1 +1,7 @@
-"""KubeTune data plane: train, export and serve (runs in pods and in local mode)."""
+"""KubeTune's data plane: `python -m kubetune_trainer train|export|serve`, in pods and locally.
+
+Shared leaves: `errors`, `runconfig` (reading `run.json`), `sources` and `builtin` (where a
+model or dataset comes from), `tokenizer` (the serving tokenizer) and the shipped `datasets/`.
+`train`, `export` and `serve` are independent packages built on those leaves; none imports
+another. From the control plane only `kubetune.api` is imported.
+"""

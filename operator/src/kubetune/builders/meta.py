@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune import naming
 from kubetune.api import API_VERSION, KIND, FineTuneJobSpec
-from kubetune.operator_config import OperatorConfig
+from kubetune.builders import naming
+from kubetune.builders.config import OperatorConfig
 
 Manifest = dict[str, Any]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune import naming
 from kubetune.api import FineTuneJobSpec
-from kubetune.operator_config import OperatorConfig
+from kubetune.builders import naming
+from kubetune.builders.config import OperatorConfig
 
 ARTIFACTS_VOLUME = "artifacts"
 TMP_VOLUME = "tmp"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune import naming
 from kubetune.api import FineTuneJobSpec
-from kubetune.builders import pod
+from kubetune.builders import naming, pod
+from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import (
     Manifest,
     Owner,
@@ -15,7 +15,6 @@ from kubetune.builders.meta import (
     selector_labels,
     with_hash,
 )
-from kubetune.operator_config import OperatorConfig
 
 
 def serve_args(owner: Owner, model_generation: int) -> list[str]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubetune import naming
 from kubetune.api import FineTuneJobSpec, PlanStatus, RunConfig
-from kubetune.builders import pod
+from kubetune.builders import naming, pod
+from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import Manifest, Owner, metadata, pod_metadata_overrides, with_hash
-from kubetune.operator_config import OperatorConfig
 
 CONFIGURATION_ERROR_EXIT_CODE = 2
 """The trainer's exit code for a bad config or dataset: retrying cannot help."""

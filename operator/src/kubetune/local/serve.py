@@ -1,0 +1,173 @@
+"""The end of `kubetune run`: serve the ONNX model on localhost, measure, show an answer.
+
+The fine-tuned model is asked through the ONNX Runtime server it will be served with. When a
+held-out test split exists (`--test FILE`, or the built-in dataset's `test.jsonl`), the base
+model is exported the same way (cached when it is built in) and asked the same questions
+through a server of its own, so the two accuracies differ only in the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetune.api import RunConfig
+from kubetune.api.dataplane import cache_root
+from kubetune.local.evaluate import (
+    chat,
+    evaluate,
+    is_ready,
+    load_chat_examples,
+    side_by_side,
+)
+from kubetune.local.processes import (
+    SERVE_ENGINE,
+    Child,
+    Interrupted,
+    export_command,
+    run_child,
+    serve_command,
+    wait_for,
+)
+from kubetune.local.rundir import export_done, export_precision, write_json
+
+HOST = "127.0.0.1"
+ENGINE = f"onnxruntime ({SERVE_ENGINE} engine)"
+"""Recorded with the test-split scores, which are re-measured when it changes."""
+READY_TIMEOUT_SECONDS = 300.0
+FALLBACK_QUESTION = [{"role": "user", "content": "Say hello in one short sentence."}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def shipped_test_split(report: dict[str, Any]) -> Path | None:
+    """The held-out test file the trainer found beside a built-in dataset (`testSplit` in
+    report.json), if any."""
+    path = report.get("testSplit")
+    return Path(path) if isinstance(path, str) and Path(path).is_file() else None
+
+
+class Server:
+    """`python -m kubetune_trainer serve` on a local port, ready when `/readyz` says so."""
+
+    def __init__(self, model_dir: Path, name: str, port: int, log_path: Path) -> None:
+        self.name = name
+        self.port = port or free_port()
+        self.root = f"http://{HOST}:{self.port}"
+        self.base_url = f"{self.root}/v1"
+        self.child = Child(serve_command(model_dir, HOST, self.port, name), log_path)
+
+    def wait_ready(self) -> None:
+        try:
+            wait_for(lambda: is_ready(self.root), READY_TIMEOUT_SECONDS, "model server",
+                     alive=lambda: self.child.process.poll() is None)
+        except (RuntimeError, TimeoutError) as error:
+            self.child.stop()
+            raise RuntimeError(f"{error}:\n{self.child.log_tail()}") from None
+
+    def __enter__(self) -> Server:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.child.stop()
+
+
+def base_onnx(config: RunConfig, run_dir: Path) -> Path:
+    """The base model exported like the fine-tuned one, once: a built-in base is cached for
+    every run (it never changes), any other base in the run directory."""
+    serving = config.spec.serving
+    source = config.spec.model.source
+    precision = export_precision(config)
+    if source.startswith("hf://"):
+        raise RuntimeError("the base of an hf:// model is not exported locally")
+    if source.startswith("builtin://"):
+        name = f"{source.removeprefix('builtin://')}-{precision}-{serving.device.value}"
+        target = cache_root() / "onnx" / name.lower()
+    else:
+        target = run_dir / "base-onnx"
+    if export_done(target, precision):
+        return target
+    print(f"Export: the base model too, for the comparison ({target})...", file=sys.stderr)
+    # The exporter resolves the source itself, as the trainer does in a pod.
+    command = export_command(source, target, serving.precision.value, serving.device.value)
+    child = Child(command, run_dir / "logs" / "export-base.log")
+    if run_child(child) != 0:
+        raise RuntimeError(f"exporting the base model failed:\n{child.log_tail()}")
+    return target
+
+
+def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_path: Path,
+                       report: dict[str, Any]) -> dict[str, Any]:
+    """Base and fine-tuned exact-match accuracy on the test split, cached in the report."""
+    precision = export_precision(config)
+    cached = report.get("test")
+    if (isinstance(cached, dict) and cached.get("path") == str(test_path)
+            and cached.get("precision") == precision and cached.get("engine") == ENGINE):
+        return cached
+    examples = load_chat_examples(test_path)
+    print(f"Evaluating {len(examples)} held-out test requests (ONNX Runtime, greedy)...",
+          file=sys.stderr)
+    fine_tuned = evaluate(tuned.base_url, tuned.name, examples).to_dict()
+    base: dict[str, Any] | None = None
+    try:
+        base_server = Server(base_onnx(config, run_dir), f"{config.name}-base", 0,
+                             run_dir / "logs" / "serve-base.log")
+        with base_server:
+            base = evaluate(base_server.base_url, base_server.name, examples).to_dict()
+    except RuntimeError as error:
+        print(f"Base model not measured: {error}", file=sys.stderr)
+    return {"path": str(test_path), "engine": ENGINE, "precision": precision,
+            "base": base, "fineTuned": fine_tuned}
+
+
+def finish_with_server(config: RunConfig, run_dir: Path, args: argparse.Namespace,
+                       report: dict[str, Any]) -> int:
+    test_path: Path | None = args.test or shipped_test_split(report)
+    server = Server(run_dir / "onnx", config.name, args.port, run_dir / "logs" / "serve.log")
+    try:
+        return _serve_and_show(run_dir, args, report, server, test_path, config)
+    except RuntimeError as error:
+        print(f"kubetune run: serving failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        server.child.stop()
+
+
+def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: dict[str, Any],
+                    server: Server, test_path: Path | None, config: RunConfig) -> int:
+    server.wait_ready()
+    question = FALLBACK_QUESTION
+    if test_path is not None:
+        test = measure_test_split(config, run_dir, server, test_path, report)
+        report["test"] = test
+        write_json(run_dir / "report.json", report)
+        print(side_by_side(test["base"], test["fineTuned"], "test"))
+        question = load_chat_examples(test_path)[0][0]
+    answer = chat(server.base_url, server.name, question)
+    print(f"\nEndpoint (OpenAI-compatible, ONNX Runtime): {server.base_url}")
+    print(f"Request: {question[-1]['content']}")
+    print(f"Answer:  {answer.strip()}")
+    print(f"\nRun directory: {run_dir} (report.json, loss.png, onnx/)")
+    if not args.serve:
+        return 0
+    body = json.dumps({"model": server.name, "messages": question})
+    print(f"\nServing until Ctrl-C. Try:\n  curl -s {server.base_url}/chat/completions "
+          f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    try:
+        code = run_child(server.child)
+    except Interrupted:
+        print("\nStopped serving.", file=sys.stderr)
+        return 0
+    print(f"kubetune run: the model server exited with code {code}:\n"
+          f"{server.child.log_tail()}", file=sys.stderr)
+    return code or 1

@@ -1,0 +1,205 @@
+"""Applying a FineTuneJob's children: server-side apply of what changed, deletes, and what this
+process remembers having sent until the watches show it.
+
+Separate from `kubetune.operator.controller` (which decides when a pass runs and patches the status)
+because this is where API-server load is decided: which child is sent at all, in which lane
+(`kubetune.operator.lanes`), and what an apply's answer stands for until the indexes catch up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.builders import naming
+from kubetune.operator.client import ApiError, KubeClient
+from kubetune.operator.lanes import Lanes
+from kubetune.reconcile.runs import slim
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+WATCHED = {"Job", "Deployment"}
+"""Child kinds kept in kopf indexes (with Pods, which the operator never applies)."""
+
+
+class RetryLater(Exception):
+    """The API server refused something transient; the pass is retried a little later."""
+
+
+def _ref(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(kind, name): how this module tells children apart within one FineTuneJob."""
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def resource_version(obj: Mapping[str, Any] | None) -> int:
+    try:
+        return int((obj or {}).get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class Applied:
+    """What this process applied, until the watch shows it (indexes lag a little)."""
+
+    hashes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    deleting: set[tuple[str, str]] = field(default_factory=set)
+    unsent: set[tuple[str, str]] = field(default_factory=set)
+    """Unwatched children whose last apply failed: sent again on the next pass."""
+
+
+class Applier:
+    def __init__(self, client: KubeClient, lanes: Lanes) -> None:
+        self.client = client
+        self._lanes = lanes
+        self._records: defaultdict[Key, Applied] = defaultdict(Applied)
+
+    def forget(self, key: Key) -> None:
+        self._records.pop(key, None)
+
+    def child_deleted(self, key: Key, kind: str, name: str) -> None:
+        applied = self._records.get(key)
+        if applied is not None:
+            applied.hashes.pop((kind, name), None)
+            applied.deleting.discard((kind, name))
+
+    def needs_apply(
+        self, key: Key, manifest: Mapping[str, Any], observed: Mapping[tuple[str, str], Any]
+    ) -> bool:
+        ref = _ref(manifest)
+        digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
+        current = observed.get(ref)
+        if current is not None:
+            current_hash = (current["metadata"].get("annotations") or {}).get(
+                naming.ANNOTATION_HASH
+            )
+            if current_hash == digest:
+                return False
+        applied = self._records[key].hashes.get(ref)
+        # Our own apply not yet visible in the index: do not send it again.
+        return not (applied and applied[0] == digest and applied[1] > resource_version(current))
+
+    async def apply(
+        self,
+        key: Key,
+        manifests: Sequence[Mapping[str, Any]],
+        children: Sequence[Mapping[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """Apply what changed; return the applied Jobs and Deployments as the server answered
+        (slimmed like the indexes' children).
+
+        ConfigMaps, Services and PVCs are not watched: they are sent along whenever a Job or
+        Deployment is (skipped when this process already sent the same hash), or again after
+        a failed apply, so an idle pass and a restart send nothing. Jobs, Deployments and
+        PVCs (pods cannot be scheduled without their claim) take the critical lane; the
+        ConfigMap and Service follow when it is idle (see `kubetune.operator.lanes`)."""
+        observed = {_ref(c): c for c in children}
+        watched = [
+            m for m in manifests if m["kind"] in WATCHED and self.needs_apply(key, m, observed)
+        ]
+        record = self._records[key]
+        companions = [
+            m
+            for m in manifests
+            if m["kind"] not in WATCHED
+            and (watched or _ref(m) in record.unsent)
+            and record.hashes.get(_ref(m), ("",))[0]
+            != m["metadata"]["annotations"][naming.ANNOTATION_HASH]
+        ]
+        critical = [*watched, *(m for m in companions if m["kind"] == "PersistentVolumeClaim")]
+        deferred = [m for m in companions if m["kind"] != "PersistentVolumeClaim"]
+        results: list[tuple[Mapping[str, Any], dict[str, Any]]] = []
+        if critical:
+            async with self._lanes.critical():
+                results = await self._apply_all(key, critical)
+        if deferred:
+            async with self._lanes.deferred():
+                await self._apply_all(key, deferred)
+        return [
+            _as_applied(manifest, result, observed.get(_ref(manifest)))
+            for manifest, result in results
+            if manifest["kind"] in WATCHED
+        ]
+
+    async def _apply_all(
+        self, key: Key, manifests: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
+        """Apply all at once; the (manifest, answer) pairs, or RetryLater if any failed."""
+        outcomes = await asyncio.gather(
+            *(self._apply_one(key, m) for m in manifests), return_exceptions=True
+        )
+        record = self._records[key]
+        errors = []
+        for manifest, outcome in zip(manifests, outcomes, strict=True):
+            ref = _ref(manifest)
+            if isinstance(outcome, BaseException):
+                errors.append(outcome)
+                if ref[0] not in WATCHED:
+                    record.unsent.add(ref)
+            else:
+                record.unsent.discard(ref)
+        if errors:
+            raise RetryLater("; ".join(str(e) for e in errors))
+        return [(m, o) for m, o in zip(manifests, outcomes, strict=True) if isinstance(o, dict)]
+
+    async def _apply_one(self, key: Key, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+        ref = _ref(manifest)
+        digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
+        try:
+            # The answer's metadata (resourceVersion) is all this process keeps: a Job's full
+            # answer (pod template, managedFields) would only be parsed to be dropped.
+            result = await self.client.apply(manifest, metadata_only=True)
+        except ApiError as error:
+            if error.status not in (400, 422):
+                raise
+            # Invalid or immutable (e.g. a Job's pod template): retrying cannot help.
+            log.warning("%s/%s: cannot apply %s %s: %s", *key, *ref, error)
+            self._records[key].hashes[ref] = (digest, 2**62)
+            return None
+        self._records[key].hashes[ref] = (digest, resource_version(result))
+        self._records[key].deleting.discard(ref)
+        return result
+
+    async def delete(self, key: Key, refs: Sequence[Any]) -> None:
+        applied = self._records[key]
+        todo = [r for r in refs if (r.kind, r.name) not in applied.deleting]
+        try:
+            await asyncio.gather(
+                *(self.client.delete(r.api_version, r.kind, key[0], r.name) for r in todo)
+            )
+        except ApiError as error:
+            raise RetryLater(str(error)) from error
+        for ref in todo:
+            applied.deleting.add((ref.kind, ref.name))
+            applied.hashes.pop((ref.kind, ref.name), None)
+
+
+def _as_applied(
+    manifest: Mapping[str, Any], answer: Mapping[str, Any], known: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A child as the indexes would hold it once the watch delivers the applied object: the
+    spec this process sent (it owns those fields), the server's identity and version, and
+    the status already known (an apply does not change status)."""
+    child = slim(manifest, manifest["kind"], manifest["apiVersion"])
+    meta = answer.get("metadata") or {}
+    for field_name in ("uid", "resourceVersion", "generation"):
+        child["metadata"][field_name] = meta.get(field_name)
+    child["status"] = dict((known or {}).get("status") or {})
+    return child
+
+
+def updated_children(
+    children: Sequence[Mapping[str, Any]], applied: Sequence[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """`children` with the freshly applied objects in place of (or added to) what the
+    indexes held; the newer resourceVersion wins."""
+    merged = {_ref(c): c for c in children}
+    for obj in applied:
+        ref = _ref(obj)
+        if resource_version(obj) >= resource_version(merged.get(ref)):
+            merged[ref] = obj
+    return list(merged.values())

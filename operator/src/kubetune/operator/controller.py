@@ -1,0 +1,209 @@
+"""One reconcile pass for one FineTuneJob: observe, decide (pure), act (through `kube`).
+
+Handlers call `Controller.reconcile` with the FineTuneJob's body and its children from kopf's
+indexes (filled from watches before any handler runs, so a restarted operator sees every
+existing child and re-creates nothing). Children whose applied-hash annotation matches the
+desired manifest are not applied again, and an unchanged status is not patched: while
+nothing changes, a pass sends no request at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api import FineTuneJobSpec, PlanStatus
+from kubetune.builders import pod
+from kubetune.builders.config import OperatorConfig
+from kubetune.operator.applier import Applier, RetryLater, resource_version, updated_children
+from kubetune.operator.client import ApiError, KubeClient
+from kubetune.operator.lanes import Lanes
+from kubetune.operator.references import ExistenceCache
+from kubetune.planner.deepspeed import deepspeed_config
+from kubetune.planner.plan import PlanError, plan
+from kubetune.reconcile.conditions import Event
+from kubetune.reconcile.decide import Observed, needs_reference_check, reconcile
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+__all__ = ["Controller", "RetryLater", "plan_for", "utc_now"]
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def plan_for(spec: FineTuneJobSpec) -> tuple[PlanStatus | None, str | None, dict[str, Any]]:
+    """(plan, why it does not fit, DeepSpeed config). The planner lives in its own module."""
+    try:
+        resolved = plan(spec)
+    except PlanError as error:
+        return None, str(error), {}
+    return resolved, None, deepspeed_config(spec, resolved)
+
+
+class Controller:
+    def __init__(
+        self,
+        client: KubeClient,
+        config: OperatorConfig,
+        clock: Callable[[], str] = utc_now,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.clock = clock
+        self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._latest: dict[Key, dict[str, Any]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._references = ExistenceCache(client.exists)
+        self._lanes = Lanes()
+        self._applier = Applier(client, self._lanes)
+        self._last_pass: dict[Key, float] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def forget(self, key: Key) -> None:
+        """The FineTuneJob is gone: drop what this process remembered about it."""
+        self._applier.forget(key)
+        self._latest.pop(key, None)
+        self._last_pass.pop(key, None)
+        self._locks.pop(key, None)
+
+    def child_deleted(self, key: Key, kind: str, name: str) -> None:
+        self._applier.child_deleted(key, kind, name)
+
+    def remember(self, key: Key, body: Mapping[str, Any]) -> None:
+        """A newer FineTuneJob body seen by someone else (e.g. a progress patch's response)."""
+        if resource_version(body) > resource_version(self._latest.get(key)):
+            self._latest[key] = dict(body)
+
+    def _freshest(self, key: Key, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The body as given, or the one our last status patch returned if that is newer."""
+        latest = self._latest.get(key)
+        newer = latest is not None and resource_version(latest) > resource_version(body)
+        return latest if newer and latest is not None else body
+
+    def wrote(self, key: Key, body: Mapping[str, Any]) -> bool:
+        """Whether `body` is exactly the version this process's last status patch produced
+        (its watch event echoes a decision already made)."""
+        latest = self._latest.get(key)
+        version = resource_version(body)
+        return latest is not None and version > 0 and version == resource_version(latest)
+
+    def passed_within(self, key: Key, seconds: float) -> bool:
+        """Whether a pass over this FineTuneJob ran in the last `seconds` (the resync skips
+        it: an event got there first)."""
+        return time.monotonic() - self._last_pass.get(key, -1e18) < seconds
+
+    # ------------------------------------------------------------------ the pass
+
+    async def reconcile(
+        self, body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]
+    ) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        async with self._locks[key]:
+            self._last_pass[key] = time.monotonic()
+            await self._reconcile(key, self._freshest(key, body), children)
+
+    async def _reconcile(
+        self, key: Key, body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]
+    ) -> None:
+        namespace, name = key
+        try:
+            spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
+        except ValidationError as error:
+            # Admission should have refused it (an older CRD?): say so, create nothing.
+            await self._patch_status(key, body, _invalid_spec_status(body, error, self.clock()))
+            return
+        plan, plan_error, deepspeed = plan_for(spec)
+        missing: list[str] = []
+        if needs_reference_check(body):
+            missing = await self._missing_references(namespace, spec)
+        observed = Observed(
+            body=body,
+            spec=spec,
+            plan=plan,
+            plan_error=plan_error,
+            deepspeed=deepspeed,
+            missing=missing,
+            children=children,
+            now=self.clock(),
+        )
+        outcome = reconcile(observed, self.config)
+        applied = await self._applier.apply(key, outcome.apply, children)
+        if applied:
+            # Decide the status again with what the apply responses say (a new Job is already
+            # Queued or Pending): one status patch now instead of a second one when the
+            # watch delivers the Job. What else this pass would apply waits for that event.
+            observed = dataclasses.replace(observed, children=updated_children(children, applied))
+            outcome = reconcile(observed, self.config)
+        await self._applier.delete(key, outcome.delete)
+        if outcome.status_patch:
+            async with self._lanes.deferred():
+                await self._patch_status(key, body, outcome.status_patch)
+            now = self.clock()
+            for event in outcome.events:
+                log.info("%s/%s: %s %s", namespace, name, event.reason, event.message)
+                # Best effort and off the critical path: the status already says it.
+                task = asyncio.create_task(self._post_event(body, event, now))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _post_event(self, body: Mapping[str, Any], event: Event, now: str) -> None:
+        async with self._lanes.deferred():
+            await self.client.post_event(body, event.type, event.reason, event.message, now)
+
+    async def _missing_references(self, namespace: str, spec: FineTuneJobSpec) -> list[str]:
+        wanted = [("Secret", secret) for secret in pod.referenced_secrets(spec)]
+        claims = set(pod.pvc_claims(spec))
+        if spec.storage.claim_name:
+            claims.add(spec.storage.claim_name)
+        wanted += [("PersistentVolumeClaim", claim) for claim in sorted(claims)]
+        try:
+            found = await asyncio.gather(
+                *(self._references.exists("v1", kind, namespace, obj) for kind, obj in wanted)
+            )
+        except ApiError as error:
+            raise RetryLater(str(error)) from error
+        return [f'{kind} "{obj}"' for (kind, obj), ok in zip(wanted, found, strict=True) if not ok]
+
+    async def _patch_status(
+        self, key: Key, body: Mapping[str, Any], patch: Mapping[str, Any]
+    ) -> None:
+        try:
+            result = await self.client.patch_status(key[0], key[1], patch)
+        except ApiError as error:
+            raise RetryLater(str(error)) from error
+        if result is not None:
+            self._latest[key] = result
+
+
+def _invalid_spec_status(
+    body: Mapping[str, Any], error: ValidationError, now: str
+) -> dict[str, Any]:
+    generation = body["metadata"].get("generation")
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+    )[:1024]
+    return {
+        "observedGeneration": generation,
+        "phase": "Invalid",
+        "conditions": [
+            {
+                "type": "Validated",
+                "status": "False",
+                "reason": "InvalidSpec",
+                "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": now,
+            }
+        ],
+    }

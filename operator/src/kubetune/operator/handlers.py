@@ -1,0 +1,234 @@
+"""kopf wiring only: indexes of children, and event handlers a few lines long that call the
+controller. Handlers return nothing (a returned value would land in status); a failed pass
+is retried from here after RETRY_SECONDS (kopf retries no event handler), never by sleeping
+in the handler.
+
+A resync loop (not a kopf timer: see `resync_forever`) makes the operator level-based.
+Indexes hold the FineTuneJobs and their Jobs, Pods and Deployments, keyed by
+(namespace, FineTuneJob name). kopf fills them from the watches before any handler runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kopf
+
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.builders import naming
+from kubetune.operator.controller import Controller, RetryLater
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.progress import ProgressSink
+from kubetune.reconcile.runs import slim
+
+MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
+CHILD_INDEXES = ("kubetune_jobs", "kubetune_pods", "kubetune_deployments")
+
+
+def _owner_key(body: kopf.Body) -> tuple[str, str] | None:
+    job = body.metadata.labels.get(naming.LABEL_JOB)
+    return (body.metadata.namespace or "", job) if job else None
+
+
+def children_of(key: tuple[str, str], indexes: Mapping[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for name in CHILD_INDEXES:
+        found.extend(indexes[name].get(key, ()))
+    return found
+
+
+INDEXES = ("finetunejobs", *CHILD_INDEXES)
+RETRY_SECONDS = 5.0
+
+
+async def reconcile_pass(
+    memo: kopf.Memo, body: Mapping[str, Any], indexes: Mapping[str, Any]
+) -> None:
+    if "indexes" not in memo.shared:
+        # kopf's indexes are live views: keep them for the resync loop, which no handler
+        # calls. kopf gives each object a shallow copy of the memo: `shared` is one dict.
+        memo.shared["indexes"] = {name: indexes[name] for name in INDEXES}
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    controller: Controller = memo.controller
+    metrics: OperatorMetrics | None = memo.get("metrics")
+    if metrics is not None:
+        metrics.reconciles.inc()
+    try:
+        await controller.reconcile(body, children_of(key, indexes))
+    except Exception as error:
+        # kopf does not retry event handlers: this module does, from the indexes.
+        if metrics is not None:
+            metrics.reconcile_errors.inc()
+        log = logging.getLogger(__name__)
+        if isinstance(error, RetryLater):
+            log.warning("%s/%s: %s; retrying in %.0f s", *key, error, RETRY_SECONDS)
+        else:
+            log.exception("%s/%s: reconcile failed; retrying in %.0f s", *key, RETRY_SECONDS)
+        retry_later(memo, key)
+
+
+def retry_later(memo: kopf.Memo, key: tuple[str, str]) -> None:
+    """Reconcile `key` again after RETRY_SECONDS with the freshest body and children the
+    indexes hold then; one pending retry per FineTuneJob."""
+    retries: dict[tuple[str, str], asyncio.Task[None]] = memo.shared.setdefault("retries", {})
+    if key in retries:
+        return
+
+    async def retry() -> None:
+        await asyncio.sleep(RETRY_SECONDS)  # a back-off, not a wait for a condition
+        retries.pop(key, None)
+        indexes = memo.shared["indexes"]
+        for body in list(indexes["finetunejobs"].get(key) or ()):
+            await reconcile_pass(memo, body, indexes)
+
+    retries[key] = asyncio.create_task(retry())
+
+
+async def resync_forever(memo: kopf.Memo, interval: float) -> None:
+    """Level-based safety net: every `interval` seconds, reconcile every FineTuneJob from the
+    indexes. It catches what no event announces (a Secret created later, a missed watch
+    event); with nothing to change a pass sends no request. Jobs an event reconciled within
+    the last interval are skipped, so a burst is not reconciled twice.
+
+    A loop rather than `@kopf.timer`: kopf puts a finalizer on every object with a timer,
+    which costs a patch and a round trip before the first Job, and blocks deletion
+    whenever the operator is not running.
+    """
+    while True:
+        await asyncio.sleep(interval)  # the resync period itself, not a wait for a condition
+        indexes = memo.shared.get("indexes")
+        if indexes is None:
+            continue
+        controller: Controller = memo.controller
+        for key, bodies in list(indexes["finetunejobs"].items()):
+            if controller.passed_within(key, interval):
+                continue
+            for body in list(bodies):
+                await reconcile_pass(memo, body, indexes)
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Put the handlers on `registry` (one per operator; tests build their own)."""
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> Any:
+        # A registry of our own has none of kopf's default login handlers.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="finetunejobs")
+    async def finetunejobs(body: kopf.Body, **_: Any) -> Any:
+        return {(body.metadata.namespace, body.metadata.name): dict(body)}
+
+    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="kubetune_jobs")
+    async def kubetune_jobs(body: kopf.Body, **_: Any) -> Any:
+        key = _owner_key(body)
+        return {key: slim(body, "Job", "batch/v1")} if key else None
+
+    @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry, id="kubetune_pods")
+    async def kubetune_pods(body: kopf.Body, **_: Any) -> Any:
+        key = _owner_key(body)
+        return {key: slim(body, "Pod", "v1")} if key else None
+
+    @kopf.index(
+        "apps", "v1", "deployments", labels=MANAGED, registry=registry, id="kubetune_deployments"
+    )
+    async def kubetune_deployments(body: kopf.Body, **_: Any) -> Any:
+        key = _owner_key(body)
+        return {key: slim(body, "Deployment", "apps/v1")} if key else None
+
+    # One event handler for create, update, resume (kopf's initial listing) and delete. kopf's
+    # change handlers (on.create/on.update/on.resume) would record a last-handled-configuration
+    # annotation on every FineTuneJob after each change: one more write per change for the
+    # API server, and one more watch event for the operator. The reconcile is level-based
+    # (spec generation vs status.observedGeneration, children from the indexes), so it needs
+    # no diff from kopf; in bench/operator.py that write was a sixth of all requests.
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="finetunejob")
+    async def finetunejob_changed(
+        body: kopf.Body, type: str | None, memo: kopf.Memo, **kwargs: Any
+    ) -> None:
+        key = (body.metadata.namespace or "", body.metadata.name or "")
+        controller: Controller = memo.controller
+        if type == "DELETED":
+            # Children are owned: the garbage collector deletes them. Nothing to block on, so
+            # no finalizer; only this process's memory of the job is dropped.
+            controller.forget(key)
+            sink: ProgressSink = memo.sink
+            sink.forget(key)
+            return
+        if controller.wrote(key, body):
+            return  # the echo of this process's own status patch: nothing new to decide
+        await reconcile_pass(memo, body, kwargs)
+
+    async def child_changed(
+        body: kopf.Body, type: str | None, memo: kopf.Memo, **kwargs: Any
+    ) -> None:
+        key = _owner_key(body)
+        if key is None:
+            return
+        if type == "DELETED":
+            memo.controller.child_deleted(key, body.get("kind", ""), body.metadata.name)
+        for owner in kwargs["finetunejobs"].get(key) or ():
+            await reconcile_pass(memo, owner, kwargs)
+
+    for group, version, plural in (
+        ("batch", "v1", "jobs"),
+        ("", "v1", "pods"),
+        ("apps", "v1", "deployments"),
+    ):
+        kopf.on.event(
+            group, version, plural, labels=MANAGED, registry=registry, id="child_changed"
+        )(child_changed)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base. kopf builds one (a deep copy of the body) for every event of every
+    watched object, to feed change handlers; this operator registers none (see
+    `finetunejob_changed`), so the copy would be thrown away: in bench/operator.py it was a
+    tenth of the operator's CPU during a burst."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
+GLOB_CHARACTERS = frozenset("*?!,")
+
+
+def needs_scanning(namespaces: Sequence[str]) -> bool:
+    """Whether kopf must list and watch Namespaces: only to match `--namespace` globs
+    (kopf's patterns: `*`, `?`, `!negation`, `a,b` lists). Exact names, or all namespaces,
+    need no Namespace listing. Pure."""
+    return any(GLOB_CHARACTERS & set(pattern) for pattern in namespaces)
+
+
+def settings(prefix: str = "kubetune.io", namespaces: Sequence[str] = ()) -> kopf.OperatorSettings:
+    """kopf's bookkeeping in annotations (never in status), few events of its own."""
+    result = kopf.OperatorSettings()
+    # kopf's scanning lists and watches CRDs and Namespaces, which least-privilege RBAC does
+    # not grant: kopf then retries for about a minute before serving anything. The CRD is
+    # installed before the operator starts (one discovery at startup still finds it), so
+    # scanning is only kept for namespace globs, which need the Namespace list to match.
+    result.scanning.disabled = not needs_scanning(namespaces)
+    result.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    result.persistence.diffbase_storage = NoDiffBase()
+    result.persistence.finalizer = f"{prefix}/finalizer"
+    # kopf would post an Event per handler run; the operator posts its own on transitions.
+    result.posting.level = logging.WARNING
+    result.watching.server_timeout = 300
+    # kopf keeps one worker per object for `idle_timeout` after its last event; a cap on
+    # workers would make a burst of new objects wait for idle ones to expire.
+    result.queueing.worker_limit = None
+    result.queueing.idle_timeout = 1.0
+    # (kopf 1.45 removed time-based batching: no batch window delays a reaction any more.)
+    result.execution.max_workers = 4
+    # On SIGTERM kopf stops and `kubetune operator` then releases its Lease: no SIGKILL.
+    result.process.ultimate_exiting_timeout = None
+    return result

@@ -1,0 +1,129 @@
+"""One active operator at a time: a coordination.k8s.io Lease, like client-go's leader election.
+
+Why not kopf's peering: it needs its own cluster-wide CRDs, and two operators of equal
+priority both pause with a warning. A Lease is the Kubernetes-native lock: the holder renews
+it every `renew_seconds`; another instance takes it over only after it went unrenewed for
+`duration_seconds` as measured on its own clock (no trust in clock sync). A holder that cannot
+renew in time stops acting (the process exits and its pod restarts as a candidate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from typing import Any
+
+from kubetune.operator.client import ApiError, KubeClient
+
+log = logging.getLogger(__name__)
+
+
+def _micro_time() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LeaseLock:
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        name: str,
+        identity: str,
+        duration_seconds: int = 15,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.duration = duration_seconds
+        self.renew_every = max(1.0, duration_seconds / 3)
+        self._seen: tuple[Any, float] | None = None  # (holder's renewTime, when we saw it)
+
+    def _manifest(self, current: dict[str, Any] | None, transitions: int) -> dict[str, Any]:
+        now = _micro_time()
+        spec = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": self.duration,
+            "renewTime": now,
+            "acquireTime": now,
+            "leaseTransitions": transitions,
+        }
+        if current and current.get("spec", {}).get("holderIdentity") == self.identity:
+            spec["acquireTime"] = current["spec"].get("acquireTime", now)
+        metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if current:
+            metadata["resourceVersion"] = current["metadata"]["resourceVersion"]
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": spec,
+        }
+
+    def _expired(self, lease: dict[str, Any]) -> bool:
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity")
+        if not holder or holder == self.identity:
+            return True
+        renew = spec.get("renewTime")
+        now = time.monotonic()
+        if self._seen is None or self._seen[0] != renew:
+            self._seen = (renew, now)  # first sight of this renewal: the holder is alive
+            return False
+        return now - self._seen[1] > int(spec.get("leaseDurationSeconds") or self.duration)
+
+    async def try_acquire(self) -> bool:
+        """One attempt to take or renew the Lease."""
+        try:
+            lease = await self.client.get(
+                "coordination.k8s.io/v1", "Lease", self.namespace, self.name
+            )
+            if lease is None:
+                await self.client.create(self._manifest(None, 0))
+                return True
+            if not self._expired(lease):
+                return False
+            transitions = int(lease.get("spec", {}).get("leaseTransitions") or 0)
+            if lease.get("spec", {}).get("holderIdentity") != self.identity:
+                transitions += 1
+            await self.client.replace(self._manifest(lease, transitions))
+            return True
+        except ApiError as error:
+            if error.status == 409:  # another candidate wrote first
+                return False
+            log.warning("lease %s/%s: %s", self.namespace, self.name, error)
+            return False
+
+    async def acquire(self) -> None:
+        logged = False
+        while not await self.try_acquire():
+            if not logged:
+                log.info("another operator holds lease %s/%s; waiting", self.namespace, self.name)
+                logged = True
+            await asyncio.sleep(self.renew_every)  # polling a lock held elsewhere
+        log.info("acquired lease %s/%s as %s", self.namespace, self.name, self.identity)
+
+    async def hold(self) -> None:
+        """Renew until a renewal fails for longer than the lease lasts; then return."""
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(self.renew_every)
+            if await self.try_acquire():
+                last_ok = time.monotonic()
+            elif time.monotonic() - last_ok > self.duration * 2 / 3:
+                log.error("lost lease %s/%s; stopping", self.namespace, self.name)
+                return
+
+    async def release(self) -> None:
+        """Give the Lease up on a clean exit, so a successor need not wait for it to expire."""
+        try:
+            lease = await self.client.get(
+                "coordination.k8s.io/v1", "Lease", self.namespace, self.name
+            )
+            if lease and lease.get("spec", {}).get("holderIdentity") == self.identity:
+                lease["spec"]["holderIdentity"] = None
+                await self.client.replace(lease)
+        except ApiError as error:
+            log.warning("could not release lease: %s", error)

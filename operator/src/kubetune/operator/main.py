@@ -1,0 +1,206 @@
+"""`kubetune operator`: run the operator (kopf) with its progress endpoint and a leader Lease.
+
+Only the instance holding the Lease acts; a second instance waits for it (see `leader`).
+kopf runs in standalone mode (no kopf peering CRDs): the Lease is the guard.
+
+RBAC the operator needs (ClusterRole unless it watches listed namespaces only):
+- kubetune.io finetunejobs: get, list, watch, patch; finetunejobs/status: get, patch;
+  finetunejobs/finalizers: update (ownerReferences with blockOwnerDeletion)
+- batch jobs, apps deployments: get, list, watch, create, patch, delete
+- pods: get, list, watch (status, termination messages, the progress token's pod)
+- configmaps, services, persistentvolumeclaims: get, create, patch, delete
+- secrets: get (existence only; read as PartialObjectMetadata, never the data)
+- events (core): create, patch; authentication.k8s.io tokenreviews: create
+- namespaces: list, watch, and customresourcedefinitions: list, watch (only with
+  `--namespace` globs: kopf's scanning is off otherwise, see `handlers.needs_scanning`)
+- coordination.k8s.io leases in the Lease namespace: get, create, update
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import uuid
+from typing import Any
+
+from kubetune.builders.config import DEFAULT_SERVING_IMAGE, DEFAULT_TRAINER_IMAGE, OperatorConfig
+
+log = logging.getLogger("kubetune.operator")
+
+
+def add_operator_command(subparsers: Any) -> None:
+    """Register `kubetune operator` on the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "operator", help="run the KubeTune operator against the current cluster"
+    )
+    parser.add_argument(
+        "--namespace", "-n", action="append", default=[], dest="namespaces",
+        help="watch this namespace (repeatable; globs allowed); default: all namespaces",
+    )  # fmt: skip
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, $KUBECONFIG)")
+    parser.add_argument(
+        "--liveness-port",
+        type=int,
+        default=8081,
+        help="port of the liveness endpoint /healthz (0: none)",
+    )
+    parser.add_argument(
+        "--progress-port",
+        type=int,
+        default=8080,
+        help="port of the progress endpoint trainer pods report to",
+    )
+    parser.add_argument(
+        "--progress-url",
+        default=os.environ.get("KUBETUNE_PROGRESS_URL"),
+        help="URL at which pods reach the progress port (default: "
+        "http://kubetune-operator.<lease namespace>.svc:<progress port>)",
+    )
+    parser.add_argument(
+        "--progress-min-interval",
+        type=float,
+        default=5.0,
+        help="seconds between status patches of one job's progress",
+    )
+    parser.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE)
+    parser.add_argument("--serving-image", default=DEFAULT_SERVING_IMAGE)
+    parser.add_argument(
+        "--trainer-service-account",
+        default=os.environ.get("KUBETUNE_TRAINER_SERVICE_ACCOUNT", ""),
+        help="ServiceAccount of training and export pods, in the job's namespace "
+        "(default: $KUBETUNE_TRAINER_SERVICE_ACCOUNT; empty: the namespace's default)",
+    )
+    parser.add_argument(
+        "--serving-service-account",
+        default=os.environ.get("KUBETUNE_SERVING_SERVICE_ACCOUNT", ""),
+        help="ServiceAccount of inference pods, in the job's namespace "
+        "(default: $KUBETUNE_SERVING_SERVICE_ACCOUNT; empty: the namespace's default)",
+    )
+    parser.add_argument(
+        "--image-pull-policy", default="IfNotPresent", choices=["Always", "IfNotPresent", "Never"]
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="level-based resync of every FineTuneJob (sends nothing if idle)",
+    )
+    parser.add_argument("--lease-name", default="kubetune-operator")
+    parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    parser.add_argument(
+        "--lease-duration",
+        type=int,
+        default=15,
+        help="seconds before a silent leader's Lease may be taken over",
+    )
+    parser.add_argument(
+        "--allow-pod-metadata",
+        action="store_true",
+        help="honour the kubetune.io/pod-metadata annotation (tests only)",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true")
+    parser.set_defaults(func=run_operator)
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    progress_url = args.progress_url or (
+        f"http://kubetune-operator.{args.lease_namespace}.svc:{args.progress_port}"
+    )
+    return OperatorConfig(
+        trainer_image=args.trainer_image,
+        serving_image=args.serving_image,
+        image_pull_policy=args.image_pull_policy,
+        progress_url=progress_url,
+        allow_pod_metadata=args.allow_pod_metadata,
+        trainer_service_account=args.trainer_service_account,
+        serving_service_account=args.serving_service_account,
+    )
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("kopf.objects", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def serve(args: argparse.Namespace) -> int:
+    import kopf
+    from aiohttp import web
+
+    from kubetune.operator import handlers
+    from kubetune.operator.client import KubeClient
+    from kubetune.operator.controller import Controller, utc_now
+    from kubetune.operator.leader import LeaseLock
+    from kubetune.operator.metrics import OperatorMetrics, index_bodies
+    from kubetune.operator.progress import ProgressServer, ProgressSink
+
+    if args.kubeconfig:
+        # kopf logs in on its own: point it at the same cluster.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    config = config_from_args(args)
+    client = KubeClient.connect(args.kubeconfig)
+    identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    lease = LeaseLock(client, args.lease_namespace, args.lease_name, identity, args.lease_duration)
+    await lease.acquire()
+
+    controller = Controller(client, config)
+    sink = ProgressSink(
+        client, args.progress_min_interval, utc_now,
+        on_patched=controller.remember,
+    )  # fmt: skip
+    shared: dict[str, Any] = {}
+    metrics = OperatorMetrics(
+        api_requests=lambda: client.requests,
+        progress_patches=lambda: sink.patches,
+        finetunejobs=lambda: index_bodies(shared),
+    )
+    progress = ProgressServer(client, config.progress_audience, sink, metrics)
+    runner = web.AppRunner(progress.app())
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", args.progress_port).start()
+
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry)
+    memo = kopf.Memo(controller=controller, sink=sink, shared=shared, metrics=metrics)
+    stop = asyncio.Event()
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    operator = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            settings=handlers.settings(namespaces=args.namespaces),
+            standalone=True,
+            clusterwide=not args.namespaces,
+            namespaces=args.namespaces,
+            liveness_endpoint=liveness,
+            stop_flag=stop,
+            memo=memo,
+        )
+    )
+    resync = asyncio.create_task(handlers.resync_forever(memo, args.resync_seconds))
+    holder = asyncio.create_task(lease.hold())
+    done, _ = await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
+    lost = holder in done
+    stop.set()
+    holder.cancel()
+    resync.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await operator
+    # kopf handles SIGTERM/SIGINT itself and returns; only then is the Lease released.
+    await runner.cleanup()
+    if not lost:
+        await lease.release()
+    await client.close()
+    return 1 if lost else 0

@@ -1,0 +1,95 @@
+"""The planner's memory model: estimated peak memory of one GPU for a training setup (pure).
+
+Kept apart from the plan search so the formula, with its measured constants, reads on its own
+and can be checked against measurements without the search around it.
+
+Memory model per GPU (performance.md section 3), in bytes:
+
+- frozen base weights: 2 B/param in bf16, ~0.56 B/param in NF4 (QLoRA, absmax included);
+- trained parameters: mixed-precision Adam, 16 B/param = bf16 weight 2 + bf16 grad 2 +
+  fp32 master weight, momentum and variance 12;
+- ZeRO partitions across the world size: stage 1 the optimizer states, stage 2 also the
+  gradients, stage 3 also the parameters (frozen ones included). CPU offload moves the
+  optimizer states (and at stage 3 the parameters) to host memory; stage 3 keeps the layers
+  being gathered on the GPU;
+- activations: micro-batch x sequence x layers x hidden x a per-method factor measured on
+  the Llama architecture with SDPA (saved-tensor bytes of SmolLM2 in bf16: full 43 h,
+  LoRA 65 h, LoRA with dropout 99 h, DoRA 177 h per token and layer, linear in the
+  sequence length). Gradient checkpointing keeps only each layer's bf16 input (2 h) plus
+  one layer being recomputed;
+- logits: micro-batch x sequence x vocabulary x 4 B (the fp32 logits the loss keeps);
+- CUDA context and workspaces (1 GiB) and 5 % allocator slack on what comes and goes.
+"""
+
+from __future__ import annotations
+
+from kubetune.api.spec import Method
+from kubetune.planner.deepspeed import STAGE3_MAX_LIVE_PARAMETERS
+from kubetune.planner.shapes import ModelShape
+
+GIB = 1024**3
+CUDA_OVERHEAD_GIB = 1.0
+ALLOCATOR_SLACK = 0.05
+BASE_BYTES = {"bf16": 2.0, "nf4": 0.56}
+# Mixed-precision Adam: bf16 weight, bf16 gradient, fp32 master + momentum + variance.
+WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2.0, 2.0, 12.0
+LOGIT_BYTES = 4.0
+CHECKPOINT_BYTES_PER_HIDDEN = 2.0
+# DoRA also keeps weight-sized tensors for the column norms (~8 B per frozen linear weight).
+DORA_WEIGHT_BYTES = 8.0
+# ZeRO-3 holds the layer being computed and the one being prefetched, in full, up to
+# `stage3_max_live_parameters` (DeepSpeed's default, written by kubetune.planner.deepspeed).
+ZERO3_LIVE_LAYERS = 2
+
+
+def activation_bytes_per_hidden(method: Method, lora_dropout: float) -> float:
+    """Saved-activation bytes per token and layer, as a multiple of the hidden size."""
+    if method is Method.FULL:
+        return 44.0
+    if method is Method.DORA:
+        return 180.0
+    return 100.0 if lora_dropout > 0 else 66.0
+
+
+def estimate_memory_gib(
+    shape: ModelShape,
+    *,
+    method: Method,
+    trainable: int,
+    zero_stage: int,
+    offload: bool,
+    world_size: int,
+    micro_batch: int,
+    seq_length: int,
+    gradient_checkpointing: bool,
+    lora_dropout: float = 0.05,
+) -> float:
+    """Estimated peak memory of one GPU in GiB (see the module docstring)."""
+    base_bytes = BASE_BYTES["nf4" if method is Method.QLORA else "bf16"]
+    frozen = 0 if method is Method.FULL else shape.parameters
+    shards = max(world_size, 1)
+
+    def shard(nbytes: float, from_stage: int) -> float:
+        return nbytes / shards if zero_stage >= from_stage else nbytes
+
+    weights = frozen * base_bytes + trainable * WEIGHT_BYTES
+    weights = 0.0 if offload and zero_stage >= 3 else shard(weights, 3)
+    grads = shard(trainable * GRAD_BYTES, 2)
+    optimizer = 0.0 if offload else shard(trainable * OPTIMIZER_BYTES, 1)
+    live = 0.0
+    if zero_stage >= 3 and (shards > 1 or offload):
+        gathered = min(ZERO3_LIVE_LAYERS * shape.layer_parameters, STAGE3_MAX_LIVE_PARAMETERS)
+        live = gathered * base_bytes
+
+    tokens = micro_batch * seq_length
+    per_layer = activation_bytes_per_hidden(method, lora_dropout) * tokens * shape.hidden
+    if method is Method.DORA:
+        per_layer += DORA_WEIGHT_BYTES * shape.linear_parameters_per_layer
+    if gradient_checkpointing:
+        checkpoints = CHECKPOINT_BYTES_PER_HIDDEN * tokens * shape.hidden * shape.layers
+        activations = checkpoints + per_layer
+    else:
+        activations = per_layer * shape.layers
+    logits = tokens * shape.vocab * LOGIT_BYTES
+    transient = (activations + logits) * (1 + ALLOCATOR_SLACK)
+    return (weights + grads + optimizer + live + transient) / GIB + CUDA_OVERHEAD_GIB

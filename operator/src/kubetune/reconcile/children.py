@@ -1,0 +1,93 @@
+"""The FineTuneJob's children as reconcile reads them: picked by kind and component, their
+training generation, and the ones a newer generation leaves stale.
+
+Pure selection over the labelled objects the caller gathered. Separate from
+`kubetune.reconcile.decide` because it only reads labels and names; `decide` then decides what
+to do with the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.builders import naming
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    api_version: str
+    kind: str
+    name: str
+
+
+def labels_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def of_component(
+    children: Sequence[Mapping[str, Any]], kind: str, component: str
+) -> list[Mapping[str, Any]]:
+    return [
+        c
+        for c in children
+        if c.get("kind") == kind and labels_of(c).get(naming.LABEL_COMPONENT) == component
+    ]
+
+
+def named(objs: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
+    return next((o for o in objs if o["metadata"]["name"] == name), None)
+
+
+def generation_of(obj: Mapping[str, Any]) -> int | None:
+    value = labels_of(obj).get(naming.LABEL_GENERATION)
+    return int(value) if value and value.isdigit() else None
+
+
+def current_generation(
+    children: Sequence[Mapping[str, Any]], training_hash: str, spec_generation: int
+) -> int:
+    """The training generation: the newest training Job's, while its training hash still
+    matches the spec; a new one (the spec's generation) otherwise. Suspending changes the
+    spec generation but not the training hash, so a resumed run keeps its generation."""
+    jobs = of_component(children, "Job", naming.COMPONENT_TRAINER)
+    matching = [
+        generation_of(j)
+        for j in jobs
+        if (j["metadata"].get("annotations") or {}).get(naming.ANNOTATION_TRAINING_HASH)
+        == training_hash
+    ]
+    found = [g for g in matching if g is not None]
+    return max(found) if found else spec_generation
+
+
+def pods_of_job(children: Sequence[Mapping[str, Any]], job_name: str) -> list[Mapping[str, Any]]:
+    return [
+        c
+        for c in children
+        if c.get("kind") == "Pod" and labels_of(c).get("batch.kubernetes.io/job-name") == job_name
+    ]
+
+
+def stale_children(children: Sequence[Mapping[str, Any]], generation: int) -> list[ChildRef]:
+    """Training children of other generations. ConfigMaps and Services are not watched (no
+    need to hold every ConfigMap of the cluster in memory): their names follow from the old
+    trainer Job's generation, which is deleted last so a crash half-way repeats the cleanup."""
+    stale = []
+    for job in of_component(children, "Job", naming.COMPONENT_TRAINER):
+        old = generation_of(job)
+        if old is None or old == generation:
+            continue
+        owner = labels_of(job).get(naming.LABEL_JOB, "")
+        stale += [
+            ChildRef("v1", "ConfigMap", naming.config_map_name(owner, old)),
+            ChildRef("v1", "Service", naming.rendezvous_service_name(owner, old)),
+            ChildRef("batch/v1", "Job", naming.export_job_name(owner, old)),
+            ChildRef("batch/v1", "Job", job["metadata"]["name"]),
+        ]
+    for job in of_component(children, "Job", naming.COMPONENT_EXPORTER):
+        old = generation_of(job)
+        if old is not None and old != generation:
+            stale.append(ChildRef("batch/v1", "Job", job["metadata"]["name"]))
+    return list(dict.fromkeys(stale))

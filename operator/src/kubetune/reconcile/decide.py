@@ -1,0 +1,215 @@
+"""The operator's decisions: observed FineTuneJob + children -> desired children + status.
+
+Pure (no I/O, no clock, no kopf), so every branch is tested without a cluster. The caller
+(`kubetune.operator.controller`) gathers the observation, applies `Outcome.apply` with server-side
+apply, deletes `Outcome.delete`, merge-patches `Outcome.status_patch` and posts the events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.api import ConditionType, FineTuneJobSpec, PlanStatus
+from kubetune.builders import naming
+from kubetune.builders.config import OperatorConfig
+from kubetune.builders.export import export_job
+from kubetune.builders.meta import Manifest, Owner, training_hash
+from kubetune.builders.serving import serving_deployment, serving_service
+from kubetune.builders.training import (
+    artifacts_claim,
+    rendezvous_service,
+    run_config_map,
+    training_job,
+)
+from kubetune.reconcile.children import (
+    ChildRef,
+    current_generation,
+    named,
+    of_component,
+    pods_of_job,
+    stale_children,
+)
+from kubetune.reconcile.conditions import Cond, Event, merge, phase, transitions
+from kubetune.reconcile.gate import evaluate_gate
+from kubetune.reconcile.readiness import (
+    export_condition,
+    ready_condition,
+    serving_condition,
+    training_condition,
+)
+from kubetune.reconcile.runs import RunState, RunStatus, run_status
+from kubetune.reconcile.status import ServingView, build_status, serving_view
+
+# ChildRef and current_generation are imported from here by callers and tests too.
+__all__ = [
+    "ChildRef",
+    "Observed",
+    "Outcome",
+    "current_generation",
+    "needs_reference_check",
+    "reconcile",
+]
+
+T = ConditionType
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything reconcile looks at, gathered by the caller."""
+
+    body: Mapping[str, Any]
+    """The FineTuneJob as read (metadata, spec, status)."""
+    spec: FineTuneJobSpec
+    plan: PlanStatus | None
+    plan_error: str | None
+    deepspeed: dict[str, Any]
+    missing: Sequence[str]
+    """Referenced objects that do not exist, e.g. `Secret "hf-token"`."""
+    children: Sequence[Mapping[str, Any]]
+    """Objects labelled `kubetune.io/job=<name>` (Jobs, Pods, Deployments, ...), with `kind`."""
+    now: str
+    """RFC 3339 time, for condition transitions."""
+
+
+@dataclass
+class Outcome:
+    apply: list[Manifest] = field(default_factory=list)
+    delete: list[ChildRef] = field(default_factory=list)
+    status_patch: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+
+
+def needs_reference_check(body: Mapping[str, Any]) -> bool:
+    """Look Secrets/PVCs up only until this spec generation has been validated once."""
+    generation = (body.get("metadata") or {}).get("generation")
+    for cond in (body.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == T.VALIDATED.value:
+            return not (
+                cond.get("status") == "True" and cond.get("observedGeneration") == generation
+            )
+    return True
+
+
+def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
+    owner = Owner.from_body(obs.body)
+    spec = obs.spec
+    spec_generation = int(obs.body["metadata"].get("generation") or 1)
+    previous = obs.body.get("status") or {}
+    spec_hash = training_hash(spec)
+    generation = current_generation(obs.children, spec_hash, spec_generation)
+    outcome = Outcome(delete=stale_children(obs.children, generation))
+    endpoint = naming.endpoint_url(naming.serving_name(owner.name), owner.namespace)
+    conds: dict[ConditionType, Cond] = {}
+
+    problems = [f"{item} not found" for item in obs.missing]
+    if obs.plan_error:
+        problems.append(obs.plan_error)
+    training: RunStatus | None = None
+    export: RunStatus | None = None
+    gate: tuple[bool, str] | None = None
+    report: dict[str, Any] | None = None
+    view = serving_view(of_component(obs.children, "Deployment", naming.COMPONENT_SERVER), previous)
+
+    if problems or obs.plan is None:
+        reason = "MissingReference" if obs.missing else "DoesNotFit"
+        conds[T.VALIDATED] = Cond(T.VALIDATED, "False", reason, "; ".join(problems))
+        conds[T.TRAINED] = Cond(
+            T.TRAINED, "Unknown", "NotValidated", "training waits for validation"
+        )
+    else:
+        conds[T.VALIDATED] = Cond(T.VALIDATED, "True", "Valid", obs.plan.reason or "the job fits")
+        if not spec.storage.claim_name:
+            outcome.apply.append(artifacts_claim(owner, spec, config))
+        outcome.apply.append(
+            run_config_map(owner, generation, spec, obs.plan, obs.deepspeed)
+        )
+        outcome.apply.append(rendezvous_service(owner, generation))
+        outcome.apply.append(training_job(owner, generation, spec, config, spec_hash))
+        job_name = naming.training_job_name(owner.name, generation)
+        job = named(of_component(obs.children, "Job", naming.COMPONENT_TRAINER), job_name)
+        training = run_status(job, pods_of_job(obs.children, job_name), "training")
+        conds[T.TRAINED] = training_condition(training)
+        report = _report(training, previous, generation)
+        if training.state is RunState.SUCCEEDED and spec.serving.enabled:
+            outcome.apply.append(export_job(owner, generation, spec, config))
+            export_name = naming.export_job_name(owner.name, generation)
+            exporters = of_component(obs.children, "Job", naming.COMPONENT_EXPORTER)
+            exporter = named(exporters, export_name)
+            export = run_status(exporter, pods_of_job(obs.children, export_name), "export")
+        if export is not None and export.state is RunState.SUCCEEDED:
+            serving_loss = view.eval_loss if view.template_generation != generation else None
+            gate = evaluate_gate(spec.serving.gate, report or {}, _float(serving_loss))
+
+    conds[T.EXPORTED] = export_condition(export, spec.serving.enabled)
+    model_generation, model_loss = view.template_generation, view.eval_loss
+    if gate is not None and gate[0]:
+        model_generation = generation
+        loss = (report or {}).get("evalLoss")
+        model_loss = None if loss is None else str(loss)
+    if spec.serving.enabled and model_generation is not None:
+        outcome.apply.append(
+            serving_deployment(owner, model_generation, model_loss, spec, config)
+        )
+        outcome.apply.append(serving_service(owner))
+        if model_generation != view.template_generation:
+            view = view.rolling_to(model_generation)
+    elif not spec.serving.enabled:
+        if of_component(obs.children, "Deployment", naming.COMPONENT_SERVER):
+            name = naming.serving_name(owner.name)
+            outcome.delete += [
+                ChildRef("v1", "Service", name),
+                ChildRef("apps/v1", "Deployment", name),
+            ]
+        view = ServingView()
+    conds[T.SERVING] = serving_condition(view, spec.serving.enabled, endpoint)
+    conds[T.READY] = ready_condition(conds, generation, spec.serving.enabled, gate, view)
+
+    merged = merge(previous.get("conditions"), conds.values(), spec_generation, obs.now)
+    status = build_status(
+        owner=owner,
+        spec=spec,
+        plan=obs.plan,
+        generation=spec_generation,
+        training_generation=generation,
+        phase=phase(conds),
+        conditions=merged,
+        training=training,
+        report=report,
+        gate=gate,
+        view=view,
+        endpoint=endpoint,
+        previous=previous,
+    )
+    outcome.status_patch = _diff(previous, status)
+    outcome.events = transitions(previous.get("conditions"), merged)
+    return outcome
+
+
+def _report(
+    training: RunStatus, previous: Mapping[str, Any], generation: int
+) -> dict[str, Any] | None:
+    """The final report: from the pod while it exists, else what status kept of it."""
+    if training.state is not RunState.SUCCEEDED:
+        return None
+    if training.report is not None:
+        return training.report
+    evaluation = previous.get("evaluation") or {}
+    if evaluation.get("generation") != generation:
+        return None
+    keys = {"evalLoss": "evalLoss", "baseEvalLoss": "baseEvalLoss", "accuracy": "accuracy"}
+    return {k: evaluation[v] for k, v in keys.items() if evaluation.get(v) is not None}
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
+
+
+def _diff(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that turns `previous` into `status` (top-level keys), or {}."""
+    patch = {key: value for key, value in status.items() if previous.get(key) != value}
+    return patch

@@ -1,0 +1,97 @@
+"""The FineTuneJob's conditions from what reconcile found: Trained, Exported, Serving, Ready.
+
+Pure functions of the run states, the serving view and the gate. They live apart from
+`kubetune.reconcile.decide` because they only phrase status (reason and message per state), while
+reconcile decides what to create and delete; the wording changes without touching that logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from kubetune.api import ConditionType
+from kubetune.reconcile.conditions import Cond
+from kubetune.reconcile.runs import RunState, RunStatus
+from kubetune.reconcile.status import ServingView
+
+T = ConditionType
+
+
+def training_condition(run: RunStatus) -> Cond:
+    if run.state is RunState.SUCCEEDED:
+        report = run.report or {}
+        details = [
+            f"{key} {report[key]}" for key in ("steps", "trainLoss", "evalLoss") if key in report
+        ]
+        message = "training finished" + (f": {', '.join(details)}" if details else "")
+        return Cond(T.TRAINED, "True", "Succeeded", message)
+    if run.state is RunState.FAILED:
+        return Cond(T.TRAINED, "False", run.reason, run.message)
+    return Cond(T.TRAINED, "Unknown", run.reason, run.message)
+
+
+def export_condition(run: RunStatus | None, serving_enabled: bool) -> Cond:
+    if not serving_enabled:
+        return Cond(T.EXPORTED, "False", "Disabled", "serving.enabled is false")
+    if run is None:
+        return Cond(T.EXPORTED, "Unknown", "WaitingForTraining", "export starts after training")
+    if run.state is RunState.SUCCEEDED:
+        return Cond(T.EXPORTED, "True", "Succeeded", "exported to ONNX")
+    if run.state is RunState.FAILED:
+        return Cond(T.EXPORTED, "False", run.reason, run.message)
+    return Cond(T.EXPORTED, "Unknown", run.reason, run.message)
+
+
+def serving_condition(view: ServingView, enabled: bool, endpoint: str) -> Cond:
+    if not enabled:
+        return Cond(T.SERVING, "False", "Disabled", "serving.enabled is false")
+    if not view.exists:
+        return Cond(T.SERVING, "Unknown", "NoModel", "no model has passed the gate yet")
+    if view.available_replicas > 0 and view.serving_generation is not None:
+        rolling = "" if view.rolled_out else f" (rolling out generation {view.template_generation})"
+        return Cond(
+            T.SERVING,
+            "True",
+            "Available",
+            f"generation {view.serving_generation} serves at {endpoint}, "
+            f"{view.available_replicas} ready{rolling}",
+        )
+    if view.serving_generation is None:
+        return Cond(T.SERVING, "Unknown", "Deploying", "waiting for the first inference pod")
+    return Cond(T.SERVING, "False", "Unavailable", "no inference pod is ready")
+
+
+def ready_condition(
+    conds: Mapping[ConditionType, Cond],
+    generation: int,
+    serving_enabled: bool,
+    gate: tuple[bool, str] | None,
+    view: ServingView,
+) -> Cond:
+    validated, trained, exported = conds[T.VALIDATED], conds[T.TRAINED], conds[T.EXPORTED]
+    keeps = (
+        f"; generation {view.serving_generation} keeps serving"
+        if view.serving_generation is not None and view.serving_generation != generation
+        else ""
+    )
+    if validated.status != "True":
+        return Cond(T.READY, "False", "ValidationFailed", validated.message + keeps)
+    if trained.status == "False":
+        return Cond(
+            T.READY, "False", "TrainingFailed", f"generation {generation}: {trained.message}{keeps}"
+        )
+    if trained.status != "True":
+        return Cond(T.READY, "False", "Training", trained.message)
+    if not serving_enabled:
+        return Cond(T.READY, "True", "Trained", f"generation {generation} is trained")
+    if exported.status == "False":
+        return Cond(
+            T.READY, "False", "ExportFailed", f"generation {generation}: {exported.message}{keeps}"
+        )
+    if exported.status != "True":
+        return Cond(T.READY, "False", "Exporting", exported.message)
+    if gate is not None and not gate[0]:
+        return Cond(T.READY, "False", "GateFailed", f"generation {generation}: {gate[1]}{keeps}")
+    if view.serving_generation == generation and view.rolled_out:
+        return Cond(T.READY, "True", "Serving", f"generation {generation} is serving")
+    return Cond(T.READY, "False", "Deploying", f"rolling out generation {generation}")

@@ -1,0 +1,199 @@
+"""Reading children: what a Job and its pods say about a training or export run. Pure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from kubetune.builders import naming
+
+MAX_MESSAGE = 1024
+
+
+class RunState(StrEnum):
+    MISSING = "Missing"
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    SUSPENDED = "Suspended"
+    UNSCHEDULABLE = "Unschedulable"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """The state of one Job-backed step, with a reason and message fit for a condition."""
+
+    state: RunState
+    reason: str
+    message: str
+    report: dict[str, Any] | None = None
+    retries: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _condition(obj: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def _terminated(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or ():
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated:
+            return dict(terminated)
+    return None
+
+
+def parse_report(message: str | None) -> dict[str, Any] | None:
+    """A termination message holding the trainer's JSON report, or None."""
+    if not message:
+        return None
+    try:
+        report = json.loads(message)
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _shorten(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def failure_message(pod: Mapping[str, Any]) -> str:
+    """What a failed pod said: the report's `error`, else its termination message or reason."""
+    terminated = _terminated(pod) or {}
+    message = terminated.get("message") or ""
+    report = parse_report(message)
+    if report and report.get("error"):
+        message = str(report["error"])
+    detail = f"exit code {terminated.get('exitCode', '?')}"
+    return _shorten(f"{detail}: {message}" if message else detail)
+
+
+def _completion_index(pod: Mapping[str, Any]) -> str | None:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(naming.JOB_COMPLETION_INDEX_ANNOTATION)
+
+
+def final_report(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The report of the succeeded rank-0 pod (index 0 writes it), else any succeeded pod's."""
+    succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    succeeded.sort(key=lambda p: (_completion_index(p) != "0", p["metadata"]["name"]))
+    for pod in succeeded:
+        report = parse_report((_terminated(pod) or {}).get("message"))
+        if report is not None:
+            return report
+    return None
+
+
+def _unschedulable(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Pending":
+            continue
+        for cond in status.get("conditions") or ():
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return _shorten(cond.get("message") or "no node fits the pod")
+    return None
+
+
+def _latest_failed(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    failed.sort(key=lambda p: (_terminated(p) or {}).get("finishedAt") or "")
+    return failed[-1] if failed else None
+
+
+FAILURE_REASONS = {
+    "PodFailurePolicy": "ConfigurationError",
+    "BackoffLimitExceeded": "BackoffLimitExceeded",
+    "DeadlineExceeded": "DeadlineExceeded",
+}
+
+
+def run_status(
+    job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], what: str
+) -> RunStatus:
+    """Interpret a Job (`what` names it in messages: "training", "export")."""
+    if job is None:
+        return RunStatus(RunState.MISSING, "Creating", f"creating the {what} Job")
+    status = job.get("status") or {}
+    retries = int(status.get("failed") or 0)
+    if _condition(job, "Complete"):
+        return RunStatus(
+            RunState.SUCCEEDED,
+            "Succeeded",
+            f"{what} finished",
+            report=final_report(pods),
+            retries=retries,
+        )
+    failed = _condition(job, "Failed")
+    if failed:
+        reason = FAILURE_REASONS.get(failed.get("reason", ""), "Failed")
+        pod = _latest_failed(pods)
+        said = f"; last pod: {failure_message(pod)}" if pod else ""
+        message = _shorten(f"{what} failed ({failed.get('reason', 'Failed')}){said}")
+        return RunStatus(RunState.FAILED, reason, message, retries=retries)
+    if (job.get("spec") or {}).get("suspend"):
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(naming.ANNOTATION_SUSPEND_REQUESTED) == "true":
+            return RunStatus(RunState.SUSPENDED, "Suspended", f"{what} is suspended")
+        return RunStatus(RunState.QUEUED, "Queued", f"{what} waits for Kueue to admit it")
+    unschedulable = _unschedulable(pods)
+    if unschedulable:
+        return RunStatus(
+            RunState.UNSCHEDULABLE,
+            "Unschedulable",
+            f"{what} pods cannot be scheduled: {unschedulable}",
+            retries=retries,
+        )
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    wanted = int((job.get("spec") or {}).get("parallelism") or 1)
+    if running:
+        retried = f", {retries} retried" if retries else ""
+        return RunStatus(
+            RunState.RUNNING,
+            "Running",
+            f"{what}: {len(running)}/{wanted} pods running{retried}",
+            retries=retries,
+        )
+    return RunStatus(RunState.PENDING, "Pending", f"{what} pods are starting", retries=retries)
+
+
+def slim(obj: Mapping[str, Any], kind: str, api_version: str) -> dict[str, Any]:
+    """What reconcile reads of a child; the rest (pod specs, managedFields) is dropped, so the
+    indexes stay small and an apply response can stand in for the child until the watch
+    delivers it."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    kept = ("suspend", "parallelism", "completions", "replicas")
+    slim_spec: dict[str, Any] = {key: spec[key] for key in kept if key in spec}
+    template_meta = (spec.get("template") or {}).get("metadata")
+    if template_meta:
+        slim_spec["template"] = {"metadata": dict(template_meta)}
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "generation": meta.get("generation"),
+            "resourceVersion": meta.get("resourceVersion"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": dict(meta.get("annotations") or {}),
+        },
+        "spec": slim_spec,
+        "status": dict(obj.get("status") or {}),
+    }

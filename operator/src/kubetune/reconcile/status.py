@@ -1,0 +1,180 @@
+"""The serving Deployment as reconcile sees it, and the assembly of `status`. Pure."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api import FineTuneJobSpec, PlanStatus
+from kubetune.builders import naming
+from kubetune.builders.meta import Owner
+from kubetune.reconcile.runs import RunState, RunStatus
+
+
+@dataclass(frozen=True)
+class ServingView:
+    exists: bool = False
+    template_generation: int | None = None
+    """The model generation in the Deployment's pod template (what it rolls towards)."""
+    eval_loss: str | None = None
+    """Eval loss of that model (for `mustBeatServing`)."""
+    available_replicas: int = 0
+    ready_replicas: int = 0
+    rolled_out: bool = False
+    """Every replica runs the template's generation and is available."""
+    serving_generation: int | None = None
+    """The generation answering requests: the template's once rolled out, else the last one
+    that was (kept in status across restarts)."""
+
+    def rolling_to(self, generation: int) -> ServingView:
+        return dataclasses.replace(
+            self, exists=True, template_generation=generation, rolled_out=False
+        )
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def serving_view(
+    deployments: Sequence[Mapping[str, Any]], previous: Mapping[str, Any]
+) -> ServingView:
+    if not deployments:
+        return ServingView()
+    deployment = deployments[0]
+    meta = deployment.get("metadata") or {}
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    template = ((spec.get("template") or {}).get("metadata") or {}).get("annotations") or {}
+    template_generation = _int(template.get(naming.ANNOTATION_MODEL_GENERATION))
+    wanted = int(spec.get("replicas", 1))
+    available = int(status.get("availableReplicas") or 0)
+    rolled_out = (
+        int(status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
+        and int(status.get("updatedReplicas") or 0) >= wanted
+        and int(status.get("replicas") or 0) == wanted
+        and available >= wanted
+    )
+    before = _int((previous.get("serving") or {}).get("modelGeneration"))
+    return ServingView(
+        exists=True,
+        template_generation=template_generation,
+        eval_loss=(meta.get("annotations") or {}).get(naming.ANNOTATION_MODEL_EVAL_LOSS),
+        available_replicas=available,
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        rolled_out=rolled_out,
+        serving_generation=template_generation if rolled_out else before,
+    )
+
+
+def decimal(value: Any) -> str | None:
+    """Numbers in status are decimal strings (API conventions: no floats)."""
+    if value is None:
+        return None
+    try:
+        return format(float(value), ".6g")
+    except (TypeError, ValueError):
+        return None
+
+
+def _progress(training: RunStatus | None, report: Mapping[str, Any] | None) -> Any:
+    """None clears progress (a new generation starts); a dict sets it; `...` leaves it to the
+    progress endpoint, which patches it while training runs."""
+    if training is None or training.state is RunState.MISSING:
+        return None
+    if training.state is RunState.SUCCEEDED and report:
+        steps = _int(report.get("steps"))
+        progress = {
+            "step": steps or 0,
+            "totalSteps": steps,
+            "percent": 100,
+            "trainLoss": decimal(report.get("trainLoss")),
+            "evalLoss": decimal(report.get("evalLoss")),
+            "tokensPerSecond": decimal(report.get("tokensPerSecond")),
+            "etaSeconds": 0,
+        }
+        return {k: v for k, v in progress.items() if v is not None}
+    return ...
+
+
+def _artifacts(
+    owner: Owner, spec: FineTuneJobSpec, generation: int, trained: bool, exported: bool
+) -> dict[str, Any]:
+    run = naming.run_path(owner.name, generation)
+    artifacts: dict[str, Any] = {
+        "volume": spec.storage.claim_name or naming.artifacts_claim_name(owner.name)
+    }
+    if trained:
+        if spec.method.uses_adapter:
+            artifacts["adapter"] = f"{run}/adapter"
+        artifacts["merged"] = f"{run}/merged"
+    if exported:
+        artifacts["onnx"] = f"{run}/onnx"
+    return artifacts
+
+
+def _evaluation(
+    generation: int, report: Mapping[str, Any] | None, gate: tuple[bool, str] | None
+) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    evaluation: dict[str, Any] = {"generation": generation}
+    for key in ("evalLoss", "baseEvalLoss", "accuracy", "baseAccuracy"):
+        value = decimal(report.get(key))
+        if value is not None:
+            evaluation[key] = value
+    if gate is not None:
+        evaluation["passed"], evaluation["message"] = gate
+    return evaluation
+
+
+def build_status(
+    *,
+    owner: Owner,
+    spec: FineTuneJobSpec,
+    plan: PlanStatus | None,
+    generation: int,
+    training_generation: int,
+    phase: str,
+    conditions: list[dict[str, Any]],
+    training: RunStatus | None,
+    report: Mapping[str, Any] | None,
+    gate: tuple[bool, str] | None,
+    view: ServingView,
+    endpoint: str,
+    previous: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The status keys reconcile owns; a key missing here is left as it is."""
+    trained = training is not None and training.state is RunState.SUCCEEDED
+    exported = any(c["type"] == "Exported" and c["status"] == "True" for c in conditions)
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "phase": str(phase),
+        "conditions": conditions,
+        "plan": plan.to_wire() if plan is not None else None,
+        "artifacts": _artifacts(owner, spec, training_generation, trained, exported),
+    }
+    progress = _progress(training, report)
+    if progress is not ...:
+        status["progress"] = progress
+    evaluation = _evaluation(training_generation, report, gate)
+    if evaluation is not None:
+        status["evaluation"] = evaluation
+    if not view.exists or not spec.serving.enabled:
+        status["serving"] = None
+    else:
+        name = naming.serving_name(owner.name)
+        serving = {
+            "deployment": name,
+            "service": name,
+            "endpoint": endpoint,
+            "modelGeneration": view.serving_generation,
+            "readyReplicas": view.ready_replicas,
+        }
+        status["serving"] = {k: v for k, v in serving.items() if v is not None}
+    return status

@@ -1,0 +1,217 @@
+"""Export: built-in model at INT4 and FP32, a LoRA adapter, and verification that fails loudly.
+
+Each export runs once per test process (`exported_model` caches it) and the serve tests reuse it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from kubetune.local.processes import export_command
+from kubetune_trainer.builtin import GGUF_PRE_TOKENIZERS, builtin_model_dir
+from kubetune_trainer.export import run as export_module
+from kubetune_trainer.export.tokenizer_parity import check_parity
+from kubetune_trainer.tokenizer import ServingTokenizer
+
+SCRATCH = Path(tempfile.mkdtemp(prefix="kubetune-export-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, True)
+
+
+GPT2_PRE_TOKENIZER = {
+    "type": "ByteLevel",
+    "add_prefix_space": False,
+    "trim_offsets": True,
+    "use_regex": True,
+}
+"""What transformers falls back to for the GGUF's unknown `smollm` pre-tokenizer: no digit
+split, so it tokenizes differently from training."""
+
+
+def run_export(
+    source: Path, output: Path, precision: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    command = [*export_command(source, output, precision, "CPU"), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+
+
+@functools.cache
+def exported_model(precision: str) -> Path:
+    """The built-in model exported at `precision` (once per process)."""
+    output = SCRATCH / f"builtin-{precision.lower()}"
+    result = run_export(builtin_model_dir("smollm2-135m-instruct"), output, precision)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def report(output: Path) -> dict:
+    return json.loads((output / "export.json").read_text())
+
+
+def test_int4_export_is_verified_and_small() -> None:
+    output = exported_model("INT4")
+    data = report(output)
+    assert data["ok"] and data["precision"] == "INT4" and data["device"] == "CPU"
+    assert data["tokenizerParity"]["ok"] and data["tokenizerParity"]["cases"] > 50
+    parity = data["outputParity"]
+    assert (
+        parity["ok"]
+        and parity["teacherForcedAgreement"] >= export_module.AGREEMENT_THRESHOLDS["int4"]
+    )
+    # INT4 weights plus the FP32 embedding table stay well under the FP32 model's 538 MB.
+    assert 0 < data["sizes"]["modelBytes"] < 200e6
+    assert {"buildSeconds", "verifySeconds", "totalSeconds"} <= set(data["timings"])
+    for name in ("genai_config.json", "model.onnx", "tokenizer.json", "chat_template.jinja"):
+        assert (output / name).is_file(), name
+
+
+def test_fp32_export_matches_pytorch_token_for_token() -> None:
+    data = report(exported_model("FP32"))
+    parity = data["outputParity"]
+    assert data["ok"] and parity["tokens"] >= 32
+    assert (
+        parity["exactMatches"] == parity["prompts"]
+        and parity["firstDivergence"] == [None] * parity["prompts"]
+    )
+
+
+def test_tokenizer_files_are_the_training_ones() -> None:
+    source = builtin_model_dir("smollm2-135m-instruct")
+    output = exported_model("INT4")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (output / name).read_bytes() == (source / name).read_bytes(), name
+
+
+def test_builtin_tokenizer_keeps_smollm_digit_split() -> None:
+    """The GGUF conversion's lost pre-tokenizer is restored at the source (builtin.py)."""
+    tokenizer = json.loads(
+        (builtin_model_dir("smollm2-135m-instruct") / "tokenizer.json").read_text()
+    )
+    assert tokenizer["pre_tokenizer"] == GGUF_PRE_TOKENIZERS["smollm"]
+
+
+def test_parity_fails_loudly_on_a_mismatched_tokenizer(tmp_path: Path) -> None:
+    """The tokenizer as the GGUF conversion wrote it (GPT-2 split, no digit split) is caught."""
+    source = builtin_model_dir("smollm2-135m-instruct")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(source / name, tmp_path / name)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = GPT2_PRE_TOKENIZER
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    result = check_parity(source, ServingTokenizer.load(tmp_path))
+    assert not result["ok"] and result["mismatchCount"] > 0
+    first = result["mismatches"][0]
+    assert first["input"] == "a  1" and first["training"] != first["serving"]
+
+
+def test_parity_catches_a_swapped_vocabulary(tmp_path: Path) -> None:
+    source = builtin_model_dir("smollm2-135m-instruct")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(source / name, tmp_path / name)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["Hello"], vocab["Ġworld"] = vocab["Ġworld"], vocab["Hello"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    result = check_parity(source, ServingTokenizer.load(tmp_path))
+    assert not result["ok"]
+    assert any(m["input"] == "Hello, world!" for m in result["mismatches"])
+
+
+def test_failed_verification_fails_the_export(tmp_path: Path) -> None:
+    """A model whose tokenizer does not match the training one: exit 1, reason in export.json
+    and on stderr, and no model left in the output directory."""
+    source = builtin_model_dir("smollm2-135m-instruct")
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in source.iterdir():
+        (model / item.name).symlink_to(item)
+    (model / "tokenizer.json").unlink()
+    data = json.loads((source / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = GPT2_PRE_TOKENIZER
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    # The training tokenizer is the source's; the served one is the tampered copy.
+    original_verify = export_module.verify
+
+    def verify_against_source(
+        model_dir: Path, output: Path, precision: str, rep: dict
+    ) -> list[str]:
+        return original_verify(source, output, precision, rep)
+
+    output = tmp_path / "onnx"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_module, "verify", verify_against_source)
+        code = export_module.main(
+            ["--input", str(model), "--output", str(output), "--precision", "INT4"]
+        )
+    assert code == 1
+    data = report(output)
+    assert data["ok"] is False and "tokenizer parity" in data["failures"][0]
+    assert not (output / "model.onnx").exists()
+
+
+def test_bad_invocations_are_configuration_errors(tmp_path: Path) -> None:
+    source = builtin_model_dir("smollm2-135m-instruct")
+    fp16_on_cpu = export_module.main(
+        [
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "o"),
+            "--precision",
+            "FP16",
+            "--device",
+            "CPU",
+        ]
+    )
+    nothing_there = export_module.main(["--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert fp16_on_cpu == 2 and nothing_there == 2
+
+
+def test_auto_precision_picks_int4_on_cpu_and_fp16_on_cuda() -> None:
+    assert export_module.resolve_precision("Auto", "CPU") == "int4"
+    assert export_module.resolve_precision("auto", "CUDA") == "fp16"
+
+
+def make_lora_run(run: Path) -> Path:
+    """A run directory with a non-zero LoRA adapter on the built-in model, as training leaves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = builtin_model_dir("smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # small but non-zero: the merged model must differ from the base
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2e-3)
+    peft_model.save_pretrained(str(run / "adapter"))
+    return base
+
+
+def test_lora_adapter_is_merged_and_exported(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    base = make_lora_run(run)
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert Path(adapter_config["base_model_name_or_path"]) == base
+    output = run / "onnx"
+    result = run_export(run, output, "FP32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = report(output)
+    assert data["ok"] and data["adapter"] == str(run / "adapter") and data["base"] == str(base)
+    assert data["outputParity"]["exactMatches"] == data["outputParity"]["prompts"]
+    assert "mergeSeconds" in data["timings"]

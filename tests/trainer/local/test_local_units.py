@@ -1,0 +1,108 @@
+"""Pure parts of `kubetune run`: commands, progress lines, answer matching, the gate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubetune.api import PlanStatus
+from kubetune.api.spec import GateSpec
+from kubetune.local.evaluate import exact_match, side_by_side
+from kubetune.local.processes import train_command
+from kubetune.local.progress import format_progress, loss_curve_points, read_metrics
+from kubetune.reconcile.gate import evaluate_gate
+
+
+def _plan(world_size: int) -> PlanStatus:
+    return PlanStatus(world_size=world_size, zero_stage=0, micro_batch_size=1,
+                      gradient_accumulation_steps=1, global_batch_size=world_size,
+                      estimated_gpu_memory_gib="0")
+
+
+def test_one_rank_runs_the_trainer_directly() -> None:
+    command = train_command(Path("r/run.json"), Path("r"), _plan(1))
+    assert command == [sys.executable, "-m", "kubetune_trainer", "train",
+                       "--config", "r/run.json", "--output", "r"]
+
+
+def test_several_ranks_run_under_torchrun_on_one_node() -> None:
+    command = train_command(Path("r/run.json"), Path("r"), _plan(3))
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[command.index("--nproc_per_node") + 1] == "3"
+    assert command[command.index("--nnodes") + 1] == "1"
+    assert command[-7:] == ["-m", "kubetune_trainer", "train", "--config", "r/run.json",
+                            "--output", "r"]
+
+
+def test_progress_line_shows_step_loss_and_eta() -> None:
+    line = format_progress({"step": 5, "totalSteps": 20, "trainLoss": 1.23456,
+                            "etaSeconds": 65})
+    assert line.startswith("[######" + "." * 18 + "]")
+    assert "step 5/20" in line and "loss 1.2346" in line and "ETA 1m05s" in line
+    assert format_progress({"step": 2}, bar=False) == "step 2"
+
+
+def test_metrics_reader_skips_a_half_written_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "trainLoss": 2.0}) + "\n" + '{"step": 2, "tr')
+    assert read_metrics(path) == [{"step": 1, "trainLoss": 2.0}]
+
+
+def test_loss_curve_keeps_the_newest_value_of_a_repeated_step() -> None:
+    records = [{"step": 1, "trainLoss": 3.0}, {"step": 2, "trainLoss": 2.0},
+               {"step": 2, "trainLoss": 1.9, "evalLoss": 2.1}]
+    assert loss_curve_points(records) == ([(1, 3.0), (2, 1.9)], [(2, 2.1)])
+
+
+@pytest.mark.parametrize(("answer", "matches"), [
+    ("kubectl get pods -n prod", True),
+    ("  `kubectl get pods -n prod`\n", True),
+    ("```bash\nkubectl get pods -n prod\n```", True),
+    ("kubectl get pods  -n prod", True),
+    ("kubectl get pods -n production", False),
+    ("Sure! kubectl get pods -n prod", False),
+])
+def test_exact_match_ignores_formatting_only(answer: str, matches: bool) -> None:
+    assert exact_match(answer, "kubectl get pods -n prod") is matches
+
+
+def test_side_by_side_names_both_models() -> None:
+    text = side_by_side({"accuracy": 0.02, "correct": 2, "total": 100},
+                        {"accuracy": 0.91, "correct": 91, "total": 100}, "test")
+    assert "base model" in text and "2.0%" in text and "91.0%  (91/100)" in text
+
+
+REPORT = {"evalLoss": 0.4, "baseEvalLoss": 2.5, "accuracy": 0.85}
+
+
+def test_no_gate_passes() -> None:
+    assert evaluate_gate(None, {}, None) == (True, "no gate configured")
+
+
+def test_gate_passes_when_every_bound_holds() -> None:
+    gate = GateSpec(max_eval_loss="1", min_accuracy="0.8", must_beat_base=True)
+    passed, message = evaluate_gate(gate, REPORT, None)
+    assert passed, message
+    assert "accuracy 0.850 >= 0.8" in message
+
+
+@pytest.mark.parametrize(("gate", "report", "serving", "reason"), [
+    (GateSpec(max_eval_loss="0.3"), REPORT, None, "evalLoss 0.4000 > maxEvalLoss 0.3"),
+    (GateSpec(min_accuracy="0.9"), REPORT, None, "accuracy 0.850 < minAccuracy 0.9"),
+    (GateSpec(), {**REPORT, "baseEvalLoss": 0.3}, None, "does not beat the base"),
+    (GateSpec(must_beat_serving=True), REPORT, 0.35, "does not beat the serving model"),
+    (GateSpec(min_accuracy="0.5"), {"evalLoss": 1, "baseEvalLoss": 2}, None,
+     "accuracy was not measured"),
+])
+def test_gate_fails_with_the_reason(gate: GateSpec, report: dict[str, float],
+                                    serving: float | None, reason: str) -> None:
+    passed, message = evaluate_gate(gate, report, serving)
+    assert not passed
+    assert reason in message
+
+
+def test_nothing_serving_yet_satisfies_must_beat_serving() -> None:
+    assert evaluate_gate(GateSpec(must_beat_serving=True), REPORT, None)[0]

@@ -1,0 +1,129 @@
+"""`/metrics` on the progress port: Prometheus text from the progress server's aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetune.operator.metrics import OperatorMetrics, index_bodies, phase_counts
+from kubetune.operator.progress import ProgressServer, ProgressSink
+
+AUDIENCE = "kubetune.io/progress"
+POD = "demo-g1-train-0-x"
+
+
+class FakeClient:
+    """The two reads the progress endpoint makes, and the request tally kube.py keeps."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter({"PATCH finetunejobs": 2, "GET pods": 1})
+
+    async def token_review(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        self.requests["POST tokenreviews"] += 1
+        return {
+            "status": {
+                "authenticated": token == "good",
+                "audiences": audiences,
+                "user": {
+                    "username": "system:serviceaccount:team:kubetune-trainer",
+                    "extra": {
+                        "authentication.kubernetes.io/pod-name": [POD],
+                        "authentication.kubernetes.io/pod-uid": ["uid-p"],
+                    },
+                },
+            }
+        }
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        labels = {"kubetune.io/job": "demo", "app.kubernetes.io/component": "trainer"}
+        return {"metadata": {"name": name, "namespace": namespace, "uid": "uid-p",
+                             "labels": labels}}  # fmt: skip
+
+    async def patch_status(self, *_: Any) -> None:
+        return None
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_phase_counts_list_every_phase() -> None:
+    counts = phase_counts([{"status": {"phase": "Training"}}, {"status": {}}, {}])
+    assert counts["Training"] == 1
+    assert counts["Unknown"] == 2
+    assert counts["Succeeded"] == 0
+
+
+def test_index_bodies_reads_kopfs_index_and_is_empty_before_it() -> None:
+    assert index_bodies({}) == []
+    body = {"metadata": {"name": "demo"}}
+    assert index_bodies({"indexes": {"finetunejobs": {("team", "demo"): [body]}}}) == [body]
+
+
+def test_metrics_endpoint_serves_prometheus_text() -> None:
+    client = FakeClient()
+    sink = ProgressSink(client, 60.0, lambda: "2026-01-01T00:00:00Z")  # type: ignore[arg-type]
+    jobs = [{"status": {"phase": "Training"}}, {"status": {"phase": "Succeeded"}}]
+    metrics = OperatorMetrics(
+        api_requests=lambda: client.requests,
+        progress_patches=lambda: sink.patches,
+        finetunejobs=lambda: jobs,
+    )
+    server = ProgressServer(client, AUDIENCE, sink, metrics)  # type: ignore[arg-type]
+    metrics.reconciles.inc(3)
+    metrics.reconcile_errors.inc()
+
+    async def scenario() -> tuple[str, str, list[int]]:
+        runner = web.AppRunner(server.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        url = f"{base}/v1/progress/team/demo"
+        codes = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for headers in ({}, {"Authorization": "Bearer bad"},
+                                {"Authorization": "Bearer good"}):  # fmt: skip
+                    async with session.post(url, json={"step": 1}, headers=headers) as response:
+                        codes.append(response.status)
+                # The accepted report's status patch (immediate: the job's first) lands first.
+                await asyncio.gather(*list(sink._tasks.values()))
+                async with session.get(f"{base}/metrics") as response:
+                    assert response.status == 200
+                    return response.headers["Content-Type"], await response.text(), codes
+        finally:
+            await runner.cleanup()
+
+    content_type, text, codes = asyncio.run(scenario())
+    assert codes == [401, 401, 202]
+    assert content_type.startswith("text/plain")
+    samples = _samples(text)
+    assert samples[("kubetune_reconciles_total", ())] == 3
+    assert samples[("kubetune_reconcile_errors_total", ())] == 1
+    assert samples[("kubetune_api_requests_total",
+                    (("method", "PATCH"), ("resource", "finetunejobs")))] == 2  # fmt: skip
+    assert samples[("kubetune_api_requests_total",
+                    (("method", "POST"), ("resource", "tokenreviews")))] == 2  # fmt: skip
+    accepted = (("code", "202"), ("result", "accepted"))
+    refused = (("code", "401"), ("result", "refused"))
+    assert samples[("kubetune_progress_reports_total", accepted)] == 1
+    assert samples[("kubetune_progress_reports_total", refused)] == 2
+    assert samples[("kubetune_progress_status_patches_total", ())] == 1
+    assert samples[("kubetune_finetunejobs", (("phase", "Training"),))] == 1
+    assert samples[("kubetune_finetunejobs", (("phase", "Failed"),))] == 0
+
+
+def test_each_server_has_its_own_registry() -> None:
+    first, second = OperatorMetrics(), OperatorMetrics()
+    first.reconciles.inc()
+    assert b"kubetune_reconciles_total 1.0" in first.exposition()
+    assert b"kubetune_reconciles_total 0.0" in second.exposition()

@@ -1,0 +1,93 @@
+"""The progress endpoint's pure checks: token review, pod ownership, report shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.operator.progress import ProgressReport, Refused, check_pod, check_review
+
+AUDIENCE = "kubetune.io/progress"
+
+
+def _review(**user: object) -> dict[str, object]:
+    return {
+        "status": {
+            "authenticated": True,
+            "audiences": [AUDIENCE],
+            "user": {
+                "username": "system:serviceaccount:team:default",
+                "extra": {
+                    "authentication.kubernetes.io/pod-name": ["demo-g1-train-0-x"],
+                    "authentication.kubernetes.io/pod-uid": ["uid-p"],
+                },
+                **user,
+            },
+        }
+    }
+
+
+def _pod(job: str = "demo", component: str = "trainer", uid: str = "uid-p") -> dict[str, object]:
+    return {
+        "metadata": {
+            "name": "demo-g1-train-0-x",
+            "namespace": "team",
+            "uid": uid,
+            "labels": {"kubetune.io/job": job, "app.kubernetes.io/component": component},
+        }
+    }
+
+
+def test_a_pod_bound_token_names_its_pod() -> None:
+    assert check_review(_review(), AUDIENCE) == ("team", "demo-g1-train-0-x", "uid-p")
+
+
+@pytest.mark.parametrize(
+    ("review", "status"),
+    [
+        ({"status": {"authenticated": False}}, 401),
+        ({"status": {"authenticated": True, "audiences": ["https://kubernetes.default.svc"]}}, 401),
+        (_review(extra={}), 403),
+        (_review(username="kubernetes-admin"), 403),
+    ],
+)
+def test_unproven_tokens_are_refused(review: dict[str, object], status: int) -> None:
+    with pytest.raises(Refused) as refused:
+        check_review(review, AUDIENCE)
+    assert refused.value.status == status
+
+
+def test_only_a_trainer_pod_of_the_same_job_may_report() -> None:
+    check_pod(_pod(), "uid-p", "team", "demo")
+    for pod, uid in [
+        (_pod(job="other"), "uid-p"),
+        (_pod(component="server"), "uid-p"),
+        (_pod(uid="uid-new"), "uid-p"),
+        (None, "uid-p"),
+    ]:
+        with pytest.raises(Refused):
+            check_pod(pod, uid, "team", "demo")
+
+
+def test_report_becomes_status_progress_with_decimal_strings() -> None:
+    report = ProgressReport.model_validate(
+        {
+            "step": 50,
+            "totalSteps": 200,
+            "epoch": 0.25,
+            "trainLoss": 1.234567891,
+            "tokensPerSecond": 1530.2,
+            "etaSeconds": 91.7,
+            "unknown": 1,
+        }
+    )
+    progress = report.to_status("2026-01-01T00:00:00Z")
+    assert progress == {
+        "step": 50,
+        "totalSteps": 200,
+        "epoch": "0.25",
+        "percent": 25,
+        "trainLoss": "1.23457",
+        "tokensPerSecond": "1530.2",
+        "etaSeconds": 91,
+        "updateTime": "2026-01-01T00:00:00Z",
+    }

@@ -1,0 +1,265 @@
+"""reconcile: observed FineTuneJob + children -> desired children + status. No cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubetune.reconcile.decide import ChildRef, needs_reference_check
+from tests.unit.operator_fixtures import (
+    applied,
+    as_observed,
+    body,
+    condition,
+    deployment_status,
+    job_status,
+    observe,
+    pod,
+    spec_dict,
+)
+
+REPORT = {
+    "status": "Succeeded",
+    "steps": 20,
+    "trainLoss": 1.2,
+    "evalLoss": 1.1,
+    "baseEvalLoss": 1.9,
+}
+
+
+def _status_after(job_body: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run reconcile and return the resulting status (previous status + patch)."""
+    outcome = observe(job_body, children)
+    return {**(job_body.get("status") or {}), **outcome.status_patch}
+
+
+def _trained_world(
+    gate: dict[str, Any] | None = None, report: dict[str, Any] | None = None, generation: int = 1
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A FineTuneJob whose training and export Jobs of `generation` have succeeded."""
+    serving = {"gate": gate} if gate else {}
+    job_body = body(spec_dict(serving=serving), generation=generation)
+    first = observe(job_body)
+    train = as_observed(applied(first, "Job")[0], job_status("Complete", succeeded=1))
+    name = train["metadata"]["name"]
+    children = [
+        train,
+        pod(name, "Succeeded", message=json.dumps(report or REPORT), generation=generation),
+    ]
+    second = observe(job_body, children)
+    export = next(m for m in applied(second, "Job") if m["metadata"]["name"].endswith("export"))
+    children.append(as_observed(export, job_status("Complete", succeeded=1)))
+    return job_body, children
+
+
+def test_missing_secret_fails_validation_and_creates_nothing() -> None:
+    spec = spec_dict(model={"source": "hf://org/m", "secretRef": {"name": "hf-token"}})
+    outcome = observe(body(spec), missing=['Secret "hf-token"'])
+    validated = condition(outcome, "Validated")
+    assert validated["status"] == "False"
+    assert validated["reason"] == "MissingReference"
+    assert 'Secret "hf-token" not found' in validated["message"]
+    assert outcome.apply == []
+    assert outcome.status_patch["phase"] == "Invalid"
+    assert {e.type for e in outcome.events} == {"Warning"}
+    assert "MissingReference" in {e.reason for e in outcome.events}
+
+
+def test_plan_that_does_not_fit_is_reported() -> None:
+    outcome = observe(body(), plan_error="needs 160 GiB per GPU; 80 GiB available: use ZeRO-3")
+    validated = condition(outcome, "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "DoesNotFit")
+    assert "ZeRO-3" in validated["message"]
+    assert outcome.apply == []
+
+
+def test_valid_job_gets_pvc_config_service_and_training_job() -> None:
+    outcome = observe(body())
+    kinds = [m["kind"] for m in outcome.apply]
+    assert kinds == ["PersistentVolumeClaim", "ConfigMap", "Service", "Job"]
+    assert condition(outcome, "Validated")["status"] == "True"
+    assert condition(outcome, "Trained")["status"] == "Unknown"
+    assert outcome.status_patch["plan"]["worldSize"] == 1
+    assert outcome.status_patch["observedGeneration"] == 1
+
+
+def test_existing_claim_is_used_not_created() -> None:
+    outcome = observe(body(spec_dict(storage={"claimName": "shared"})))
+    assert not applied(outcome, "PersistentVolumeClaim")
+    volumes = applied(outcome, "Job")[0]["spec"]["template"]["spec"]["volumes"]
+    assert {
+        "name": "artifacts",
+        "persistentVolumeClaim": {"claimName": "shared", "readOnly": False},
+    } in volumes
+
+
+def test_running_then_unchanged_status_is_not_patched_again() -> None:
+    job_body = body()
+    first = observe(job_body)
+    train = as_observed(applied(first, "Job")[0], job_status(active=1))
+    children = [train, pod(train["metadata"]["name"], "Running")]
+    status = _status_after({**job_body, "status": first.status_patch}, children)
+    assert condition(status, "Trained")["reason"] == "Running"
+    assert status["phase"] == "Training"
+    again = observe({**job_body, "status": status}, children, now="2026-01-01T01:00:00Z")
+    assert again.status_patch == {}
+    assert again.events == []
+
+
+def test_success_reads_report_from_termination_message_and_starts_export() -> None:
+    job_body = body()
+    first = observe(job_body)
+    train = as_observed(applied(first, "Job")[0], job_status("Complete", succeeded=1))
+    children = [train, pod(train["metadata"]["name"], "Succeeded", message=json.dumps(REPORT))]
+    outcome = observe({**job_body, "status": first.status_patch}, children)
+    assert condition(outcome, "Trained")["status"] == "True"
+    assert "steps 20" in condition(outcome, "Trained")["message"]
+    assert outcome.status_patch["progress"]["percent"] == 100
+    assert outcome.status_patch["evaluation"]["evalLoss"] == "1.1"
+    export = [m for m in applied(outcome, "Job") if m["metadata"]["name"] == "demo-g1-export"]
+    assert len(export) == 1
+    assert outcome.status_patch["phase"] == "Exporting"
+
+
+def test_configuration_error_fails_with_the_trainers_message() -> None:
+    job_body = body()
+    train = as_observed(
+        applied(observe(job_body), "Job")[0], job_status("Failed", "PodFailurePolicy", failed=1)
+    )
+    message = json.dumps({"status": "Failed", "error": "dataset: record 3 has no messages"})
+    children = [train, pod(train["metadata"]["name"], "Failed", message=message, exit_code=2)]
+    outcome = observe(job_body, children)
+    trained = condition(outcome, "Trained")
+    assert (trained["status"], trained["reason"]) == ("False", "ConfigurationError")
+    assert "record 3 has no messages" in trained["message"]
+    assert "exit code 2" in trained["message"]
+    assert outcome.status_patch["phase"] == "Failed"
+    assert condition(outcome, "Ready")["reason"] == "TrainingFailed"
+    assert not [m for m in applied(outcome, "Job") if "export" in m["metadata"]["name"]]
+
+
+def test_unschedulable_pods_are_reported() -> None:
+    job_body = body(spec_dict(resources={"gpusPerNode": 16}))
+    train = as_observed(applied(observe(job_body), "Job")[0], job_status(active=1))
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    children = [train, pod(train["metadata"]["name"], "Pending", unschedulable=message)]
+    trained = condition(observe(job_body, children), "Trained")
+    assert trained["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in trained["message"]
+
+
+def test_suspend_keeps_the_generation_and_suspends_the_job() -> None:
+    first = observe(body())
+    train = as_observed(applied(first, "Job")[0], job_status(active=1))
+    suspended = body(spec_dict(suspend=True), generation=2)
+    outcome = observe(suspended, [train])
+    job = applied(outcome, "Job")[0]
+    assert job["metadata"]["name"] == "demo-g1-train"
+    assert job["spec"]["suspend"] is True
+    assert outcome.delete == []
+    observed = as_observed(job, job_status(active=0))
+    status = _status_after(suspended, [observed])
+    assert status["phase"] == "Suspended"
+    assert condition(status, "Trained")["reason"] == "Suspended"
+
+
+def test_kueue_job_waiting_for_admission_is_queued() -> None:
+    job_body = body(labels={"kueue.x-k8s.io/queue-name": "gpus"})
+    train = as_observed(applied(observe(job_body), "Job")[0])
+    assert condition(observe(job_body, [train]), "Trained")["reason"] == "Queued"
+
+
+def test_spec_change_starts_new_generation_and_removes_old_training_children() -> None:
+    _job_body, children = _trained_world()
+    changed = body(
+        spec_dict(training={"epochs": 1}), generation=2, status={"progress": {"step": 20}}
+    )
+    outcome = observe(changed, children)
+    names = {m["metadata"]["name"] for m in applied(outcome, "Job")}
+    assert "demo-g2-train" in names
+    assert set(outcome.delete) >= {
+        ChildRef("batch/v1", "Job", "demo-g1-train"),
+        ChildRef("batch/v1", "Job", "demo-g1-export"),
+        ChildRef("v1", "ConfigMap", "demo-g1-config"),
+        ChildRef("v1", "Service", "demo-g1-rdzv"),
+    }
+    assert outcome.status_patch["progress"] is None  # the new generation starts from zero
+
+
+def test_passing_gate_deploys_and_ready_waits_for_rollout() -> None:
+    job_body, children = _trained_world()
+    outcome = observe(job_body, children)
+    deployment = applied(outcome, "Deployment")[0]
+    assert (
+        deployment["spec"]["template"]["metadata"]["annotations"]["kubetune.io/model-generation"]
+        == "1"
+    )
+    assert applied(outcome, "Service")[-1]["metadata"]["name"] == "demo-server"
+    assert condition(outcome, "Ready")["status"] == "False"
+    children.append(as_observed(deployment, deployment_status()))
+    status = _status_after(job_body, children)
+    assert condition(status, "Ready")["status"] == "True"
+    assert status["serving"]["endpoint"] == "http://demo-server.team.svc:8000/v1"
+    assert status["serving"]["modelGeneration"] == 1
+    assert status["phase"] == "Succeeded"
+
+
+def test_failing_gate_keeps_the_old_model_serving() -> None:
+    # Generation 1 serves; generation 2 comes out worse than the bound.
+    _, children = _trained_world(generation=1)
+    old = as_observed(applied(observe(body(), children), "Deployment")[0], deployment_status())
+    worse = {**REPORT, "evalLoss": 3.0}
+    job_body, new_children = _trained_world(gate={"maxEvalLoss": "2.0"}, report=worse, generation=2)
+    status = {"serving": {"modelGeneration": 1}}
+    outcome = observe({**job_body, "status": status}, [*new_children, old])
+    ready = condition(outcome, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "GateFailed")
+    assert "maxEvalLoss" in ready["message"] and "generation 1 keeps serving" in ready["message"]
+    assert outcome.status_patch["evaluation"]["passed"] is False
+    assert outcome.status_patch["phase"] == "Failed"
+    assert condition(outcome, "Serving")["status"] == "True"
+    # The Deployment is not rolled to generation 2 (nothing to apply: it is unchanged).
+    assert all(
+        d["spec"]["template"]["metadata"]["annotations"]["kubetune.io/model-generation"] == "1"
+        for d in applied(outcome, "Deployment")
+    )
+
+
+def test_serving_switches_only_after_the_new_generation_is_rolled_out() -> None:
+    _, children = _trained_world(generation=1)
+    old = as_observed(applied(observe(body(), children), "Deployment")[0], deployment_status())
+    job_body, new_children = _trained_world(generation=2)
+    previous = {"serving": {"modelGeneration": 1}}
+    outcome = observe({**job_body, "status": previous}, [*new_children, old])
+    rolled = applied(outcome, "Deployment")[0]
+    assert (
+        rolled["spec"]["template"]["metadata"]["annotations"]["kubetune.io/model-generation"] == "2"
+    )
+    assert outcome.status_patch["serving"]["modelGeneration"] == 1
+    assert condition(outcome, "Ready")["reason"] == "Deploying"
+    # Mid-rollout: old and new pods, not every replica updated yet.
+    mid = as_observed(rolled, deployment_status(replicas=2, available=1, updated=1))
+    status = _status_after({**job_body, "status": previous}, [*new_children, mid])
+    assert status["serving"]["modelGeneration"] == 1
+    done = as_observed(rolled, deployment_status())
+    status = _status_after({**job_body, "status": previous}, [*new_children, done])
+    assert status["serving"]["modelGeneration"] == 2
+    assert condition(status, "Ready")["status"] == "True"
+
+
+def test_serving_disabled_stops_after_training() -> None:
+    job_body = body(spec_dict(serving={"enabled": False}))
+    train = as_observed(applied(observe(job_body), "Job")[0], job_status("Complete", succeeded=1))
+    outcome = observe(
+        job_body, [train, pod(train["metadata"]["name"], "Succeeded", message=json.dumps(REPORT))]
+    )
+    assert not [m for m in applied(outcome, "Job") if "export" in m["metadata"]["name"]]
+    assert condition(outcome, "Ready")["status"] == "True"
+    assert condition(outcome, "Exported")["reason"] == "Disabled"
+
+
+def test_reference_check_only_until_validated_for_this_generation() -> None:
+    assert needs_reference_check(body())
+    validated = {"conditions": [{"type": "Validated", "status": "True", "observedGeneration": 1}]}
+    assert not needs_reference_check(body(status=validated))
+    assert needs_reference_check(body(status=validated, generation=2))

@@ -1,0 +1,293 @@
+"""`python -m kubetune_trainer export`: a trained model to a verified ONNX Runtime GenAI model.
+
+    export --input DIR --output DIR --precision INT4|FP16|FP32|Auto --device CPU|CUDA [--base DIR]
+
+`--input` is a run directory holding `merged/` or `adapter/`, an adapter directory, or a plain
+transformers model directory. An adapter is merged into its base (from `--base`, the run's
+`run.json`, or the adapter's `base_model_name_or_path`, in that order) in FP32 first: the builder
+then quantizes the merged weights once, which is what PEFT recommends over merging into
+quantized weights. `--output` receives the model the server loads: `genai_config.json`,
+`model.onnx(.data)`, the training tokenizer files and `export.json`.
+
+Nothing is reported as exported before it is verified: the serving tokenizer must produce the
+training tokenizer's ids on every parity case, and greedy continuations must match PyTorch token
+for token at FP32 (FP16: the same threshold as INT4's rounding allows) or agree above a measured
+threshold at INT4. A failed check exits 1 with the reason in export.json and on stderr; a bad
+invocation exits 2 (not retryable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+# Teacher-forced top-1 agreement with PyTorch FP32 that a quantized export must reach. Measured
+# on SmolLM2-135M (RTN block 32, accuracy_level 4, lm_head in INT4 too): 0.667 on PROMPTS' three
+# prompts, 0.711 on a four-prompt set. The bar sits below that with room for a fine-tuned model's
+# own rounding, and far above what an export that computes the wrong thing would reach (it would
+# not follow PyTorch's argmax beyond common tokens; an expectation, not a measurement). FP16 rounds
+# far less than INT4 and gets a higher bar (not measured here: no GPU on this machine).
+AGREEMENT_THRESHOLDS = {"int4": 0.55, "fp16": 0.9}
+PARITY_TOKENS = 32
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The builder's precision name; `Auto` is INT4 on CPU and FP16 on CUDA. FP16 needs CUDA:
+    ONNX Runtime's CPU provider upcasts FP16 through Cast nodes and runs slower than FP32."""
+    device = device.upper()
+    if device not in ("CPU", "CUDA"):
+        raise ConfigError(f"--device must be CPU or CUDA, not {device!r}")
+    wanted = precision.upper()
+    if wanted == "AUTO":
+        return "int4" if device == "CPU" else "fp16"
+    if wanted not in ("INT4", "FP16", "FP32"):
+        raise ConfigError(f"--precision must be INT4, FP16, FP32 or Auto, not {precision!r}")
+    if wanted == "FP16" and device == "CPU":
+        raise ConfigError("FP16 runs on CUDA only; use INT4 or FP32 on CPU")
+    return wanted.lower()
+
+
+def builder_command(
+    model_dir: Path, output: Path, precision: str, device: str, cache: Path
+) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model_dir),
+        "-o",
+        str(output),
+        "-p",
+        precision,
+        "-e",
+        device.lower(),
+        "-c",
+        str(cache),
+    ]
+    if precision == "int4":
+        # Block 32 with int8 activations (accuracy_level 4) is Microsoft's CPU INT4 choice.
+        options = ["block_size=32"] + (["accuracy_level=4"] if device.upper() == "CPU" else [])
+        command += ["--extra_options", *options]
+    return command
+
+
+def _base_from_run_json(run_json: Path) -> Path | None:
+    if not run_json.is_file():
+        return None
+    from kubetune.api.runconfig import RunConfig
+    from kubetune_trainer.sources import resolve_model
+
+    config = RunConfig.model_validate(json.loads(run_json.read_text()))
+    location = resolve_model(str(config.spec.model.source))
+    return Path(location.name_or_path) if not location.is_hub else None
+
+
+def _base_from_adapter(adapter: Path) -> Path | None:
+    named = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not named:
+        return None
+    if named.startswith("builtin://") or named in _builtin_names():
+        from kubetune_trainer.builtin import builtin_model_dir
+
+        return builtin_model_dir(named.removeprefix("builtin://"))
+    path = Path(named) if Path(named).is_absolute() else adapter / named
+    return path if (path / "config.json").is_file() else None
+
+
+def _builtin_names() -> tuple[str, ...]:
+    from kubetune_trainer.builtin import BUILTIN_MODELS
+
+    return tuple(BUILTIN_MODELS)
+
+
+def input_path(given: str) -> Path:
+    """`--input`: a directory, or a model source URI resolved as the trainer resolves
+    `spec.model.source` (so `kubetune run` hands over `builtin://` as a pod would)."""
+    if "://" not in given:
+        return Path(given)
+    from kubetune_trainer.sources import resolve_model
+
+    location = resolve_model(given)
+    if location.is_hub:
+        raise ConfigError(f"--input {given}: a Hub model is not exported directly; train first")
+    return Path(location.name_or_path)
+
+
+def resolve_input(source: Path, base: Path | None) -> tuple[Path, Path | None]:
+    """(model or adapter dir, base dir when it is an adapter) for `--input`."""
+    if (source / "merged" / "config.json").is_file():
+        return source / "merged", None
+    adapter = source / "adapter" if (source / "adapter").is_dir() else source
+    if (adapter / "adapter_config.json").is_file():
+        found = base or _base_from_run_json(source / "run.json") or _base_from_adapter(adapter)
+        if found is None or not (found / "config.json").is_file():
+            raise ConfigError(
+                f"{adapter} is an adapter but its base model was not found: pass --base DIR"
+            )
+        return adapter, found
+    if (source / "config.json").is_file():
+        return source, None
+    raise ConfigError(f"{source} holds no merged/, adapter/ or transformers model")
+
+
+def merge_adapter(adapter: Path, base: Path, target: Path) -> None:
+    """Merge a PEFT adapter into an FP32 copy of its base and save model + tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(target))
+    tokenizer_source = adapter if (adapter / "tokenizer.json").is_file() else base
+    copy_tokenizer(tokenizer_source, target)
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """The training tokenizer files, byte for byte (the builder's re-saved copy is replaced)."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def verify(model_dir: Path, output: Path, precision: str, report: dict[str, Any]) -> list[str]:
+    """Run both parity checks, record them in `report`, and return the failures."""
+    from kubetune_trainer.export import parity
+    from kubetune_trainer.export.tokenizer_parity import check_genai_tokenizer, check_parity
+    from kubetune_trainer.tokenizer import ServingTokenizer
+
+    failures: list[str] = []
+    serving = ServingTokenizer.load(output)
+    started = time.monotonic()
+    tokens = check_parity(model_dir, serving)
+    tokens["seconds"] = round(time.monotonic() - started, 2)
+    report["tokenizerParity"] = tokens
+    report["genaiTokenizer"] = check_genai_tokenizer(output, serving)
+    if not tokens["ok"]:
+        first = tokens["mismatches"][0]
+        failures.append(
+            f"tokenizer parity: {tokens['mismatchCount']} of {tokens['cases']} cases differ; "
+            f"first: {first['kind']} of {first['input']!r}: training {first['training']!r} "
+            f"!= serving {first['serving']!r}"
+        )
+        return failures  # output parity through a wrong tokenizer would say nothing new
+    result = parity.measure(model_dir, output, serving, PARITY_TOKENS)
+    output_parity = result.to_json()
+    if precision == "fp32":
+        output_parity["required"] = "exact match of every continuation"
+        output_parity["ok"] = result.exact_matches == len(result.first_divergence)
+    else:
+        threshold = AGREEMENT_THRESHOLDS[precision]
+        output_parity["required"] = f"teacherForcedAgreement >= {threshold}"
+        output_parity["ok"] = result.teacher_forced_agreement >= threshold
+    report["outputParity"] = output_parity
+    if not output_parity["ok"]:
+        failures.append(
+            f"output parity: {output_parity['required']} not met: {json.dumps(output_parity)}"
+        )
+    return failures
+
+
+def export(source: Path, output: Path, precision: str, device: str, base: Path | None) -> int:
+    started = time.monotonic()
+    precision = resolve_precision(precision, device)
+    model_dir, adapter_base = resolve_input(source, base)
+    report: dict[str, Any] = {
+        "input": str(source),
+        "precision": precision.upper(),
+        "device": device.upper(),
+        "timings": {},
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=output.parent) as scratch:
+        if adapter_base is not None:
+            merged = Path(scratch) / "merged"
+            step = time.monotonic()
+            merge_adapter(model_dir, adapter_base, merged)
+            report["timings"]["mergeSeconds"] = round(time.monotonic() - step, 2)
+            report["adapter"], report["base"] = str(model_dir), str(adapter_base)
+            model_dir = merged
+        staging = Path(scratch) / "onnx"
+        step = time.monotonic()
+        log = Path(scratch) / "builder.log"
+        with log.open("w") as sink:
+            built = subprocess.run(
+                builder_command(model_dir, staging, precision, device, Path(scratch) / "cache"),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+        report["timings"]["buildSeconds"] = round(time.monotonic() - step, 2)
+        if built.returncode != 0:
+            tail = log.read_text(errors="replace")[-2000:]
+            return fail(output, report, [f"model builder exited {built.returncode}: {tail}"])
+        copy_tokenizer(model_dir, staging)
+        report["sizes"] = {
+            "modelBytes": sum(f.stat().st_size for f in staging.glob("model.onnx*")),
+            "totalBytes": directory_bytes(staging),
+        }
+        step = time.monotonic()
+        failures = verify(model_dir, staging, precision, report)
+        report["timings"]["verifySeconds"] = round(time.monotonic() - step, 2)
+        if failures:
+            return fail(output, report, failures)
+        # Replace the old export only now, so a failed run never leaves a half-verified model.
+        for item in staging.iterdir():
+            target = output / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    report["ok"] = True
+    report["timings"]["totalSeconds"] = round(time.monotonic() - started, 2)
+    write_report(output, report)
+    print(json.dumps({"exported": str(output), **report["sizes"]}))
+    return 0
+
+
+def write_report(output: Path, report: dict[str, Any]) -> None:
+    staged = output / ".export.json.tmp"
+    staged.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    os.replace(staged, output / "export.json")
+
+
+def fail(output: Path, report: dict[str, Any], failures: list[str]) -> int:
+    report["ok"] = False
+    report["failures"] = failures
+    write_report(output, report)
+    for failure in failures:
+        print(f"export failed: {failure}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer export")
+    parser.add_argument("--input", required=True,
+                        help="a directory, or a model source such as builtin://NAME")
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--precision", default="Auto", help="INT4, FP16, FP32 or Auto")
+    parser.add_argument("--device", default="CPU", help="CPU or CUDA")
+    parser.add_argument("--base", type=Path, help="base model of an adapter input")
+    args = parser.parse_args(argv)
+    try:
+        return export(input_path(args.input), args.output, args.precision, args.device, args.base)
+    except ConfigError as error:
+        print(f"export: {error}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE

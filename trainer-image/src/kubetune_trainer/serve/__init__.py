@@ -1,0 +1,7 @@
+"""`python -m kubetune_trainer serve`: the OpenAI-compatible server over an ONNX model.
+
+`server` is the command and the aiohttp app, `http` its plumbing, `completions` the handlers,
+`protocol` and `requests` the request model and its validation, `metrics` the Prometheus
+metrics; `engines` generate tokens. Imports the package's shared leaves and `kubetune.api`;
+never `train` or `export`.
+"""

@@ -1,0 +1,86 @@
+"""The exported decoder as the batching engine runs it: its ONNX Runtime session, the names,
+shape and type of its key/value inputs, and prompt (prefill) runs.
+
+Separate from the scheduler (`serve_batch`), which decides who runs when, because this is what
+the GenAI builder's export looks like to ONNX Runtime; decode steps run through the batch cache
+(`serve_kv.KVCache`), which this sets up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kubetune_trainer.serve.engines.batch.kv import KVCache
+
+
+class Decoder:
+    def __init__(self, model_dir: Path) -> None:
+        import json
+
+        import onnxruntime as ort
+
+        model = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        config = model["decoder"]
+        # ONNX Runtime's defaults measured fastest here: one intra-op thread per core, spinning.
+        self.session = ort.InferenceSession(
+            str(model_dir / config["filename"]), providers=["CPUExecutionProvider"]
+        )
+        layers = int(config["num_hidden_layers"])
+        self.kv_shape = (int(config["num_key_value_heads"]), int(config["head_size"]))
+        kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past"))
+        self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
+        self.kv_names = [
+            f"past_key_values.{layer}.{part}"
+            for layer in range(layers)
+            for part in ("key", "value")
+        ]
+        self.output_names = ["logits"] + [
+            n.replace("past_key_values", "present") for n in self.kv_names
+        ]
+        self.vocab = int(model["vocab_size"])
+
+    def batch_cache(self, rows: int, context_length: int) -> KVCache:
+        """The decode batch's cache: `rows` sequences of up to `context_length` positions."""
+        return KVCache(
+            self.session,
+            self.kv_names,
+            self.kv_shape,
+            self.kv_dtype,
+            rows,
+            self.vocab,
+            context_length,
+        )
+
+    def prefill(
+        self, prompts: list[list[int]], tokens_per_run: int, logits_dtype: type[np.generic]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the prompts: each row's last logits, and the present key/values.
+
+        At most `tokens_per_run` padded tokens go through one run. `serve_batch.prefill_groups`
+        keeps a group of several prompts within that, so only a prompt alone can take several
+        runs: chunks whose past is the previous chunk's present (exactly what one run computes).
+        """
+        width = max(len(prompt) for prompt in prompts)
+        ids = np.zeros((len(prompts), width), np.int64)
+        mask = np.zeros((len(prompts), width), np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+            mask[row, : len(prompt)] = 1
+        heads, size = self.kv_shape
+        present = [np.zeros((len(prompts), heads, 0, size), self.kv_dtype)] * len(self.kv_names)
+        last = np.zeros((len(prompts), self.vocab), logits_dtype)
+        chunk = max(1, tokens_per_run // len(prompts))
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            feeds = {
+                "input_ids": ids[:, start:end],
+                "attention_mask": mask[:, :end],
+                **dict(zip(self.kv_names, present, strict=True)),
+            }
+            logits, *present = self.session.run(self.output_names, feeds)
+            for row, prompt in enumerate(prompts):
+                if start < len(prompt) <= end:
+                    last[row] = logits[row, len(prompt) - 1 - start]
+        return last, present

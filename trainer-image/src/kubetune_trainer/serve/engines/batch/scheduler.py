@@ -1,0 +1,214 @@
+"""Continuous batching on plain ONNX Runtime, for the model the GenAI builder exports.
+
+The server's default engine. One scheduler thread owns the batch. Between decode steps it
+admits waiting requests: those admitted together are prefilled together (right padded, in
+groups of bounded size), then each one's KV cache is copied into a row of the batch cache
+(`serve_kv.KVCache`). Every step decodes one token for every running sequence in a single
+session run, so the weights are read once per step for the whole batch instead of once per
+sequence: on a memory-bound CPU that is where aggregate throughput comes from. Finished or
+cancelled sequences leave the batch at once.
+
+Sequences of different lengths share a step through right padding: the builder's
+GroupQueryAttention takes each row's length from its attention-mask sum, writes the new key and
+value at that row's own position and never reads past it, so padded positions are inert (checked
+against unbatched greedy decoding, token for token, in tests/trainer/test_serve_batch.py).
+onnxruntime-genai's own batching pads on the left instead, which its CPU attention decodes
+wrongly; hence this scheduler rather than onnxruntime-genai's.
+
+Per step the Python work is kept small: greedy rows are picked with one argmax over the batch,
+and the step's events for all sequences reach the event loop in one thread-safe call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kubetune_trainer.serve.engines.batch.decoder import Decoder
+from kubetune_trainer.serve.engines.batch.kv import GROW
+from kubetune_trainer.serve.engines.batch.sampling import sample
+from kubetune_trainer.serve.engines.batch.sequences import Outbox, Sequence, accept, retire
+from kubetune_trainer.serve.engines.genai import EngineBase, Event, TextAssembler
+from kubetune_trainer.serve.protocol import GenerationRequest, Limits
+
+# What other modules and tests import from here, kept importable after the split.
+__all__ = ["PREFILL_TOKENS", "BatchEngine", "Sequence", "prefill_groups", "sample"]
+
+log = logging.getLogger("kubetune.serve")
+
+# Padded tokens per prefill run. The exported model returns logits for every position,
+# (rows, width, vocab) floats, so this bounds that allocation (~200 MB at a 49k vocabulary);
+# a longer prompt is prefilled in chunks.
+PREFILL_TOKENS = 1024
+
+
+def prefill_groups(joined: list[Sequence]) -> list[list[Sequence]]:
+    """Split newly admitted sequences into prefill batches of similar prompt length."""
+    groups: list[list[Sequence]] = []
+    for sequence in sorted(joined, key=lambda s: len(s.prompt)):
+        # Sorted, so this prompt is the group's widest: the group would pad every row to it.
+        if groups and (len(groups[-1]) + 1) * len(sequence.prompt) <= PREFILL_TOKENS:
+            groups[-1].append(sequence)
+        else:
+            groups.append([sequence])
+    return groups
+
+
+class BatchEngine(EngineBase):
+    """Same interface as `serve_engine.Engine`: prompt_ids, admit/release, start, warm_up."""
+
+    def __init__(self, model_dir: Path, limits: Limits) -> None:
+        super().__init__(model_dir, limits)
+        self.decoder = Decoder(model_dir)
+        self.cache = self.decoder.batch_cache(limits.max_concurrency, limits.context_length)
+        self.outbox = Outbox()
+        self.incoming: queue.Queue[Sequence] = queue.Queue()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+
+    def start(
+        self, request: GenerationRequest, ids: list[int], loop: asyncio.AbstractEventLoop
+    ) -> tuple[asyncio.Queue[Event], threading.Event]:
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        cancel = threading.Event()
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        self.incoming.put(
+            Sequence(
+                request,
+                ids,
+                events,
+                loop,
+                cancel,
+                TextAssembler(self.tokenizer.decode, request.stop),
+                np.random.default_rng(seed),
+            )
+        )
+        return events, cancel
+
+    def warm_up(self) -> float:
+        """One short generation through the scheduler, so the first request pays no set-up."""
+        started = time.monotonic()
+        request = GenerationRequest(
+            chat=False,
+            messages=None,
+            prompt="Hello",
+            max_tokens=4,
+            temperature=0,
+            top_p=1.0,
+            seed=0,
+            stop=(),
+            stream=False,
+            include_usage=False,
+        )
+
+        async def once() -> None:
+            ids = self.tokenizer.encode("Hello")
+            events, _ = self.start(request, ids, asyncio.get_running_loop())
+            while (event := await events.get()).kind == "delta":
+                pass
+            if event.kind == "error":
+                raise RuntimeError(f"warm-up failed: {event.text}")
+
+        asyncio.run(once())
+        return time.monotonic() - started
+
+    def _loop(self) -> None:
+        batch: list[Sequence] = []
+        while not self.stopped.is_set():
+            try:
+                self._iterate(batch)
+            except Exception as error:  # a failed step (or a bug): fail its requests, keep serving
+                log.exception("batch step failed; failing its %d request(s)", len(batch))
+                for sequence in batch:
+                    self.outbox.report(
+                        sequence, Event("error", text=f"{type(error).__name__}: {error}")
+                    )
+                batch.clear()
+                self.cache.release()
+                self.outbox.flush()
+
+    def _iterate(self, batch: list[Sequence]) -> None:
+        self._admit(batch, block=not batch)
+        retire(batch, self.outbox, self.cache.move)
+        self.running = len(batch)
+        if not batch:
+            self.outbox.flush()
+            if self.cache.capacity > 4 * GROW:  # keep a small cache, free a big one
+                self.cache.release()
+            return
+        # Events go out just before the step, so the event loop handles them while the step
+        # runs (ONNX Runtime releases the GIL) rather than contending with this thread.
+        self.outbox.flush()
+        logits = self.cache.step([s.last for s in batch], [s.length for s in batch])
+        greedy = logits.argmax(axis=1).tolist()  # one call for the whole batch
+        for row, sequence in enumerate(batch):
+            sequence.length += 1
+            if sequence.request.temperature == 0:
+                accept(sequence, greedy[row], self.eos, self.outbox)
+            else:
+                accept(
+                    sequence,
+                    sample(logits[row], sequence.request, sequence.rng),
+                    self.eos,
+                    self.outbox,
+                )
+
+    def _admit(self, batch: list[Sequence], block: bool) -> None:
+        """Take waiting requests while there is room, prefill them and add them to the batch."""
+        joined: list[Sequence] = []
+        while len(batch) + len(joined) < self.limits.max_concurrency:
+            try:
+                sequence = (
+                    self.incoming.get(timeout=0.1)
+                    if block and not joined
+                    else self.incoming.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if sequence.cancel.is_set():
+                self.outbox.report(
+                    sequence, Event("done", finish="stop", prompt_tokens=len(sequence.prompt))
+                )
+                continue
+            joined.append(sequence)
+        for group in prefill_groups(joined):
+            self._prefill(group, batch)
+
+    def _prefill(self, group: list[Sequence], batch: list[Sequence]) -> None:
+        """Prefill a group and add it to the batch; a failure fails only the group's requests."""
+        self.outbox.flush()  # the running sequences' last tokens go out before a long prefill
+        joined = 0
+        try:
+            last, present = self.decoder.prefill(
+                [s.prompt for s in group], PREFILL_TOKENS, self.cache.logits_dtype
+            )
+            needed = max(len(s.prompt) + s.request.max_tokens for s in [*batch, *group])
+            self.cache.reserve(len(batch), needed)
+            for index, sequence in enumerate(group):
+                sequence.length = len(sequence.prompt)
+                self.cache.store(len(batch), present, index, sequence.length)
+                batch.append(sequence)
+                joined += 1
+                accept(
+                    sequence,
+                    sample(last[index], sequence.request, sequence.rng),
+                    self.eos,
+                    self.outbox,
+                )
+        except Exception as error:
+            log.exception("prefill failed")
+            for sequence in group[joined:]:
+                self.outbox.report(
+                    sequence, Event("error", text=f"{type(error).__name__}: {error}")
+                )

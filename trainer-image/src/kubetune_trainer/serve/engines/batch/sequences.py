@@ -1,0 +1,109 @@
+"""Per-sequence bookkeeping for the batching engine: a sequence's state, accepting a generated
+token, retiring finished or cancelled sequences, and handing their events to the event loops.
+
+Separate from the scheduler (`serve_batch`) because none of it touches the model: it decides
+when a sequence is over and what its client hears, whatever produced the tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kubetune_trainer.serve.engines.genai import Event, TextAssembler
+from kubetune_trainer.serve.protocol import GenerationRequest
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    prompt: list[int]
+    events: asyncio.Queue[Event]
+    loop: asyncio.AbstractEventLoop
+    cancel: threading.Event
+    text: TextAssembler
+    rng: np.random.Generator
+    length: int = 0  # positions in the KV cache
+    generated: int = 0
+    last: int = 0
+    finish: str | None = None
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
+
+
+class Outbox:
+    """Events reported during a step, held until `flush` hands them to their event loops."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Sequence, Event]] = []
+
+    def report(self, sequence: Sequence, event: Event) -> None:
+        self.items.append((sequence, event))
+
+    def flush(self) -> None:
+        """Hand this step's events to their event loops, one thread-safe call per loop."""
+        if not self.items:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
+        for sequence, event in self.items:
+            by_loop.setdefault(sequence.loop, []).append((sequence.events, event))
+        self.items.clear()
+        for loop, items in by_loop.items():
+            # A closed loop has nobody waiting for these events any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def accept(sequence: Sequence, token: int, eos: int | None, outbox: Outbox) -> None:
+    """Record one generated token; set `finish` when the sequence is over."""
+    sequence.generated += 1
+    sequence.last = token
+    if token == eos:
+        sequence.finish = "stop"
+        return
+    delta = sequence.text.add(token)
+    if delta or sequence.generated == 1:
+        outbox.report(sequence, Event("delta", text=delta, completion_tokens=sequence.generated))
+    if sequence.text.stopped:
+        sequence.finish = "stop"
+    elif sequence.generated >= sequence.request.max_tokens:
+        sequence.finish = "length"
+
+
+def retire(
+    batch: list[Sequence], outbox: Outbox, move_row: Callable[[int, int, int], None]
+) -> None:
+    """Report finished or cancelled sequences; the last row moves into each freed row.
+
+    `move_row(source, target, length)` moves a row's KV cache (`serve_kv.KVCache.move`).
+    """
+    row = 0
+    while row < len(batch):
+        sequence = batch[row]
+        if sequence.finish is None and sequence.cancel.is_set():
+            sequence.finish = "stop"
+        if sequence.finish is None:
+            row += 1
+            continue
+        tail = sequence.text.flush()  # empty after a stop sequence
+        if tail:
+            outbox.report(sequence, Event("delta", text=tail, completion_tokens=sequence.generated))
+        done = Event(
+            "done",
+            finish=sequence.finish,
+            prompt_tokens=len(sequence.prompt),
+            completion_tokens=sequence.generated,
+        )
+        outbox.report(sequence, done)
+        moved = batch.pop()
+        if moved is not sequence:
+            move_row(len(batch), row, moved.length)
+            batch[row] = moved

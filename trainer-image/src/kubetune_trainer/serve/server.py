@@ -1,0 +1,190 @@
+"""`python -m kubetune_trainer serve`: an OpenAI-compatible server on ONNX Runtime.
+
+    serve --model DIR [--host 0.0.0.0] [--port 8000] [--served-model-name NAME]
+          [--max-tokens N] [--max-concurrency N] [--max-queue N] [--max-body-bytes N]
+          [--grace-seconds S] [--engine batch|genai]
+
+`--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
+(continuous batching, `serve_batch.py`); `--engine genai` runs one onnxruntime-genai generator
+per request (`serve_engine.py`), kept as a reference: it is slower on every measure
+(bench/RESULTS.md).
+
+Each limit also reads `KUBETUNE_SERVE_<FLAG>` (e.g. KUBETUNE_SERVE_MAX_QUEUE). `--model` is an
+exported model directory (or a run directory holding `onnx/`).
+
+Lifecycle: the port opens at once (`/healthz` answers), the model loads and runs one warm-up
+generation in the background, then `/readyz` turns 200. On SIGTERM or SIGINT the server stops
+taking new work (503, `/readyz` 503), lets every in-flight request and stream finish within
+`--grace-seconds`, then exits 0, so a rolling update drops nothing.
+
+This module holds the command line, the app wiring and that lifecycle; the endpoints are in
+`serve_http.py` (probes, models, metrics, errors) and `serve_completions.py` (generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kubetune_trainer.serve.completions import completion_handler
+from kubetune_trainer.serve.http import (
+    STATE,
+    errors_middleware,
+    healthz,
+    metrics_endpoint,
+    models,
+    readyz,
+)
+from kubetune_trainer.serve.metrics import Metrics
+from kubetune_trainer.serve.protocol import Limits
+
+log = logging.getLogger("kubetune.serve")
+
+
+def build_app(
+    model_dir: Path, name: str, limits: Limits, engine_kind: str = "batch"
+) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=limits.max_body_bytes)
+    idle = asyncio.Event()
+    idle.set()
+    app[STATE] = {
+        "name": name,
+        "created": int(time.time()),
+        "ready": False,
+        "draining": False,
+        "error": None,
+        "inflight": 0,
+        "idle": idle,
+        "metrics": Metrics(),
+        "engine": None,
+        "model_dir": model_dir,
+        "limits": limits,
+        "engine_kind": engine_kind,
+    }
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completion_handler(chat=False))
+    app.router.add_post("/v1/chat/completions", completion_handler(chat=True))
+    return app
+
+
+async def load_engine(app: web.Application) -> None:
+    from kubetune_trainer.serve.engines.batch.scheduler import BatchEngine
+    from kubetune_trainer.serve.engines.genai import Engine
+
+    state = app[STATE]
+    try:
+        kind = Engine if state["engine_kind"] == "genai" else BatchEngine
+        engine = await asyncio.to_thread(kind, state["model_dir"], state["limits"])
+        seconds = await asyncio.to_thread(engine.warm_up)
+        state["engine"], state["ready"] = engine, True
+        log.info("model loaded and warmed up (%.2fs warm-up)", seconds)
+    except Exception as error:
+        state["error"] = f"{type(error).__name__}: {error}"
+        log.exception("model failed to load")
+
+
+async def serve(
+    model_dir: Path, host: str, port: int, name: str, limits: Limits, engine_kind: str
+) -> int:
+    app = build_app(model_dir, name, limits, engine_kind)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("listening on http://%s:%d (model %s)", host, port, name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loader = asyncio.create_task(load_engine(app))
+    await stop.wait()
+    state = app[STATE]
+    state["draining"] = True
+    log.info(
+        "draining: %d request(s) in flight, grace %.0fs", state["inflight"], limits.grace_seconds
+    )
+    idle: asyncio.Event = state["idle"]
+    if state["inflight"]:
+        idle.clear()
+    try:
+        await asyncio.wait_for(idle.wait(), limits.grace_seconds)
+    except TimeoutError:
+        log.warning("grace period over with %d request(s) still in flight", state["inflight"])
+    loader.cancel()
+    await runner.cleanup()
+    if state["engine"] is not None:
+        state["engine"].shutdown()
+    log.info("stopped")
+    return 0
+
+
+def resolve_model_dir(path: Path) -> Path:
+    for candidate in (path, path / "onnx"):
+        if (candidate / "genai_config.json").is_file():
+            return candidate
+    raise SystemExit(f"serve: {path} has no genai_config.json (nor onnx/genai_config.json)")
+
+
+def _env(flag: str, default: Any) -> Any:
+    value = os.environ.get("KUBETUNE_SERVE_" + flag.upper().replace("-", "_"))
+    return default if value is None else type(default)(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = Limits()
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer serve")
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--host", default=_env("host", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=_env("port", 8000))
+    parser.add_argument("--served-model-name", default=_env("served_model_name", ""))
+    parser.add_argument(
+        "--engine",
+        choices=("batch", "genai"),
+        default=_env("engine", "batch"),
+        help="batch (default): continuous batching on plain ONNX Runtime; genai: one "
+        "onnxruntime-genai generator per request, in worker threads (see bench/RESULTS.md)",
+    )
+    for flag in (
+        "max_tokens",
+        "default_max_tokens",
+        "max_concurrency",
+        "max_queue",
+        "max_body_bytes",
+        "grace_seconds",
+    ):
+        default = getattr(defaults, flag)
+        parser.add_argument(
+            "--" + flag.replace("_", "-"), type=type(default), default=_env(flag, default)
+        )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    model_dir = resolve_model_dir(args.model)
+    config = json.loads((model_dir / "genai_config.json").read_text())
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+        context_length=int(config["model"].get("context_length", defaults.context_length)),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        grace_seconds=args.grace_seconds,
+    )
+    name = args.served_model_name or (
+        model_dir.parent.name if model_dir.name == "onnx" else model_dir.name
+    )
+    return asyncio.run(serve(model_dir, args.host, args.port, name, limits, args.engine))

@@ -1,0 +1,102 @@
+"""Validation loss and exact-match accuracy of greedy answers.
+
+The loss is the mean cross-entropy over the validation records' target tokens (the same
+tokens training puts a loss on). Accuracy covers records that carry a reference answer (Chat:
+the last assistant turn; Instruction: `output`; Completion: `completion`): the model answers
+the prompt greedily and the answer counts when it equals the reference after trimming
+whitespace. At most `$KUBETUNE_EVAL_MAX_RECORDS` records (default 50) are generated for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kubetune_trainer.train.data import Example
+from kubetune_trainer.train.encoding import Encoded, encode_prompt
+from kubetune_trainer.train.microbatches import collate, split_micro_batches
+from kubetune_trainer.train.stepper import token_loss_sum
+
+DEFAULT_MAX_RECORDS = 50
+
+
+@dataclass
+class Evaluation:
+    loss: float | None = None
+    accuracy: float | None = None
+    records: int = 0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def max_records() -> int:
+    return int(os.environ.get("KUBETUNE_EVAL_MAX_RECORDS", str(DEFAULT_MAX_RECORDS)))
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, records: Sequence[Encoded], token_budget: int,
+              device: torch.device) -> float | None:
+    """Mean token cross-entropy over `records` (packed, padding-free)."""
+    records = [r for r in records if r.targets]
+    if not records:
+        return None
+    was_training = model.training
+    model.eval()
+    groups = split_micro_batches([len(r.input_ids) for r in records], 1, True, token_budget, 1)
+    total = 0.0
+    for group in groups:
+        batch = collate([records[i] for i in group], True, 0)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        total += float(token_loss_sum(model, batch))
+    model.train(was_training)
+    return total / sum(r.targets for r in records)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+@torch.no_grad()
+def accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], device: torch.device,
+             batch_size: int = 8) -> tuple[float | None, int, list[dict[str, Any]]]:
+    """Exact-match accuracy of greedy answers; (accuracy, records used, a few samples)."""
+    chosen = [e for e in examples if e.reference is not None][: max_records()]
+    if not chosen:
+        return None, 0, []
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    hits, samples = 0, list[dict[str, Any]]()
+    for start in range(0, len(chosen), batch_size):
+        batch = chosen[start : start + batch_size]
+        prompts = [encode_prompt(tokenizer, e) for e in batch]
+        references = [str(e.reference) for e in batch]
+        budget = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        output = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=min(budget + 8, 256),
+            do_sample=False, pad_token_id=pad, use_cache=True,
+        )
+        for row, reference in zip(output[:, width:], references, strict=True):
+            answer = tokenizer.decode(row, skip_special_tokens=True)
+            matched = _normalise(answer) == _normalise(reference)
+            hits += matched
+            if len(samples) < 5:
+                samples.append({"reference": reference, "answer": answer, "match": matched})
+    model.train(was_training)
+    return hits / len(chosen), len(chosen), samples
+
+
+def evaluate(model: Any, tokenizer: Any, encoded: Sequence[Encoded], examples: Sequence[Example],
+             token_budget: int, device: torch.device, with_accuracy: bool = True) -> Evaluation:
+    result = Evaluation(loss=eval_loss(model, encoded, token_budget, device))
+    if with_accuracy:
+        result.accuracy, result.records, result.samples = accuracy(
+            model, tokenizer, examples, device
+        )
+    return result

@@ -1,0 +1,167 @@
+"""Progress and final reports.
+
+- `metrics.jsonl`: one JSON object per logged step: `step`, `totalSteps`, `epoch`, `loss`,
+  `lr`, `gradNorm`, `tokensPerSecond` (real tokens, all ranks, over the last interval),
+  `etaSeconds`, `time` (unix seconds); eval lines add `evalLoss`.
+- Progress POSTs (rank 0 only) when `KUBETUNE_REPORT_URL` is set: a JSON body
+  `{"step", "totalSteps", "epoch", "trainLoss", "evalLoss", "tokensPerSecond", "etaSeconds"}`
+  with `Authorization: Bearer <contents of $KUBETUNE_REPORT_TOKEN_FILE>`, at most one every
+  `$KUBETUNE_REPORT_INTERVAL_SECONDS` (default 10; the final step is always sent), from a
+  background thread with a 5 s timeout. A dead endpoint is logged once and never fails training.
+- `report.json` at the end (schema below), and a short form of it (<= 4096 bytes, JSON) written
+  to the termination-message path `$KUBETUNE_TERMINATION_LOG` (default `/dev/termination-log`;
+  skipped silently when not writable).
+
+`report.json` schema (every key always present; numbers null when unknown):
+  status: "Succeeded" | "Failed"      error: string | null (why it failed)
+  steps: int (optimizer steps done)   totalSteps: int      epochs: float
+  trainLoss, evalLoss, baseEvalLoss: float | null    (mean token cross-entropy)
+  accuracy, baseAccuracy: float | null  (exact match of greedy answers, 0-1)
+  evalRecords: int (records the accuracy used)     tokensPerSecond: float | null
+  trainTokens: int    trainRecords: int    truncatedRecords: int    droppedRecords: int
+  adapter: "adapter" | null   merged: "merged" | null  (paths relative to the output dir)
+  method, format: strings     worldSize: int    deepspeed: bool    resumedFromStep: int | null
+  runtimeSeconds: float
+  testSplit: string | null (the held-out test file shipped beside a built-in dataset)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kubetune_trainer")
+
+TERMINATION_LIMIT = 4096
+SHORT_KEYS = (
+    "status", "error", "steps", "totalSteps", "trainLoss", "evalLoss", "baseEvalLoss",
+    "accuracy", "baseAccuracy", "tokensPerSecond", "truncatedRecords", "adapter", "merged",
+)
+
+
+def empty_report() -> dict[str, Any]:
+    return {
+        "status": "Failed", "error": None, "steps": 0, "totalSteps": 0, "epochs": 0.0,
+        "trainLoss": None, "evalLoss": None, "baseEvalLoss": None, "accuracy": None,
+        "baseAccuracy": None, "evalRecords": 0, "tokensPerSecond": None, "trainTokens": 0,
+        "trainRecords": 0, "truncatedRecords": 0, "droppedRecords": 0, "adapter": None,
+        "merged": None, "method": None, "format": None, "worldSize": 1, "deepspeed": False,
+        "resumedFromStep": None, "runtimeSeconds": 0.0, "testSplit": None,
+    }
+
+
+def short_form(report: dict[str, Any]) -> str:
+    """The termination message: the keys the operator reads, cut to fit 4096 bytes."""
+    short = {key: report.get(key) for key in SHORT_KEYS}
+    text = json.dumps(short, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_LIMIT:
+        error = str(short.get("error") or "")
+        overflow = len(text.encode()) - TERMINATION_LIMIT + 16
+        short["error"] = error[: max(0, len(error) - overflow)] + "..."
+        text = json.dumps(short, separators=(",", ":"))
+    return text
+
+
+def write_final(output: Path, report: dict[str, Any]) -> None:
+    """`report.json` and the termination message."""
+    output.mkdir(parents=True, exist_ok=True)
+    staging = output / ".report.json.tmp"
+    staging.write_text(json.dumps(report, indent=2) + "\n")
+    staging.replace(output / "report.json")
+    path = os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
+    try:
+        with open(path, "w") as handle:
+            handle.write(short_form(report))
+    except OSError:
+        pass  # not in a pod, or no termination log: the report.json is enough
+
+
+class MetricsLog:
+    """Appends to `metrics.jsonl` (rank 0)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def progress_body(entry: dict[str, Any], eval_loss: float | None) -> dict[str, Any]:
+    return {
+        "step": entry["step"], "totalSteps": entry["totalSteps"], "epoch": entry["epoch"],
+        "trainLoss": entry.get("loss"), "evalLoss": eval_loss,
+        "tokensPerSecond": entry.get("tokensPerSecond"), "etaSeconds": entry.get("etaSeconds"),
+    }
+
+
+class Reporter:
+    """Throttled progress POSTs from a background thread; failures are logged, never raised."""
+
+    def __init__(self, url: str | None, token_file: str | None, interval: float) -> None:
+        self.url = url
+        self.token_file = token_file
+        self.interval = interval
+        self.last_sent = float("-inf")
+        self.warned = False
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=4)
+        self.thread: threading.Thread | None = None
+        if url:
+            self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+            self.thread.start()
+
+    @classmethod
+    def from_env(cls) -> Reporter:
+        return cls(
+            os.environ.get("KUBETUNE_REPORT_URL") or None,
+            os.environ.get("KUBETUNE_REPORT_TOKEN_FILE") or None,
+            float(os.environ.get("KUBETUNE_REPORT_INTERVAL_SECONDS", "10")),
+        )
+
+    def offer(self, body: dict[str, Any], force: bool = False) -> None:
+        """Queue a report unless one went out less than `interval` seconds ago."""
+        now = time.monotonic()
+        if self.thread is None or (not force and now - self.last_sent < self.interval):
+            return
+        self.last_sent = now
+        with contextlib.suppress(queue.Full):  # a slow endpoint: newer progress follows
+            self.queue.put_nowait(body)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.thread is not None:
+            try:
+                self.queue.put(None, timeout=timeout)
+            except queue.Full:
+                return
+            self.thread.join(timeout)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.token_file:
+            try:
+                headers["Authorization"] = f"Bearer {Path(self.token_file).read_text().strip()}"
+            except OSError as error:
+                log.warning("cannot read the report token file: %s", error)
+        return headers
+
+    def _run(self) -> None:
+        while (body := self.queue.get()) is not None:
+            request = urllib.request.Request(
+                str(self.url), data=json.dumps(body).encode(), headers=self._headers(),
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    response.read()
+            except Exception as error:  # any network failure: training goes on
+                if not self.warned:
+                    log.warning("progress report to %s failed: %s", self.url, error)
+                    self.warned = True

@@ -1,0 +1,171 @@
+"""`python -m kubetune_trainer train --config run.json --output DIR`.
+
+Order of work: read and validate the run config, check every dataset line and tokenise (no
+model yet, so a bad dataset fails in seconds with exit code 2), load the model, evaluate the
+base, train (resuming from the newest checkpoint in `DIR/checkpoints`), evaluate the result,
+write `adapter/`, `merged/`, `evaluation.json` and `report.json`.
+
+Exit codes: 0 success, 2 configuration error (bad run config, dataset or model source: not
+retryable), 1 any other failure (retryable: a restart resumes from the newest checkpoint).
+Under `torchrun` every rank runs this; rank 0 writes the outputs and reports. See
+`distributed.py` for how the node rank reaches torchrun, `report.py` for the report schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune.api import RunConfig
+from kubetune.api.spec import Method
+from kubetune_trainer import runconfig, sources
+from kubetune_trainer.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+from kubetune_trainer.train import checkpoint, distributed, outputs
+from kubetune_trainer.train import deepspeed as dsconfig
+from kubetune_trainer.train import model as models
+from kubetune_trainer.train.evaluate import Evaluation, evaluate
+from kubetune_trainer.train.loop import run_steps, token_budget
+from kubetune_trainer.train.prepare import PreparedData, load_datasets, prepare
+from kubetune_trainer.train.report import empty_report, write_final
+from kubetune_trainer.train.stepper import DeepSpeedEngine, TorchEngine
+
+log = logging.getLogger("kubetune_trainer")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer train")
+    parser.add_argument("--config", required=True, type=Path, help="run.json (a RunConfig)")
+    parser.add_argument("--output", required=True, type=Path, help="run directory")
+    return parser.parse_args(argv)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: dict[str, Any]) -> None:
+    spec = run.spec
+    report["method"] = spec.method.value
+    test_split = sources.builtin_split(spec.dataset.source, "test")
+    report["testSplit"] = str(test_split) if test_split is not None else None
+    fmt, train_examples, validation_examples = load_datasets(run)
+    location = sources.resolve_model(spec.model.source, spec.model.revision)
+    tokenizer = models.load_tokenizer(location, spec)
+    data = prepare(run, tokenizer, fmt, train_examples, validation_examples, ranks.world)
+    report.update(format=fmt, totalSteps=data.schedule.total_steps, trainRecords=len(data.train),
+                  truncatedRecords=data.truncated, droppedRecords=data.dropped,
+                  worldSize=ranks.world)
+
+    device = distributed.device_for(ranks)
+    use_ds = dsconfig.uses_deepspeed(run, ranks.world)
+    distributed.init(ranks, use_ds)
+    _seed(spec.training.seed)
+    base = models.load_base(location, spec, quantized=spec.method is Method.QLORA, device=device)
+    model = models.prepare(base, spec)
+    if spec.method is not Method.QLORA:
+        model = model.to(device)
+    budget = token_budget(run)
+
+    before = Evaluation()
+    if ranks.is_main and data.validation:
+        # Fresh adapters are zero (LoRA B = 0; DoRA's magnitude equals the weight norm), so
+        # this is the base model's score.
+        before = evaluate(model, tokenizer, data.validation, data.validation_examples, budget,
+                          device)
+    distributed.barrier()
+
+    if use_ds:
+        config = dsconfig.resolve(run, ranks.world, base.config.hidden_size, device.type == "cuda")
+        if ranks.is_main:
+            _write_json(output / "deepspeed.json", config)
+        engine: TorchEngine = DeepSpeedEngine(model, spec.training, data.schedule.total_steps,
+                                              device, config)
+    else:
+        engine = TorchEngine(model, spec.training, data.schedule.total_steps, device)
+    report["deepspeed"] = use_ds
+
+    newest = checkpoint.newest(output / "checkpoints") if ranks.is_main else None
+    resume = distributed.broadcast_text(str(newest) if newest else None, ranks)
+    start = 0
+    if resume:
+        start = int(checkpoint.load(Path(resume), engine, ranks)["step"])
+        report["resumedFromStep"] = start
+        log.info("resuming from %s (step %d)", resume, start)
+
+    result = run_steps(run, data, engine, ranks, device, output, start,
+                       tokenizer.pad_token_id)
+    report.update(steps=result.steps, trainLoss=result.train_loss,
+                  epochs=round(result.steps / data.schedule.steps_per_epoch, 4),
+                  tokensPerSecond=round(result.tokens / max(result.seconds, 1e-9), 2),
+                  trainTokens=result.tokens)
+
+    trained = outputs.gather_trainable(engine, ranks.is_main)
+    if ranks.is_main:
+        assert trained is not None
+        final = engine.model if not use_ds else outputs.rebuild(location, spec, trained, device)
+        _finish(run, data, final, tokenizer, location, output, before, device, report)
+    distributed.barrier()
+
+
+def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
+            location: sources.ModelLocation, output: Path, before: Evaluation,
+            device: torch.device, report: dict[str, Any]) -> None:
+    """Rank 0: evaluate the result, save adapter/merged, write evaluation.json."""
+    after = Evaluation()
+    if data.validation:
+        after = evaluate(final, tokenizer, data.validation, data.validation_examples,
+                         token_budget(run), device)
+    report.update(evalLoss=after.loss, baseEvalLoss=before.loss, accuracy=after.accuracy,
+                  baseAccuracy=before.accuracy, evalRecords=after.records)
+    _write_json(output / "evaluation.json", {
+        "baseEvalLoss": before.loss, "evalLoss": after.loss, "baseAccuracy": before.accuracy,
+        "accuracy": after.accuracy, "records": after.records, "validationRecords":
+        len(data.validation), "baseSamples": before.samples, "samples": after.samples,
+    })
+    adapter = None
+    if run.spec.method.uses_adapter:
+        adapter = output / "adapter"
+        outputs.save_adapter(final, tokenizer, adapter)
+        report["adapter"] = "adapter"
+    outputs.save_merged(location, run.spec, tokenizer, final, adapter, output / "merged")
+    report["merged"] = "merged"
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ranks = distributed.ranks_from_env()
+    output: Path = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    report = empty_report()
+    began = time.monotonic()
+    code = 0
+    try:
+        train(runconfig.load(args.config), output, ranks, report)
+        report["status"] = "Succeeded"
+    except ConfigError as error:
+        report["error"] = str(error)
+        code = CONFIG_ERROR_EXIT_CODE
+    except Exception as error:
+        log.exception("training failed")
+        report["error"] = f"{type(error).__name__}: {error}"
+        code = 1
+    report["runtimeSeconds"] = round(time.monotonic() - began, 2)
+    if code:
+        log.error("%s", report["error"])
+    if ranks.is_main:
+        write_final(output, report)
+    distributed.shutdown()
+    return code

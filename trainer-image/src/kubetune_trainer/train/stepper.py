@@ -1,0 +1,124 @@
+"""The optimizer step, with plain PyTorch or with DeepSpeed ZeRO.
+
+Both engines take micro-batches whose loss is already normalised by the step's target tokens
+over all ranks (so every token weighs the same, however the records were split), accumulate
+gradients, and apply one clipped AdamW update per `step()`. DeepSpeed runs in unmanaged
+accumulation mode: a step may hold a different number of micro-batches than the config's
+nominal accumulation, since micro-batches are cut by tokens, not by records.
+
+Plain PyTorch is used for one process with ZeRO stage 0 (the common single-GPU LoRA case and
+local runs on a CPU): it is the same computation without DeepSpeed's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kubetune.api.spec import LrScheduler, TrainingSpec
+from kubetune_trainer.train.encoding import IGNORE
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens; the output head runs on those only.
+
+    Computing logits just where a label exists skips most of the [tokens x vocab] product
+    and its fp32 memory (49k vocab x every prompt token for SmolLM2)."""
+    targets = batch["targets"]
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
+    inputs = {k: v for k, v in batch.items() if k != "targets"}
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    picked = targets[:, keep]
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), picked.reshape(-1),
+        ignore_index=IGNORE, reduction="sum",
+    )
+
+
+def lr_lambda(training: TrainingSpec, total_steps: int) -> Any:
+    """Warm-up then cosine, linear or constant; a function of the step for LambdaLR."""
+    warmup = math.ceil(float(training.warmup_ratio) * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if training.lr_scheduler is LrScheduler.COSINE:
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if training.lr_scheduler is LrScheduler.LINEAR:
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(
+    model: torch.nn.Module, training: TrainingSpec, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=float(training.learning_rate), weight_decay=float(training.weight_decay),
+        fused=bool(params) and params[0].is_cuda,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training, total_steps))
+    return optimizer, scheduler
+
+
+class TorchEngine:
+    """One process, no DeepSpeed: backward, clip, AdamW step."""
+
+    def __init__(self, model: torch.nn.Module, training: TrainingSpec, total_steps: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.optimizer, self.scheduler = make_optimizer(model, training, total_steps)
+        self.max_grad_norm = float(training.max_grad_norm)
+        # bf16 autocast on GPUs that have it; CPUs train in fp32 (the DeepSpeed "auto" rule).
+        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def loss_sum(self, batch: dict[str, Any]) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return token_loss_sum(self.model, batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+
+class DeepSpeedEngine(TorchEngine):
+    """DeepSpeed ZeRO with KubeTune's AdamW and schedule (no compiled DeepSpeed ops needed)."""
+
+    def __init__(self, model: torch.nn.Module, training: TrainingSpec, total_steps: int,
+                 device: torch.device, config: dict[str, Any]) -> None:
+        import deepspeed
+
+        self.device = device
+        self.max_grad_norm = float(training.max_grad_norm)
+        self.autocast = False  # DeepSpeed's bf16 mode casts the model itself
+        optimizer, scheduler = make_optimizer(model, training, total_steps)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+        )
+        self.model = self.ds
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
