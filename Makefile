@@ -31,6 +31,7 @@ run: setup
 test: setup controlplane
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest tests -p no:cacheprovider --durations=25
 
 test-unit: setup
@@ -45,6 +46,7 @@ test-e2e: setup controlplane
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 # Regenerate what is generated from the API models (tests fail when these are stale).
 crd: setup
