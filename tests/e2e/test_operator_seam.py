@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from cluster import Cluster
 
+from kubetune.api.dataplane import TrainingReport
 from kubetune.builders import naming
-from kubetune.reconcile.runs import parse_report
 
 from .operator_harness import (
     OperatorProcess,
@@ -123,9 +123,9 @@ def test_training_job_command_trains_with_the_config_map(
 
     assert proc.returncode == 0, output[-4000:]
     run_dir = artifacts / "seam" / "gen-1"
-    report = parse_report(termination_log.read_text())
+    report = TrainingReport.parse(termination_log.read_text())
     assert report is not None, termination_log.read_text()[:500]
-    assert report["steps"] == 2
+    assert report.steps == 2
     assert (run_dir / "adapter").is_dir()
     progress = wait_ftj(
         cluster, namespace, "seam",

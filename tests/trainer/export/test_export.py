@@ -174,9 +174,10 @@ def test_bad_invocations_are_configuration_errors(tmp_path: Path) -> None:
     assert fp16_on_cpu == 2 and nothing_there == 2
 
 
-def test_auto_precision_picks_int4_on_cpu_and_fp16_on_cuda() -> None:
-    assert export_module.resolve_precision("Auto", "CPU") == "int4"
-    assert export_module.resolve_precision("auto", "CUDA") == "fp16"
+def test_builder_precision_follows_the_shared_auto_rule() -> None:
+    assert export_module.builder_precision("Auto", "CPU") == "int4"
+    assert export_module.builder_precision("auto", "CUDA") == "fp16"
+    assert export_module.builder_precision("FP32", "cpu") == "fp32"
 
 
 def make_lora_run(run: Path) -> Path:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from kubetune.api import PlanStatus
+from kubetune.api.dataplane import Score, TrainingReport, exact_match
 from kubetune.api.spec import GateSpec
-from kubetune.local.evaluate import exact_match, side_by_side
+from kubetune.local.evaluate import side_by_side
 from kubetune.local.processes import train_command
 from kubetune.local.progress import format_progress, loss_curve_points, read_metrics
 from kubetune.reconcile.gate import evaluate_gate
@@ -70,12 +71,12 @@ def test_exact_match_ignores_formatting_only(answer: str, matches: bool) -> None
 
 
 def test_side_by_side_names_both_models() -> None:
-    text = side_by_side({"accuracy": 0.02, "correct": 2, "total": 100},
-                        {"accuracy": 0.91, "correct": 91, "total": 100}, "test")
+    text = side_by_side(Score(accuracy=0.02, correct=2, total=100),
+                        Score(accuracy=0.91, correct=91, total=100), "test")
     assert "base model" in text and "2.0%" in text and "91.0%  (91/100)" in text
 
 
-REPORT = {"evalLoss": 0.4, "baseEvalLoss": 2.5, "accuracy": 0.85}
+REPORT = TrainingReport(eval_loss=0.4, base_eval_loss=2.5, accuracy=0.85)
 
 
 def test_no_gate_passes() -> None:
@@ -92,12 +93,13 @@ def test_gate_passes_when_every_bound_holds() -> None:
 @pytest.mark.parametrize(("gate", "report", "serving", "reason"), [
     (GateSpec(max_eval_loss="0.3"), REPORT, None, "evalLoss 0.4000 > maxEvalLoss 0.3"),
     (GateSpec(min_accuracy="0.9"), REPORT, None, "accuracy 0.850 < minAccuracy 0.9"),
-    (GateSpec(), {**REPORT, "baseEvalLoss": 0.3}, None, "does not beat the base"),
+    (GateSpec(), REPORT.model_copy(update={"base_eval_loss": 0.3}), None,
+     "does not beat the base"),
     (GateSpec(must_beat_serving=True), REPORT, 0.35, "does not beat the serving model"),
-    (GateSpec(min_accuracy="0.5"), {"evalLoss": 1, "baseEvalLoss": 2}, None,
+    (GateSpec(min_accuracy="0.5"), TrainingReport(eval_loss=1, base_eval_loss=2), None,
      "accuracy was not measured"),
 ])
-def test_gate_fails_with_the_reason(gate: GateSpec, report: dict[str, float],
+def test_gate_fails_with_the_reason(gate: GateSpec, report: TrainingReport,
                                     serving: float | None, reason: str) -> None:
     passed, message = evaluate_gate(gate, report, serving)
     assert not passed

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.errors import CONFIG_ERROR_EXIT_CODE
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, TrainingReport
 from kubetune_trainer.train import report as reports
 from kubetune_trainer.train import run as train
 from tests.trainer.conftest import run_config
@@ -74,12 +74,15 @@ def test_report_and_short_termination_message(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     termination = tmp_path / "termination-log"
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
-    report = {**reports.empty_report(), "error": "x" * 10000, "steps": 3}
+    report = TrainingReport(error="x" * 10000, steps=3)
     reports.write_final(tmp_path / "out", report)
-    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert TrainingReport.read(tmp_path / "out" / "report.json") == report
     short = termination.read_bytes()
     assert len(short) <= reports.TERMINATION_LIMIT
     assert json.loads(short)["steps"] == 3
+    # What the operator reads back from the termination message (reconcile.runs).
+    parsed = TrainingReport.parse(short.decode())
+    assert parsed is not None and parsed.steps == 3 and parsed.error.endswith("...")
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "missing" / "log"))
     reports.write_final(tmp_path / "out", report)  # not writable: skipped silently
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.operator.progress import ProgressReport, Refused, check_pod, check_review
+from kubetune.api.dataplane import ProgressReport
+from kubetune.operator.progress import Refused, check_pod, check_review, progress_status
 
 AUDIENCE = "kubetune.io/progress"
 
@@ -80,7 +81,7 @@ def test_report_becomes_status_progress_with_decimal_strings() -> None:
             "unknown": 1,
         }
     )
-    progress = report.to_status("2026-01-01T00:00:00Z")
+    progress = progress_status(report, "2026-01-01T00:00:00Z")
     assert progress == {
         "step": 50,
         "totalSteps": 200,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-CONFIG_ERROR_EXIT_CODE = 2
-"""Exit code for a bad run config or dataset: the Job's podFailurePolicy does not retry it."""
+# Exit code of a ConfigError: kubetune.api.dataplane.CONFIG_ERROR_EXIT_CODE (shared with the
+# operator's podFailurePolicy and `kubetune run`).
 
 
 class ConfigError(Exception):

@@ -1,13 +1,209 @@
 """What crosses between the control plane and the data plane, besides the run config.
 
 The trainer, the exporter and the server (`kubetune_trainer`) write these; the operator and
-`kubetune run` read them. One definition each, so both planes agree on every key.
+`kubetune run` read them. One definition each, so both planes agree on every key, every exit
+code and every rule they both apply:
+
+- `ProgressReport`: the body a trainer POSTs to the operator while it trains.
+- `TrainingReport`: `report.json` and, in short form, the trainer pod's termination message.
+- `ExportReport`: `export.json`, written by the exporter once the model is verified.
+- `CONFIG_ERROR_EXIT_CODE`: the exit code of a run that retrying cannot fix.
+- `resolve_precision`: what `precision: Auto` means on a device.
+- `exact_match`: when a generated answer counts as the reference answer.
+- `cache_root`: where converted models are cached on a machine.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from kubetune.api.spec import Device, Precision
+
+CONFIG_ERROR_EXIT_CODE = 2
+"""A bad run config, dataset or export invocation: the Jobs' podFailurePolicy does not retry
+it, and `kubetune run` reports it as a configuration error."""
+
+
+class Report(BaseModel):
+    """camelCase JSON; keys a newer writer adds are ignored by an older reader."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.model_dump(by_alias=True, mode="json"), indent=indent,
+                          ensure_ascii=False)
+
+
+class ProgressReport(Report):
+    """What a trainer posts to the operator's progress endpoint (rank 0, throttled)."""
+
+    step: int = Field(ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class Score(Report):
+    """Exact-match accuracy of greedy answers on some held-out records."""
+
+    accuracy: float = 0.0
+    correct: int = 0
+    total: int = 0
+    samples: list[dict[str, Any]] = Field(default_factory=list)
+    """A few (request, answer, reference) records, for a reader to see what was asked."""
+
+
+class GateVerdict(Report):
+    passed: bool
+    message: str
+
+
+class TestSplitScores(Report):
+    """Base and fine-tuned accuracy on a test split, measured through the served model
+    (`kubetune run`); re-measured when the split, the precision or the engine changes."""
+
+    path: str
+    engine: str
+    precision: str
+    base: Score | None = None
+    fine_tuned: Score
+
+
+class TrainingReport(Report):
+    """`report.json`: what a training run did. Every field has a default, so a short form
+    (the termination message) and a report rebuilt from status read as the same model."""
+
+    status: Literal["Succeeded", "Failed"] = "Failed"
+    error: str | None = None
+    """Why it failed: names the field, or the dataset file and line."""
+    steps: int = 0
+    """Optimizer steps done."""
+    total_steps: int = 0
+    epochs: float = 0.0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    """Mean token cross-entropy on the validation records."""
+    base_eval_loss: float | None = None
+    accuracy: float | None = None
+    """Exact match (`exact_match`) of greedy answers on validation records, 0-1."""
+    base_accuracy: float | None = None
+    eval_records: int = 0
+    """Records the accuracy used."""
+    tokens_per_second: float | None = None
+    train_tokens: int = 0
+    train_records: int = 0
+    truncated_records: int = 0
+    dropped_records: int = 0
+    adapter: str | None = None
+    """`adapter` when an adapter was saved (relative to the output directory)."""
+    merged: str | None = None
+    """`merged` once the merged model is saved (relative to the output directory)."""
+    method: str | None = None
+    format: str | None = None
+    world_size: int = 1
+    deepspeed: bool = False
+    resumed_from_step: int | None = None
+    runtime_seconds: float = 0.0
+    test_split: str | None = None
+    """The held-out test file shipped beside a built-in dataset, if any."""
+    gate: GateVerdict | None = None
+    """Written by `kubetune run` after the evaluation gate (the operator keeps it in status)."""
+    test: TestSplitScores | None = None
+    """Written by `kubetune run` after measuring the served model on a test split."""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "Succeeded"
+
+    @classmethod
+    def parse(cls, text: str | None) -> TrainingReport | None:
+        """A report from JSON text (a file or a termination message), or None when the text
+        is no report (a crash's message, say)."""
+        if not text:
+            return None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError:
+            return None
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingReport | None:
+        try:
+            return cls.parse(path.read_text())
+        except OSError:
+            return None
+
+
+class ExportReport(Report):
+    """`export.json`: what was exported and how it was verified. `ok` is true only once the
+    tokenizer and output parity checks passed."""
+
+    ok: bool = False
+    failures: list[str] = Field(default_factory=list)
+    """Why the export was refused (a failed check, the builder's exit)."""
+    input: str | None = None
+    adapter: str | None = None
+    """The adapter merged into `base` before the build, when the input was an adapter."""
+    base: str | None = None
+    precision: str | None = None
+    """The exported precision: INT4, FP16 or FP32 (never Auto)."""
+    device: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    sizes: dict[str, int] = Field(default_factory=dict)
+    tokenizer_parity: dict[str, Any] | None = None
+    genai_tokenizer: dict[str, Any] | None = None
+    output_parity: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> ExportReport | None:
+        try:
+            return cls.model_validate_json(path.read_text())
+        except (OSError, ValidationError):
+            return None
+
+
+def resolve_precision(precision: Precision | str, device: Device | str) -> Precision:
+    """The precision an export uses: `Auto` is INT4 on CPU and FP16 on CUDA. FP16 needs CUDA:
+    ONNX Runtime's CPU provider upcasts FP16 through Cast nodes and runs slower than FP32.
+    Raises ValueError naming the bad value."""
+    wanted = {p.value.upper(): p for p in Precision}.get(str(precision).upper())
+    if wanted is None:
+        raise ValueError(f"precision must be INT4, FP16, FP32 or Auto, not {precision!r}")
+    try:
+        where = Device(str(device).upper())
+    except ValueError:
+        raise ValueError(f"device must be CPU or CUDA, not {device!r}") from None
+    if wanted is Precision.AUTO:
+        return Precision.INT4 if where is Device.CPU else Precision.FP16
+    if wanted is Precision.FP16 and where is Device.CPU:
+        raise ValueError("FP16 runs on CUDA only; use INT4 or FP32 on CPU")
+    return wanted
+
+
+# A model may wrap a command in a code fence or backticks; that is formatting, not content.
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace collapsed, surrounding code fences and backticks removed."""
+    text = _FENCE.sub("", text.strip()).strip().strip("`").strip()
+    return " ".join(text.split())
+
+
+def exact_match(answer: str, reference: str) -> bool:
+    """The one definition of a correct answer: the trainer's validation accuracy (which the
+    gate's `minAccuracy` checks) and `kubetune run`'s test-split accuracy both use it."""
+    return normalize_answer(answer) == normalize_answer(reference)
 
 
 def cache_root() -> Path:

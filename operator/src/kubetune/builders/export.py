@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import Manifest, Owner, metadata, pod_metadata_overrides, with_hash
-from kubetune.builders.training import CONFIGURATION_ERROR_EXIT_CODE
 
 
 def export_args(owner: Owner, generation: int, spec: FineTuneJobSpec) -> list[str]:
@@ -73,7 +73,7 @@ def export_job(
                             "onExitCodes": {
                                 "containerName": naming.EXPORTER_CONTAINER,
                                 "operator": "In",
-                                "values": [CONFIGURATION_ERROR_EXIT_CODE],
+                                "values": [CONFIG_ERROR_EXIT_CODE],
                             },
                         },
                         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

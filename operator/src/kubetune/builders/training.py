@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec, PlanStatus, RunConfig
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import Manifest, Owner, metadata, pod_metadata_overrides, with_hash
 
-CONFIGURATION_ERROR_EXIT_CODE = 2
 """The trainer's exit code for a bad config or dataset: retrying cannot help."""
 
 
@@ -252,7 +252,7 @@ def training_job(
                     "onExitCodes": {
                         "containerName": naming.TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": [CONFIGURATION_ERROR_EXIT_CODE],
+                        "values": [CONFIG_ERROR_EXIT_CODE],
                     },
                 },
                 # Preemption, eviction, node drain: not the trainer's fault, not counted.

@@ -7,25 +7,12 @@ Both the base and the fine-tuned model are asked through the same OpenAI-compati
 from __future__ import annotations
 
 import json
-import re
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# A model may wrap a command in a code fence or backticks; that is formatting, not content.
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
-
-
-def normalize_answer(text: str) -> str:
-    """Whitespace collapsed, surrounding code fences and backticks removed."""
-    text = _FENCE.sub("", text.strip()).strip().strip("`").strip()
-    return " ".join(text.split())
-
-
-def exact_match(answer: str, reference: str) -> bool:
-    return normalize_answer(answer) == normalize_answer(reference)
+from kubetune.api.dataplane import Score, exact_match
 
 
 def load_chat_examples(path: Path) -> list[tuple[list[dict[str, str]], str]]:
@@ -71,25 +58,9 @@ def is_ready(root_url: str) -> bool:
         return False
 
 
-@dataclass
-class EvalResult:
-    correct: int = 0
-    total: int = 0
-    samples: list[dict[str, str]] = field(default_factory=list)
-    """A few (request, answer, reference) triples, for the report."""
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": round(self.accuracy, 4), "correct": self.correct,
-                "total": self.total, "samples": self.samples}
-
-
 def evaluate(base_url: str, model: str, examples: list[tuple[list[dict[str, str]], str]],
-             keep_samples: int = 5) -> EvalResult:
-    result = EvalResult()
+             keep_samples: int = 5) -> Score:
+    result = Score()
     for messages, reference in examples:
         # An answer much longer than the reference cannot match it; capping the length (at
         # more tokens than the reference can take) keeps a rambling base model from costing
@@ -97,6 +68,7 @@ def evaluate(base_url: str, model: str, examples: list[tuple[list[dict[str, str]
         answer = chat(base_url, model, messages, max_tokens=len(reference) // 2 + 24)
         result.total += 1
         result.correct += exact_match(answer, reference)
+        result.accuracy = round(result.correct / result.total, 4)
         if len(result.samples) < keep_samples:
             request = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             result.samples.append({"request": request, "answer": answer,
@@ -104,12 +76,12 @@ def evaluate(base_url: str, model: str, examples: list[tuple[list[dict[str, str]
     return result
 
 
-def side_by_side(base: dict[str, Any] | None, tuned: dict[str, Any], split: str) -> str:
+def side_by_side(base: Score | None, tuned: Score, split: str) -> str:
     """The comparison table `kubetune run` prints at the end."""
-    def cell(result: dict[str, Any] | None) -> str:
+    def cell(result: Score | None) -> str:
         if result is None:
             return "not measured"
-        return f"{100 * result['accuracy']:5.1f}%  ({result['correct']}/{result['total']})"
+        return f"{100 * result.accuracy:5.1f}%  ({result.correct}/{result.total})"
 
     return "\n".join([
         f"Exact-match accuracy on the held-out {split} split:",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import FineTuneJob, ManifestError, RunConfig, load_manifest
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, GateVerdict, TrainingReport
 from kubetune.local.processes import (
     Child,
     Interrupted,
@@ -27,13 +28,13 @@ from kubetune.local.progress import ProgressView, plot_loss_curve
 from kubetune.local.rundir import (
     export_done,
     export_precision,
-    read_json,
+    read_report,
     training_done,
     write_json,
+    write_report,
 )
 from kubetune.local.serve import finish_with_server
 
-EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -66,15 +67,15 @@ def run_main(args: argparse.Namespace) -> int:
     try:
         job = load_manifest(args.file)
     except ManifestError as error:
-        return fail(str(error), EXIT_CONFIG)
+        return fail(str(error), CONFIG_ERROR_EXIT_CODE)
     except OSError as error:
-        return fail(f"cannot read {args.file}: {error}", EXIT_CONFIG)
+        return fail(f"cannot read {args.file}: {error}", CONFIG_ERROR_EXIT_CODE)
     run_dir: Path = args.output or Path("runs") / job.metadata.name
     terminate_like_ctrl_c()
     try:
         config = prepare_run(job, run_dir)
     except ValueError as error:
-        return fail(str(error), EXIT_CONFIG)
+        return fail(str(error), CONFIG_ERROR_EXIT_CODE)
     try:
         return execute(config, run_dir, args)
     except (Interrupted, KeyboardInterrupt):
@@ -137,7 +138,7 @@ def execute(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> int:
         if code != 0:
             return code
     plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    report = read_json(run_dir / "report.json") or {}
+    report = read_report(run_dir)
     print_training_report(report, run_dir)
     if not spec.serving.enabled:
         print("Serving is disabled (spec.serving.enabled: false); done.", file=sys.stderr)
@@ -153,8 +154,8 @@ def execute(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> int:
     from kubetune.reconcile.gate import evaluate_gate
 
     passed, message = evaluate_gate(spec.serving.gate, report, None)
-    report["gate"] = {"passed": passed, "message": message}
-    write_json(run_dir / "report.json", report)
+    report.gate = GateVerdict(passed=passed, message=message)
+    write_report(run_dir, report)
     print(f"Evaluation gate: {message}", file=sys.stderr)
     if not passed:
         return fail("the model did not pass the evaluation gate; not serving it", 1)
@@ -172,11 +173,11 @@ def train(config: RunConfig, run_dir: Path) -> int:
         code = run_child(child, on_tick=view.update)
     finally:
         view.close()
-    if code == EXIT_CONFIG:
+    if code == CONFIG_ERROR_EXIT_CODE:
         # The trainer names the field or the dataset file:line in its report's error.
-        error = (read_json(run_dir / "report.json") or {}).get("error") or child.log_tail(8)
+        error = read_report(run_dir).error or child.log_tail(8)
         return fail(f"the trainer refused the configuration or dataset:\n  {error}",
-                    EXIT_CONFIG)
+                    CONFIG_ERROR_EXIT_CODE)
     if code != 0:
         return fail(f"training failed (exit code {code}); last log lines:\n{child.log_tail()}"
                     f"\nFull log: {child.log_path}. Re-run to resume.", code)
@@ -192,21 +193,18 @@ def export(config: RunConfig, run_dir: Path) -> int:
     code = run_child(child)
     if code != 0:
         return fail(f"export failed (exit code {code}):\n{child.log_tail()}",
-                    EXIT_CONFIG if code == EXIT_CONFIG else code)
+                    CONFIG_ERROR_EXIT_CODE if code == CONFIG_ERROR_EXIT_CODE else code)
     return 0
 
 
-def print_training_report(report: dict[str, Any], run_dir: Path) -> None:
-    def show(key: str) -> str:
-        value = report.get(key)
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
+def print_training_report(report: TrainingReport, run_dir: Path) -> None:
     lines = ["Training report:"]
-    for key, label in (("evalLoss", "validation loss"), ("baseEvalLoss", "base validation loss"),
-                       ("accuracy", "validation accuracy"),
-                       ("baseAccuracy", "base validation accuracy")):
-        if report.get(key) is not None:
-            lines.append(f"  {label:26} {show(key)}")
+    for value, label in ((report.eval_loss, "validation loss"),
+                         (report.base_eval_loss, "base validation loss"),
+                         (report.accuracy, "validation accuracy"),
+                         (report.base_accuracy, "base validation accuracy")):
+        if value is not None:
+            lines.append(f"  {label:26} {value:.4f}")
     if (run_dir / "loss.png").is_file():
         lines.append(f"  loss curve                 {run_dir / 'loss.png'}")
     print("\n".join(lines), file=sys.stderr)

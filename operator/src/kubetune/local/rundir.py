@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import RunConfig
+from kubetune.api.dataplane import ExportReport, TrainingReport, resolve_precision
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -25,21 +26,27 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
+def read_report(run_dir: Path) -> TrainingReport:
+    """The trainer's `report.json` (an empty, failed report when there is none yet)."""
+    return TrainingReport.read(run_dir / "report.json") or TrainingReport()
+
+
+def write_report(run_dir: Path, report: TrainingReport) -> None:
+    write_json(run_dir / "report.json", report.model_dump(by_alias=True, mode="json"))
+
+
 def training_done(run_dir: Path) -> bool:
     """The trainer writes `report.json` last, with status Succeeded once `merged/` is saved."""
-    report = read_json(run_dir / "report.json") or {}
-    return report.get("status") == "Succeeded" and (run_dir / "merged").is_dir()
+    return read_report(run_dir).succeeded and (run_dir / "merged").is_dir()
 
 
 def export_precision(config: RunConfig) -> str:
-    """The precision the exporter will use: `Auto` is INT4 on CPU and FP16 on CUDA."""
+    """The precision the exporter will use (the shared `Auto` rule)."""
     serving = config.spec.serving
-    if serving.precision.value != "Auto":
-        return serving.precision.value
-    return "INT4" if serving.device.value == "CPU" else "FP16"
+    return resolve_precision(serving.precision, serving.device).value
 
 
 def export_done(onnx_dir: Path, precision: str) -> bool:
     """The exporter writes `export.json` with `ok: true` only after verifying the model."""
-    report = read_json(onnx_dir / "export.json") or {}
-    return report.get("ok") is True and report.get("precision") == precision
+    report = ExportReport.read(onnx_dir / "export.json")
+    return report is not None and report.ok and report.precision == precision

@@ -14,10 +14,9 @@ import shlex
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 
 from kubetune.api import RunConfig
-from kubetune.api.dataplane import cache_root
+from kubetune.api.dataplane import Score, TestSplitScores, TrainingReport, cache_root
 from kubetune.local.evaluate import (
     chat,
     evaluate,
@@ -34,7 +33,7 @@ from kubetune.local.processes import (
     serve_command,
     wait_for,
 )
-from kubetune.local.rundir import export_done, export_precision, write_json
+from kubetune.local.rundir import export_done, export_precision, write_report
 
 HOST = "127.0.0.1"
 ENGINE = f"onnxruntime ({SERVE_ENGINE} engine)"
@@ -49,11 +48,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def shipped_test_split(report: dict[str, Any]) -> Path | None:
+def shipped_test_split(report: TrainingReport) -> Path | None:
     """The held-out test file the trainer found beside a built-in dataset (`testSplit` in
     report.json), if any."""
-    path = report.get("testSplit")
-    return Path(path) if isinstance(path, str) and Path(path).is_file() else None
+    path = report.test_split
+    return Path(path) if path is not None and Path(path).is_file() else None
 
 
 class Server:
@@ -107,31 +106,31 @@ def base_onnx(config: RunConfig, run_dir: Path) -> Path:
 
 
 def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_path: Path,
-                       report: dict[str, Any]) -> dict[str, Any]:
+                       report: TrainingReport) -> TestSplitScores:
     """Base and fine-tuned exact-match accuracy on the test split, cached in the report."""
     precision = export_precision(config)
-    cached = report.get("test")
-    if (isinstance(cached, dict) and cached.get("path") == str(test_path)
-            and cached.get("precision") == precision and cached.get("engine") == ENGINE):
+    cached = report.test
+    if (cached is not None and cached.path == str(test_path)
+            and cached.precision == precision and cached.engine == ENGINE):
         return cached
     examples = load_chat_examples(test_path)
     print(f"Evaluating {len(examples)} held-out test requests (ONNX Runtime, greedy)...",
           file=sys.stderr)
-    fine_tuned = evaluate(tuned.base_url, tuned.name, examples).to_dict()
-    base: dict[str, Any] | None = None
+    fine_tuned = evaluate(tuned.base_url, tuned.name, examples)
+    base: Score | None = None
     try:
         base_server = Server(base_onnx(config, run_dir), f"{config.name}-base", 0,
                              run_dir / "logs" / "serve-base.log")
         with base_server:
-            base = evaluate(base_server.base_url, base_server.name, examples).to_dict()
+            base = evaluate(base_server.base_url, base_server.name, examples)
     except RuntimeError as error:
         print(f"Base model not measured: {error}", file=sys.stderr)
-    return {"path": str(test_path), "engine": ENGINE, "precision": precision,
-            "base": base, "fineTuned": fine_tuned}
+    return TestSplitScores(path=str(test_path), engine=ENGINE, precision=precision, base=base,
+                           fine_tuned=fine_tuned)
 
 
 def finish_with_server(config: RunConfig, run_dir: Path, args: argparse.Namespace,
-                       report: dict[str, Any]) -> int:
+                       report: TrainingReport) -> int:
     test_path: Path | None = args.test or shipped_test_split(report)
     server = Server(run_dir / "onnx", config.name, args.port, run_dir / "logs" / "serve.log")
     try:
@@ -143,15 +142,15 @@ def finish_with_server(config: RunConfig, run_dir: Path, args: argparse.Namespac
         server.child.stop()
 
 
-def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: dict[str, Any],
+def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: TrainingReport,
                     server: Server, test_path: Path | None, config: RunConfig) -> int:
     server.wait_ready()
     question = FALLBACK_QUESTION
     if test_path is not None:
         test = measure_test_split(config, run_dir, server, test_path, report)
-        report["test"] = test
-        write_json(run_dir / "report.json", report)
-        print(side_by_side(test["base"], test["fineTuned"], "test"))
+        report.test = test
+        write_report(run_dir, report)
+        print(side_by_side(test.base, test.fine_tuned, "test"))
         question = load_chat_examples(test_path)[0][0]
     answer = chat(server.base_url, server.name, question)
     print(f"\nEndpoint (OpenAI-compatible, ONNX Runtime): {server.base_url}")

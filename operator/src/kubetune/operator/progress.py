@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import ValidationError
 
+from kubetune.api.dataplane import ProgressReport
 from kubetune.builders import naming
 from kubetune.operator.client import ApiError, KubeClient
 from kubetune.operator.metrics import CONTENT_TYPE, OperatorMetrics
@@ -33,35 +33,23 @@ VERIFIED_FOR_SECONDS = 300.0
 MAX_BODY = 16 * 1024
 
 
-class ProgressReport(BaseModel):
-    """What the trainer posts (camelCase JSON); unknown fields are ignored."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    step: int = Field(ge=0)
-    total_steps: int | None = Field(default=None, ge=0)
-    epoch: float | None = None
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
-
-    def to_status(self, now: str) -> dict[str, Any]:
-        percent = None
-        if self.total_steps:
-            percent = max(0, min(100, self.step * 100 // self.total_steps))
-        progress = {
-            "step": self.step,
-            "totalSteps": self.total_steps,
-            "epoch": decimal(self.epoch),
-            "percent": percent,
-            "trainLoss": decimal(self.train_loss),
-            "evalLoss": decimal(self.eval_loss),
-            "tokensPerSecond": decimal(self.tokens_per_second),
-            "etaSeconds": None if self.eta_seconds is None else int(self.eta_seconds),
-            "updateTime": now,
-        }
-        return {k: v for k, v in progress.items() if v is not None}
+def progress_status(report: ProgressReport, now: str) -> dict[str, Any]:
+    """`status.progress` from a trainer's report: decimals as strings, a percentage."""
+    percent = None
+    if report.total_steps:
+        percent = max(0, min(100, report.step * 100 // report.total_steps))
+    progress = {
+        "step": report.step,
+        "totalSteps": report.total_steps,
+        "epoch": decimal(report.epoch),
+        "percent": percent,
+        "trainLoss": decimal(report.train_loss),
+        "evalLoss": decimal(report.eval_loss),
+        "tokensPerSecond": decimal(report.tokens_per_second),
+        "etaSeconds": None if report.eta_seconds is None else int(report.eta_seconds),
+        "updateTime": now,
+    }
+    return {k: v for k, v in progress.items() if v is not None}
 
 
 class Refused(Exception):
@@ -134,7 +122,7 @@ class ProgressSink:
             report = self._pending.pop(key)
             self._last[key] = time.monotonic()
             result = await self.client.patch_status(
-                key[0], key[1], {"progress": report.to_status(self.clock())}
+                key[0], key[1], {"progress": progress_status(report, self.clock())}
             )
             self.patches += 1
             if self.on_patched is not None and result is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api import ConditionType, FineTuneJobSpec, PlanStatus
+from kubetune.api.dataplane import TrainingReport
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
@@ -109,7 +110,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     training: RunStatus | None = None
     export: RunStatus | None = None
     gate: tuple[bool, str] | None = None
-    report: dict[str, Any] | None = None
+    report: TrainingReport | None = None
     view = serving_view(of_component(obs.children, "Deployment", naming.COMPONENT_SERVER), previous)
 
     if problems or obs.plan is None:
@@ -140,13 +141,14 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             export = run_status(exporter, pods_of_job(obs.children, export_name), "export")
         if export is not None and export.state is RunState.SUCCEEDED:
             serving_loss = view.eval_loss if view.template_generation != generation else None
-            gate = evaluate_gate(spec.serving.gate, report or {}, _float(serving_loss))
+            measured = report or TrainingReport()
+            gate = evaluate_gate(spec.serving.gate, measured, _float(serving_loss))
 
     conds[T.EXPORTED] = export_condition(export, spec.serving.enabled)
     model_generation, model_loss = view.template_generation, view.eval_loss
     if gate is not None and gate[0]:
         model_generation = generation
-        loss = (report or {}).get("evalLoss")
+        loss = report.eval_loss if report is not None else None
         model_loss = None if loss is None else str(loss)
     if spec.serving.enabled and model_generation is not None:
         outcome.apply.append(
@@ -189,7 +191,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
 
 def _report(
     training: RunStatus, previous: Mapping[str, Any], generation: int
-) -> dict[str, Any] | None:
+) -> TrainingReport | None:
     """The final report: from the pod while it exists, else what status kept of it."""
     if training.state is not RunState.SUCCEEDED:
         return None
@@ -198,8 +200,12 @@ def _report(
     evaluation = previous.get("evaluation") or {}
     if evaluation.get("generation") != generation:
         return None
-    keys = {"evalLoss": "evalLoss", "baseEvalLoss": "baseEvalLoss", "accuracy": "accuracy"}
-    return {k: evaluation[v] for k, v in keys.items() if evaluation.get(v) is not None}
+    # status keeps the evaluation as decimal strings; the report model reads them as floats
+    kept = ("evalLoss", "baseEvalLoss", "accuracy")
+    return TrainingReport.model_validate(
+        {key: evaluation[key] for key in kept if evaluation.get(key) is not None}
+        | {"status": "Succeeded"}
+    )
 
 
 def _float(value: str | None) -> float | None:

@@ -6,23 +6,12 @@ One pure function, used by the operator (before it rolls the inference Deploymen
 
 from __future__ import annotations
 
-from typing import Any
-
+from kubetune.api.dataplane import TrainingReport
 from kubetune.api.spec import GateSpec
 
 
-def _number(report: dict[str, Any], key: str) -> float | None:
-    value = report.get(key)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def evaluate_gate(
-    gate: GateSpec | None, report: dict[str, Any], serving_eval_loss: float | None
+    gate: GateSpec | None, report: TrainingReport, serving_eval_loss: float | None
 ) -> tuple[bool, str]:
     """Check a trainer report (`evalLoss`, `baseEvalLoss`, `accuracy`) against the gate.
 
@@ -32,9 +21,7 @@ def evaluate_gate(
     """
     if gate is None:
         return True, "no gate configured"
-    eval_loss = _number(report, "evalLoss")
-    base_loss = _number(report, "baseEvalLoss")
-    accuracy = _number(report, "accuracy")
+    eval_loss, base_loss, accuracy = report.eval_loss, report.base_eval_loss, report.accuracy
     failures: list[str] = []
     checks: list[str] = []
 

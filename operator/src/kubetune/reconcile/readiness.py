@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kubetune.api import ConditionType
+from kubetune.api.dataplane import TrainingReport
 from kubetune.reconcile.conditions import Cond
 from kubetune.reconcile.runs import RunState, RunStatus
 from kubetune.reconcile.status import ServingView
@@ -19,10 +20,10 @@ T = ConditionType
 
 def training_condition(run: RunStatus) -> Cond:
     if run.state is RunState.SUCCEEDED:
-        report = run.report or {}
-        details = [
-            f"{key} {report[key]}" for key in ("steps", "trainLoss", "evalLoss") if key in report
-        ]
+        report = run.report or TrainingReport()
+        measured = {"steps": report.steps, "trainLoss": report.train_loss,
+                    "evalLoss": report.eval_loss}
+        details = [f"{key} {value}" for key, value in measured.items() if value is not None]
         message = "training finished" + (f": {', '.join(details)}" if details else "")
         return Cond(T.TRAINED, "True", "Succeeded", message)
     if run.state is RunState.FAILED:

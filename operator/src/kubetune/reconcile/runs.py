@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from kubetune.api.dataplane import TrainingReport
 from kubetune.builders import naming
 
 MAX_MESSAGE = 1024
@@ -31,7 +31,7 @@ class RunStatus:
     state: RunState
     reason: str
     message: str
-    report: dict[str, Any] | None = None
+    report: TrainingReport | None = None
     retries: int = 0
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -51,17 +51,6 @@ def _terminated(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def parse_report(message: str | None) -> dict[str, Any] | None:
-    """A termination message holding the trainer's JSON report, or None."""
-    if not message:
-        return None
-    try:
-        report = json.loads(message)
-    except ValueError:
-        return None
-    return report if isinstance(report, dict) else None
-
-
 def _shorten(text: str) -> str:
     text = text.strip()
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
@@ -71,9 +60,9 @@ def failure_message(pod: Mapping[str, Any]) -> str:
     """What a failed pod said: the report's `error`, else its termination message or reason."""
     terminated = _terminated(pod) or {}
     message = terminated.get("message") or ""
-    report = parse_report(message)
-    if report and report.get("error"):
-        message = str(report["error"])
+    report = TrainingReport.parse(message)
+    if report is not None and report.error:
+        message = report.error
     detail = f"exit code {terminated.get('exitCode', '?')}"
     return _shorten(f"{detail}: {message}" if message else detail)
 
@@ -83,12 +72,12 @@ def _completion_index(pod: Mapping[str, Any]) -> str | None:
     return annotations.get(naming.JOB_COMPLETION_INDEX_ANNOTATION)
 
 
-def final_report(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def final_report(pods: Sequence[Mapping[str, Any]]) -> TrainingReport | None:
     """The report of the succeeded rank-0 pod (index 0 writes it), else any succeeded pod's."""
     succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
     succeeded.sort(key=lambda p: (_completion_index(p) != "0", p["metadata"]["name"]))
     for pod in succeeded:
-        report = parse_report((_terminated(pod) or {}).get("message"))
+        report = TrainingReport.parse((_terminated(pod) or {}).get("message"))
         if report is not None:
             return report
     return None

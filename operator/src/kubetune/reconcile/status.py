@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec, PlanStatus
+from kubetune.api.dataplane import TrainingReport
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner
 from kubetune.reconcile.runs import RunState, RunStatus
@@ -82,20 +83,20 @@ def decimal(value: Any) -> str | None:
         return None
 
 
-def _progress(training: RunStatus | None, report: Mapping[str, Any] | None) -> Any:
+def _progress(training: RunStatus | None, report: TrainingReport | None) -> Any:
     """None clears progress (a new generation starts); a dict sets it; `...` leaves it to the
     progress endpoint, which patches it while training runs."""
     if training is None or training.state is RunState.MISSING:
         return None
     if training.state is RunState.SUCCEEDED and report:
-        steps = _int(report.get("steps"))
+        steps = report.steps or None
         progress = {
-            "step": steps or 0,
+            "step": report.steps,
             "totalSteps": steps,
             "percent": 100,
-            "trainLoss": decimal(report.get("trainLoss")),
-            "evalLoss": decimal(report.get("evalLoss")),
-            "tokensPerSecond": decimal(report.get("tokensPerSecond")),
+            "trainLoss": decimal(report.train_loss),
+            "evalLoss": decimal(report.eval_loss),
+            "tokensPerSecond": decimal(report.tokens_per_second),
             "etaSeconds": 0,
         }
         return {k: v for k, v in progress.items() if v is not None}
@@ -119,13 +120,15 @@ def _artifacts(
 
 
 def _evaluation(
-    generation: int, report: Mapping[str, Any] | None, gate: tuple[bool, str] | None
+    generation: int, report: TrainingReport | None, gate: tuple[bool, str] | None
 ) -> dict[str, Any] | None:
     if report is None:
         return None
     evaluation: dict[str, Any] = {"generation": generation}
-    for key in ("evalLoss", "baseEvalLoss", "accuracy", "baseAccuracy"):
-        value = decimal(report.get(key))
+    measured = {"evalLoss": report.eval_loss, "baseEvalLoss": report.base_eval_loss,
+                "accuracy": report.accuracy, "baseAccuracy": report.base_accuracy}
+    for key, number in measured.items():
+        value = decimal(number)
         if value is not None:
             evaluation[key] = value
     if gate is not None:
@@ -143,7 +146,7 @@ def build_status(
     phase: str,
     conditions: list[dict[str, Any]],
     training: RunStatus | None,
-    report: Mapping[str, Any] | None,
+    report: TrainingReport | None,
     gate: tuple[bool, str] | None,
     view: ServingView,
     endpoint: str,

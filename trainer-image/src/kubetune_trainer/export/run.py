@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from kubetune_trainer.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, ExportReport, resolve_precision
+from kubetune_trainer.errors import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -43,20 +43,13 @@ AGREEMENT_THRESHOLDS = {"int4": 0.55, "fp16": 0.9}
 PARITY_TOKENS = 32
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """The builder's precision name; `Auto` is INT4 on CPU and FP16 on CUDA. FP16 needs CUDA:
-    ONNX Runtime's CPU provider upcasts FP16 through Cast nodes and runs slower than FP32."""
-    device = device.upper()
-    if device not in ("CPU", "CUDA"):
-        raise ConfigError(f"--device must be CPU or CUDA, not {device!r}")
-    wanted = precision.upper()
-    if wanted == "AUTO":
-        return "int4" if device == "CPU" else "fp16"
-    if wanted not in ("INT4", "FP16", "FP32"):
-        raise ConfigError(f"--precision must be INT4, FP16, FP32 or Auto, not {precision!r}")
-    if wanted == "FP16" and device == "CPU":
-        raise ConfigError("FP16 runs on CUDA only; use INT4 or FP32 on CPU")
-    return wanted.lower()
+def builder_precision(precision: str, device: str) -> str:
+    """The builder's precision name (`int4`, `fp16`, `fp32`) for `--precision` on `--device`;
+    what `Auto` means is `kubetune.api.dataplane.resolve_precision`'s to say."""
+    try:
+        return resolve_precision(precision, device).value.lower()
+    except ValueError as error:
+        raise ConfigError(f"--precision/--device: {error}") from None
 
 
 def builder_command(
@@ -167,7 +160,7 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def verify(model_dir: Path, output: Path, precision: str, report: dict[str, Any]) -> list[str]:
+def verify(model_dir: Path, output: Path, precision: str, report: ExportReport) -> list[str]:
     """Run both parity checks, record them in `report`, and return the failures."""
     from kubetune_trainer.export import parity
     from kubetune_trainer.export.tokenizer_parity import check_genai_tokenizer, check_parity
@@ -178,8 +171,8 @@ def verify(model_dir: Path, output: Path, precision: str, report: dict[str, Any]
     started = time.monotonic()
     tokens = check_parity(model_dir, serving)
     tokens["seconds"] = round(time.monotonic() - started, 2)
-    report["tokenizerParity"] = tokens
-    report["genaiTokenizer"] = check_genai_tokenizer(output, serving)
+    report.tokenizer_parity = tokens
+    report.genai_tokenizer = check_genai_tokenizer(output, serving)
     if not tokens["ok"]:
         first = tokens["mismatches"][0]
         failures.append(
@@ -197,7 +190,7 @@ def verify(model_dir: Path, output: Path, precision: str, report: dict[str, Any]
         threshold = AGREEMENT_THRESHOLDS[precision]
         output_parity["required"] = f"teacherForcedAgreement >= {threshold}"
         output_parity["ok"] = result.teacher_forced_agreement >= threshold
-    report["outputParity"] = output_parity
+    report.output_parity = output_parity
     if not output_parity["ok"]:
         failures.append(
             f"output parity: {output_parity['required']} not met: {json.dumps(output_parity)}"
@@ -207,22 +200,17 @@ def verify(model_dir: Path, output: Path, precision: str, report: dict[str, Any]
 
 def export(source: Path, output: Path, precision: str, device: str, base: Path | None) -> int:
     started = time.monotonic()
-    precision = resolve_precision(precision, device)
+    precision = builder_precision(precision, device)
     model_dir, adapter_base = resolve_input(source, base)
-    report: dict[str, Any] = {
-        "input": str(source),
-        "precision": precision.upper(),
-        "device": device.upper(),
-        "timings": {},
-    }
+    report = ExportReport(input=str(source), precision=precision.upper(), device=device.upper())
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=output.parent) as scratch:
         if adapter_base is not None:
             merged = Path(scratch) / "merged"
             step = time.monotonic()
             merge_adapter(model_dir, adapter_base, merged)
-            report["timings"]["mergeSeconds"] = round(time.monotonic() - step, 2)
-            report["adapter"], report["base"] = str(model_dir), str(adapter_base)
+            report.timings["mergeSeconds"] = round(time.monotonic() - step, 2)
+            report.adapter, report.base = str(model_dir), str(adapter_base)
             model_dir = merged
         staging = Path(scratch) / "onnx"
         step = time.monotonic()
@@ -235,18 +223,18 @@ def export(source: Path, output: Path, precision: str, device: str, base: Path |
                 check=False,
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},
             )
-        report["timings"]["buildSeconds"] = round(time.monotonic() - step, 2)
+        report.timings["buildSeconds"] = round(time.monotonic() - step, 2)
         if built.returncode != 0:
             tail = log.read_text(errors="replace")[-2000:]
             return fail(output, report, [f"model builder exited {built.returncode}: {tail}"])
         copy_tokenizer(model_dir, staging)
-        report["sizes"] = {
+        report.sizes = {
             "modelBytes": sum(f.stat().st_size for f in staging.glob("model.onnx*")),
             "totalBytes": directory_bytes(staging),
         }
         step = time.monotonic()
         failures = verify(model_dir, staging, precision, report)
-        report["timings"]["verifySeconds"] = round(time.monotonic() - step, 2)
+        report.timings["verifySeconds"] = round(time.monotonic() - step, 2)
         if failures:
             return fail(output, report, failures)
         # Replace the old export only now, so a failed run never leaves a half-verified model.
@@ -255,22 +243,22 @@ def export(source: Path, output: Path, precision: str, device: str, base: Path |
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(item, target)
-    report["ok"] = True
-    report["timings"]["totalSeconds"] = round(time.monotonic() - started, 2)
+    report.ok = True
+    report.timings["totalSeconds"] = round(time.monotonic() - started, 2)
     write_report(output, report)
-    print(json.dumps({"exported": str(output), **report["sizes"]}))
+    print(json.dumps({"exported": str(output), **report.sizes}))
     return 0
 
 
-def write_report(output: Path, report: dict[str, Any]) -> None:
+def write_report(output: Path, report: ExportReport) -> None:
     staged = output / ".export.json.tmp"
-    staged.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    staged.write_text(report.to_json())
     os.replace(staged, output / "export.json")
 
 
-def fail(output: Path, report: dict[str, Any], failures: list[str]) -> int:
-    report["ok"] = False
-    report["failures"] = failures
+def fail(output: Path, report: ExportReport, failures: list[str]) -> int:
+    report.ok = False
+    report.failures = failures
     write_report(output, report)
     for failure in failures:
         print(f"export failed: {failure}", file=sys.stderr)

@@ -3,8 +3,9 @@
 The loss is the mean cross-entropy over the validation records' target tokens (the same
 tokens training puts a loss on). Accuracy covers records that carry a reference answer (Chat:
 the last assistant turn; Instruction: `output`; Completion: `completion`): the model answers
-the prompt greedily and the answer counts when it equals the reference after trimming
-whitespace. At most `$KUBETUNE_EVAL_MAX_RECORDS` records (default 50) are generated for.
+the prompt greedily and the answer counts when `kubetune.api.dataplane.exact_match` says so
+(whitespace and code fences aside, the definition `kubetune run` also uses). At most
+`$KUBETUNE_EVAL_MAX_RECORDS` records (default 50) are generated for.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kubetune.api.dataplane import exact_match
 from kubetune_trainer.train.data import Example
 from kubetune_trainer.train.encoding import Encoded, encode_prompt
 from kubetune_trainer.train.microbatches import collate, split_micro_batches
@@ -55,10 +57,6 @@ def eval_loss(model: torch.nn.Module, records: Sequence[Encoded], token_budget: 
     return total / sum(r.targets for r in records)
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.split())
-
-
 @torch.no_grad()
 def accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], device: torch.device,
              batch_size: int = 8) -> tuple[float | None, int, list[dict[str, Any]]]:
@@ -84,7 +82,7 @@ def accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], device: to
         )
         for row, reference in zip(output[:, width:], references, strict=True):
             answer = tokenizer.decode(row, skip_special_tokens=True)
-            matched = _normalise(answer) == _normalise(reference)
+            matched = exact_match(answer, reference)
             hits += matched
             if len(samples) < 5:
                 samples.append({"reference": reference, "answer": answer, "match": matched})

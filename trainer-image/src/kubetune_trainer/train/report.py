@@ -8,21 +8,10 @@
   with `Authorization: Bearer <contents of $KUBETUNE_REPORT_TOKEN_FILE>`, at most one every
   `$KUBETUNE_REPORT_INTERVAL_SECONDS` (default 10; the final step is always sent), from a
   background thread with a 5 s timeout. A dead endpoint is logged once and never fails training.
-- `report.json` at the end (schema below), and a short form of it (<= 4096 bytes, JSON) written
-  to the termination-message path `$KUBETUNE_TERMINATION_LOG` (default `/dev/termination-log`;
-  skipped silently when not writable).
-
-`report.json` schema (every key always present; numbers null when unknown):
-  status: "Succeeded" | "Failed"      error: string | null (why it failed)
-  steps: int (optimizer steps done)   totalSteps: int      epochs: float
-  trainLoss, evalLoss, baseEvalLoss: float | null    (mean token cross-entropy)
-  accuracy, baseAccuracy: float | null  (exact match of greedy answers, 0-1)
-  evalRecords: int (records the accuracy used)     tokensPerSecond: float | null
-  trainTokens: int    trainRecords: int    truncatedRecords: int    droppedRecords: int
-  adapter: "adapter" | null   merged: "merged" | null  (paths relative to the output dir)
-  method, format: strings     worldSize: int    deepspeed: bool    resumedFromStep: int | null
-  runtimeSeconds: float
-  testSplit: string | null (the held-out test file shipped beside a built-in dataset)
+- `report.json` at the end (`kubetune.api.dataplane.TrainingReport`: the schema both planes
+  share), and a short form of it (<= 4096 bytes, JSON) written to the termination-message path
+  `$KUBETUNE_TERMINATION_LOG` (default `/dev/termination-log`; skipped silently when not
+  writable).
 """
 
 from __future__ import annotations
@@ -38,29 +27,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.dataplane import ProgressReport, TrainingReport
+
 log = logging.getLogger("kubetune_trainer")
 
 TERMINATION_LIMIT = 4096
-SHORT_KEYS = (
-    "status", "error", "steps", "totalSteps", "trainLoss", "evalLoss", "baseEvalLoss",
-    "accuracy", "baseAccuracy", "tokensPerSecond", "truncatedRecords", "adapter", "merged",
-)
+SHORT_FIELDS = {
+    "status", "error", "steps", "total_steps", "train_loss", "eval_loss", "base_eval_loss",
+    "accuracy", "base_accuracy", "tokens_per_second", "truncated_records", "adapter", "merged",
+}
 
 
-def empty_report() -> dict[str, Any]:
-    return {
-        "status": "Failed", "error": None, "steps": 0, "totalSteps": 0, "epochs": 0.0,
-        "trainLoss": None, "evalLoss": None, "baseEvalLoss": None, "accuracy": None,
-        "baseAccuracy": None, "evalRecords": 0, "tokensPerSecond": None, "trainTokens": 0,
-        "trainRecords": 0, "truncatedRecords": 0, "droppedRecords": 0, "adapter": None,
-        "merged": None, "method": None, "format": None, "worldSize": 1, "deepspeed": False,
-        "resumedFromStep": None, "runtimeSeconds": 0.0, "testSplit": None,
-    }
-
-
-def short_form(report: dict[str, Any]) -> str:
+def short_form(report: TrainingReport) -> str:
     """The termination message: the keys the operator reads, cut to fit 4096 bytes."""
-    short = {key: report.get(key) for key in SHORT_KEYS}
+    short = report.model_dump(by_alias=True, mode="json", include=SHORT_FIELDS)
     text = json.dumps(short, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_LIMIT:
         error = str(short.get("error") or "")
@@ -70,11 +50,11 @@ def short_form(report: dict[str, Any]) -> str:
     return text
 
 
-def write_final(output: Path, report: dict[str, Any]) -> None:
+def write_final(output: Path, report: TrainingReport) -> None:
     """`report.json` and the termination message."""
     output.mkdir(parents=True, exist_ok=True)
     staging = output / ".report.json.tmp"
-    staging.write_text(json.dumps(report, indent=2) + "\n")
+    staging.write_text(report.to_json() + "\n")
     staging.replace(output / "report.json")
     path = os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
     try:
@@ -96,11 +76,13 @@ class MetricsLog:
 
 
 def progress_body(entry: dict[str, Any], eval_loss: float | None) -> dict[str, Any]:
-    return {
-        "step": entry["step"], "totalSteps": entry["totalSteps"], "epoch": entry["epoch"],
-        "trainLoss": entry.get("loss"), "evalLoss": eval_loss,
-        "tokensPerSecond": entry.get("tokensPerSecond"), "etaSeconds": entry.get("etaSeconds"),
-    }
+    """The progress POST's body (`kubetune.api.dataplane.ProgressReport`) from a metrics line."""
+    report = ProgressReport(
+        step=entry["step"], total_steps=entry["totalSteps"], epoch=entry["epoch"],
+        train_loss=entry.get("loss"), eval_loss=eval_loss,
+        tokens_per_second=entry.get("tokensPerSecond"), eta_seconds=entry.get("etaSeconds"),
+    )
+    return report.model_dump(by_alias=True, mode="json")
 
 
 class Reporter:

@@ -24,16 +24,17 @@ from typing import Any
 import torch
 
 from kubetune.api import RunConfig
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, TrainingReport
 from kubetune.api.spec import Method
 from kubetune_trainer import runconfig, sources
-from kubetune_trainer.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.train import checkpoint, distributed, outputs
 from kubetune_trainer.train import deepspeed as dsconfig
 from kubetune_trainer.train import model as models
 from kubetune_trainer.train.evaluate import Evaluation, evaluate
 from kubetune_trainer.train.loop import run_steps, token_budget
 from kubetune_trainer.train.prepare import PreparedData, load_datasets, prepare
-from kubetune_trainer.train.report import empty_report, write_final
+from kubetune_trainer.train.report import write_final
 from kubetune_trainer.train.stepper import DeepSpeedEngine, TorchEngine
 
 log = logging.getLogger("kubetune_trainer")
@@ -55,18 +56,18 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: dict[str, Any]) -> None:
+def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: TrainingReport) -> None:
     spec = run.spec
-    report["method"] = spec.method.value
+    report.method = spec.method.value
     test_split = sources.builtin_split(spec.dataset.source, "test")
-    report["testSplit"] = str(test_split) if test_split is not None else None
+    report.test_split = str(test_split) if test_split is not None else None
     fmt, train_examples, validation_examples = load_datasets(run)
     location = sources.resolve_model(spec.model.source, spec.model.revision)
     tokenizer = models.load_tokenizer(location, spec)
     data = prepare(run, tokenizer, fmt, train_examples, validation_examples, ranks.world)
-    report.update(format=fmt, totalSteps=data.schedule.total_steps, trainRecords=len(data.train),
-                  truncatedRecords=data.truncated, droppedRecords=data.dropped,
-                  worldSize=ranks.world)
+    report.format, report.total_steps = fmt, data.schedule.total_steps
+    report.train_records, report.world_size = len(data.train), ranks.world
+    report.truncated_records, report.dropped_records = data.truncated, data.dropped
 
     device = distributed.device_for(ranks)
     use_ds = dsconfig.uses_deepspeed(run, ranks.world)
@@ -94,22 +95,22 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: dict[s
                                               device, config)
     else:
         engine = TorchEngine(model, spec.training, data.schedule.total_steps, device)
-    report["deepspeed"] = use_ds
+    report.deepspeed = use_ds
 
     newest = checkpoint.newest(output / "checkpoints") if ranks.is_main else None
     resume = distributed.broadcast_text(str(newest) if newest else None, ranks)
     start = 0
     if resume:
         start = int(checkpoint.load(Path(resume), engine, ranks)["step"])
-        report["resumedFromStep"] = start
+        report.resumed_from_step = start
         log.info("resuming from %s (step %d)", resume, start)
 
     result = run_steps(run, data, engine, ranks, device, output, start,
                        tokenizer.pad_token_id)
-    report.update(steps=result.steps, trainLoss=result.train_loss,
-                  epochs=round(result.steps / data.schedule.steps_per_epoch, 4),
-                  tokensPerSecond=round(result.tokens / max(result.seconds, 1e-9), 2),
-                  trainTokens=result.tokens)
+    report.steps, report.train_loss = result.steps, result.train_loss
+    report.epochs = round(result.steps / data.schedule.steps_per_epoch, 4)
+    report.tokens_per_second = round(result.tokens / max(result.seconds, 1e-9), 2)
+    report.train_tokens = result.tokens
 
     trained = outputs.gather_trainable(engine, ranks.is_main)
     if ranks.is_main:
@@ -121,14 +122,15 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: dict[s
 
 def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
             location: sources.ModelLocation, output: Path, before: Evaluation,
-            device: torch.device, report: dict[str, Any]) -> None:
+            device: torch.device, report: TrainingReport) -> None:
     """Rank 0: evaluate the result, save adapter/merged, write evaluation.json."""
     after = Evaluation()
     if data.validation:
         after = evaluate(final, tokenizer, data.validation, data.validation_examples,
                          token_budget(run), device)
-    report.update(evalLoss=after.loss, baseEvalLoss=before.loss, accuracy=after.accuracy,
-                  baseAccuracy=before.accuracy, evalRecords=after.records)
+    report.eval_loss, report.base_eval_loss = after.loss, before.loss
+    report.accuracy, report.base_accuracy = after.accuracy, before.accuracy
+    report.eval_records = after.records
     _write_json(output / "evaluation.json", {
         "baseEvalLoss": before.loss, "evalLoss": after.loss, "baseAccuracy": before.accuracy,
         "accuracy": after.accuracy, "records": after.records, "validationRecords":
@@ -138,9 +140,9 @@ def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
     if run.spec.method.uses_adapter:
         adapter = output / "adapter"
         outputs.save_adapter(final, tokenizer, adapter)
-        report["adapter"] = "adapter"
+        report.adapter = "adapter"
     outputs.save_merged(location, run.spec, tokenizer, final, adapter, output / "merged")
-    report["merged"] = "merged"
+    report.merged = "merged"
 
 
 def main(argv: list[str]) -> int:
@@ -149,22 +151,22 @@ def main(argv: list[str]) -> int:
     ranks = distributed.ranks_from_env()
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)
-    report = empty_report()
+    report = TrainingReport()
     began = time.monotonic()
     code = 0
     try:
         train(runconfig.load(args.config), output, ranks, report)
-        report["status"] = "Succeeded"
+        report.status = "Succeeded"
     except ConfigError as error:
-        report["error"] = str(error)
+        report.error = str(error)
         code = CONFIG_ERROR_EXIT_CODE
     except Exception as error:
         log.exception("training failed")
-        report["error"] = f"{type(error).__name__}: {error}"
+        report.error = f"{type(error).__name__}: {error}"
         code = 1
-    report["runtimeSeconds"] = round(time.monotonic() - began, 2)
+    report.runtime_seconds = round(time.monotonic() - began, 2)
     if code:
-        log.error("%s", report["error"])
+        log.error("%s", report.error)
     if ranks.is_main:
         write_final(output, report)
     distributed.shutdown()
