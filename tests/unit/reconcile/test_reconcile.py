@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from kubetune.reconcile.decide import ChildRef, needs_reference_check
 from tests.unit.operator_fixtures import (
     applied,
@@ -263,3 +265,19 @@ def test_reference_check_only_until_validated_for_this_generation() -> None:
     validated = {"conditions": [{"type": "Validated", "status": "True", "observedGeneration": 1}]}
     assert not needs_reference_check(body(status=validated))
     assert needs_reference_check(body(status=validated, generation=2))
+
+
+def test_a_spec_the_models_refuse_is_invalid_with_the_field_named() -> None:
+    from pydantic import ValidationError
+
+    from kubetune.api import FineTuneJobSpec
+    from kubetune.reconcile.decide import invalid_spec_status
+
+    with pytest.raises(ValidationError) as refused:
+        FineTuneJobSpec.model_validate({"model": {"source": "builtin://x"}, "method": "Magic"})
+    body = {"metadata": {"name": "bad", "generation": 4}}
+    status = invalid_spec_status(body, refused.value, "2026-01-01T00:00:00Z")
+    assert status["phase"] == "Invalid" and status["observedGeneration"] == 4
+    (condition,) = status["conditions"]
+    assert condition["type"] == "Validated" and condition["status"] == "False"
+    assert condition["reason"] == "InvalidSpec" and "method" in condition["message"]

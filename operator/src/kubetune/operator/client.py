@@ -124,7 +124,9 @@ class KubeClient:
         accept: str | None = None,
         ok_missing: bool = False,
     ) -> Any:
-        """JSON in, JSON out; retries throttling, server errors and conflicts a few times."""
+        """JSON in, JSON out; retries throttling (429), server errors and dropped connections
+        a few times. A 409 conflict is raised, not retried: the caller must re-read (a PUT
+        with a stale resourceVersion would only conflict again)."""
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
             self._session = aiohttp.ClientSession(connector=connector)

@@ -30,7 +30,12 @@ from kubetune.operator.references import ExistenceCache
 from kubetune.planner.deepspeed import deepspeed_config
 from kubetune.planner.plan import PlanError, plan
 from kubetune.reconcile.conditions import Event
-from kubetune.reconcile.decide import Observed, needs_reference_check, reconcile
+from kubetune.reconcile.decide import (
+    Observed,
+    invalid_spec_status,
+    needs_reference_check,
+    reconcile,
+)
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -121,7 +126,7 @@ class Controller:
             spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
         except ValidationError as error:
             # Admission should have refused it (an older CRD?): say so, create nothing.
-            await self._patch_status(key, body, _invalid_spec_status(body, error, self.clock()))
+            await self._patch_status(key, body, invalid_spec_status(body, error, self.clock()))
             return
         plan, plan_error, deepspeed = plan_for(spec)
         missing: list[str] = []
@@ -184,26 +189,3 @@ class Controller:
             raise RetryLater(str(error)) from error
         if result is not None:
             self._latest[key] = result
-
-
-def _invalid_spec_status(
-    body: Mapping[str, Any], error: ValidationError, now: str
-) -> dict[str, Any]:
-    generation = body["metadata"].get("generation")
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-    )[:1024]
-    return {
-        "observedGeneration": generation,
-        "phase": "Invalid",
-        "conditions": [
-            {
-                "type": "Validated",
-                "status": "False",
-                "reason": "InvalidSpec",
-                "message": message,
-                "observedGeneration": generation,
-                "lastTransitionTime": now,
-            }
-        ],
-    }

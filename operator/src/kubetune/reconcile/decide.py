@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.api import ConditionType, FineTuneJobSpec, PlanStatus
+from pydantic import ValidationError
+
+from kubetune.api import ConditionType, FineTuneJobSpec, Phase, PlanStatus
 from kubetune.api.dataplane import TrainingReport
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
@@ -219,3 +221,28 @@ def _diff(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, A
     """The merge patch that turns `previous` into `status` (top-level keys), or {}."""
     patch = {key: value for key, value in status.items() if previous.get(key) != value}
     return patch
+
+
+def invalid_spec_status(
+    body: Mapping[str, Any], error: ValidationError, now: str
+) -> dict[str, Any]:
+    """The status of a FineTuneJob whose spec the models refuse (an object stored before the
+    CRD's schema caught the problem): Invalid, with every field named."""
+    generation = body["metadata"].get("generation")
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+    )[:1024]
+    return {
+        "observedGeneration": generation,
+        "phase": Phase.INVALID.value,
+        "conditions": [
+            {
+                "type": ConditionType.VALIDATED.value,
+                "status": "False",
+                "reason": "InvalidSpec",
+                "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": now,
+            }
+        ],
+    }
