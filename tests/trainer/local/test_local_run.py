@@ -26,11 +26,6 @@ ROOT = Path(__file__).resolve().parents[3]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _needs(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not written yet or not installed")
-
-
 def _dataset(directory: Path) -> dict[str, Path]:
     spec = importlib.util.spec_from_file_location("kubectl_dataset",
                                                   ROOT / "examples/kubectl_dataset.py")
@@ -92,8 +87,6 @@ def test_bad_manifest_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_bad_dataset_line_is_named(tmp_path: Path) -> None:
-    _needs("kubetune.planner.plan")
-    _needs("kubetune_trainer.train.run")
     data = _dataset(tmp_path / "data")
     lines = data["train"].read_text().splitlines()
     lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'
@@ -108,7 +101,6 @@ def test_bad_dataset_line_is_named(tmp_path: Path) -> None:
 
 def test_a_run_dir_of_another_spec_is_refused(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    _needs("kubetune.planner.plan")
     from kubetune.api import load_manifest
     from kubetune.local.run import prepare_run
 
@@ -122,9 +114,6 @@ def test_a_run_dir_of_another_spec_is_refused(tmp_path: Path,
 
 @pytest.mark.slow
 def test_run_trains_exports_evaluates_and_answers(tmp_path: Path) -> None:
-    for module in ("kubetune.planner.plan", "kubetune_trainer.train.run",
-                   "kubetune_trainer.export.run", "kubetune_trainer.serve.server"):
-        _needs(module)
     data = _dataset(tmp_path / "data")
     manifest = _manifest(tmp_path, data, 2, True)
     run_dir = tmp_path / "run"
@@ -155,8 +144,6 @@ def test_run_trains_exports_evaluates_and_answers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path: Path) -> None:
-    for module in ("kubetune.planner.plan", "kubetune_trainer.train.run"):
-        _needs(module)
     data = _dataset(tmp_path / "data")
     manifest = _manifest(tmp_path, data, 10, False)
     run_dir = tmp_path / "run"
