@@ -133,12 +133,13 @@ def test_a_refused_pass_is_retried_from_the_indexes(monkeypatch: pytest.MonkeyPa
     import kopf
 
     from kubetune.operator import handlers
+    from kubetune.operator.indexes import INDEXES
 
     monkeypatch.setattr(handlers, "RETRY_SECONDS", 0.01)
     key = ("ns", "job")
     stale = {"metadata": {"namespace": "ns", "name": "job", "resourceVersion": "1"}}
     fresh = {"metadata": {"namespace": "ns", "name": "job", "resourceVersion": "2"}}
-    indexes: dict[str, dict[Any, Any]] = {name: {} for name in handlers.INDEXES}
+    indexes: dict[str, dict[Any, Any]] = {name: {} for name in INDEXES}
     indexes["finetunejobs"][key] = [stale]
     controller = FlakyController()
     memo = kopf.Memo(controller=controller, shared={})

@@ -18,29 +18,17 @@ from typing import Any
 import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.builders import naming
 from kubetune.operator.controller import Controller, RetryLater
+from kubetune.operator.indexes import (
+    INDEXES,
+    MANAGED,
+    children_of,
+    owner_key,
+    register_indexes,
+)
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import ProgressSink
-from kubetune.reconcile.runs import slim
 
-MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
-CHILD_INDEXES = ("kubetune_jobs", "kubetune_pods", "kubetune_deployments")
-
-
-def _owner_key(body: kopf.Body) -> tuple[str, str] | None:
-    job = body.metadata.labels.get(naming.LABEL_JOB)
-    return (body.metadata.namespace or "", job) if job else None
-
-
-def children_of(key: tuple[str, str], indexes: Mapping[str, Any]) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    for name in CHILD_INDEXES:
-        found.extend(indexes[name].get(key, ()))
-    return found
-
-
-INDEXES = ("finetunejobs", *CHILD_INDEXES)
 RETRY_SECONDS = 5.0
 
 
@@ -113,31 +101,12 @@ async def resync_forever(memo: kopf.Memo, interval: float) -> None:
 def register(registry: kopf.OperatorRegistry) -> None:
     """Put the handlers on `registry` (one per operator; tests build their own)."""
 
+    register_indexes(registry)
+
     @kopf.on.login(registry=registry, id="login")
     def login(**kwargs: Any) -> Any:
         # A registry of our own has none of kopf's default login handlers.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-
-    @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="finetunejobs")
-    async def finetunejobs(body: kopf.Body, **_: Any) -> Any:
-        return {(body.metadata.namespace, body.metadata.name): dict(body)}
-
-    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="kubetune_jobs")
-    async def kubetune_jobs(body: kopf.Body, **_: Any) -> Any:
-        key = _owner_key(body)
-        return {key: slim(body, "Job", "batch/v1")} if key else None
-
-    @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry, id="kubetune_pods")
-    async def kubetune_pods(body: kopf.Body, **_: Any) -> Any:
-        key = _owner_key(body)
-        return {key: slim(body, "Pod", "v1")} if key else None
-
-    @kopf.index(
-        "apps", "v1", "deployments", labels=MANAGED, registry=registry, id="kubetune_deployments"
-    )
-    async def kubetune_deployments(body: kopf.Body, **_: Any) -> Any:
-        key = _owner_key(body)
-        return {key: slim(body, "Deployment", "apps/v1")} if key else None
 
     # One event handler for create, update, resume (kopf's initial listing) and delete. kopf's
     # change handlers (on.create/on.update/on.resume) would record a last-handled-configuration
@@ -165,7 +134,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def child_changed(
         body: kopf.Body, type: str | None, memo: kopf.Memo, **kwargs: Any
     ) -> None:
-        key = _owner_key(body)
+        key = owner_key(body)
         if key is None:
             return
         if type == "DELETED":
