@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kubetune_trainer.serve.engines.genai import TextAssembler
+from kubetune_trainer.serve.engines.text import TextAssembler
 from tests.trainer.export.test_export import exported_model
 
 LIMITS = [
@@ -432,7 +432,7 @@ def test_genai_engine_serves_the_same_greedy_text(server: Server) -> None:
 def test_sampling_follows_temperature_and_top_p() -> None:
     import numpy as np
 
-    from kubetune_trainer.serve.engines.batch.scheduler import sample
+    from kubetune_trainer.serve.engines.batch.sampling import sample
     from kubetune_trainer.serve.protocol import GenerationRequest
 
     def request(temperature: float, top_p: float) -> GenerationRequest:

@@ -11,58 +11,58 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from kubetune_trainer.serve.http import STATE, error_response, read_body, served_name
+from kubetune_trainer.serve.engines.base import Engine
+from kubetune_trainer.serve.http import error_response, read_body, served_name
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import (
-    ApiError,
     GenerationRequest,
+    RequestError,
     chunk,
     full_response,
     usage,
     usage_chunk,
 )
 from kubetune_trainer.serve.requests import parse_request
+from kubetune_trainer.serve.state import STATE
 
 
-def completion_handler(chat: bool) -> Any:
+def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     endpoint = "chat_completions" if chat else "completions"
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        metrics: Metrics = state["metrics"]
+        metrics = state.metrics
         started = time.monotonic()
         status = 500
         try:
-            if state["draining"]:
-                raise ApiError(
+            if state.draining:
+                raise RequestError(
                     503, "the server is shutting down", kind="server_error", code="shutting_down"
                 )
-            if not state["ready"]:
-                raise ApiError(
+            engine = state.engine
+            if engine is None:
+                raise RequestError(
                     503, "the model is still loading", kind="server_error", code="not_ready"
                 )
-            engine = state["engine"]
             parsed = parse_request(
-                await read_body(request, engine.limits), chat, state["name"], engine.limits
+                await read_body(request, state.limits), chat, state.name, state.limits
             )
             ids = engine.prompt_ids(parsed)
-            engine.admit()
-            state["inflight"] += 1
-            state["idle"].clear()
+            state.admission.admit()
+            state.begin()
             try:
                 response = await generate(request, engine, parsed, ids, metrics, started)
             finally:
-                state["inflight"] -= 1
-                engine.release()
-                if state["inflight"] == 0:
-                    state["idle"].set()
+                state.end()
+                state.admission.release()
             status = response.status
             return response
-        except ApiError as error:
+        except RequestError as error:
             status = error.status
             metrics.error(error.code or error.kind)
             return error_response(error)
@@ -74,7 +74,7 @@ def completion_handler(chat: bool) -> Any:
 
 async def generate(
     request: web.Request,
-    engine: Any,
+    engine: Engine,
     parsed: GenerationRequest,
     ids: list[int],
     metrics: Metrics,
@@ -92,7 +92,7 @@ async def generate(
             if event.kind == "error":
                 metrics.error("generation_failed")
                 if stream is None:
-                    raise ApiError(500, f"generation failed: {event.text}", kind="server_error")
+                    raise RequestError(500, f"generation failed: {event.text}", kind="server_error")
                 break
             if event.kind == "delta" and first:
                 metrics.first_token(time.monotonic() - started)

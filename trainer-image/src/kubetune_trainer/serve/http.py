@@ -1,5 +1,5 @@
-"""The server's HTTP plumbing: the app state key, errors in OpenAI's shape, the bounded body
-read, and the small endpoints (`/healthz`, `/readyz`, `/v1/models`, `/metrics`).
+"""The server's HTTP plumbing: errors in OpenAI's shape, the bounded body read, and the small
+endpoints (`/healthz`, `/readyz`, `/v1/models`, `/metrics`).
 
 Kept apart from the completion handlers because none of this touches generation: it is what
 every request goes through, or what probes and scrapers call, and reads only the app state.
@@ -11,15 +11,12 @@ from typing import Any
 
 from aiohttp import web
 
-from kubetune_trainer.serve.metrics import Metrics
-from kubetune_trainer.serve.protocol import ApiError, Limits
+from kubetune_trainer.serve.protocol import Limits, RequestError
 from kubetune_trainer.serve.requests import parse_json
-
-ENGINE: web.AppKey[Any] = web.AppKey("engine", object)
-STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
+from kubetune_trainer.serve.state import STATE
 
 
-def error_response(error: ApiError) -> web.Response:
+def error_response(error: RequestError) -> web.Response:
     return web.json_response(error.body(), status=error.status)
 
 
@@ -28,17 +25,17 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     """Every HTTP-level failure (404, 405, 413, ...) in OpenAI's error shape too."""
     try:
         return await handler(request)
-    except ApiError as error:
+    except RequestError as error:
         return error_response(error)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         kind = "invalid_request_error" if error.status < 500 else "server_error"
-        return error_response(ApiError(error.status, error.reason, kind=kind))
+        return error_response(RequestError(error.status, error.reason, kind=kind))
 
 
 async def read_body(request: web.Request, limits: Limits) -> dict[str, Any]:
-    too_large = ApiError(
+    too_large = RequestError(
         413, f"request body exceeds {limits.max_body_bytes} bytes", code="request_too_large"
     )
     if (request.content_length or 0) > limits.max_body_bytes:
@@ -50,7 +47,7 @@ async def read_body(request: web.Request, limits: Limits) -> dict[str, Any]:
 
 
 def served_name(request: web.Request) -> str:
-    return str(request.app[STATE]["name"])
+    return request.app[STATE].name
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -59,11 +56,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if state["draining"]:
+    if state.draining:
         return web.json_response({"status": "draining"}, status=503)
-    if state["error"]:
-        return web.json_response({"status": "failed", "error": state["error"]}, status=503)
-    if not state["ready"]:
+    if state.error:
+        return web.json_response({"status": "failed", "error": state.error}, status=503)
+    if state.engine is None:
         return web.json_response({"status": "loading"}, status=503)
     return web.json_response({"status": "ready"})
 
@@ -71,17 +68,19 @@ async def readyz(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     entry = {
-        "id": state["name"],
+        "id": state.name,
         "object": "model",
-        "created": state["created"],
+        "created": state.created,
         "owned_by": "kubetune",
     }
     return web.json_response({"object": "list", "data": [entry]})
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    metrics: Metrics = request.app[STATE]["metrics"]
-    engine = request.app[STATE].get("engine")
-    if engine is not None:
-        metrics.set_load(engine.running, engine.admitted - engine.running)
-    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+    state = request.app[STATE]
+    if state.engine is not None:
+        running = state.engine.running
+        state.metrics.set_load(running, state.admission.admitted - running)
+    return web.Response(
+        body=state.metrics.render(), headers={"Content-Type": state.metrics.content_type}
+    )

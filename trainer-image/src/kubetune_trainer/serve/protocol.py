@@ -1,8 +1,8 @@
 """The OpenAI wire format: the server's limits, its error, a validated request, and the
 response bodies built from them, as pure functions.
 
-Request validation lives in `serve_requests.py`; these are the types that the server and both
-engines share, and the bodies the server sends back. An `ApiError` carries OpenAI's error shape
+Request validation lives in `requests`; these are the types that the server and both engines
+share, and the bodies the server sends back. A `RequestError` carries OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -27,7 +27,10 @@ class Limits:
     grace_seconds: float = 30.0
 
 
-class ApiError(Exception):
+class RequestError(Exception):
+    """A request the server will not serve: the HTTP status, and OpenAI's error type, message,
+    param and code; 4xx for the client's mistakes, 5xx for the server's."""
+
     def __init__(
         self,
         status: int,

@@ -1,8 +1,8 @@
 """Request validation for the OpenAI endpoints: a JSON body in, a `GenerationRequest` out.
 
-Every way a request can be wrong maps to an `ApiError` with a 4xx status and OpenAI's error shape
-`{"error": {"message", "type", "param", "code"}}`; the server never answers a client's mistake
-with a 500 or a hang. Kept apart from `serve_protocol.py` because the checks, one per field, are
+Every way a request can be wrong maps to a `RequestError` with a 4xx status and OpenAI's error
+shape `{"error": {"message", "type", "param", "code"}}`; the server never answers a client's
+mistake with a 500 or a hang. Kept apart from `protocol` because the checks, one per field, are
 most of the wire format's code, and the engines need only the types.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubetune_trainer.serve.protocol import ApiError, GenerationRequest, Limits
+from kubetune_trainer.serve.protocol import GenerationRequest, Limits, RequestError
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
@@ -21,11 +21,11 @@ def parse_json(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ApiError(
+        raise RequestError(
             400, f"request body is not valid JSON: {error}", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        raise RequestError(400, "request body must be a JSON object", code="invalid_json")
     return data
 
 
@@ -34,9 +34,9 @@ def _number(data: dict[str, Any], name: str, default: float, low: float, high: f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError(400, f"'{name}' must be a number", param=name, code="invalid_type")
+        raise RequestError(400, f"'{name}' must be a number", param=name, code="invalid_type")
     if not low <= value <= high:
-        raise ApiError(
+        raise RequestError(
             400,
             f"'{name}' must be between {low} and {high}, got {value}",
             param=name,
@@ -50,7 +50,7 @@ def _integer(data: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{name}' must be an integer", param=name, code="invalid_type")
+        raise RequestError(400, f"'{name}' must be an integer", param=name, code="invalid_type")
     return value
 
 
@@ -64,7 +64,7 @@ def _text_content(content: Any, index: int) -> str:
         for p in content
     ):
         return "".join(p["text"] for p in content)
-    raise ApiError(
+    raise RequestError(
         400, f"'{param}' must be a string or a list of text parts", param=param, code="invalid_type"
     )
 
@@ -72,15 +72,19 @@ def _text_content(content: Any, index: int) -> str:
 def _messages(data: dict[str, Any]) -> list[dict[str, str]]:
     messages = data.get("messages")
     if messages is None:
-        raise ApiError(400, "'messages' is required", param="messages", code="missing_required")
+        raise RequestError(400, "'messages' is required", param="messages", code="missing_required")
     if not isinstance(messages, list):
-        raise ApiError(400, "'messages' must be an array", param="messages", code="invalid_type")
+        raise RequestError(
+            400, "'messages' must be an array", param="messages", code="invalid_type"
+        )
     if not messages:
-        raise ApiError(400, "'messages' must not be empty", param="messages", code="empty_array")
+        raise RequestError(
+            400, "'messages' must not be empty", param="messages", code="empty_array"
+        )
     parsed = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ApiError(
+            raise RequestError(
                 400,
                 f"'messages[{index}]' must be an object",
                 param=f"messages[{index}]",
@@ -88,7 +92,7 @@ def _messages(data: dict[str, Any]) -> list[dict[str, str]]:
             )
         role = message.get("role")
         if role not in ROLES:
-            raise ApiError(
+            raise RequestError(
                 400,
                 f"'messages[{index}].role' must be one of {', '.join(ROLES)}",
                 param=f"messages[{index}].role",
@@ -101,11 +105,11 @@ def _messages(data: dict[str, Any]) -> list[dict[str, str]]:
 def _prompt(data: dict[str, Any]) -> str:
     prompt = data.get("prompt")
     if prompt is None:
-        raise ApiError(400, "'prompt' is required", param="prompt", code="missing_required")
+        raise RequestError(400, "'prompt' is required", param="prompt", code="missing_required")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise ApiError(
+        raise RequestError(
             400,
             "'prompt' must be a string (or a list of exactly one string)",
             param="prompt",
@@ -125,7 +129,7 @@ def _stop(data: dict[str, Any]) -> tuple[str, ...]:
         or not all(isinstance(s, str) and s for s in stop)
         or len(stop) > MAX_STOP_SEQUENCES
     ):
-        raise ApiError(
+        raise RequestError(
             400,
             f"'stop' must be a non-empty string or up to {MAX_STOP_SEQUENCES} non-empty strings",
             param="stop",
@@ -137,14 +141,14 @@ def _stop(data: dict[str, Any]) -> tuple[str, ...]:
 def parse_request(
     data: dict[str, Any], chat: bool, served_model: str, limits: Limits
 ) -> GenerationRequest:
-    """Validate a completions or chat completions body; raise `ApiError` on the first problem."""
+    """Validate a completions or chat completions body; `RequestError` on the first problem."""
     model = data.get("model")
     if model is None:
-        raise ApiError(400, "'model' is required", param="model", code="missing_required")
+        raise RequestError(400, "'model' is required", param="model", code="missing_required")
     if not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
+        raise RequestError(400, "'model' must be a string", param="model", code="invalid_type")
     if model != served_model:
-        raise ApiError(
+        raise RequestError(
             404,
             f"The model '{model}' does not exist; this server serves '{served_model}'",
             param="model",
@@ -159,7 +163,7 @@ def parse_request(
     if max_tokens is None:
         max_tokens = limits.default_max_tokens
     if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(
+        raise RequestError(
             400,
             f"'{name}' must be between 1 and {limits.max_tokens}, got {max_tokens}",
             param=name,
@@ -167,11 +171,11 @@ def parse_request(
         )
     n = _integer(data, "n")
     if n not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
+        raise RequestError(400, "only n=1 is supported", param="n", code="invalid_value")
     for penalty in ("presence_penalty", "frequency_penalty"):
         _number(data, penalty, 0.0, -2.0, 2.0)  # accepted for compatibility; not applied
     if data.get("logprobs") not in (None, False) or data.get("echo") not in (None, False):
-        raise ApiError(
+        raise RequestError(
             400,
             "logprobs and echo are not supported",
             param="logprobs",
@@ -179,10 +183,10 @@ def parse_request(
         )
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
+        raise RequestError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
     options = data.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise ApiError(
+        raise RequestError(
             400,
             "'stream_options' must be {\"include_usage\": bool}",
             param="stream_options",
@@ -190,12 +194,14 @@ def parse_request(
         )
     seed = _integer(data, "seed")
     if seed is not None and not 0 <= seed < 2**63:
-        raise ApiError(
+        raise RequestError(
             400, "'seed' must be a non-negative 64-bit integer", param="seed", code="invalid_value"
         )
     top_p = _number(data, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0.0:
-        raise ApiError(400, "'top_p' must be greater than 0", param="top_p", code="invalid_value")
+        raise RequestError(
+            400, "'top_p' must be greater than 0", param="top_p", code="invalid_value"
+        )
     return GenerationRequest(
         chat=chat,
         messages=messages,

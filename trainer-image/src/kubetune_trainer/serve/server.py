@@ -5,8 +5,8 @@
           [--grace-seconds S] [--engine batch|genai]
 
 `--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
-(continuous batching, `serve_batch.py`); `--engine genai` runs one onnxruntime-genai generator
-per request (`serve_engine.py`), kept as a reference: it is slower on every measure
+(continuous batching, `engines/batch`); `--engine genai` runs one onnxruntime-genai generator
+per request (`engines/genai.py`), kept as a reference: it is slower on every measure
 (bench/RESULTS.md).
 
 Each limit also reads `KUBETUNE_SERVE_<FLAG>` (e.g. KUBETUNE_SERVE_MAX_QUEUE). `--model` is an
@@ -18,7 +18,8 @@ taking new work (503, `/readyz` 503), lets every in-flight request and stream fi
 `--grace-seconds`, then exits 0, so a rolling update drops nothing.
 
 This module holds the command line, the app wiring and that lifecycle; the endpoints are in
-`serve_http.py` (probes, models, metrics, errors) and `serve_completions.py` (generation).
+`http.py` (probes, models, metrics, errors) and `completions.py` (generation); the state they
+share between requests is `state.ServerState`.
 """
 
 from __future__ import annotations
@@ -30,23 +31,17 @@ import logging
 import os
 import signal
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from kubetune_trainer.serve.completions import completion_handler
-from kubetune_trainer.serve.http import (
-    STATE,
-    errors_middleware,
-    healthz,
-    metrics_endpoint,
-    models,
-    readyz,
-)
-from kubetune_trainer.serve.metrics import Metrics
+from kubetune_trainer.serve.engines.base import Engine
+from kubetune_trainer.serve.http import errors_middleware, healthz, metrics_endpoint, models, readyz
 from kubetune_trainer.serve.protocol import Limits
+from kubetune_trainer.serve.state import STATE, ServerState
 
 log = logging.getLogger("kubetune.serve")
 
@@ -55,22 +50,7 @@ def build_app(
     model_dir: Path, name: str, limits: Limits, engine_kind: str = "batch"
 ) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=limits.max_body_bytes)
-    idle = asyncio.Event()
-    idle.set()
-    app[STATE] = {
-        "name": name,
-        "created": int(time.time()),
-        "ready": False,
-        "draining": False,
-        "error": None,
-        "inflight": 0,
-        "idle": idle,
-        "metrics": Metrics(),
-        "engine": None,
-        "model_dir": model_dir,
-        "limits": limits,
-        "engine_kind": engine_kind,
-    }
+    app[STATE] = ServerState(name, model_dir, limits, engine_kind)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -82,17 +62,19 @@ def build_app(
 
 async def load_engine(app: web.Application) -> None:
     from kubetune_trainer.serve.engines.batch.scheduler import BatchEngine
-    from kubetune_trainer.serve.engines.genai import Engine
+    from kubetune_trainer.serve.engines.genai import GenAIEngine
 
     state = app[STATE]
     try:
-        kind = Engine if state["engine_kind"] == "genai" else BatchEngine
-        engine = await asyncio.to_thread(kind, state["model_dir"], state["limits"])
+        kind: Callable[[Path, Limits], Engine] = (
+            GenAIEngine if state.engine_kind == "genai" else BatchEngine
+        )
+        engine = await asyncio.to_thread(kind, state.model_dir, state.limits)
         seconds = await asyncio.to_thread(engine.warm_up)
-        state["engine"], state["ready"] = engine, True
+        state.engine = engine  # the server is ready from here on
         log.info("model loaded and warmed up (%.2fs warm-up)", seconds)
     except Exception as error:
-        state["error"] = f"{type(error).__name__}: {error}"
+        state.error = f"{type(error).__name__}: {error}"
         log.exception("model failed to load")
 
 
@@ -112,21 +94,18 @@ async def serve(
     loader = asyncio.create_task(load_engine(app))
     await stop.wait()
     state = app[STATE]
-    state["draining"] = True
-    log.info(
-        "draining: %d request(s) in flight, grace %.0fs", state["inflight"], limits.grace_seconds
-    )
-    idle: asyncio.Event = state["idle"]
-    if state["inflight"]:
-        idle.clear()
+    state.draining = True
+    log.info("draining: %d request(s) in flight, grace %.0fs", state.inflight, limits.grace_seconds)
+    if state.inflight:
+        state.idle.clear()
     try:
-        await asyncio.wait_for(idle.wait(), limits.grace_seconds)
+        await asyncio.wait_for(state.idle.wait(), limits.grace_seconds)
     except TimeoutError:
-        log.warning("grace period over with %d request(s) still in flight", state["inflight"])
+        log.warning("grace period over with %d request(s) still in flight", state.inflight)
     loader.cancel()
     await runner.cleanup()
-    if state["engine"] is not None:
-        state["engine"].shutdown()
+    if state.engine is not None:
+        state.engine.shutdown()
     log.info("stopped")
     return 0
 

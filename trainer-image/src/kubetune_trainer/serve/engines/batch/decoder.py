@@ -1,9 +1,9 @@
 """The exported decoder as the batching engine runs it: its ONNX Runtime session, the names,
 shape and type of its key/value inputs, and prompt (prefill) runs.
 
-Separate from the scheduler (`serve_batch`), which decides who runs when, because this is what
+Separate from the scheduler (`scheduler`), which decides who runs when, because this is what
 the GenAI builder's export looks like to ONNX Runtime; decode steps run through the batch cache
-(`serve_kv.KVCache`), which this sets up.
+(`kv.KVCache`), which this sets up.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Decoder:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run the prompts: each row's last logits, and the present key/values.
 
-        At most `tokens_per_run` padded tokens go through one run. `serve_batch.prefill_groups`
+        At most `tokens_per_run` padded tokens go through one run. `scheduler.prefill_groups`
         keeps a group of several prompts within that, so only a prompt alone can take several
         runs: chunks whose past is the previous chunk's present (exactly what one run computes).
         """

@@ -3,7 +3,7 @@
 The server's default engine. One scheduler thread owns the batch. Between decode steps it
 admits waiting requests: those admitted together are prefilled together (right padded, in
 groups of bounded size), then each one's KV cache is copied into a row of the batch cache
-(`serve_kv.KVCache`). Every step decodes one token for every running sequence in a single
+(`kv.KVCache`). Every step decodes one token for every running sequence in a single
 session run, so the weights are read once per step for the whole batch instead of once per
 sequence: on a memory-bound CPU that is where aggregate throughput comes from. Finished or
 cancelled sequences leave the batch at once.
@@ -11,7 +11,7 @@ cancelled sequences leave the batch at once.
 Sequences of different lengths share a step through right padding: the builder's
 GroupQueryAttention takes each row's length from its attention-mask sum, writes the new key and
 value at that row's own position and never reads past it, so padded positions are inert (checked
-against unbatched greedy decoding, token for token, in tests/trainer/test_serve_batch.py).
+against unbatched greedy decoding, token for token, in tests/trainer/serve/test_serve_batch.py).
 onnxruntime-genai's own batching pads on the left instead, which its CPU attention decodes
 wrongly; hence this scheduler rather than onnxruntime-genai's.
 
@@ -31,15 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune_trainer.serve.engines.base import Event, encode_prompt
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW
 from kubetune_trainer.serve.engines.batch.sampling import sample
 from kubetune_trainer.serve.engines.batch.sequences import Outbox, Sequence, accept, retire
-from kubetune_trainer.serve.engines.genai import EngineBase, Event, TextAssembler
+from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest, Limits
-
-# What other modules and tests import from here, kept importable after the split.
-__all__ = ["PREFILL_TOKENS", "BatchEngine", "Sequence", "prefill_groups", "sample"]
+from kubetune_trainer.tokenizer import ServingTokenizer
 
 log = logging.getLogger("kubetune.serve")
 
@@ -61,11 +60,14 @@ def prefill_groups(joined: list[Sequence]) -> list[list[Sequence]]:
     return groups
 
 
-class BatchEngine(EngineBase):
-    """Same interface as `serve_engine.Engine`: prompt_ids, admit/release, start, warm_up."""
+class BatchEngine:
+    """Continuous batching in one scheduler thread; an `engines.base.Engine`."""
 
     def __init__(self, model_dir: Path, limits: Limits) -> None:
-        super().__init__(model_dir, limits)
+        self.limits = limits
+        self.tokenizer = ServingTokenizer.load(model_dir)
+        self.eos = self.tokenizer.eos_token_id
+        self.running = 0  # the batch size, set by the scheduler thread each step
         self.decoder = Decoder(model_dir)
         self.cache = self.decoder.batch_cache(limits.max_concurrency, limits.context_length)
         self.outbox = Outbox()
@@ -73,6 +75,9 @@ class BatchEngine(EngineBase):
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
         self.thread.start()
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return encode_prompt(self.tokenizer, request, self.limits.context_length)
 
     def shutdown(self) -> None:
         self.stopped.set()

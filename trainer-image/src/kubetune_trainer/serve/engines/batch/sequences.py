@@ -1,7 +1,7 @@
 """Per-sequence bookkeeping for the batching engine: a sequence's state, accepting a generated
 token, retiring finished or cancelled sequences, and handing their events to the event loops.
 
-Separate from the scheduler (`serve_batch`) because none of it touches the model: it decides
+Separate from the scheduler (`scheduler`) because none of it touches the model: it decides
 when a sequence is over and what its client hears, whatever produced the tokens.
 """
 
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kubetune_trainer.serve.engines.genai import Event, TextAssembler
+from kubetune_trainer.serve.engines.base import Event
+from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest
 
 
@@ -83,7 +84,7 @@ def retire(
 ) -> None:
     """Report finished or cancelled sequences; the last row moves into each freed row.
 
-    `move_row(source, target, length)` moves a row's KV cache (`serve_kv.KVCache.move`).
+    `move_row(source, target, length)` moves a row's KV cache (`kv.KVCache.move`).
     """
     row = 0
     while row < len(batch):

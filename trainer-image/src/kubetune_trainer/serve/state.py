@@ -1,0 +1,82 @@
+"""What the server keeps between requests: `ServerState`, stored on the app under `STATE`, and
+the `Admission` count that bounds how many requests may be generating or waiting at once.
+
+Every field is read and written on the event loop only, so none of it needs a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from kubetune_trainer.serve.engines.base import Engine
+from kubetune_trainer.serve.metrics import Metrics
+from kubetune_trainer.serve.protocol import Limits, RequestError
+
+
+class Admission:
+    """At most `max_concurrency` generating plus `max_queue` waiting; the next request is
+    refused (429) instead of queueing without bound."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.capacity = limits.max_concurrency + limits.max_queue
+        self.admitted = 0  # generating + waiting
+
+    def admit(self) -> None:
+        """Reserve a place or refuse with 429; the caller must `release()` when done."""
+        if self.admitted >= self.capacity:
+            raise RequestError(
+                429,
+                "the server is at capacity; retry later",
+                code="rate_limit_exceeded",
+                kind="rate_limit_error",
+            )
+        self.admitted += 1
+
+    def release(self) -> None:
+        self.admitted -= 1
+
+
+def _set_event() -> asyncio.Event:  # idle at first: nothing is in flight
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+@dataclass
+class ServerState:
+    """The app's state: its configuration, the engine once loaded, and the counts that admission,
+    draining and `/metrics` read."""
+
+    name: str  # the served model name, as `/v1/models` lists it and requests must name it
+    model_dir: Path
+    limits: Limits
+    engine_kind: str  # "batch" | "genai"
+    created: int = field(default_factory=lambda: int(time.time()))
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None  # set once loaded and warmed up: the server is ready
+    error: str | None = None  # why the engine failed to load
+    draining: bool = False
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=_set_event)  # set while `inflight` is 0
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.limits)
+
+    def begin(self) -> None:
+        """Count a request in flight, so that draining waits for it."""
+        self.inflight += 1
+        self.idle.clear()
+
+    def end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
