@@ -19,6 +19,7 @@ from kubetune_trainer.train.evaluate import eval_loss
 from kubetune_trainer.train.microbatches import build_step
 from kubetune_trainer.train.prepare import PreparedData
 from kubetune_trainer.train.report import MetricsLog, Reporter, progress_body
+from kubetune_trainer.train.stepper import Stepper
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -52,8 +53,8 @@ def _global_sum(value: float, ranks: Ranks, device: torch.device) -> float:
     return float(box.item())
 
 
-def run_steps(run: RunConfig, data: PreparedData, engine: Any, ranks: Ranks, device: torch.device,
-              output: Path, start_step: int, pad_id: int) -> LoopResult:
+def run_steps(run: RunConfig, data: PreparedData, stepper: Stepper, ranks: Ranks,
+              device: torch.device, output: Path, start_step: int, pad_id: int) -> LoopResult:
     training, sched = run.spec.training, data.schedule
     metrics = MetricsLog(output / "metrics.jsonl")
     reporter = Reporter.from_env() if ranks.is_main else Reporter(None, None, 0)
@@ -63,7 +64,7 @@ def run_steps(run: RunConfig, data: PreparedData, engine: Any, ranks: Ranks, dev
     last_loss = last_eval = None
     tokens_total, began = 0, time.monotonic()
     window_tokens, window_start = 0, time.monotonic()
-    engine.model.train()
+    stepper.model.train()
     try:
         for step in range(start_step, sched.total_steps):
             work = build_step(
@@ -73,26 +74,26 @@ def run_steps(run: RunConfig, data: PreparedData, engine: Any, ranks: Ranks, dev
             )
             loss_sum = 0.0
             for micro in work.micro_batches:
-                summed = engine.loss_sum(_to(micro, device))
+                summed = stepper.loss_sum(_to(micro, device))
                 # Every target token of the step weighs the same, on any rank or micro-batch;
                 # data-parallel averaging divides by the world size, so multiply it back.
-                engine.backward(summed * ranks.world / work.targets)
+                stepper.backward(summed * ranks.world / work.targets)
                 loss_sum += float(summed.detach())
-            grad_norm = engine.step()
+            grad_norm = stepper.step()
             done = step + 1
             last_loss = _global_sum(loss_sum, ranks, device) / work.targets
             tokens_total += work.tokens
             window_tokens += work.tokens
             if data.validation and (done % eval_every == 0 or done == sched.total_steps):
-                last_eval = eval_loss(engine.model, data.validation, budget, device)
-                engine.model.train()
+                last_eval = eval_loss(stepper.model, data.validation, budget, device)
+                stepper.model.train()
             if done % training.log_every_steps == 0 or done == sched.total_steps:
                 now = time.monotonic()
                 per_step = (now - began) / (done - start_step)
                 entry = {
                     "step": done, "totalSteps": sched.total_steps,
                     "epoch": round(done / sched.steps_per_epoch, 4), "loss": last_loss,
-                    "lr": engine.lr, "gradNorm": grad_norm,
+                    "lr": stepper.lr, "gradNorm": grad_norm,
                     "tokensPerSecond": round(window_tokens / max(now - window_start, 1e-9), 2),
                     "etaSeconds": round(per_step * (sched.total_steps - done)),
                     "time": time.time(),
@@ -107,7 +108,7 @@ def run_steps(run: RunConfig, data: PreparedData, engine: Any, ranks: Ranks, dev
             if done % run.spec.checkpoint.every_steps == 0 and done < sched.total_steps:
                 meta = {"step": done, "epoch": done / sched.steps_per_epoch, "dataPosition": done,
                         "trainLoss": last_loss}
-                checkpoint.save(output / "checkpoints", done, meta, engine, ranks,
+                checkpoint.save(output / "checkpoints", done, meta, stepper, ranks,
                                 run.spec.checkpoint.keep)
             if crash_after and done == crash_after:
                 os._exit(3)

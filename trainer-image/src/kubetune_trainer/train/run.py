@@ -35,7 +35,7 @@ from kubetune_trainer.train.evaluate import Evaluation, evaluate
 from kubetune_trainer.train.loop import run_steps, token_budget
 from kubetune_trainer.train.prepare import PreparedData, load_datasets, prepare
 from kubetune_trainer.train.report import write_final
-from kubetune_trainer.train.stepper import DeepSpeedEngine, TorchEngine
+from kubetune_trainer.train.stepper import DeepSpeedStepper, Stepper, TorchStepper
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -91,10 +91,10 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
         config = dsconfig.resolve(run, ranks.world, base.config.hidden_size, device.type == "cuda")
         if ranks.is_main:
             _write_json(output / "deepspeed.json", config)
-        engine: TorchEngine = DeepSpeedEngine(model, spec.training, data.schedule.total_steps,
-                                              device, config)
+        engine: Stepper = DeepSpeedStepper(model, spec.training, data.schedule.total_steps,
+                                           device, config)
     else:
-        engine = TorchEngine(model, spec.training, data.schedule.total_steps, device)
+        engine = TorchStepper(model, spec.training, data.schedule.total_steps, device)
     report.deepspeed = use_ds
 
     newest = checkpoint.newest(output / "checkpoints") if ranks.is_main else None

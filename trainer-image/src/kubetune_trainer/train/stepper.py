@@ -1,6 +1,6 @@
 """The optimizer step, with plain PyTorch or with DeepSpeed ZeRO.
 
-Both engines take micro-batches whose loss is already normalised by the step's target tokens
+Both steppers take micro-batches whose loss is already normalised by the step's target tokens
 over all ranks (so every token weighs the same, however the records were split), accumulate
 gradients, and apply one clipped AdamW update per `step()`. DeepSpeed runs in unmanaged
 accumulation mode: a step may hold a different number of micro-batches than the config's
@@ -13,7 +13,7 @@ local runs on a CPU): it is the same computation without DeepSpeed's bookkeeping
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -66,7 +66,37 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-class TorchEngine:
+class Stepper(Protocol):
+    """The optimizer step as the loop drives it: a summed loss per micro-batch, its backward
+    pass, one update per step. `model` is what runs forward (DeepSpeed's wrapper under ZeRO)."""
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    def loss_sum(self, batch: dict[str, Any]) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Apply the accumulated gradients; returns the gradient norm before clipping."""
+        ...
+
+    @property
+    def lr(self) -> float: ...
+
+
+def autocast_loss_sum(model: torch.nn.Module, batch: dict[str, Any], device: torch.device,
+                      bf16: bool) -> torch.Tensor:
+    """`token_loss_sum` under bf16 autocast when `bf16` is set, as is otherwise."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return token_loss_sum(model, batch)
+
+
+def current_lr(scheduler: Any) -> float:
+    return float(scheduler.get_last_lr()[0])
+
+
+class TorchStepper:
     """One process, no DeepSpeed: backward, clip, AdamW step."""
 
     def __init__(self, model: torch.nn.Module, training: TrainingSpec, total_steps: int,
@@ -79,8 +109,7 @@ class TorchEngine:
         self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     def loss_sum(self, batch: dict[str, Any]) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return token_loss_sum(self.model, batch)
+        return autocast_loss_sum(self.model, batch, self.device, self.autocast)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -95,25 +124,29 @@ class TorchEngine:
 
     @property
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        return current_lr(self.scheduler)
 
 
-class DeepSpeedEngine(TorchEngine):
-    """DeepSpeed ZeRO with KubeTune's AdamW and schedule (no compiled DeepSpeed ops needed)."""
+class DeepSpeedStepper:
+    """DeepSpeed ZeRO with KubeTune's AdamW and schedule (no compiled DeepSpeed ops needed).
+
+    DeepSpeed clips (its `gradient_clipping`) and casts the model itself in bf16 mode, so the
+    loss runs without autocast."""
 
     def __init__(self, model: torch.nn.Module, training: TrainingSpec, total_steps: int,
                  device: torch.device, config: dict[str, Any]) -> None:
         import deepspeed
 
         self.device = device
-        self.max_grad_norm = float(training.max_grad_norm)
-        self.autocast = False  # DeepSpeed's bf16 mode casts the model itself
         optimizer, scheduler = make_optimizer(model, training, total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
         self.model = self.ds
+
+    def loss_sum(self, batch: dict[str, Any]) -> torch.Tensor:
+        return autocast_loss_sum(self.model, batch, self.device, bf16=False)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)
@@ -122,3 +155,7 @@ class DeepSpeedEngine(TorchEngine):
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return current_lr(self.scheduler)
