@@ -22,6 +22,7 @@ import torch
 
 from kubetune_trainer.train import distributed
 from kubetune_trainer.train.distributed import Ranks
+from kubetune_trainer.train.stepper import DeepSpeedStepper, Stepper
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -67,7 +68,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(root: Path, step: int, meta: dict[str, Any], engine: Any, ranks: Ranks, keep: int) -> Path:
+def save(root: Path, step: int, meta: dict[str, Any],
+         stepper: Stepper, ranks: Ranks, keep: int) -> Path:
     """Write a checkpoint atomically (all ranks call this) and prune old ones."""
     final = root / directory_name(step)
     staging = root / f".tmp-{directory_name(step)}"
@@ -76,12 +78,12 @@ def save(root: Path, step: int, meta: dict[str, Any], engine: Any, ranks: Ranks,
             shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
     distributed.barrier()
-    if hasattr(engine, "ds"):
-        engine.ds.save_checkpoint(str(staging / "deepspeed"), tag="state", save_latest=False)
+    if isinstance(stepper, DeepSpeedStepper):
+        stepper.ds.save_checkpoint(str(staging / "deepspeed"), tag="state", save_latest=False)
     elif ranks.is_main:
         torch.save(
-            {"model": trainable_state(engine.model), "optimizer": engine.optimizer.state_dict(),
-             "scheduler": engine.scheduler.state_dict()},
+            {"model": trainable_state(stepper.model), "optimizer": stepper.optimizer.state_dict(),
+             "scheduler": stepper.scheduler.state_dict()},
             staging / "trainer_state.pt",
         )
     torch.save(rng_state(), staging / f"rng-rank{ranks.rank}.pt")
@@ -99,21 +101,21 @@ def save(root: Path, step: int, meta: dict[str, Any], engine: Any, ranks: Ranks,
     return final
 
 
-def load(path: Path, engine: Any, ranks: Ranks) -> dict[str, Any]:
-    """Restore a checkpoint into `engine` (all ranks) and return its meta."""
-    if hasattr(engine, "ds"):
-        engine.ds.load_checkpoint(str(path / "deepspeed"), tag="state")
+def load(path: Path, stepper: Stepper, ranks: Ranks) -> dict[str, Any]:
+    """Restore a checkpoint into `stepper` (all ranks) and return its meta."""
+    if isinstance(stepper, DeepSpeedStepper):
+        stepper.ds.load_checkpoint(str(path / "deepspeed"), tag="state")
     else:
         state = torch.load(path / "trainer_state.pt", weights_only=False)
-        missing = set(state["model"]) - {n for n, _ in engine.model.named_parameters()}
+        missing = set(state["model"]) - {n for n, _ in stepper.model.named_parameters()}
         if missing:
             raise RuntimeError(f"checkpoint {path} does not match the model: {sorted(missing)[:3]}")
-        params = dict(engine.model.named_parameters())
+        params = dict(stepper.model.named_parameters())
         with torch.no_grad():
             for name, value in state["model"].items():
                 params[name].copy_(value)
-        engine.optimizer.load_state_dict(state["optimizer"])
-        engine.scheduler.load_state_dict(state["scheduler"])
+        stepper.optimizer.load_state_dict(state["optimizer"])
+        stepper.scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng-rank{ranks.rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))

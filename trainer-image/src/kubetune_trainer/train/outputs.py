@@ -16,14 +16,15 @@ import torch
 from kubetune.api.spec import FineTuneJobSpec, Method
 from kubetune_trainer.sources import ModelLocation
 from kubetune_trainer.train import model as models
+from kubetune_trainer.train.stepper import DeepSpeedStepper, Stepper
 
 
-def gather_trainable(engine: Any, is_main: bool) -> dict[str, torch.Tensor] | None:
+def gather_trainable(stepper: Stepper, is_main: bool) -> dict[str, torch.Tensor] | None:
     """The trained weights as a full state dict on rank 0 (a collective under DeepSpeed)."""
-    if not hasattr(engine, "ds"):
-        module = engine.model
+    if not isinstance(stepper, DeepSpeedStepper):
+        module = stepper.model
         return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
-    ds = engine.ds
+    ds = stepper.ds
     names = {n for n, p in ds.module.named_parameters() if p.requires_grad}
     if ds.zero_optimization_stage() == 3:
         state = ds._zero3_consolidated_16bit_state_dict()  # collective; dict on rank 0

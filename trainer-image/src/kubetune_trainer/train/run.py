@@ -91,31 +91,31 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
         config = dsconfig.resolve(run, ranks.world, base.config.hidden_size, device.type == "cuda")
         if ranks.is_main:
             _write_json(output / "deepspeed.json", config)
-        engine: Stepper = DeepSpeedStepper(model, spec.training, data.schedule.total_steps,
+        stepper: Stepper = DeepSpeedStepper(model, spec.training, data.schedule.total_steps,
                                            device, config)
     else:
-        engine = TorchStepper(model, spec.training, data.schedule.total_steps, device)
+        stepper = TorchStepper(model, spec.training, data.schedule.total_steps, device)
     report.deepspeed = use_ds
 
     newest = checkpoint.newest(output / "checkpoints") if ranks.is_main else None
     resume = distributed.broadcast_text(str(newest) if newest else None, ranks)
     start = 0
     if resume:
-        start = int(checkpoint.load(Path(resume), engine, ranks)["step"])
+        start = int(checkpoint.load(Path(resume), stepper, ranks)["step"])
         report.resumed_from_step = start
         log.info("resuming from %s (step %d)", resume, start)
 
-    result = run_steps(run, data, engine, ranks, device, output, start,
+    result = run_steps(run, data, stepper, ranks, device, output, start,
                        tokenizer.pad_token_id)
     report.steps, report.train_loss = result.steps, result.train_loss
     report.epochs = round(result.steps / data.schedule.steps_per_epoch, 4)
     report.tokens_per_second = round(result.tokens / max(result.seconds, 1e-9), 2)
     report.train_tokens = result.tokens
 
-    trained = outputs.gather_trainable(engine, ranks.is_main)
+    trained = outputs.gather_trainable(stepper, ranks.is_main)
     if ranks.is_main:
         assert trained is not None
-        final = engine.model if not use_ds else outputs.rebuild(location, spec, trained, device)
+        final = stepper.model if not use_ds else outputs.rebuild(location, spec, trained, device)
         _finish(run, data, final, tokenizer, location, output, before, device, report)
     distributed.barrier()
 

@@ -13,7 +13,7 @@ local runs on a CPU): it is the same computation without DeepSpeed's bookkeeping
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -64,25 +64,6 @@ def make_optimizer(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training, total_steps))
     return optimizer, scheduler
-
-
-class Stepper(Protocol):
-    """The optimizer step as the loop drives it: a summed loss per micro-batch, its backward
-    pass, one update per step. `model` is what runs forward (DeepSpeed's wrapper under ZeRO)."""
-
-    @property
-    def model(self) -> torch.nn.Module: ...
-
-    def loss_sum(self, batch: dict[str, Any]) -> torch.Tensor: ...
-
-    def backward(self, loss: torch.Tensor) -> None: ...
-
-    def step(self) -> float:
-        """Apply the accumulated gradients; returns the gradient norm before clipping."""
-        ...
-
-    @property
-    def lr(self) -> float: ...
 
 
 def autocast_loss_sum(model: torch.nn.Module, batch: dict[str, Any], device: torch.device,
@@ -159,3 +140,10 @@ class DeepSpeedStepper:
     @property
     def lr(self) -> float:
         return current_lr(self.scheduler)
+
+
+Stepper = TorchStepper | DeepSpeedStepper
+"""The optimizer step as the loop drives it: `model` (what runs forward: DeepSpeed's wrapper
+under ZeRO), `loss_sum(batch)`, `backward(loss)`, `step()` (returns the gradient norm before
+clipping) and `lr`. Both implement all of it; checkpoints and outputs tell them apart with
+`isinstance`, since DeepSpeed saves and gathers its own sharded state."""
