@@ -65,7 +65,8 @@ def serving_deployment(
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HOME", "value": "/tmp"},
-            {"name": "KUBETUNE_MAX_TOKENS_LIMIT", "value": str(spec.serving.max_tokens_limit)},
+            # The server reads every flag from KUBETUNE_SERVE_<FLAG> too: this is --max-tokens.
+            {"name": "KUBETUNE_SERVE_MAX_TOKENS", "value": str(spec.serving.max_tokens_limit)},
         ],
         "ports": [{"name": "http", "containerPort": naming.SERVING_PORT}],
         "readinessProbe": _probe("/readyz", 5, 3),

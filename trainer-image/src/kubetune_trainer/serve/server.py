@@ -31,7 +31,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +117,18 @@ def resolve_model_dir(path: Path) -> Path:
     raise SystemExit(f"serve: {path} has no genai_config.json (nor onnx/genai_config.json)")
 
 
-def _env(flag: str, default: Any) -> Any:
-    value = os.environ.get("KUBETUNE_SERVE_" + flag.upper().replace("-", "_"))
-    return default if value is None else type(default)(value)
+ENV_PREFIX = "KUBETUNE_SERVE_"
+"""Every flag can also come from the environment: `--max-tokens` from
+`KUBETUNE_SERVE_MAX_TOKENS` (the inference Deployment sets its limits this way)."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    """The server's options from its command line, with defaults from `environ`."""
+
+    def _env(flag: str, default: Any) -> Any:
+        value = environ.get(ENV_PREFIX + flag.upper().replace("-", "_"))
+        return default if value is None else type(default)(value)
+
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="python -m kubetune_trainer serve")
     parser.add_argument("--model", required=True, type=Path)
@@ -148,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "--" + flag.replace("_", "-"), type=type(default), default=_env(flag, default)
         )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = Limits()
+    args = parse_options(argv, os.environ)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )

@@ -1,0 +1,32 @@
+"""The inference Deployment the operator renders configures the server it runs.
+
+Read from the rendered manifest (its args and env), not from the server's own flags, so a
+name that differs between the builder and the server fails here.
+"""
+
+from __future__ import annotations
+
+from kubetune.api import FineTuneJobSpec
+from kubetune.builders.config import OperatorConfig
+from kubetune.builders.meta import Owner
+from kubetune.builders.serving import serving_deployment
+from kubetune_trainer.serve.server import parse_options
+
+
+def test_the_deployments_max_tokens_limit_reaches_the_server() -> None:
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "builtin://smollm2-135m-instruct"},
+        "dataset": {"source": "builtin://kubectl-commands"},
+        "serving": {"maxTokensLimit": 77},
+    })
+    owner = Owner(name="limits", namespace="team", uid="uid-1")
+    deployment = serving_deployment(owner, 1, None, spec, OperatorConfig())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    command = container["args"]
+    assert command[:3] == ["-m", "kubetune_trainer", "serve"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+
+    options = parse_options(command[3:], env)
+
+    assert options.max_tokens == 77
+    assert parse_options(command[3:], {}).max_tokens != 77  # the default is something else
