@@ -20,9 +20,15 @@ MAX_STOP_SEQUENCES = 4
 def parse_json(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:
         raise RequestError(
-            400, f"request body is not valid JSON: {error}", code="invalid_json"
+            400, "request body is nested too deeply to parse", code="invalid_json"
+        ) from None
+    except ValueError as error:
+        # JSONDecodeError, UnicodeDecodeError, and the int-conversion limit (a number with
+        # more than 4300 digits) are all ValueErrors: the client's JSON, not the server.
+        raise RequestError(
+            400, f"request body is not valid JSON: {str(error)[:200]}", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object", code="invalid_json")
