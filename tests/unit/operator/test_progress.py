@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from kubetune.api.dataplane import ProgressReport
@@ -92,3 +95,46 @@ def test_report_becomes_status_progress_with_decimal_strings() -> None:
         "etaSeconds": 91,
         "updateTime": "2026-01-01T00:00:00Z",
     }
+
+
+class HeldPatches:
+    """A client whose status patches wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+        self.in_flight = asyncio.Event()
+
+    async def patch_status(self, _ns: str, _name: str, patch: dict[str, Any]) -> None:
+        self.in_flight.set()
+        await self.release.wait()
+        self.sent.append(patch["progress"])
+
+
+def test_a_report_that_arrives_while_a_patch_is_in_flight_still_lands() -> None:
+    from kubetune.operator.progress import ProgressSink
+
+    async def scenario() -> list[dict[str, Any]]:
+        client = HeldPatches()
+        sink = ProgressSink(client, 0.0, lambda: "now")  # type: ignore[arg-type]
+        sink.submit(("ns", "job"), ProgressReport(step=1))
+        await asyncio.wait_for(client.in_flight.wait(), 5)
+        sink.submit(("ns", "job"), ProgressReport(step=2))  # the patch of step 1 is held
+        client.release.set()
+        for _ in range(100):  # until the sink has nothing left to send
+            await asyncio.sleep(0.01)
+            if client.sent and client.sent[-1]["step"] == 2:
+                break
+        return client.sent
+
+    sent = asyncio.run(scenario())
+    assert [p["step"] for p in sent] == [1, 2]
+
+
+def test_non_finite_numbers_in_a_report_read_as_unknown() -> None:
+    report = ProgressReport.model_validate_json(
+        '{"step": 3, "trainLoss": NaN, "evalLoss": Infinity, "etaSeconds": -Infinity}'
+    )
+    assert report.train_loss is None and report.eval_loss is None and report.eta_seconds is None
+    progress = progress_status(report, "now")
+    assert progress == {"step": 3, "updateTime": "now"}

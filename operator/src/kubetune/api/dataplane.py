@@ -16,12 +16,13 @@ code and every rule they both apply:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from kubetune.api.spec import Device, Precision
@@ -42,7 +43,8 @@ class Report(BaseModel):
 
 
 class ProgressReport(Report):
-    """What a trainer posts to the operator's progress endpoint (rank 0, throttled)."""
+    """What a trainer posts to the operator's progress endpoint (rank 0, throttled).
+    A diverged run's NaN or infinite loss reads as unknown: status holds decimals only."""
 
     step: int = Field(ge=0)
     total_steps: int | None = Field(default=None, ge=0)
@@ -51,6 +53,11 @@ class ProgressReport(Report):
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+
+    @field_validator("epoch", "train_loss", "eval_loss", "tokens_per_second", "eta_seconds")
+    @classmethod
+    def _finite_or_unknown(cls, value: float | None) -> float | None:
+        return value if value is None or math.isfinite(value) else None
 
 
 class Score(Report):

@@ -129,8 +129,14 @@ class ProgressSink:
                 self.on_patched(key, result)
         except ApiError as error:
             log.warning("progress of %s/%s not saved: %s", *key, error)
+        except Exception:  # a task's exception is otherwise lost unseen
+            log.exception("progress of %s/%s not saved", *key)
         finally:
             self._tasks.pop(key, None)
+            if key in self._pending:
+                # A report arrived while this patch was in flight: send it too, after the
+                # interval (the newest report always lands, not only the one before it).
+                self._tasks[key] = asyncio.create_task(self._flush(key, self.min_interval))
 
     def forget(self, key: tuple[str, str]) -> None:
         task = self._tasks.pop(key, None)
