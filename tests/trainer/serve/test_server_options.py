@@ -30,3 +30,19 @@ def test_the_deployments_max_tokens_limit_reaches_the_server() -> None:
 
     assert options.max_tokens == 77
     assert parse_options(command[3:], {}).max_tokens != 77  # the default is something else
+
+
+def test_every_generation_is_served_under_the_jobs_name() -> None:
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "builtin://smollm2-135m-instruct"},
+        "dataset": {"source": "builtin://kubectl-commands"},
+    })
+    owner = Owner(name="support-bot", namespace="team", uid="uid-1")
+    names = set()
+    for generation in (1, 2, 7):
+        deployment = serving_deployment(owner, generation, None, spec, OperatorConfig())
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        options = parse_options(container["args"][3:], {})
+        assert str(options.model).endswith(f"gen-{generation}/onnx")  # the new weights ...
+        names.add(options.served_model_name)
+    assert names == {"support-bot"}  # ... under the name clients already use

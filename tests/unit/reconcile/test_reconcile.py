@@ -203,6 +203,7 @@ def test_passing_gate_deploys_and_ready_waits_for_rollout() -> None:
     assert condition(status, "Ready")["status"] == "True"
     assert status["serving"]["endpoint"] == "http://demo-server.team.svc:8000/v1"
     assert status["serving"]["modelGeneration"] == 1
+    assert status["serving"]["model"] == "demo"  # what clients pass as `model`
     assert status["phase"] == "Succeeded"
 
 
@@ -246,6 +247,7 @@ def test_serving_switches_only_after_the_new_generation_is_rolled_out() -> None:
     done = as_observed(rolled, deployment_status())
     status = _status_after({**job_body, "status": previous}, [*new_children, done])
     assert status["serving"]["modelGeneration"] == 2
+    assert status["serving"]["model"] == "demo"  # unchanged by the rollout
     assert condition(status, "Ready")["status"] == "True"
 
 

@@ -143,6 +143,8 @@ class ServingStatus(ApiModel):
     """Name of the Service."""
     endpoint: ShortString | None = None
     """Base URL of the OpenAI-compatible API inside the cluster."""
+    model: ShortString | None = None
+    """The name to pass as `model` in requests: the FineTuneJob's name, for every generation."""
     model_generation: int | None = None
     """The spec generation whose model the Deployment serves."""
     ready_replicas: int | None = None

@@ -99,3 +99,9 @@ def run_path(job: str, generation: int) -> str:
 
 def endpoint_url(service: str, namespace: str) -> str:
     return f"http://{service}.{namespace}.svc:{SERVING_PORT}/v1"
+
+
+def served_model_name(job: str) -> str:
+    """What the inference server answers to as `model`: the job's name, stable across
+    generations (a rollout must not break clients that name the model)."""
+    return job

@@ -24,6 +24,9 @@ def serve_args(owner: Owner, model_generation: int) -> list[str]:
         "--model", model_dir,
         "--host", "0.0.0.0",
         "--port", str(naming.SERVING_PORT),
+        # The FineTuneJob's name, the same for every generation: a client that worked before
+        # a rollout keeps working after it (the generation is in status.serving).
+        "--served-model-name", naming.served_model_name(owner.name),
     ]  # fmt: skip
 
 

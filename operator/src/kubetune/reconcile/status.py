@@ -176,6 +176,7 @@ def build_status(
             "deployment": name,
             "service": name,
             "endpoint": endpoint,
+            "model": naming.served_model_name(owner.name),
             "modelGeneration": view.serving_generation,
             "readyReplicas": view.ready_replicas,
         }
