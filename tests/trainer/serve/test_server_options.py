@@ -46,3 +46,19 @@ def test_every_generation_is_served_under_the_jobs_name() -> None:
         assert str(options.model).endswith(f"gen-{generation}/onnx")  # the new weights ...
         names.add(options.served_model_name)
     assert names == {"support-bot"}  # ... under the name clients already use
+
+
+def test_a_terminating_pod_drains_within_its_grace_period() -> None:
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "builtin://smollm2-135m-instruct"},
+        "dataset": {"source": "builtin://kubectl-commands"},
+    })
+    owner = Owner(name="drain", namespace="team", uid="uid-1")
+    pod = serving_deployment(owner, 1, None, spec, OperatorConfig())["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    options = parse_options(container["args"][3:], env)
+    # Serve through the endpoint-propagation window, then let in-flight requests finish,
+    # all before the kubelet's SIGKILL.
+    assert options.drain_seconds > 0
+    assert options.drain_seconds + options.grace_seconds < pod["terminationGracePeriodSeconds"]

@@ -16,6 +16,12 @@ from kubetune.builders.meta import (
     with_hash,
 )
 
+DRAIN_SECONDS = 5
+"""Seconds a terminating inference pod keeps serving while the Service's endpoints drop it
+(kube-proxy and ingress controllers see the change within a few seconds)."""
+GRACE_SECONDS = 30
+"""Seconds it then gives requests already in flight to finish."""
+
 
 def serve_args(owner: Owner, model_generation: int) -> list[str]:
     model_dir = f"{naming.ARTIFACTS_MOUNT}/{naming.run_path(owner.name, model_generation)}/onnx"
@@ -70,6 +76,10 @@ def serving_deployment(
             {"name": "HOME", "value": "/tmp"},
             # The server reads every flag from KUBETUNE_SERVE_<FLAG> too: this is --max-tokens.
             {"name": "KUBETUNE_SERVE_MAX_TOKENS", "value": str(spec.serving.max_tokens_limit)},
+            # After SIGTERM: not ready, still serving while endpoints drop the pod, then
+            # in-flight requests finish within the grace period.
+            {"name": "KUBETUNE_SERVE_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
+            {"name": "KUBETUNE_SERVE_GRACE_SECONDS", "value": str(GRACE_SECONDS)},
         ],
         "ports": [{"name": "http", "containerPort": naming.SERVING_PORT}],
         "readinessProbe": _probe("/readyz", 5, 3),
@@ -85,6 +95,7 @@ def serving_deployment(
     pod_spec: dict[str, Any] = {
         **pod.base_pod_spec(config, config.serving_service_account),
         "containers": [container],
+        "terminationGracePeriodSeconds": DRAIN_SECONDS + GRACE_SECONDS + 5,
         "volumes": [
             pod.artifacts_volume(pod.artifacts_claim(spec, owner.name), read_only=True),
             pod.tmp_volume(),

@@ -40,7 +40,7 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
         started = time.monotonic()
         status = 500
         try:
-            if state.draining:
+            if state.closed:
                 raise RequestError(
                     503, "the server is shutting down", kind="server_error", code="shutting_down"
                 )

@@ -25,6 +25,9 @@ class Limits:
     max_concurrency: int = 2
     max_queue: int = 16
     grace_seconds: float = 30.0
+    drain_seconds: float = 0.0
+    """After SIGTERM, how long new requests are still served while `/readyz` says 503: the
+    time the Service's endpoints take to drop a terminating pod (0 locally, set in pods)."""
 
 
 class RequestError(Exception):

@@ -95,7 +95,12 @@ async def serve(
     await stop.wait()
     state = app[STATE]
     state.draining = True
-    log.info("draining: %d request(s) in flight, grace %.0fs", state.inflight, limits.grace_seconds)
+    # Readiness goes false first; requests the Service still routes here during the drain
+    # window are served, so a rollout or scale-down refuses nothing.
+    log.info("draining: not ready, still serving for %.0fs", limits.drain_seconds)
+    await asyncio.sleep(limits.drain_seconds)
+    state.closed = True
+    log.info("closed: %d request(s) in flight, grace %.0fs", state.inflight, limits.grace_seconds)
     if state.inflight:
         state.idle.clear()
     try:
@@ -149,6 +154,7 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
         "max_queue",
         "max_body_bytes",
         "grace_seconds",
+        "drain_seconds",
     ):
         default = getattr(defaults, flag)
         parser.add_argument(
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         grace_seconds=args.grace_seconds,
+        drain_seconds=args.drain_seconds,
     )
     name = args.served_model_name or (
         model_dir.parent.name if model_dir.name == "onnx" else model_dir.name

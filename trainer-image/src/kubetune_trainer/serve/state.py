@@ -60,7 +60,8 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None  # set once loaded and warmed up: the server is ready
     error: str | None = None  # why the engine failed to load
-    draining: bool = False
+    draining: bool = False  # SIGTERM came: /readyz says 503, requests are still served
+    closed: bool = False  # the drain window is over: new requests get 503
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=_set_event)  # set while `inflight` is 0
     admission: Admission = field(init=False)
