@@ -60,6 +60,13 @@ def build_app(
     return app
 
 
+def app_runner(app: web.Application) -> web.AppRunner:
+    """The runner the server runs under. `handler_cancellation`: when a client disconnects,
+    its handler is cancelled, and with it the generation (a non-streamed request would
+    otherwise hold its slot until `max_tokens`)."""
+    return web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
+
+
 async def load_engine(app: web.Application) -> None:
     from kubetune_trainer.serve.engines.batch.scheduler import BatchEngine
     from kubetune_trainer.serve.engines.genai import GenAIEngine
@@ -82,7 +89,7 @@ async def serve(
     model_dir: Path, host: str, port: int, name: str, limits: Limits, engine_kind: str
 ) -> int:
     app = build_app(model_dir, name, limits, engine_kind)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = app_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
