@@ -36,9 +36,15 @@ def _split(uri: str) -> tuple[str, str]:
 
 
 def pvc_path(rest: str) -> Path:
-    """`claim/path` -> `$KUBETUNE_PVC_ROOT/claim/path`."""
+    """`claim/path` -> `$KUBETUNE_PVC_ROOT/claim/path`, never outside the claim's mount:
+    `..` that climbs out of the claim (`pvc://data/../../etc`) is refused."""
     root = Path(os.environ.get("KUBETUNE_PVC_ROOT", DEFAULT_PVC_ROOT))
-    return root / rest.lstrip("/")
+    claim, _, inside = rest.lstrip("/").partition("/")
+    mount = root / claim
+    path = Path(os.path.normpath(mount / inside))
+    if not claim or claim in (".", "..") or not path.is_relative_to(mount):
+        raise ConfigError(f"pvc://{rest}: the path leaves the claim {claim!r}")
+    return path
 
 
 def resolve_model(uri: str, revision: str | None = None) -> ModelLocation:
