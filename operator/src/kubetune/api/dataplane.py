@@ -20,7 +20,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
@@ -40,6 +40,25 @@ class Report(BaseModel):
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.model_dump(by_alias=True, mode="json"), indent=indent,
                           ensure_ascii=False)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Self | None:
+        """A report from JSON text (a file or a termination message), or None when the text
+        is no report (a crash's message, say)."""
+        if not text:
+            return None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError:
+            return None
+
+    @classmethod
+    def read(cls, path: Path) -> Self | None:
+        """The report in `path`, or None when there is none (yet) or it is no report."""
+        try:
+            return cls.parse(path.read_text())
+        except OSError:
+            return None
 
 
 class ProgressReport(Report):
@@ -132,24 +151,6 @@ class TrainingReport(Report):
     def succeeded(self) -> bool:
         return self.status == "Succeeded"
 
-    @classmethod
-    def parse(cls, text: str | None) -> TrainingReport | None:
-        """A report from JSON text (a file or a termination message), or None when the text
-        is no report (a crash's message, say)."""
-        if not text:
-            return None
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError:
-            return None
-
-    @classmethod
-    def read(cls, path: Path) -> TrainingReport | None:
-        try:
-            return cls.parse(path.read_text())
-        except OSError:
-            return None
-
 
 class ExportReport(Report):
     """`export.json`: what was exported and how it was verified. `ok` is true only once the
@@ -170,13 +171,6 @@ class ExportReport(Report):
     tokenizer_parity: dict[str, Any] | None = None
     genai_tokenizer: dict[str, Any] | None = None
     output_parity: dict[str, Any] | None = None
-
-    @classmethod
-    def read(cls, path: Path) -> ExportReport | None:
-        try:
-            return cls.model_validate_json(path.read_text())
-        except (OSError, ValidationError):
-            return None
 
 
 def resolve_precision(precision: Precision | str, device: Device | str) -> Precision:

@@ -18,14 +18,6 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return document if isinstance(document, dict) else None
-
-
 def read_report(run_dir: Path) -> TrainingReport:
     """The trainer's `report.json` (an empty, failed report when there is none yet)."""
     return TrainingReport.read(run_dir / "report.json") or TrainingReport()
