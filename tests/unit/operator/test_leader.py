@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -49,3 +51,34 @@ def test_object_paths() -> None:
         object_path("kubetune.io/v1alpha1", "FineTuneJob", "ns", "x")
         == "/apis/kubetune.io/v1alpha1/namespaces/ns/finetunejobs/x"
     )
+
+
+@pytest.mark.parametrize("stall", ["get", "replace"])
+def test_hold_returns_at_its_deadline_when_a_renewal_hangs(stall: str) -> None:
+    """The same guarantee without a cluster: whichever request of a renewal hangs."""
+
+    class HangingClient:
+        def __init__(self) -> None:
+            self.lease: dict[str, object] = {
+                "metadata": {"resourceVersion": "1"},
+                "spec": {"holderIdentity": "me"},
+            }
+
+        async def get(self, *_: object) -> object:
+            if stall == "get":
+                await asyncio.Event().wait()
+            return self.lease
+
+        async def replace(self, _: object) -> object:
+            if stall == "replace":
+                await asyncio.Event().wait()
+            return self.lease
+
+    async def hold_once() -> None:
+        lock = LeaseLock(HangingClient(), "ns", "l", "me", duration_seconds=3)  # type: ignore[arg-type]
+        lock.renewed_at = time.monotonic()
+        # hold must return at all: before the deadline it waited as long as the request hung.
+        async with asyncio.timeout(60):
+            await lock.hold()
+
+    asyncio.run(hold_once())

@@ -5,6 +5,13 @@ priority both pause with a warning. A Lease is the Kubernetes-native lock: the h
 it every `renew_seconds`; another instance takes it over only after it went unrenewed for
 `duration_seconds` as measured on its own clock (no trust in clock sync). A holder that cannot
 renew in time stops acting (the process exits and its pod restarts as a candidate).
+
+The holder's deadline is `renew_deadline` (2/3 of the lease, client-go's 10 s of 15 s), counted
+from the *start* of its last successful renewal, and every renewal attempt is cut off at that
+deadline: the client's own retries could otherwise hold one renewal for minutes, long after a
+candidate took the Lease over. A candidate takes over no sooner than `duration_seconds` after it
+first saw that renewal, which is later than the renewal's start, so the old holder has stopped
+before the new one starts.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ class LeaseLock:
         self.identity = identity
         self.duration = duration_seconds
         self.renew_every = max(1.0, duration_seconds / 3)
+        self.renew_deadline = duration_seconds * 2 / 3
         self._seen: tuple[Any, float] | None = None  # (holder's renewTime, when we saw it)
+        self.renewed_at: float | None = None
+        """Monotonic start time of the last attempt that took or renewed the Lease."""
 
     def _manifest(self, current: dict[str, Any] | None, transitions: int) -> dict[str, Any]:
         now = _micro_time()
@@ -76,6 +86,13 @@ class LeaseLock:
 
     async def try_acquire(self) -> bool:
         """One attempt to take or renew the Lease."""
+        started = time.monotonic()
+        if await self._attempt():
+            self.renewed_at = started
+            return True
+        return False
+
+    async def _attempt(self) -> bool:
         try:
             lease = await self.client.get(
                 "coordination.k8s.io/v1", "Lease", self.namespace, self.name
@@ -106,13 +123,22 @@ class LeaseLock:
         log.info("acquired lease %s/%s as %s", self.namespace, self.name, self.identity)
 
     async def hold(self) -> None:
-        """Renew until a renewal fails for longer than the lease lasts; then return."""
-        last_ok = time.monotonic()
+        """Renew until `renew_deadline` has passed since the last renewal began; then return.
+
+        An attempt that hangs (a stalled API server, the client retrying) is cancelled at the
+        deadline, so this returns on time however the API server behaves."""
         while True:
             await asyncio.sleep(self.renew_every)
-            if await self.try_acquire():
-                last_ok = time.monotonic()
-            elif time.monotonic() - last_ok > self.duration * 2 / 3:
+            last_ok = self.renewed_at if self.renewed_at is not None else time.monotonic()
+            remaining = last_ok + self.renew_deadline - time.monotonic()
+            if remaining > 0:
+                try:
+                    async with asyncio.timeout(remaining):
+                        if await self.try_acquire():
+                            continue
+                except TimeoutError:
+                    log.warning("lease %s/%s: renewal timed out", self.namespace, self.name)
+            if time.monotonic() - last_ok >= self.renew_deadline:
                 log.error("lost lease %s/%s; stopping", self.namespace, self.name)
                 return
 
