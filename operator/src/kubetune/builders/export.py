@@ -8,7 +8,13 @@ from kubetune.api import FineTuneJobSpec
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
-from kubetune.builders.meta import Manifest, Owner, metadata, pod_metadata_overrides, with_hash
+from kubetune.builders.meta import (
+    Manifest,
+    Owner,
+    metadata,
+    pod_metadata_overrides,
+    with_job_hash,
+)
 
 
 def export_args(owner: Owner, generation: int, spec: FineTuneJobSpec) -> list[str]:
@@ -59,7 +65,7 @@ def export_job(
     if spec.resources.node_selector and gpus:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     pod_labels = {**metadata(owner, name, naming.COMPONENT_EXPORTER, generation)["labels"]}
-    return with_hash(
+    return with_job_hash(
         {
             "apiVersion": "batch/v1",
             "kind": "Job",

@@ -9,7 +9,14 @@ from kubetune.api import FineTuneJobSpec, PlanStatus, RunConfig
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
-from kubetune.builders.meta import Manifest, Owner, metadata, pod_metadata_overrides, with_hash
+from kubetune.builders.meta import (
+    Manifest,
+    Owner,
+    metadata,
+    pod_metadata_overrides,
+    with_hash,
+    with_job_hash,
+)
 
 """The trainer's exit code for a bad config or dataset: retrying cannot help."""
 
@@ -266,7 +273,7 @@ def training_job(
     }
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    return with_hash(
+    return with_job_hash(
         {
             "apiVersion": "batch/v1",
             "kind": "Job",

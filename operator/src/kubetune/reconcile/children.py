@@ -8,7 +8,7 @@ to do with the result.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,17 +46,21 @@ def generation_of(obj: Mapping[str, Any]) -> int | None:
 
 
 def current_generation(
-    children: Sequence[Mapping[str, Any]], training_hash: str, spec_generation: int
+    children: Sequence[Mapping[str, Any]],
+    training_hashes: Collection[str],
+    spec_generation: int,
 ) -> int:
     """The training generation: the newest training Job's, while its training hash still
-    matches the spec; a new one (the spec's generation) otherwise. Suspending changes the
-    spec generation but not the training hash, so a resumed run keeps its generation."""
+    matches the spec (any of `training_hashes`: today's, and the one older operators wrote);
+    a new one (the spec's generation) otherwise. Suspending, or any edit the training hash
+    leaves out, changes the spec generation but not the training hash, so the run keeps its
+    generation."""
     jobs = of_component(children, "Job", naming.COMPONENT_TRAINER)
     matching = [
         generation_of(j)
         for j in jobs
         if (j["metadata"].get("annotations") or {}).get(naming.ANNOTATION_TRAINING_HASH)
-        == training_hash
+        in training_hashes
     ]
     found = [g for g in matching if g is not None]
     return max(found) if found else spec_generation

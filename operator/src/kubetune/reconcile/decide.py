@@ -18,7 +18,7 @@ from kubetune.api.dataplane import TrainingReport
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
-from kubetune.builders.meta import Manifest, Owner, training_hash
+from kubetune.builders.meta import Manifest, Owner, legacy_training_hash, training_hash
 from kubetune.builders.serving import serving_deployment, serving_service
 from kubetune.builders.training import (
     artifacts_claim,
@@ -101,7 +101,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     spec_generation = int(obs.body["metadata"].get("generation") or 1)
     previous = obs.body.get("status") or {}
     spec_hash = training_hash(spec)
-    generation = current_generation(obs.children, spec_hash, spec_generation)
+    generation = current_generation(
+        obs.children, (spec_hash, legacy_training_hash(spec)), spec_generation
+    )
     outcome = Outcome(delete=stale_children(obs.children, generation))
     endpoint = naming.endpoint_url(naming.serving_name(owner.name), owner.namespace)
     conds: dict[ConditionType, Cond] = {}
