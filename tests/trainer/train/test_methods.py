@@ -28,7 +28,9 @@ def test_lora_run_writes_every_artifact(lora_reference: Path) -> None:
     short = json.loads((lora_reference.parent / "termination-log").read_text())
     assert short["status"] == "Succeeded" and short["steps"] == 4
     assert (lora_reference / "adapter" / "adapter_config.json").is_file()
-    assert [p.name for p in (lora_reference / "checkpoints").iterdir()] == ["step-00000002"]
+    # Every `everySteps` and the last step (issue 13, finding 13), both kept (`keep: 2`).
+    assert sorted(p.name for p in (lora_reference / "checkpoints").iterdir()) == [
+        "step-00000002", "step-00000004"]
 
 
 def test_merged_model_loads_without_peft(lora_reference: Path) -> None:

@@ -19,3 +19,14 @@ class DatasetError(ConfigError):
         self.path = path
         self.line = line
         self.problem = problem
+
+
+class Stopped(Exception):
+    """A stop signal arrived and every rank checkpointed at `step` (exit code
+    `kubetune.api.dataplane.STOPPED_EXIT_CODE`: retryable, a restart resumes from `step`)."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} at step {step} after writing its checkpoint;"
+                         " a restart resumes from it")
+        self.step = step
+        self.signal_name = signal_name

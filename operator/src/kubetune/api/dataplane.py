@@ -8,6 +8,7 @@ code and every rule they both apply:
 - `TrainingReport`: `report.json` and, in short form, the trainer pod's termination message.
 - `ExportReport`: `export.json`, written by the exporter once the model is verified.
 - `CONFIG_ERROR_EXIT_CODE`: the exit code of a run that retrying cannot fix.
+- `STOPPED_EXIT_CODE`: the exit code of a trainer stopped by a signal after its checkpoint.
 - `resolve_precision`: what `precision: Auto` means on a device.
 - `exact_match`: when a generated answer counts as the reference answer.
 - `cache_root`: where converted models are cached on a machine.
@@ -30,6 +31,12 @@ from kubetune.api.spec import Device, Precision
 CONFIG_ERROR_EXIT_CODE = 2
 """A bad run config, dataset or export invocation: the Jobs' podFailurePolicy does not retry
 it, and `kubetune run` reports it as a configuration error."""
+
+STOPPED_EXIT_CODE = 143
+"""The trainer got SIGTERM or SIGINT (eviction, preemption, `kubetune run`'s Ctrl-C), wrote a
+checkpoint at the next step boundary and stopped: retryable, a restart resumes from it.
+128 + SIGTERM, what a shell or the kubelet reports for a process ended by SIGTERM, so a stop
+reads the same whether the trainer or the signal ended it; the log says which."""
 
 
 class Report(BaseModel):

@@ -93,6 +93,16 @@ def broadcast_text(text: str | None, ranks: Ranks) -> str | None:
     return box[0]
 
 
+def max_over_ranks(value: int, ranks: Ranks, device: torch.device) -> int:
+    """The largest of every rank's `value` (a collective: every rank calls it at the same
+    point). Used to agree on a stop signal and on whether a checkpoint loaded everywhere."""
+    if not dist.is_initialized() or ranks.world == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

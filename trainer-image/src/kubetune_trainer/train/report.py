@@ -65,14 +65,25 @@ def write_final(output: Path, report: TrainingReport) -> None:
 
 
 class MetricsLog:
-    """Appends to `metrics.jsonl` (rank 0)."""
+    """Appends to `metrics.jsonl` (rank 0). A failed append (a full disk, an I/O error) is
+    logged and training goes on: the log is for people, the checkpoints are what count."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.failing = False
 
     def write(self, entry: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        except OSError as error:
+            if not self.failing:  # once per outage, not once per step
+                log.warning("cannot append to %s (%s); training goes on", self.path, error)
+            self.failing = True
+            return
+        if self.failing:
+            log.warning("appending to %s works again", self.path)
+            self.failing = False
 
 
 def progress_body(entry: dict[str, Any], eval_loss: float | None) -> dict[str, Any]:

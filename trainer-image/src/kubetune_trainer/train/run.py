@@ -2,11 +2,15 @@
 
 Order of work: read and validate the run config, check every dataset line and tokenise (no
 model yet, so a bad dataset fails in seconds with exit code 2), load the model, evaluate the
-base, train (resuming from the newest checkpoint in `DIR/checkpoints`), evaluate the result,
-write `adapter/`, `merged/`, `evaluation.json` and `report.json`.
+base, train (resuming from the newest usable checkpoint in `DIR/checkpoints`; the last step is
+always checkpointed), write `adapter/`, evaluate the result, write `merged/`,
+`evaluation.json` and `report.json`. The adapter is saved before the greedy evaluation and
+the final checkpoint before both, so a crash in either costs no training.
 
 Exit codes: 0 success, 2 configuration error (bad run config, dataset or model source: not
-retryable), 1 any other failure (retryable: a restart resumes from the newest checkpoint).
+retryable), 143 stopped by SIGTERM or SIGINT after checkpointing at a step boundary
+(`STOPPED_EXIT_CODE`, `stop.py`; retryable), 1 any other failure (retryable: a restart
+resumes from the newest usable checkpoint).
 Under `torchrun` every rank runs this; rank 0 writes the outputs and reports. See
 `distributed.py` for how the node rank reaches torchrun, `report.py` for the report schema.
 """
@@ -24,10 +28,10 @@ from typing import Any
 import torch
 
 from kubetune.api import RunConfig
-from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, TrainingReport
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, TrainingReport
 from kubetune.api.spec import Method
 from kubetune_trainer import runconfig, sources
-from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.errors import ConfigError, Stopped
 from kubetune_trainer.train import checkpoint, distributed, outputs
 from kubetune_trainer.train import deepspeed as dsconfig
 from kubetune_trainer.train import model as models
@@ -36,6 +40,7 @@ from kubetune_trainer.train.loop import run_steps, token_budget
 from kubetune_trainer.train.prepare import PreparedData, load_datasets, prepare
 from kubetune_trainer.train.report import write_final
 from kubetune_trainer.train.stepper import DeepSpeedStepper, Stepper, TorchStepper
+from kubetune_trainer.train.stop import StopSignal
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -97,16 +102,16 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
         stepper = TorchStepper(model, spec.training, data.schedule.total_steps, device)
     report.deepspeed = use_ds
 
-    newest = checkpoint.newest(output / "checkpoints") if ranks.is_main else None
-    resume = distributed.broadcast_text(str(newest) if newest else None, ranks)
-    start = 0
-    if resume:
-        start = int(checkpoint.load(Path(resume), stepper, ranks)["step"])
+    resumed = checkpoint.resume(output / "checkpoints", stepper, ranks, device)
+    start = resumed.step if resumed else 0
+    if resumed:
         report.resumed_from_step = start
-        log.info("resuming from %s (step %d)", resume, start)
+        log.info("resuming from step %d", start)
 
-    result = run_steps(run, data, stepper, ranks, device, output, start,
-                       tokenizer.pad_token_id)
+    # Signals are recorded (not fatal) only while steps run: see stop.py.
+    with StopSignal().installed() as stop:
+        result = run_steps(run, data, stepper, ranks, device, output, start,
+                           tokenizer.pad_token_id, resumed.train_loss if resumed else None, stop)
     report.steps, report.train_loss = result.steps, result.train_loss
     report.epochs = round(result.steps / data.schedule.steps_per_epoch, 4)
     report.tokens_per_second = round(result.tokens / max(result.seconds, 1e-9), 2)
@@ -123,7 +128,16 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
 def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
             location: sources.ModelLocation, output: Path, before: Evaluation,
             device: torch.device, report: TrainingReport) -> None:
-    """Rank 0: evaluate the result, save adapter/merged, write evaluation.json."""
+    """Rank 0: save the adapter, evaluate the result, save merged/, write evaluation.json.
+
+    The adapter goes first: the greedy evaluation is the slowest and most memory-hungry part
+    left. `merged/` comes after it, since LoRA and DoRA merge into the evaluated model in place
+    (and the final checkpoint already holds a full fine-tune's weights)."""
+    adapter = None
+    if run.spec.method.uses_adapter:
+        adapter = output / "adapter"
+        outputs.save_adapter(final, tokenizer, adapter)
+        report.adapter = "adapter"
     after = Evaluation()
     if data.validation:
         after = evaluate(final, tokenizer, data.validation, data.validation_examples,
@@ -136,11 +150,6 @@ def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
         "accuracy": after.accuracy, "records": after.records, "validationRecords":
         len(data.validation), "baseSamples": before.samples, "samples": after.samples,
     })
-    adapter = None
-    if run.spec.method.uses_adapter:
-        adapter = output / "adapter"
-        outputs.save_adapter(final, tokenizer, adapter)
-        report.adapter = "adapter"
     outputs.save_merged(location, run.spec, tokenizer, final, adapter, output / "merged")
     report.merged = "merged"
 
@@ -160,6 +169,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         report.error = str(error)
         code = CONFIG_ERROR_EXIT_CODE
+    except Stopped as error:
+        report.error = str(error)
+        report.steps = error.step
+        code = STOPPED_EXIT_CODE
     except Exception as error:
         log.exception("training failed")
         report.error = f"{type(error).__name__}: {error}"
