@@ -193,7 +193,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_a_checkpoint_to_resume_fro
     train_step(s)
     monkeypatch.setattr(checkpoint, "write_state", partial_then(enospc))
     with pytest.raises(checkpoint.CheckpointError,
-                       match="step-00000003.*No space left.*resumes from step-00000002"):
+                       match=r"step-00000003.*No space left.*resumes from step-00000002"):
         save(root, s, 3, keep=2)
     monkeypatch.undo()
     # Step 1 went first, to make room; the failed attempt freed what it took.
