@@ -237,8 +237,8 @@ def test_pruning_never_deletes_the_newest_complete_checkpoint_before_a_save(
         tmp_path: Path, keep: int, removed_before: list[int], kept_after: list[Any]) -> None:
     found = [tmp_path / checkpoint.directory_name(step) for step in range(1, 5)]
     new = tmp_path / "new"
-    path = {**{step: tmp_path / checkpoint.directory_name(step) for step in range(1, 5)},
-            "new": new}
+    path: dict[int | str, Path] = {step: found[step - 1] for step in range(1, 5)}
+    path["new"] = new
     before = checkpoint.to_delete_before_save(found, keep)
     assert before == [path[step] for step in removed_before]
     on_disk = [p for p in found if p not in before] + [new]
