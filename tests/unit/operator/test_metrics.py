@@ -10,6 +10,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune.api import API_VERSION, KIND, FineTuneJobSpec
+from kubetune.builders.meta import training_hash
 from kubetune.operator.metrics import OperatorMetrics, index_bodies, phase_counts
 from kubetune.operator.progress import ProgressServer, ProgressSink
 
@@ -40,12 +42,31 @@ class FakeClient:
         }
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
-        labels = {"kubetune.io/job": "demo", "app.kubernetes.io/component": "trainer"}
+        # The owner chain the endpoint checks: pod -> training Job -> FineTuneJob (the
+        # chain's refusals are tested in test_progress.py).
+        spec = {"model": {"source": "builtin://smollm2-135m-instruct"},
+                "dataset": {"source": "builtin://kubectl-commands"}}  # fmt: skip
+        if kind == "FineTuneJob":
+            return {"metadata": {"name": name, "namespace": namespace, "uid": "uid-f"},
+                    "spec": spec}  # fmt: skip
+        if kind == "Job":
+            labels = {"app.kubernetes.io/component": "trainer", "kubetune.io/generation": "1"}
+            digest = training_hash(FineTuneJobSpec.model_validate(spec))
+            return {"metadata": {"name": name, "namespace": namespace, "uid": "uid-j",
+                                 "labels": labels,
+                                 "annotations": {"kubetune.io/training-hash": digest},
+                                 "ownerReferences": [_controller(API_VERSION, KIND, "demo",
+                                                                 "uid-f")]}}  # fmt: skip
+        owner = _controller("batch/v1", "Job", "demo-g1-train", "uid-j")
         return {"metadata": {"name": name, "namespace": namespace, "uid": "uid-p",
-                             "labels": labels}}  # fmt: skip
+                             "ownerReferences": [owner]}}  # fmt: skip
 
     async def patch_status(self, *_: Any) -> None:
         return None
+
+
+def _controller(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True}
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -61,10 +61,22 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str | 
 class KubeClient:
     """Async access to one cluster. Create with `connect()`, close with `close()`."""
 
-    def __init__(self, server: str, ssl_context: ssl.SSLContext | bool, auth: Any) -> None:
+    def __init__(
+        self,
+        server: str,
+        ssl_context: ssl.SSLContext | bool,
+        auth: Any,
+        *,
+        connections: int = 64,
+        attempts: int = 5,
+    ) -> None:
         self.server = server.rstrip("/")
         self._ssl = ssl_context
         self._auth = auth  # kubernetes.client.Configuration: token refresh lives there
+        self.connections = connections
+        """Size of the connection pool: requests beyond it wait for a free connection."""
+        self.attempts = attempts
+        """Tries per request (throttling, server errors, dropped connections)."""
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         self._token_checked_at = -TOKEN_RECHECK_SECONDS
@@ -90,6 +102,14 @@ class KubeClient:
         if configuration.cert_file and isinstance(context, ssl.SSLContext):
             context.load_cert_chain(configuration.cert_file, configuration.key_file)
         return cls(configuration.host, context, configuration)
+
+    def sibling(self, connections: int, attempts: int) -> KubeClient:
+        """A second client on the same cluster and credentials with a pool of its own: what
+        it sends (the progress endpoint's TokenReviews) never waits for a connection this
+        client's requests hold, nor makes them wait. Its requests are counted separately."""
+        return KubeClient(
+            self.server, self._ssl, self._auth, connections=connections, attempts=attempts
+        )
 
     def _headers(self) -> dict[str, str]:
         headers = {"User-Agent": "kubetune-operator", "Accept": "application/json"}
@@ -128,12 +148,12 @@ class KubeClient:
         a few times. A 409 conflict is raised, not retried: the caller must re-read (a PUT
         with a stale resourceVersion would only conflict again)."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self.connections)
             self._session = aiohttp.ClientSession(connector=connector)
         resource = path.split("?")[0].rstrip("/").split("/")
         self.requests[f"{method} {resource[-2] if len(resource) > 2 else path}"] += 1
         data = None if body is None else json.dumps(body)
-        for attempt in range(5):
+        for attempt in range(self.attempts):
             headers = self._headers()
             headers["Content-Type"] = content_type
             if accept:

@@ -26,9 +26,12 @@ import os
 import socket
 import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune.builders.config import DEFAULT_SERVING_IMAGE, DEFAULT_TRAINER_IMAGE, OperatorConfig
+
+if TYPE_CHECKING:  # the progress module needs aiohttp, which only the operator extra installs
+    from kubetune.operator.progress import ReviewLimits
 
 log = logging.getLogger("kubetune.operator")
 
@@ -66,6 +69,34 @@ def add_operator_command(subparsers: Any) -> None:
         type=float,
         default=5.0,
         help="seconds between status patches of one job's progress",
+    )
+    # Defaults: kubetune.operator.progress.ReviewLimits (None: its default).
+    parser.add_argument(
+        "--progress-source-review-rate",
+        type=float,
+        help="TokenReviews per second one source address earns at the progress endpoint "
+        "(default 0.2; new tokens only: a verified or refused token is remembered)",
+    )
+    parser.add_argument(
+        "--progress-source-review-burst",
+        type=int,
+        help="TokenReviews one source address may spend at once (default 5)",
+    )
+    parser.add_argument(
+        "--progress-review-rate",
+        type=float,
+        help="TokenReviews per second from all sources together (default 5)",
+    )
+    parser.add_argument(
+        "--progress-review-burst",
+        type=int,
+        help="TokenReviews all sources together may spend at once (default 20)",
+    )
+    parser.add_argument(
+        "--progress-reviews-in-flight",
+        type=int,
+        help="TokenReviews sent at once, on a client of their own with as many connections "
+        "(default 4)",
     )
     parser.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE)
     parser.add_argument("--serving-image", default=DEFAULT_SERVING_IMAGE)
@@ -122,6 +153,19 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     )
 
 
+def review_limits_from_args(args: argparse.Namespace) -> ReviewLimits:
+    from kubetune.operator.progress import ReviewLimits
+
+    given = {
+        "source_rate": args.progress_source_review_rate,
+        "source_burst": args.progress_source_review_burst,
+        "total_rate": args.progress_review_rate,
+        "total_burst": args.progress_review_burst,
+        "in_flight": args.progress_reviews_in_flight,
+    }
+    return ReviewLimits(**{key: value for key, value in given.items() if value is not None})
+
+
 def run_operator(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -145,7 +189,7 @@ async def serve(args: argparse.Namespace) -> int:
     from kubetune.operator.controller import Controller, utc_now
     from kubetune.operator.leader import LeaseLock
     from kubetune.operator.metrics import OperatorMetrics, index_bodies
-    from kubetune.operator.progress import ProgressServer, ProgressSink
+    from kubetune.operator.progress import ProgressServer, ProgressSink, api_lookup, index_lookup
 
     if args.kubeconfig:
         # kopf logs in on its own: point it at the same cluster.
@@ -157,17 +201,25 @@ async def serve(args: argparse.Namespace) -> int:
     await lease.acquire()
 
     controller = Controller(client, config)
+    shared: dict[str, Any] = {}
+    # The progress endpoint's TokenReviews and the reads that follow them go through a
+    # client of their own: a flood of tokens never takes the reconciles' connections.
+    limits = review_limits_from_args(args)
+    reviewer = client.sibling(connections=limits.in_flight, attempts=1)
+    finetunejobs = index_lookup(shared, api_lookup(reviewer))
     sink = ProgressSink(
         client, args.progress_min_interval, utc_now,
-        on_patched=controller.remember,
+        on_patched=controller.remember, finetunejobs=finetunejobs,
     )  # fmt: skip
-    shared: dict[str, Any] = {}
     metrics = OperatorMetrics(
-        api_requests=lambda: client.requests,
+        api_requests=lambda: client.requests + reviewer.requests,
         progress_patches=lambda: sink.patches,
         finetunejobs=lambda: index_bodies(shared),
     )
-    progress = ProgressServer(client, config.progress_audience, sink, metrics)
+    progress = ProgressServer(
+        client, config.progress_audience, sink, metrics,
+        reviewer=reviewer, finetunejobs=finetunejobs, limits=limits,
+    )  # fmt: skip
     runner = web.AppRunner(progress.app())
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", args.progress_port).start()
@@ -202,5 +254,6 @@ async def serve(args: argparse.Namespace) -> int:
     await runner.cleanup()
     if not lost:
         await lease.release()
+    await reviewer.close()
     await client.close()
     return 1 if lost else 0

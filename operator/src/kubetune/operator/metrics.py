@@ -91,11 +91,19 @@ class OperatorMetrics:
             ["result", "code"],
             registry=self.registry,
         )
+        self.progress_tokenreviews = Counter(
+            "kubetune_progress_tokenreviews",
+            "TokenReviews the progress endpoint sent (one per new token, within its budgets).",
+            registry=self.registry,
+        )
         self.registry.register(_ScrapeTimeCollector(self))
 
     def report(self, accepted: bool, code: int) -> None:
         result = "accepted" if accepted else "refused"
         self.progress_reports.labels(result=result, code=str(code)).inc()
+
+    def tokenreview(self) -> None:
+        self.progress_tokenreviews.inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text format (0.0.4)."""
