@@ -278,6 +278,7 @@ class FakeCluster:
     patches: list[dict[str, Any]] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     hold_reviews: asyncio.Event | None = None
+    review_latency: float = 0.0
     in_flight: int = 0
     most_in_flight: int = 0
 
@@ -299,6 +300,7 @@ class FakeCluster:
         try:
             if self.hold_reviews is not None:
                 await self.hold_reviews.wait()
+            await asyncio.sleep(self.review_latency)  # an answer takes a while to come back
         finally:
             self.in_flight -= 1
         issued = self.tokens.get(token)
@@ -487,6 +489,7 @@ def test_reviews_in_flight_are_capped_and_the_queue_is_bounded() -> None:
 
 def test_concurrent_requests_with_one_token_share_one_review() -> None:
     endpoint = _endpoint()
+    endpoint.cluster.review_latency = 0.2  # the others arrive while the first is reviewed
     answers = asyncio.run(_post_all(endpoint, ["one-bad-token"] * 50, parallel=True))
     assert {a.status for a in answers} == {401}
     assert endpoint.cluster.requests["POST tokenreviews"] == 1
