@@ -45,3 +45,64 @@ def test_crashed_run_resumes_from_its_checkpoint(tmp_path: Path, lora_reference:
     assert final["trainLoss"] == pytest.approx(report(lora_reference)["trainLoss"], rel=1e-3)
     steps = [m["step"] for m in metrics(output)]
     assert steps == [1, 2, 3, 3, 4]  # step 3 ran twice: once before the crash
+
+
+def test_a_crash_after_the_last_step_resumes_at_the_last_step(tmp_path: Path,
+                                                               lora_reference: Path) -> None:
+    """Issue 13, finding 13: the outputs (greedy evaluation, adapter, merged model) come after
+    the last step; dying there (an eviction, an OOM in the evaluation) used to cost every step
+    since the last `everySteps` multiple."""
+    from tests.trainer.conftest import write_tiny_dataset
+
+    train, _ = write_tiny_dataset(tmp_path / "data")
+    config = run_config(train, None, steps=4)
+    config["spec"]["checkpoint"] = {"everySteps": 3, "keep": 1}
+    output = tmp_path / "out"
+    crashed = start_training(config, output, env={CRASH_ENV: "4"})
+    assert crashed.returncode == 3, crashed.stderr[-2000:]
+    assert checkpoint.newest(output / "checkpoints") == output / "checkpoints" / "step-00000004"
+
+    succeeded(start_training(config, output))
+    final = report(output)
+    assert final["status"] == "Succeeded" and final["resumedFromStep"] == 4
+    assert final["steps"] == 4 and final["adapter"] == "adapter" and final["merged"] == "merged"
+    assert final["trainLoss"] == pytest.approx(report(lora_reference)["trainLoss"], rel=1e-3)
+    assert [m["step"] for m in metrics(output)] == [1, 2, 3, 4]  # no step trained twice
+
+
+def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(
+        tmp_path: Path, lora_reference: Path) -> None:
+    """Issue 13, finding 15: the newest checkpoint was taken with no fallback, so one torn file
+    failed every retry."""
+    from tests.trainer.conftest import write_tiny_dataset
+
+    train, _ = write_tiny_dataset(tmp_path / "data")
+    config = run_config(train, None, steps=4)
+    config["spec"]["checkpoint"] = {"everySteps": 1, "keep": 3}
+    output = tmp_path / "out"
+    crashed = start_training(config, output, env={CRASH_ENV: "3"})
+    assert crashed.returncode == 3, crashed.stderr[-2000:]
+    state = output / "checkpoints" / "step-00000003" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    resumed = start_training(config, output)
+    succeeded(resumed)
+    assert "step-00000003 is unusable" in resumed.stderr
+    final = report(output)
+    assert final["resumedFromStep"] == 2 and final["steps"] == 4
+    assert final["trainLoss"] == pytest.approx(report(lora_reference)["trainLoss"], rel=1e-3)
+    assert [m["step"] for m in metrics(output)] == [1, 2, 3, 3, 4]
+
+
+def test_training_goes_on_when_metrics_cannot_be_appended(tmp_path: Path,
+                                                          builtin_model: Path) -> None:
+    """Issue 13, finding 15: a failed `metrics.jsonl` append (a full disk) killed training."""
+    from tests.trainer.conftest import write_tiny_dataset
+
+    train, _ = write_tiny_dataset(tmp_path / "data")
+    output = tmp_path / "out"
+    (output / "metrics.jsonl").mkdir(parents=True)  # every append fails (IsADirectoryError)
+    result = start_training(run_config(train, None, steps=2), output)
+    succeeded(result)
+    assert result.stderr.count("cannot append to") == 1
+    assert report(output)["status"] == "Succeeded" and report(output)["steps"] == 2
