@@ -61,6 +61,8 @@ class FakeClient:
         return {"metadata": {"name": name, "namespace": namespace, "uid": "uid-p",
                              "ownerReferences": [owner]}}  # fmt: skip
 
+    find = get  # a list by name (Jobs, FineTuneJobs), the same answer here
+
     async def patch_status(self, *_: Any) -> None:
         return None
 

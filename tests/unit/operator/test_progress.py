@@ -322,6 +322,10 @@ class FakeCluster:
         self.requests[f"GET {kind}"] += 1
         return self.objects.get((kind, namespace, name))
 
+    async def find(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        self.requests[f"LIST {kind}"] += 1
+        return self.objects.get((kind, namespace, name))
+
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> Any:
         self.patches.append({"name": name, **patch["progress"]})
         return None

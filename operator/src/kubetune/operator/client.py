@@ -58,6 +58,17 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str | 
     return f"{path}/{name}" if name else path
 
 
+RESOURCES = frozenset({*PLURALS.values(), "tokenreviews"})
+
+
+def resource_of(path: str) -> str:
+    """The resource a request is about, for the tally: `finetunejobs` for a status patch,
+    `events` for a POST to a namespace's events, never an object's or a namespace's name
+    (a label per name would grow without bound)."""
+    parts = [part for part in path.split("?")[0].split("/") if part]
+    return next((part for part in reversed(parts) if part in RESOURCES), parts[-1] if parts else "")
+
+
 class KubeClient:
     """Async access to one cluster. Create with `connect()`, close with `close()`."""
 
@@ -150,8 +161,7 @@ class KubeClient:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self.connections)
             self._session = aiohttp.ClientSession(connector=connector)
-        resource = path.split("?")[0].rstrip("/").split("/")
-        self.requests[f"{method} {resource[-2] if len(resource) > 2 else path}"] += 1
+        self.requests[f"{method} {resource_of(path)}"] += 1
         data = None if body is None else json.dumps(body)
         for attempt in range(self.attempts):
             headers = self._headers()
@@ -227,6 +237,18 @@ class KubeClient:
         return await self.request(
             "GET", object_path(api_version, kind, namespace, name), ok_missing=True
         )
+
+    async def find(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        """One object by name through a list with a field selector, or None: for the kinds
+        the operator lists and watches but has no `get` on (FineTuneJobs, Jobs; see the
+        chart's templates/_rbac.tpl)."""
+        found = await self.request(
+            "GET",
+            object_path(api_version, kind, namespace),
+            params={"fieldSelector": f"metadata.name={name}"},
+        )
+        items = (found or {}).get("items") or []
+        return {"apiVersion": api_version, "kind": kind, **items[0]} if items else None
 
     # ------------------------------------------------------------------ FineTuneJobs
 

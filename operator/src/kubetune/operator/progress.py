@@ -408,10 +408,11 @@ class ProgressSink:
 
 
 def api_lookup(client: KubeClient) -> FineTuneJobLookup:
-    """FineTuneJobs read from the API server, one GET each."""
+    """FineTuneJobs read from the API server, one request each (a list by name: the
+    operator may list and watch FineTuneJobs, not get them)."""
 
     async def lookup(namespace: str, name: str) -> Mapping[str, Any] | None:
-        found: Mapping[str, Any] | None = await client.get(API_VERSION, KIND, namespace, name)
+        found: Mapping[str, Any] | None = await client.find(API_VERSION, KIND, namespace, name)
         return found
 
     return lookup
@@ -572,7 +573,7 @@ class ProgressServer:
                         "batch/v1",
                         "Job",
                     ):
-                        job = await self.reviewer.get(
+                        job = await self.reviewer.find(
                             "batch/v1", "Job", namespace, str(owner.get("name"))
                         )
                 except ApiError as error:
