@@ -21,15 +21,16 @@
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Run-config ConfigMaps, rendezvous and serving Services: applied and deleted, never watched.
+# Run-config ConfigMaps, rendezvous and serving Services: watched (KubeTune's own, by label
+# selector) so a deleted or edited one is put back, applied, and deleted with their generation.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "patch", "delete"]
-# The artifact PVC: applied; a referenced one is checked to exist (never deleted: it holds
-# the checkpoints and models).
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# The artifact PVC: watched (a deleted one is created again) and applied; a referenced one is
+# checked to exist (never deleted: it holds the checkpoints and models).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Trainer pods are only read: termination messages (final report), scheduling failures, the
 # pod a progress token is bound to.
 - apiGroups: [""]

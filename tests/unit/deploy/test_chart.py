@@ -47,8 +47,8 @@ NAMESPACED_RULES: list[Rule] = [
     *_rule("", ["events"], ["create"]),
     *_rule("batch", ["jobs"], WATCHED_CHILD),
     *_rule("apps", ["deployments"], WATCHED_CHILD),
-    *_rule("", ["configmaps", "services"], ["create", "patch", "delete"]),
-    *_rule("", ["persistentvolumeclaims"], ["get", "create", "patch"]),
+    *_rule("", ["configmaps", "services"], WATCHED_CHILD),
+    *_rule("", ["persistentvolumeclaims"], ["get", "list", "watch", "create", "patch"]),
     *_rule("", ["pods"], ["get", "list", "watch"]),
     *_rule("", ["secrets"], ["get"]),
 ]
@@ -247,7 +247,6 @@ def test_default_render_has_the_expected_objects(helm: str) -> None:
             ("ClusterRole", operator, None),
             ("ClusterRoleBinding", operator, None),
             ("Deployment", operator, NAMESPACE),
-            ("NetworkPolicy", operator, NAMESPACE),
             ("Role", f"{operator}-leader", NAMESPACE),
             ("RoleBinding", f"{operator}-leader", NAMESPACE),
             ("Service", operator, NAMESPACE),

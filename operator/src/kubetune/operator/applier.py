@@ -18,12 +18,19 @@ from typing import Any
 from kubetune.builders import naming
 from kubetune.operator.client import ApiError, KubeClient
 from kubetune.operator.lanes import Lanes
+from kubetune.reconcile.drift import should_apply
 from kubetune.reconcile.runs import slim
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
-WATCHED = {"Job", "Deployment"}
-"""Child kinds kept in kopf indexes (with Pods, which the operator never applies)."""
+STATUS_KINDS = {"Job", "Deployment"}
+"""Children whose applied form the pass's status reads (the rest only need to exist)."""
+CRITICAL_KINDS = {"Job", "Deployment", "PersistentVolumeClaim"}
+"""Applied in the critical lane: pods wait for these (a claim included: pods cannot be
+scheduled without it). ConfigMaps and Services follow when the lane is idle."""
+UNSENDABLE = 2**62
+"""The version recorded for a manifest the API server refused as invalid or immutable:
+higher than any real one, so the same manifest is not sent again."""
 
 
 class RetryLater(Exception):
@@ -43,13 +50,22 @@ def resource_version(obj: Mapping[str, Any] | None) -> int:
 
 
 @dataclass
+class Sent:
+    """One apply this process made: the manifest's hash and the version the answer had."""
+
+    digest: str
+    version: int
+    seen: bool = False
+    """The index has shown this version (or a newer one) since: if the child is missing
+    now, someone deleted it, and it is sent again."""
+
+
+@dataclass
 class Applied:
     """What this process applied, until the watch shows it (indexes lag a little)."""
 
-    hashes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    sent: dict[tuple[str, str], Sent] = field(default_factory=dict)
     deleting: set[tuple[str, str]] = field(default_factory=set)
-    unsent: set[tuple[str, str]] = field(default_factory=set)
-    """Unwatched children whose last apply failed: sent again on the next pass."""
 
 
 class Applier:
@@ -64,24 +80,31 @@ class Applier:
     def child_deleted(self, key: Key, kind: str, name: str) -> None:
         applied = self._records.get(key)
         if applied is not None:
-            applied.hashes.pop((kind, name), None)
+            applied.sent.pop((kind, name), None)
             applied.deleting.discard((kind, name))
 
     def needs_apply(
         self, key: Key, manifest: Mapping[str, Any], observed: Mapping[tuple[str, str], Any]
     ) -> bool:
+        """`should_apply` (missing, hash changed, drifted: a pure decision on the observed
+        child), unless this process already sent this very manifest and the index has not
+        moved past that apply: either the watch has not delivered it yet, or it has and
+        the child still reads as drifted, i.e. the server stores a value differently from
+        how KubeTune writes it, and sending it again would change nothing."""
         ref = _ref(manifest)
-        digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
         current = observed.get(ref)
-        if current is not None:
-            current_hash = (current["metadata"].get("annotations") or {}).get(
-                naming.ANNOTATION_HASH
-            )
-            if current_hash == digest:
-                return False
-        applied = self._records[key].hashes.get(ref)
-        # Our own apply not yet visible in the index: do not send it again.
-        return not (applied and applied[0] == digest and applied[1] > resource_version(current))
+        sent = self._records[key].sent.get(ref)
+        version = resource_version(current)
+        if sent is not None and current is not None and version >= sent.version:
+            sent.seen = True
+        if not should_apply(manifest, current):
+            return False
+        digest = manifest["metadata"]["annotations"][naming.ANNOTATION_HASH]
+        if sent is None or sent.digest != digest:
+            return True
+        if current is None:
+            return sent.seen  # deleted after the index showed it; else not there yet
+        return version > sent.version  # someone changed it since our apply
 
     async def apply(
         self,
@@ -89,29 +112,17 @@ class Applier:
         manifests: Sequence[Mapping[str, Any]],
         children: Sequence[Mapping[str, Any]],
     ) -> list[dict[str, Any]]:
-        """Apply what changed; return the applied Jobs and Deployments as the server answered
-        (slimmed like the indexes' children).
+        """Apply what `needs_apply` picks; return the applied Jobs and Deployments as the
+        server answered (slimmed like the indexes' children).
 
-        ConfigMaps, Services and PVCs are not watched: they are sent along whenever a Job or
-        Deployment is (skipped when this process already sent the same hash), or again after
-        a failed apply, so an idle pass and a restart send nothing. Jobs, Deployments and
-        PVCs (pods cannot be scheduled without their claim) take the critical lane; the
-        ConfigMap and Service follow when it is idle (see `kubetune.operator.lanes`)."""
+        Every child kind is watched, so each manifest is decided from its observed object:
+        an idle pass and a restart send nothing, a deleted or edited child is sent again.
+        Jobs, Deployments and PVCs take the critical lane; ConfigMaps and Services follow
+        when it is idle (see `kubetune.operator.lanes`)."""
         observed = {_ref(c): c for c in children}
-        watched = [
-            m for m in manifests if m["kind"] in WATCHED and self.needs_apply(key, m, observed)
-        ]
-        record = self._records[key]
-        companions = [
-            m
-            for m in manifests
-            if m["kind"] not in WATCHED
-            and (watched or _ref(m) in record.unsent)
-            and record.hashes.get(_ref(m), ("",))[0]
-            != m["metadata"]["annotations"][naming.ANNOTATION_HASH]
-        ]
-        critical = [*watched, *(m for m in companions if m["kind"] == "PersistentVolumeClaim")]
-        deferred = [m for m in companions if m["kind"] != "PersistentVolumeClaim"]
+        todo = [m for m in manifests if self.needs_apply(key, m, observed)]
+        critical = [m for m in todo if m["kind"] in CRITICAL_KINDS]
+        deferred = [m for m in todo if m["kind"] not in CRITICAL_KINDS]
         results: list[tuple[Mapping[str, Any], dict[str, Any]]] = []
         if critical:
             async with self._lanes.critical():
@@ -122,26 +133,18 @@ class Applier:
         return [
             _as_applied(manifest, result, observed.get(_ref(manifest)))
             for manifest, result in results
-            if manifest["kind"] in WATCHED
+            if manifest["kind"] in STATUS_KINDS
         ]
 
     async def _apply_all(
         self, key: Key, manifests: Sequence[Mapping[str, Any]]
     ) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
-        """Apply all at once; the (manifest, answer) pairs, or RetryLater if any failed."""
+        """Apply all at once; the (manifest, answer) pairs, or RetryLater if any failed (a
+        failed one is not recorded, so the retried pass decides it again)."""
         outcomes = await asyncio.gather(
             *(self._apply_one(key, m) for m in manifests), return_exceptions=True
         )
-        record = self._records[key]
-        errors = []
-        for manifest, outcome in zip(manifests, outcomes, strict=True):
-            ref = _ref(manifest)
-            if isinstance(outcome, BaseException):
-                errors.append(outcome)
-                if ref[0] not in WATCHED:
-                    record.unsent.add(ref)
-            else:
-                record.unsent.discard(ref)
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:
             raise RetryLater("; ".join(str(e) for e in errors))
         return [(m, o) for m, o in zip(manifests, outcomes, strict=True) if isinstance(o, dict)]
@@ -158,9 +161,9 @@ class Applier:
                 raise
             # Invalid or immutable (e.g. a Job's pod template): retrying cannot help.
             log.warning("%s/%s: cannot apply %s %s: %s", *key, *ref, error)
-            self._records[key].hashes[ref] = (digest, 2**62)
+            self._records[key].sent[ref] = Sent(digest, UNSENDABLE)
             return None
-        self._records[key].hashes[ref] = (digest, resource_version(result))
+        self._records[key].sent[ref] = Sent(digest, resource_version(result))
         self._records[key].deleting.discard(ref)
         return result
 
@@ -175,7 +178,7 @@ class Applier:
             raise RetryLater(str(error)) from error
         for ref in todo:
             applied.deleting.add((ref.kind, ref.name))
-            applied.hashes.pop((ref.kind, ref.name), None)
+            applied.sent.pop((ref.kind, ref.name), None)
 
 
 def _as_applied(

@@ -4,8 +4,9 @@ is retried from here after RETRY_SECONDS (kopf retries no event handler), never 
 in the handler.
 
 A resync loop (not a kopf timer: see `resync_forever`) makes the operator level-based.
-Indexes hold the FineTuneJobs and their Jobs, Pods and Deployments, keyed by
-(namespace, FineTuneJob name). kopf fills them from the watches before any handler runs.
+Indexes hold the FineTuneJobs and every child kind (Jobs, Pods, Deployments, Services,
+ConfigMaps, PVCs), keyed by (namespace, FineTuneJob name). kopf fills them from the
+watches before any handler runs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import kopf
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.operator.controller import Controller, RetryLater
 from kubetune.operator.indexes import (
+    CHILD_KINDS,
     INDEXES,
     MANAGED,
+    MANAGED_SELECTOR,
     children_of,
     owner_key,
     register_indexes,
@@ -142,14 +145,15 @@ def register(registry: kopf.OperatorRegistry) -> None:
         for owner in kwargs["finetunejobs"].get(key) or ():
             await reconcile_pass(memo, owner, kwargs)
 
-    for group, version, plural in (
-        ("batch", "v1", "jobs"),
-        ("", "v1", "pods"),
-        ("apps", "v1", "deployments"),
-    ):
+    # Every kind KubeTune applies (and its Pods): a child deleted or edited by someone else
+    # is reconciled at once, from the watch the index already holds open, and put back
+    # (kubetune.reconcile.drift decides what counts as changed). Not a timer: a timer puts a
+    # finalizer on every object (see `resync_forever`), and waits for its period.
+    for child in CHILD_KINDS:
         kopf.on.event(
-            group, version, plural, labels=MANAGED, registry=registry, id="child_changed"
-        )(child_changed)
+            child.group, child.version, child.plural,
+            labels=MANAGED, registry=registry, id=f"child_changed_{child.plural}",
+        )(child_changed)  # fmt: skip
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -192,6 +196,13 @@ def settings(prefix: str = "kubetune.io", namespaces: Sequence[str] = ()) -> kop
     # kopf would post an Event per handler run; the operator posts its own on transitions.
     result.posting.level = logging.WARNING
     result.watching.server_timeout = 300
+    # Children are selected by the API server: the watches of ConfigMaps, Services, Pods...
+    # carry KubeTune's objects only, not every one in the cluster (the handlers' own label
+    # filter would drop the rest after they crossed the wire).
+    for child in CHILD_KINDS:
+        result.watching.label_selectors[child.group, child.version, child.plural] = (
+            MANAGED_SELECTOR
+        )
     # kopf keeps one worker per object for `idle_timeout` after its last event; a cap on
     # workers would make a burst of new objects wait for idle ones to expire.
     result.queueing.worker_limit = None

@@ -1,22 +1,50 @@
 """kopf's in-memory indexes of FineTuneJobs and their children, keyed by (namespace, job).
 
 A reconcile pass reads the job's children from these instead of listing them from the API
-server: the watches kopf keeps open are the only reads in steady state.
+server: the watches kopf keeps open are the only reads in steady state. Every kind KubeTune
+applies is watched, so a child someone deletes or edits is seen (and put back) at once; the
+watches ask the API server for KubeTune's children only (`CHILD_KINDS`, label selector
+`MANAGED`), so the cluster's other ConfigMaps and Services never reach the operator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.builders import naming
-from kubetune.reconcile.runs import slim
+from kubetune.reconcile.drift import observed_view
 
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
-CHILD_INDEXES = ("kubetune_jobs", "kubetune_pods", "kubetune_deployments")
+MANAGED_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
+
+
+@dataclass(frozen=True)
+class ChildKind:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    index: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+CHILD_KINDS = (
+    ChildKind("batch", "v1", "jobs", "Job", "kubetune_jobs"),
+    ChildKind("", "v1", "pods", "Pod", "kubetune_pods"),
+    ChildKind("apps", "v1", "deployments", "Deployment", "kubetune_deployments"),
+    ChildKind("", "v1", "services", "Service", "kubetune_services"),
+    ChildKind("", "v1", "configmaps", "ConfigMap", "kubetune_configmaps"),
+    ChildKind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", "kubetune_claims"),
+)
+CHILD_INDEXES = tuple(child.index for child in CHILD_KINDS)
 
 
 def owner_key(body: kopf.Body) -> tuple[str, str] | None:
@@ -41,19 +69,16 @@ def register_indexes(registry: kopf.OperatorRegistry) -> None:
     async def finetunejobs(body: kopf.Body, **_: Any) -> Any:
         return {(body.metadata.namespace, body.metadata.name): dict(body)}
 
-    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="kubetune_jobs")
-    async def kubetune_jobs(body: kopf.Body, **_: Any) -> Any:
-        key = owner_key(body)
-        return {key: slim(body, "Job", "batch/v1")} if key else None
+    for child in CHILD_KINDS:
+        kopf.index(
+            child.group, child.version, child.plural,
+            labels=MANAGED, registry=registry, id=child.index,
+        )(_indexer(child))  # fmt: skip
 
-    @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry, id="kubetune_pods")
-    async def kubetune_pods(body: kopf.Body, **_: Any) -> Any:
-        key = owner_key(body)
-        return {key: slim(body, "Pod", "v1")} if key else None
 
-    @kopf.index(
-        "apps", "v1", "deployments", labels=MANAGED, registry=registry, id="kubetune_deployments"
-    )
-    async def kubetune_deployments(body: kopf.Body, **_: Any) -> Any:
+def _indexer(child: ChildKind) -> Any:
+    async def index(body: kopf.Body, **_: Any) -> Any:
         key = owner_key(body)
-        return {key: slim(body, "Deployment", "apps/v1")} if key else None
+        return {key: observed_view(body, child.kind, child.api_version)} if key else None
+
+    return index
