@@ -128,7 +128,10 @@ class OperatorProcess:
 
 
 @contextlib.contextmanager
-def running_operator(cluster: Cluster, workdir: Path) -> Iterator[OperatorProcess]:
+def running_operator(
+    cluster: Cluster, workdir: Path, process: type[OperatorProcess] = OperatorProcess
+) -> Iterator[OperatorProcess]:
+    """The CRD installed and `process` (an OperatorProcess, or one with extra flags) running."""
     crd = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "crd"], capture_output=True, text=True, check=True
     ).stdout
@@ -136,7 +139,7 @@ def running_operator(cluster: Cluster, workdir: Path) -> Iterator[OperatorProces
     cluster.kubectl(
         "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=30s"
     )
-    operator = OperatorProcess(cluster, workdir)
+    operator = process(cluster, workdir)
     operator.start()
     try:
         yield operator

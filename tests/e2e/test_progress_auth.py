@@ -1,0 +1,184 @@
+"""The progress endpoint's authentication against the real control plane: kube-apiserver's
+TokenReview, the Job controller's ownerReferences, kwok's pods. No mocks.
+
+What each test proves, in the API server's own terms:
+- a pod's default ServiceAccount token (the API server's audience, which kube-apiserver
+  itself accepts) is refused: only KubeTune's audience check stands in its way;
+- a pod that copies a trainer's labels but was not created by the FineTuneJob's Job is
+  refused (labels bind nothing);
+- a previous generation's pod is refused once the spec trains a new generation;
+- 500 bad tokens cost the API server a handful of TokenReviews, counted by kube-apiserver's
+  own `apiserver_request_total`, and the job's own pod keeps reporting.
+
+The operator runs with a small per-source budget (`--progress-source-review-burst`, a rate
+that earns nothing within a test), so the bound on TokenReviews is exact, not a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cluster import Cluster
+
+from .operator_harness import (
+    REPORT,
+    OperatorProcess,
+    finetunejob,
+    make_claim,
+    pod_token,
+    post_progress,
+    running_operator,
+    succeed,
+    wait_ftj,
+    wait_items,
+)
+
+AUDIENCE = "kubetune.io/progress"
+SOURCE_BURST = 12
+REPORT_BODY = {"step": 30, "totalSteps": 120, "trainLoss": 1.4}
+
+
+class BudgetedOperator(OperatorProcess):
+    """The harness's operator, with a per-source TokenReview budget the tests can count on:
+    `SOURCE_BURST` reviews for 127.0.0.1 (every request here comes from it), then one per
+    ~17 minutes."""
+
+    def argv(self, *extra: str) -> list[str]:
+        budget = ("--progress-source-review-burst", str(SOURCE_BURST),
+                  "--progress-source-review-rate", "0.001")  # fmt: skip
+        return super().argv(*budget, *extra)
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with running_operator(cluster, tmp_path_factory.mktemp("operator"), BudgetedOperator) as op:
+        yield op
+
+
+@pytest.fixture
+def ns(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str:
+    make_claim(cluster, namespace)
+    return namespace
+
+
+def _running_trainer(cluster: Cluster, ns: str, name: str, generation: int = 1) -> dict[str, Any]:
+    selector = (
+        f"kubetune.io/job={name},app.kubernetes.io/component=trainer,"
+        f"kubetune.io/generation={generation}"
+    )
+    return wait_items(
+        cluster, "pods", ns, selector,
+        lambda ps: len(ps) == 1 and ps[0]["status"].get("phase") == "Running",
+        timeout=90,
+    )[0]  # fmt: skip
+
+
+def _token_reviews_seen_by_the_api_server(cluster: Cluster) -> int:
+    """TokenReviews kube-apiserver has answered since it started, from its own metrics."""
+    text = cluster.kubectl("get", "--raw", "/metrics").stdout
+    total = 0
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{") and 'resource="tokenreviews"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def _operator_metric(operator: OperatorProcess, name: str) -> float | None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{operator.progress_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def test_a_pods_default_token_and_a_forged_trainer_pod_are_refused(
+    cluster: Cluster, ns: str, operator: OperatorProcess
+) -> None:
+    cluster.apply(finetunejob("mine", ns, train=succeed("120s", REPORT)))
+    trainer = _running_trainer(cluster, ns, "mine")
+    pod_name = trainer["metadata"]["name"]
+
+    # Every pod can get this token: the API server's own audience, bound to the pod. The
+    # API server accepts it (for itself); KubeTune must not.
+    default_token = cluster.kubectl(
+        "create", "token", "default", "-n", ns, "--bound-object-kind", "Pod",
+        "--bound-object-name", pod_name, "--duration", "10m",
+    ).stdout.strip()  # fmt: skip
+    assert post_progress(operator.progress_url, ns, "mine", default_token, REPORT_BODY) == 401
+
+    # A pod anyone with `create pods` can make: all of the trainer's labels, no owner.
+    labels = dict(trainer["metadata"]["labels"])
+    assert labels["kubetune.io/job"] == "mine"
+    forged_name = f"forged-{uuid.uuid4().hex[:6]}"
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": forged_name, "namespace": ns, "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]},
+        }
+    )
+    forged_token = pod_token(cluster, ns, forged_name, AUDIENCE)
+    assert post_progress(operator.progress_url, ns, "mine", forged_token, REPORT_BODY) == 403
+
+    token = pod_token(cluster, ns, pod_name, AUDIENCE)
+    assert post_progress(operator.progress_url, ns, "mine", token, REPORT_BODY) == 202
+    mine = wait_ftj(
+        cluster, ns, "mine", lambda o: (o["status"].get("progress") or {}).get("step") == 30
+    )
+    assert mine["status"]["progress"]["trainLoss"] == "1.4"
+
+
+def test_a_previous_generations_pod_is_refused_once_a_new_generation_starts(
+    cluster: Cluster, ns: str, operator: OperatorProcess
+) -> None:
+    cluster.apply(finetunejob("gens", ns, train=succeed("300s", REPORT)))
+    old_pod = _running_trainer(cluster, ns, "gens", generation=1)
+    old_token = pod_token(cluster, ns, old_pod["metadata"]["name"], AUDIENCE)
+    assert post_progress(operator.progress_url, ns, "gens", old_token, REPORT_BODY) == 202
+
+    # A new learning rate trains a different model: generation 2.
+    patch = {"spec": {"training": {"learningRate": "5e-4"}}}
+    cluster.kubectl("patch", "ftj", "gens", "-n", ns, "--type=merge", "-p", json.dumps(patch))
+    new_pod = _running_trainer(cluster, ns, "gens", generation=2)
+
+    assert post_progress(operator.progress_url, ns, "gens", old_token, {"step": 99}) == 409
+    new_token = pod_token(cluster, ns, new_pod["metadata"]["name"], AUDIENCE)
+    assert post_progress(operator.progress_url, ns, "gens", new_token, {"step": 3}) == 202
+    progress = wait_ftj(
+        cluster, ns, "gens", lambda o: (o["status"].get("progress") or {}).get("step") == 3
+    )["status"]["progress"]
+    assert progress["step"] == 3
+
+
+def test_500_bad_tokens_cost_at_most_the_source_budget_in_token_reviews(
+    cluster: Cluster, ns: str, operator: OperatorProcess
+) -> None:
+    cluster.apply(finetunejob("flooded", ns, train=succeed("300s", REPORT)))
+    trainer = _running_trainer(cluster, ns, "flooded")
+    token = pod_token(cluster, ns, trainer["metadata"]["name"], AUDIENCE)
+    assert post_progress(operator.progress_url, ns, "flooded", token, REPORT_BODY) == 202
+    before = _token_reviews_seen_by_the_api_server(cluster)
+    counted_before = _operator_metric(operator, "kubetune_progress_tokenreviews_total")
+
+    bad = ["one-bad-token"] * 250 + [f"bad-token-{uuid.uuid4().hex}" for _ in range(250)]
+    codes = Counter(post_progress(operator.progress_url, ns, "flooded", t, {}) for t in bad)
+
+    reviews = _token_reviews_seen_by_the_api_server(cluster) - before
+    counted = _operator_metric(operator, "kubetune_progress_tokenreviews_total")
+    # At most what is left of the source's burst (earlier tests in this module spent some);
+    # the repeated token is reviewed once, the rest is throttled with 429.
+    assert 1 <= reviews <= SOURCE_BURST, codes
+    assert counted is not None and counted_before is not None
+    assert counted - counted_before == reviews
+    assert codes[401] >= 250 and codes[429] >= 500 - 250 - SOURCE_BURST
+    assert set(codes) == {401, 429}
+    # The job's own pod, verified before, is not throttled by the flood.
+    assert post_progress(operator.progress_url, ns, "flooded", token, {"step": 31}) == 202
