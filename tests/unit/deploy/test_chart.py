@@ -247,6 +247,7 @@ def test_default_render_has_the_expected_objects(helm: str) -> None:
             ("ClusterRole", operator, None),
             ("ClusterRoleBinding", operator, None),
             ("Deployment", operator, NAMESPACE),
+            ("NetworkPolicy", operator, NAMESPACE),
             ("Role", f"{operator}-leader", NAMESPACE),
             ("RoleBinding", f"{operator}-leader", NAMESPACE),
             ("Service", operator, NAMESPACE),
