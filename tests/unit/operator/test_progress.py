@@ -10,6 +10,7 @@ kube-apiserver.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from kubetune.api.dataplane import ProgressReport
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner, legacy_training_hash, training_hash
 from kubetune.builders.training import training_job
+from kubetune.operator.main import add_operator_command, review_limits_from_args
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import (
     Binding,
@@ -648,3 +650,15 @@ def test_non_finite_numbers_in_a_report_read_as_unknown() -> None:
     assert report.train_loss is None and report.eval_loss is None and report.eta_seconds is None
     progress = progress_status(report, "now")
     assert progress == {"step": 3, "updateTime": "now"}
+
+
+def test_budget_flags_reach_the_review_limits() -> None:
+    parser = argparse.ArgumentParser()
+    add_operator_command(parser.add_subparsers())
+    assert review_limits_from_args(parser.parse_args(["operator"])) == ReviewLimits()
+    flags = ["--progress-source-review-rate", "0.5", "--progress-source-review-burst", "2",
+             "--progress-review-rate", "7", "--progress-review-burst", "9",
+             "--progress-reviews-in-flight", "3"]  # fmt: skip
+    limits = review_limits_from_args(parser.parse_args(["operator", *flags]))
+    assert (limits.source_rate, limits.source_burst, limits.total_rate, limits.total_burst,
+            limits.in_flight) == (0.5, 2, 7.0, 9, 3)  # fmt: skip
