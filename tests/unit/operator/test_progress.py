@@ -662,3 +662,15 @@ def test_budget_flags_reach_the_review_limits() -> None:
     limits = review_limits_from_args(parser.parse_args(["operator", *flags]))
     assert (limits.source_rate, limits.source_burst, limits.total_rate, limits.total_burst,
             limits.in_flight) == (0.5, 2, 7.0, 9, 3)  # fmt: skip
+
+
+def test_a_repeated_refused_token_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    endpoint = _endpoint()
+    job = endpoint.cluster.objects[("Job", "team", "demo-g1-train")]
+    forged = _forged(job)
+    endpoint.cluster.add(forged)
+    token = endpoint.cluster.token_for(forged)
+    with caplog.at_level("WARNING", logger="kubetune.operator.progress"):
+        answers = asyncio.run(_post_all(endpoint, [token] * 100))
+    assert {a.status for a in answers} == {403}
+    assert len([r for r in caplog.records if "refused a progress report" in r.message]) == 1

@@ -83,12 +83,20 @@ class Refused(Exception):
     seconds a throttled client should wait."""
 
     def __init__(
-        self, status: int, message: str, *, lasting: bool = False, retry_after: float = 0.0
+        self,
+        status: int,
+        message: str,
+        *,
+        lasting: bool = False,
+        retry_after: float = 0.0,
+        remembered: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.lasting = lasting
         self.retry_after = retry_after
+        self.remembered = remembered
+        """Answered from memory: already logged when it was first decided."""
 
 
 @dataclass(frozen=True)
@@ -501,7 +509,7 @@ class ProgressServer:
         digest = digest_of(token)
         verdict = self._refused.get(digest)
         if verdict is not None:
-            raise Refused(verdict.status, verdict.message, lasting=True)
+            raise Refused(verdict.status, verdict.message, lasting=True, remembered=True)
         binding = self._verified.get(digest)
         if binding is None:
             pending = self._reviewing.get(digest)
@@ -598,7 +606,8 @@ class ProgressServer:
             except (ValueError, ValidationError) as error:
                 raise Refused(400, f"not a progress report: {error}") from error
         except Refused as refused:
-            if refused.status in (403, 409):
+            if refused.status in (403, 409) and not refused.remembered:
+                # Once per token: a repeated refused token must not flood the log either.
                 log.warning("refused a progress report for %s/%s: %s", namespace, name, refused)
             self.metrics.report(accepted=False, code=refused.status)
             headers = {}
