@@ -22,6 +22,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +42,7 @@ from .operator_harness import (
 )
 
 AUDIENCE = "kubetune.io/progress"
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
 SOURCE_BURST = 12
 REPORT_BODY = {"step": 30, "totalSteps": 120, "trainLoss": 1.4}
 
@@ -182,3 +184,53 @@ def test_500_bad_tokens_cost_at_most_the_source_budget_in_token_reviews(
     assert set(codes) == {401, 429}
     # The job's own pod, verified before, is not throttled by the flood.
     assert post_progress(operator.progress_url, ns, "flooded", token, {"step": 31}) == 202
+
+
+class ChartIdentityOperator(BudgetedOperator):
+    """The budgeted operator authenticated as the chart's operator ServiceAccount (its token
+    in a kubeconfig), holding the Lease the chart's Role grants, in the release namespace."""
+
+    kubeconfig: Path
+    lease_namespace: str
+
+    def argv(self, *extra: str) -> list[str]:
+        argv = super().argv(*extra)
+        argv[argv.index("--kubeconfig") + 1] = str(self.kubeconfig)
+        argv[argv.index("--lease-namespace") + 1] = self.lease_namespace
+        return argv
+
+
+def test_the_charts_rbac_is_enough_for_the_progress_endpoint(
+    cluster: Cluster, ns: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """TokenReview, the token's pod, its Job and the FineTuneJob, read as the chart's own
+    identity: no call the chart's ClusterRole does not grant. Runs last: it stands in for
+    the module's operator (two cluster-wide operators would both act on every job)."""
+    release = f"kubetune-pa{uuid.uuid4().hex[:6]}"
+    home = f"{release}-system"
+    cluster.kubectl("create", "namespace", home)
+    rbac = cluster.helm(
+        "template", release, str(CHART), "-n", home, "--kube-version", "1.36.4",
+        "--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccounts.yaml",
+    ).stdout  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=rbac)
+    identity = ChartIdentityOperator(cluster, tmp_path)
+    identity.kubeconfig = cluster.token_kubeconfig(f"{release}-operator", home, tmp_path / "sa")
+    identity.lease_namespace = home
+    operator.stop()
+    try:
+        identity.start()
+        cluster.apply(finetunejob("charted", ns, train=succeed("120s", REPORT)))
+        trainer = _running_trainer(cluster, ns, "charted")
+        token = pod_token(cluster, ns, trainer["metadata"]["name"], AUDIENCE)
+        assert post_progress(identity.progress_url, ns, "charted", token, REPORT_BODY) == 202
+        wait_ftj(cluster, ns, "charted",
+                 lambda o: (o["status"].get("progress") or {}).get("step") == 30)  # fmt: skip
+    finally:
+        identity.stop()
+        cluster.kubectl("delete", "-f", "-", "--wait=false", input=rbac, check=False)
+        cluster.kubectl("delete", "namespace", home, "--wait=false", check=False)
+        operator.start()
+    log = identity.logs()
+    forbidden = [line for line in log.splitlines() if "403" in line or "forbidden" in line]
+    assert forbidden == [], "\n".join(forbidden)
