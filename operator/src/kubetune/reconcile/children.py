@@ -75,9 +75,8 @@ def pods_of_job(children: Sequence[Mapping[str, Any]], job_name: str) -> list[Ma
 
 
 def stale_children(children: Sequence[Mapping[str, Any]], generation: int) -> list[ChildRef]:
-    """Training children of other generations. ConfigMaps and Services are not watched (no
-    need to hold every ConfigMap of the cluster in memory): their names follow from the old
-    trainer Job's generation, which is deleted last so a crash half-way repeats the cleanup."""
+    """Training children of other generations, named from the old trainer Job's generation;
+    that Job is deleted last, so a pass that stops half-way repeats the cleanup."""
     stale = []
     for job in of_component(children, "Job", naming.COMPONENT_TRAINER):
         old = generation_of(job)
