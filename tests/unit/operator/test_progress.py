@@ -674,3 +674,15 @@ def test_a_repeated_refused_token_is_logged_once(caplog: pytest.LogCaptureFixtur
         answers = asyncio.run(_post_all(endpoint, [token] * 100))
     assert {a.status for a in answers} == {403}
     assert len([r for r in caplog.records if "refused a progress report" in r.message]) == 1
+
+
+def test_a_pod_that_posted_to_the_wrong_job_is_not_shut_out_of_its_own() -> None:
+    endpoint = _endpoint()
+    token = endpoint.cluster.token_for(_trainer_pod(endpoint))
+    endpoint.cluster.add(_finetunejob("other", "uid-other"))
+    wrong = asyncio.run(_post_all(endpoint, [token, token], name="other"))
+    right = asyncio.run(_post_all(endpoint, [token]))
+    assert [a.status for a in wrong] == [403, 403]
+    assert right[0].status == 202
+    # The wrong job's refusal was remembered (one review for it), the right one reviewed.
+    assert endpoint.cluster.requests["POST tokenreviews"] == 2

@@ -78,9 +78,11 @@ def progress_status(report: ProgressReport, now: str) -> dict[str, Any]:
 
 class Refused(Exception):
     """A request the endpoint answers with `status`. `lasting`: the same token would be
-    refused the same way later (the TokenReview's or the pod's verdict), so it is remembered;
-    a refusal that may clear (a lagging read, a busy API server) is not. `retry_after`: the
-    seconds a throttled client should wait."""
+    refused the same way later for the same FineTuneJob (the pod's owners do not change), so
+    it is remembered; a refusal that may clear (a lagging read, a busy API server) is not.
+    `any_job`: the TokenReview's own verdict (not authenticated, another audience, no pod),
+    the same whatever FineTuneJob the token reports for. `retry_after`: the seconds a
+    throttled client should wait."""
 
     def __init__(
         self,
@@ -90,10 +92,12 @@ class Refused(Exception):
         lasting: bool = False,
         retry_after: float = 0.0,
         remembered: bool = False,
+        any_job: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.lasting = lasting
+        self.lasting = lasting or any_job
+        self.any_job = any_job
         self.retry_after = retry_after
         self.remembered = remembered
         """Answered from memory: already logged when it was first decided."""
@@ -140,16 +144,16 @@ def check_review(review: Mapping[str, Any], audience: str) -> TokenClaim:
     passes) can never let such a token through."""
     status = review.get("status") or {}
     if not status.get("authenticated"):
-        raise Refused(401, "token not authenticated", lasting=True)
+        raise Refused(401, "token not authenticated", any_job=True)
     if audience not in (status.get("audiences") or []):
-        raise Refused(401, "token is not for the KubeTune progress audience", lasting=True)
+        raise Refused(401, "token is not for the KubeTune progress audience", any_job=True)
     user = status.get("user") or {}
     parts = str(user.get("username", "")).split(":")
     extra = user.get("extra") or {}
     pod_name = (extra.get(POD_NAME) or [None])[0]
     pod_uid = (extra.get(POD_UID) or [None])[0]
     if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"] or not pod_name:
-        raise Refused(403, "token is not bound to a pod", lasting=True)
+        raise Refused(403, "token is not bound to a pod", any_job=True)
     return TokenClaim(namespace=parts[2], pod=pod_name, pod_uid=pod_uid or "")
 
 
@@ -485,8 +489,8 @@ class ProgressServer:
         self._in_all = TokenBuckets(lim.total_rate, lim.total_burst, 1, clock)
         self._slots = asyncio.Semaphore(lim.in_flight)
         self._waiting = 0
-        # One review per token at a time: requests with a token under review wait for its
-        # verdict instead of sending their own.
+        # One review per token and FineTuneJob at a time: requests with a token under review
+        # wait for its verdict instead of sending their own.
         self._reviewing: dict[str, asyncio.Future[Binding]] = {}
 
     def app(self) -> web.Application:
@@ -507,15 +511,19 @@ class ProgressServer:
         and a refused one for longer, so steady reporting and repeated bad tokens cost no
         TokenReview; a fresh token costs one, within the per-source and total budgets."""
         digest = digest_of(token)
-        verdict = self._refused.get(digest)
+        # A refusal is remembered for the token (the TokenReview's verdict) or for the token
+        # reporting for this one FineTuneJob (the owner chain's): a pod that once posted to
+        # the wrong URL is not shut out of its own job's.
+        for_job = f"{digest} {namespace}/{name}"
+        verdict = self._refused.get(digest) or self._refused.get(for_job)
         if verdict is not None:
             raise Refused(verdict.status, verdict.message, lasting=True, remembered=True)
         binding = self._verified.get(digest)
         if binding is None:
-            pending = self._reviewing.get(digest)
+            pending = self._reviewing.get(for_job)
             if pending is None:
                 # `bind` checked this very request's job and generation.
-                return await self._review_once(digest, token, source, namespace, name)
+                return await self._review_once(for_job, digest, token, source, namespace, name)
             binding = await asyncio.shield(pending)
         if (binding.namespace, binding.name) != (namespace, name):
             raise Refused(403, f"the token's pod is not a trainer of {namespace}/{name}")
@@ -525,15 +533,16 @@ class ProgressServer:
         return binding
 
     async def _review_once(
-        self, digest: str, token: str, source: str, namespace: str, name: str
+        self, for_job: str, digest: str, token: str, source: str, namespace: str, name: str
     ) -> Binding:
         future: asyncio.Future[Binding] = asyncio.get_running_loop().create_future()
-        self._reviewing[digest] = future
+        self._reviewing[for_job] = future
         try:
             binding = await self._verify(token, source, namespace, name)
         except Refused as refused:
             if refused.lasting:
-                self._refused.put(digest, Verdict(refused.status, str(refused)))
+                key = digest if refused.any_job else for_job
+                self._refused.put(key, Verdict(refused.status, str(refused)))
             future.set_exception(refused)
             raise
         except BaseException as error:
@@ -544,7 +553,7 @@ class ProgressServer:
             self._verified.put(digest, binding)
             return binding
         finally:
-            del self._reviewing[digest]
+            del self._reviewing[for_job]
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: no "never retrieved" warning when none waits
 
