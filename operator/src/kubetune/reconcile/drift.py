@@ -7,7 +7,9 @@ what `observed_view` keeps). Pure.
 
 What is compared, by kind:
 
-- Deployment, Service: labels, annotations and the whole `spec` KubeTune writes.
+- Deployment, Service: labels, annotations and the whole `spec` KubeTune writes
+  (`spec.serving.replicas` included: the FineTuneJob is the source of truth, so a
+  `kubectl scale` is reverted like a `kubectl set image`).
 - ConfigMap: labels, annotations and `data`.
 - PersistentVolumeClaim: labels and annotations only. A claim's spec is immutable but for
   growing its size, so a revert could only be refused; a deleted claim is created again and
