@@ -126,10 +126,8 @@ def decisions(
 
 def argocd_health(obj: dict[str, Any]) -> str:
     """docs/argocd-health.lua on a real status, under Lua 5.1 as Argo CD runs it."""
-    try:
-        from lupa import lua51
-    except ImportError:
-        return "lupa is not installed"
+    from lupa import lua51
+
     runtime = lua51.LuaRuntime()
 
     def to_lua(value: Any) -> Any:
@@ -195,11 +193,13 @@ def test_operator_service_account_can_do_its_work_everywhere(
         ("delete", "deployments.apps", ns),
         ("create", "configmaps", ns),
         ("patch", "services", ns),
+        ("watch", "configmaps", ("-A",)),
+        ("watch", "services", ("-A",)),
+        ("watch", "persistentvolumeclaims", ("-A",)),
         ("create", "persistentvolumeclaims", ns),
         ("get", "persistentvolumeclaims", ns),
         ("watch", "pods", ("-A",)),
         ("get", "pods", ns),
-        ("get", "secrets", ns),
         ("create", "events", ns),
         ("create", "tokenreviews.authentication.k8s.io", ()),
         ("create", "leases.coordination.k8s.io", lease),
@@ -220,7 +220,11 @@ def test_operator_service_account_cannot_do_what_it_does_not_need(
         ("escalate", "clusterroles.rbac.authorization.k8s.io", ()),
         ("impersonate", "serviceaccounts", ns),
         ("create", "serviceaccounts/token", ns),
-        # Existence checks only: no listing or watching of Secrets, no writing them.
+        # No Secret access at all cluster-wide: RBAC has no metadata-only read, so `get` in
+        # every namespace would mean every Secret of the cluster (the operator runs with
+        # --no-check-secrets there).
+        ("get", "secrets", ns),
+        ("get", "secrets", ("-n", "kube-system")),
         ("list", "secrets", ns),
         ("watch", "secrets", ("-A",)),
         ("create", "secrets", ns),
@@ -440,21 +444,27 @@ def service_account_kubeconfig(cluster: Cluster, release: Release, path: Path) -
 def operator_process(
     cluster: Cluster, release: Release, kubeconfig: Path, log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`kubetune operator` as the chart would start it, but with the SA token's kubeconfig."""
+    """`kubetune operator` with the arguments and environment of the chart's own Deployment
+    (read back from the cluster), local ports, and the SA token's kubeconfig."""
+    deployment = cluster.get("deployment", release.operator, release.namespace)
+    assert deployment is not None
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    local = ("--liveness-port=", "--progress-port=", "--progress-url=")
+    chart_args = [a for a in container["args"] if not a.startswith(local)]
     progress = _free_port()
     argv = [
         sys.executable, "-m", "kubetune.cli", "operator", "--kubeconfig", str(kubeconfig),
-        *(f"--namespace={ns}" for ns in release.watched),
-        f"--lease-namespace={release.namespace}", "--lease-name=kubetune-operator",
+        *chart_args, f"--lease-namespace={release.namespace}",
         f"--liveness-port={_free_port()}", f"--progress-port={progress}",
         f"--progress-url=http://127.0.0.1:{progress}",
         "--allow-pod-metadata", "--resync-seconds=5",
     ]
     env = {k: v for k, v in cluster.env.items() if k != "KUBECONFIG"}
     env["KUBECONFIG"] = str(kubeconfig)
-    # What the chart's Deployment sets in namespaced mode (deployment.yaml).
-    env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] = "kubetune-trainer"
-    env["KUBETUNE_SERVING_SERVICE_ACCOUNT"] = "kubetune-serving"
+    # The chart's plain values (the workload ServiceAccounts in namespaced mode); HOME stays
+    # ours, POD_NAMESPACE is the --lease-namespace above.
+    env.update({e["name"]: e["value"] for e in container.get("env", [])
+                if "value" in e and e["name"] != "HOME"})
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
@@ -491,25 +501,37 @@ def storage_class(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "pv", name, "--wait=false", "--ignore-not-found", check=False)
 
 
+@pytest.mark.parametrize("mode", ["namespaced", "cluster_wide"])
 def test_operator_with_only_the_chart_service_account_runs_a_job_to_ready(
-    cluster: Cluster, namespaced: Release, storage_class: str, tmp_path: Path
+    cluster: Cluster, mode: str, storage_class: str, tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """The strongest proof that the RBAC is enough: the whole lifecycle, as that identity, in
-    a namespace that enforces the restricted Pod Security profile."""
-    [watched] = namespaced.watched
+    a namespace that enforces the restricted Pod Security profile, in both RBAC modes. The
+    job names a Secret: namespaced, the operator checks it exists; cluster-wide, where it may
+    not read Secrets, it leaves that to the kubelet."""
+    release: Release = request.getfixturevalue(mode)
+    if release.watched:
+        [watched] = release.watched
+    else:
+        watched = create_namespace(cluster, f"anywhere-{_suffix()}", RESTRICTED)
+        request.addfinalizer(lambda: delete_namespaces(cluster, watched))
+    cluster.kubectl("create", "secret", "generic", "hf-token", "-n", watched,
+                    "--from-literal=token=not-a-real-token")
     report = {"steps": 8, "trainLoss": "1.25", "evalLoss": "1.5", "baseEvalLoss": "2.0",
               "tokensPerSecond": "100"}
     job = _quick_job("rbac-proof")
+    job["spec"]["model"]["secretRef"] = {"name": "hf-token"}
     job["spec"]["storage"] = {"size": "1Gi", "storageClassName": storage_class}
     job["metadata"]["annotations"] = {
         "kubetune.io/pod-metadata": json.dumps(
             {"train": {"annotations": {TERMINATION_MESSAGE: json.dumps(report)}}}
         )
     }
-    kubeconfig = service_account_kubeconfig(cluster, namespaced, tmp_path / "sa.kubeconfig")
+    kubeconfig = service_account_kubeconfig(cluster, release, tmp_path / "sa.kubeconfig")
     log = tmp_path / "operator.log"
 
-    with operator_process(cluster, namespaced, kubeconfig, log) as process:
+    with operator_process(cluster, release, kubeconfig, log) as process:
         cluster.kubectl("apply", "-n", watched, "-f", "-", input=json.dumps(job))
 
         def ready_job() -> dict[str, Any] | None:
@@ -537,7 +559,7 @@ def test_operator_with_only_the_chart_service_account_runs_a_job_to_ready(
     assert scanning == [], "kopf scanned the cluster:\n" + "\n".join(scanning)
     assert ready["status"]["serving"]["endpoint"].startswith("http://")
     assert ready["status"]["observedGeneration"] == ready["metadata"]["generation"]
-    assert argocd_health(ready) in ("Healthy", "lupa is not installed")
+    assert argocd_health(ready) == "Healthy"
     jobs = json.loads(cluster.kubectl("get", "jobs", "-n", watched, "-o", "json").stdout)
     components = {j["metadata"]["labels"]["app.kubernetes.io/component"] for j in jobs["items"]}
     assert components == {"trainer", "exporter"}
@@ -550,5 +572,17 @@ def test_operator_with_only_the_chart_service_account_runs_a_job_to_ready(
             item["spec"]["template"]["spec"].get("serviceAccountName")
         for item in [*jobs["items"], *deployments["items"]]
     }  # fmt: skip
-    assert accounts == {"trainer": "kubetune-trainer", "exporter": "kubetune-trainer",
-                        "server": "kubetune-serving"}  # fmt: skip
+    expected_accounts = {
+        "namespaced": {"trainer": "kubetune-trainer", "exporter": "kubetune-trainer",
+                       "server": "kubetune-serving"},
+        # The chart cannot create ServiceAccounts everywhere: the namespace's `default`.
+        "cluster_wide": {"trainer": None, "exporter": None, "server": None},
+    }  # fmt: skip
+    assert accounts == expected_accounts[mode]
+    # The Secret reaches the trainer by reference only, in both modes.
+    [train] = [j for j in jobs["items"]
+               if j["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"]
+    refs = [e["valueFrom"]["secretKeyRef"]["name"]
+            for c in train["spec"]["template"]["spec"]["containers"]
+            for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    assert "hf-token" in refs

@@ -1,5 +1,5 @@
 {{/* The rules the operator needs in every namespace it serves: exactly the calls of
-     operator/src/kubetune/kube.py, controller.py, progress_server.py and kopf's watches. */}}
+     operator/src/kubetune/operator/client.py, controller.py, progress.py and kopf's watches. */}}
 {{- define "kubetune.namespacedRules" -}}
 # FineTuneJobs: listed and watched by kopf (event handlers only: kopf writes no bookkeeping
 # to them); the controller merge-patches their status. Nothing reads one by name.
@@ -36,6 +36,12 @@
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+{{- end -}}
+{{/* Only in the Roles of watched namespaces, never cluster-wide: RBAC cannot grant a
+     metadata-only read, so `get` here would let the operator read every Secret of the
+     cluster. Cluster-wide the operator runs with --no-check-secrets and a missing Secret
+     shows as the pods' CreateContainerConfigError in the Trained condition. */}}
+{{- define "kubetune.secretRules" -}}
 # A referenced Secret (model token) is checked to exist with a metadata-only read; its value
 # reaches pods only through secretKeyRef.
 - apiGroups: [""]

@@ -50,8 +50,10 @@ NAMESPACED_RULES: list[Rule] = [
     *_rule("", ["configmaps", "services"], WATCHED_CHILD),
     *_rule("", ["persistentvolumeclaims"], ["get", "list", "watch", "create", "patch"]),
     *_rule("", ["pods"], ["get", "list", "watch"]),
-    *_rule("", ["secrets"], ["get"]),
 ]
+SECRET_RULES: list[Rule] = _rule("", ["secrets"], ["get"])
+"""Only in watched namespaces' Roles: RBAC has no metadata-only read, so cluster-wide `get`
+would mean every Secret of the cluster."""
 CLUSTER_ONLY_RULES: list[Rule] = _rule("authentication.k8s.io", ["tokenreviews"], ["create"])
 LEADER_RULES: list[Rule] = [
     *_rule("coordination.k8s.io", ["leases"], ["create"]),
@@ -284,6 +286,7 @@ def test_operator_deployment_is_one_replica_recreate_with_probes_and_resources(
         "--serving-image=kubetune/trainer:0.1.0",
         "--image-pull-policy=IfNotPresent",
         "--lease-name=kubetune-operator",
+        "--no-check-secrets",
     ]
 
 
@@ -314,6 +317,7 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: str) -> None:
     assert normalise_rules(cluster_role["rules"]) == normalise_rules(
         CLUSTER_ONLY_RULES + NAMESPACED_RULES
     )
+    assert not any("secrets" in rule["resources"] for rule in cluster_role["rules"])
     leader = one(docs, "Role", "kt-kubetune-operator-leader")
     assert normalise_rules(leader["rules"]) == normalise_rules(LEADER_RULES)
     binding = one(docs, "ClusterRoleBinding")
@@ -377,7 +381,7 @@ def test_namespaced_mode_uses_roles_only_in_the_listed_namespaces(helm: str) -> 
     }
     for namespace in ("team-a", "team-b"):
         assert normalise_rules(roles[(namespace, "kt-kubetune-operator")]["rules"]) == (
-            normalise_rules(NAMESPACED_RULES)
+            normalise_rules(NAMESPACED_RULES + SECRET_RULES)
         )
     bindings = {
         (b["metadata"]["namespace"], b["metadata"]["name"]): b
@@ -393,6 +397,12 @@ def test_namespaced_mode_uses_roles_only_in_the_listed_namespaces(helm: str) -> 
 def test_namespaced_mode_starts_the_operator_on_those_namespaces(helm: str) -> None:
     container = operator_container(render(helm, values=NAMESPACED))
     assert container["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
+    assert "--no-check-secrets" not in container["args"]
+
+
+def test_cluster_wide_the_operator_does_not_look_secrets_up(helm: str) -> None:
+    """It holds no `secrets: get` there, so a lookup would only be refused."""
+    assert "--no-check-secrets" in operator_container(render(helm))["args"]
 
 
 def test_rendered_operator_arguments_are_accepted_by_the_operator_cli(helm: str) -> None:

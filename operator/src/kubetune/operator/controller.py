@@ -61,10 +61,15 @@ class Controller:
         client: KubeClient,
         config: OperatorConfig,
         clock: Callable[[], str] = utc_now,
+        check_secrets: bool = True,
     ) -> None:
         self.client = client
         self.config = config
         self.clock = clock
+        self.check_secrets = check_secrets
+        """Look referenced Secrets up before training. Off where RBAC grants no `secrets: get`
+        (the chart's cluster-wide mode): a missing Secret then shows on the pods instead
+        (CreateContainerConfigError, read by `reconcile.runs`)."""
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._latest: dict[Key, dict[str, Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -167,7 +172,8 @@ class Controller:
             await self.client.post_event(body, event.type, event.reason, event.message, now)
 
     async def _missing_references(self, namespace: str, spec: FineTuneJobSpec) -> list[str]:
-        wanted = [("Secret", secret) for secret in pod.referenced_secrets(spec)]
+        secrets = pod.referenced_secrets(spec) if self.check_secrets else []
+        wanted = [("Secret", secret) for secret in secrets]
         claims = set(pod.pvc_claims(spec))
         if spec.storage.claim_name:
             claims.add(spec.storage.claim_name)

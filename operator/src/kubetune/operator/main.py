@@ -9,7 +9,9 @@ RBAC the operator needs (ClusterRole unless it watches listed namespaces only):
 - batch jobs, apps deployments: get, list, watch, create, patch, delete
 - pods: get, list, watch (status, termination messages, the progress token's pod)
 - configmaps, services, persistentvolumeclaims: get, create, patch, delete
-- secrets: get (existence only; read as PartialObjectMetadata, never the data)
+- secrets: get (existence only; read as PartialObjectMetadata, never the data), and only
+  with `--check-secrets` (the default); the chart's cluster-wide mode grants no Secret access
+  and passes `--no-check-secrets`
 - events (core): create, patch; authentication.k8s.io tokenreviews: create
 - namespaces: list, watch, and customresourcedefinitions: list, watch (only with
   `--namespace` globs: kopf's scanning is off otherwise, see `handlers.needs_scanning`)
@@ -130,6 +132,13 @@ def add_operator_command(subparsers: Any) -> None:
         help="seconds before a silent leader's Lease may be taken over",
     )
     parser.add_argument(
+        "--check-secrets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check that referenced Secrets exist before training (needs `secrets: get` in "
+        "the job's namespace; without it a missing Secret shows on the pods)",
+    )
+    parser.add_argument(
         "--allow-pod-metadata",
         action="store_true",
         help="honour the kubetune.io/pod-metadata annotation (tests only)",
@@ -200,7 +209,7 @@ async def serve(args: argparse.Namespace) -> int:
     lease = LeaseLock(client, args.lease_namespace, args.lease_name, identity, args.lease_duration)
     await lease.acquire()
 
-    controller = Controller(client, config)
+    controller = Controller(client, config, check_secrets=args.check_secrets)
     shared: dict[str, Any] = {}
     # The progress endpoint's TokenReviews and the reads that follow them go through a
     # client of their own: a flood of tokens never takes the reconciles' connections.

@@ -98,6 +98,34 @@ def _unschedulable(pods: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
+CANNOT_START = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff",
+     "InvalidImageName"}
+)
+"""Waiting reasons of a container the kubelet will not start until something outside the pod
+changes: a missing Secret or ConfigMap key, an image that cannot be pulled."""
+
+
+def _cannot_start(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a pending pod's container cannot start, e.g. `secret "hf-token" not found`.
+
+    Where the operator may not read Secrets (cluster-wide RBAC), this is how a missing one
+    reaches the status."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Pending":
+            continue
+        for container in [
+            *(status.get("initContainerStatuses") or ()),
+            *(status.get("containerStatuses") or ()),
+        ]:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in CANNOT_START:
+                said = waiting.get("message") or waiting["reason"]
+                return _shorten(f"{waiting['reason']}: {said}")
+    return None
+
+
 def _latest_failed(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     failed.sort(key=lambda p: (_terminated(p) or {}).get("finishedAt") or "")
@@ -145,6 +173,14 @@ def run_status(
             RunState.UNSCHEDULABLE,
             "Unschedulable",
             f"{what} pods cannot be scheduled: {unschedulable}",
+            retries=retries,
+        )
+    cannot_start = _cannot_start(pods)
+    if cannot_start:
+        return RunStatus(
+            RunState.PENDING,
+            "ContainersCannotStart",
+            f"{what} pods cannot start: {cannot_start}",
             retries=retries,
         )
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
