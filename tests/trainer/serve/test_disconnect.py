@@ -4,52 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 from aiohttp import web
 
-from kubetune_trainer.serve.engines.base import Event
-from kubetune_trainer.serve.protocol import GenerationRequest, Limits
+from kubetune_trainer.serve.protocol import Limits
 from kubetune_trainer.serve.server import app_runner, build_app
 from kubetune_trainer.serve.state import STATE
-
-
-class EndlessEngine:
-    """Generates forever, one token at a time, until cancelled; records the cancellation."""
-
-    def __init__(self) -> None:
-        self.cancelled = threading.Event()
-        self.started = threading.Event()
-
-    @property
-    def running(self) -> int:
-        return 0 if self.cancelled.is_set() else int(self.started.is_set())
-
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return [1, 2, 3]
-
-    def start(self, request: GenerationRequest, ids: list[int],
-              loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue[Event], threading.Event]:
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def work() -> None:
-            self.started.set()
-            while not cancel.wait(0.01):
-                loop.call_soon_threadsafe(events.put_nowait, Event("delta", "x"))
-            self.cancelled.set()
-
-        threading.Thread(target=work, daemon=True).start()
-        return events, cancel
-
-    def warm_up(self) -> float:
-        return 0.0
-
-    def shutdown(self) -> None:
-        pass
+from tests.trainer.serve.fakes import EndlessEngine
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -16,14 +16,16 @@ from typing import Any
 
 from aiohttp import web
 
-from kubetune_trainer.serve.engines.base import Engine
+from kubetune_trainer.serve.engines.base import Engine, Event
 from kubetune_trainer.serve.http import error_response, read_body, served_name
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import (
     GenerationRequest,
+    Limits,
     RequestError,
     chunk,
     full_response,
+    timeout_error,
     usage,
     usage_chunk,
 )
@@ -52,11 +54,13 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
             parsed = parse_request(
                 await read_body(request, state.limits), chat, state.name, state.limits
             )
-            ids = engine.prompt_ids(parsed)
             state.admission.admit()
             state.begin()
             try:
-                response = await generate(request, engine, parsed, ids, metrics, started)
+                ids = await prompt_ids(engine, parsed, started, state.limits)
+                response = await generate(
+                    request, engine, parsed, ids, metrics, started, state.limits
+                )
             finally:
                 state.end()
                 state.admission.release()
@@ -72,6 +76,33 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
     return handle
 
 
+async def prompt_ids(
+    engine: Engine, parsed: GenerationRequest, started: float, limits: Limits
+) -> list[int]:
+    """Render and tokenize in a worker thread: a big prompt or a slow chat template takes
+    seconds of CPU, which on the event loop would stall every stream, probe and request.
+    Called after admission, so at most `capacity` prompts are being tokenized at once and a
+    request over capacity is refused before it costs any CPU."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(engine.prompt_ids, parsed),
+            started + limits.request_timeout_seconds - time.monotonic(),
+        )
+    except TimeoutError:
+        raise timeout_error(limits.request_timeout_seconds) from None
+
+
+def timed_out(first: bool, streaming: bool) -> str:
+    """What a request that runs out of time gets: "error" (a 504) if the client has received
+    nothing yet, else "length": the text so far, ended as if `max_tokens` were reached.
+
+    Why not always an error: a stream's 200 is already sent, and OpenAI's clients retry 5xx
+    answers, which would rerun a generation that already took the whole budget; "length" is
+    what they already handle for a cut-off answer, and the tokens generated are not wasted.
+    """
+    return "error" if first and not streaming else "length"
+
+
 async def generate(
     request: web.Request,
     engine: Engine,
@@ -79,16 +110,28 @@ async def generate(
     ids: list[int],
     metrics: Metrics,
     started: float,
+    limits: Limits,
 ) -> web.StreamResponse:
+    deadline = started + limits.request_timeout_seconds
     loop = asyncio.get_running_loop()
     events, cancel = engine.start(parsed, ids, loop)
     name = served_name(request)
     stream: web.StreamResponse | None = None
     pieces: list[str] = []
     first = True
+    generated = 0
     try:
         while True:
-            event = await events.get()
+            try:
+                event = await asyncio.wait_for(events.get(), deadline - time.monotonic())
+            except TimeoutError:
+                cancel.set()  # the engine frees the request's slot at its next step
+                if timed_out(first, stream is not None) == "error":
+                    raise timeout_error(limits.request_timeout_seconds) from None
+                metrics.error("request_timeout")
+                event = Event(
+                    "done", finish="length", prompt_tokens=len(ids), completion_tokens=generated
+                )
             if event.kind == "error":
                 metrics.error("generation_failed")
                 if stream is None:
@@ -104,6 +147,7 @@ async def generate(
                 await send(stream, chunk(parsed, name, None, None, first=True))
             if event.kind == "delta":
                 first = False
+                generated = event.completion_tokens
                 if stream is not None and event.text:
                     await send(stream, chunk(parsed, name, event.text, None))
                 elif stream is None:

@@ -7,6 +7,7 @@ every request goes through, or what probes and scrapers call, and reads only the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aiohttp import web
@@ -50,8 +51,25 @@ def served_name(request: web.Request) -> str:
     return request.app[STATE].name
 
 
+def liveness(stalled_seconds: float, limit: float) -> tuple[int, dict[str, Any]]:
+    """`/healthz`'s answer: alive, unless the engine has had work and not advanced for more
+    than `limit` seconds (a wedged step never returns, and only a restart frees its slots).
+    An idle engine, or one still loading, is alive."""
+    if stalled_seconds > limit:
+        message = (
+            "the engine's thread has stopped"
+            if math.isinf(stalled_seconds)
+            else f"the engine has had work and not advanced for {stalled_seconds:.0f}s"
+        )
+        return 503, {"status": "stalled", "error": message}
+    return 200, {"status": "alive"}
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
+    state = request.app[STATE]
+    stalled = 0.0 if state.engine is None else state.engine.stalled_seconds()
+    status, body = liveness(stalled, state.limits.engine_stall_seconds)
+    return web.json_response(body, status=status)
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -28,6 +28,16 @@ class Limits:
     drain_seconds: float = 0.0
     """After SIGTERM, how long new requests are still served while `/readyz` says 503: the
     time the Service's endpoints take to drop a terminating pod (0 locally, set in pods)."""
+    request_timeout_seconds: float = 600.0
+    """The most a request may take, from arrival to its last token: past it, generation is
+    cancelled (its slot freed) and the client gets what was generated, `finish_reason:
+    "length"`, or a 504 if nothing was (`completions.timed_out`). 1024 tokens take minutes on
+    a 2-core CPU, so the default is a backstop against a request that would hold a slot for
+    ever, not a latency target."""
+    engine_stall_seconds: float = 120.0
+    """How long the engine may have work without advancing (one decode step, one prefill
+    chunk) before `/healthz` says 503 and the kubelet restarts the pod: generous, a long
+    prefill chunk on a slow CPU takes seconds."""
 
 
 class RequestError(Exception):
@@ -78,6 +88,17 @@ class GenerationRequest:
     include_usage: bool
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def timeout_error(seconds: float) -> RequestError:
+    """The request ran out of time before anything was generated. A server error, not the
+    client's: a retry may land on a less busy replica."""
+    return RequestError(
+        504,
+        f"the request did not finish within the server's {seconds:g}s time limit",
+        kind="server_error",
+        code="request_timeout",
+    )
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
     serve --model DIR [--host 0.0.0.0] [--port 8000] [--served-model-name NAME]
           [--max-tokens N] [--max-concurrency N] [--max-queue N] [--max-body-bytes N]
-          [--grace-seconds S] [--engine batch|genai]
+          [--grace-seconds S] [--drain-seconds S] [--request-timeout-seconds S]
+          [--engine-stall-seconds S] [--engine batch|genai]
 
 `--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
 (continuous batching, `engines/batch`); `--engine genai` runs one onnxruntime-genai generator
@@ -13,9 +14,12 @@ Each limit also reads `KUBETUNE_SERVE_<FLAG>` (e.g. KUBETUNE_SERVE_MAX_QUEUE). `
 exported model directory (or a run directory holding `onnx/`).
 
 Lifecycle: the port opens at once (`/healthz` answers), the model loads and runs one warm-up
-generation in the background, then `/readyz` turns 200. On SIGTERM or SIGINT the server stops
-taking new work (503, `/readyz` 503), lets every in-flight request and stream finish within
-`--grace-seconds`, then exits 0, so a rolling update drops nothing.
+generation in the background, then `/readyz` turns 200. On SIGTERM or SIGINT `/readyz` turns
+503 at once, new requests are still served for `--drain-seconds` (while the Service drops the
+pod), then refused with 503; every in-flight request and stream may finish within
+`--grace-seconds`, then the server exits 0, so a rolling update drops nothing. `/healthz`
+turns 503 when the engine has had work without advancing for `--engine-stall-seconds` (a
+wedged engine: the kubelet restarts the pod). `/openapi.json` describes every endpoint.
 
 This module holds the command line, the app wiring and that lifecycle; the endpoints are in
 `http.py` (probes, models, metrics, errors) and `completions.py` (generation); the state they
@@ -162,6 +166,8 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
         "max_body_bytes",
         "grace_seconds",
         "drain_seconds",
+        "request_timeout_seconds",
+        "engine_stall_seconds",
     ):
         default = getattr(defaults, flag)
         parser.add_argument(
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         max_queue=args.max_queue,
         grace_seconds=args.grace_seconds,
         drain_seconds=args.drain_seconds,
+        request_timeout_seconds=args.request_timeout_seconds,
+        engine_stall_seconds=args.engine_stall_seconds,
     )
     name = args.served_model_name or (
         model_dir.parent.name if model_dir.name == "onnx" else model_dir.name

@@ -1,5 +1,5 @@
 """What the server needs from an engine: the `Engine` protocol, the `Event`s an engine reports,
-and `encode_prompt`, the prompt checks both engines apply before a request is admitted.
+the `Heartbeat` its threads keep, and `encode_prompt`, the prompt checks both engines apply.
 
 Both `genai.GenAIEngine` and `batch.scheduler.BatchEngine` implement `Engine` structurally; they
 share no base class, only the functions and types here and in `text`.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +27,35 @@ class Event:
     finish: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class Heartbeat:
+    """When each of an engine's threads last made progress, while it had work.
+
+    A thread calls `beat()` whenever it advances (a decode step, a prefill chunk, a token) and
+    `idle()` when it has nothing to do; `stalled_for()` is the longest time any busy thread has
+    gone without advancing, 0 when every thread is idle or moving. Per thread, so one wedged
+    worker is seen even while others advance. Written by engine threads, read by the event
+    loop's `/healthz`: hence the lock.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._busy: dict[int, float] = {}  # thread ident -> when it last advanced
+
+    def beat(self) -> None:
+        with self._lock:
+            self._busy[threading.get_ident()] = self.clock()
+
+    def idle(self) -> None:
+        with self._lock:
+            self._busy.pop(threading.get_ident(), None)
+
+    def stalled_for(self) -> float:
+        now = self.clock()
+        with self._lock:
+            return max((now - last for last in self._busy.values()), default=0.0)
 
 
 class Engine(Protocol):
@@ -44,6 +75,11 @@ class Engine(Protocol):
     ) -> tuple[asyncio.Queue[Event], threading.Event]:
         """Begin generating. Events arrive on the queue, put there on `loop`, and end with one
         "done" or "error"; setting the returned event cancels the generation."""
+        ...
+
+    def stalled_seconds(self) -> float:
+        """How long the engine has had work without making progress: 0 when idle or
+        advancing; `/healthz` fails past `Limits.engine_stall_seconds` (a wedged engine)."""
         ...
 
     def warm_up(self) -> float:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.serve.engines.base import Event, encode_prompt
+from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
 from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest, Limits
 from kubetune_trainer.tokenizer import ServingTokenizer
@@ -39,12 +39,16 @@ class GenAIEngine:
         self.og = og
         self.model = og.Model(str(model_dir))
         self.pool = ThreadPoolExecutor(limits.max_concurrency, thread_name_prefix="generate")
+        self.heartbeat = Heartbeat()
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return encode_prompt(self.tokenizer, request, self.limits.context_length)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def stalled_seconds(self) -> float:
+        return self.heartbeat.stalled_for()
 
     def start(
         self, request: GenerationRequest, ids: list[int], loop: asyncio.AbstractEventLoop
@@ -58,11 +62,13 @@ class GenAIEngine:
 
         def work() -> None:
             self.running += 1
+            self.heartbeat.beat()
             try:
                 self._generate(request, ids, report, cancel)
             except Exception as error:  # reported to the client as a server error, not a hang
                 report(Event("error", text=f"{type(error).__name__}: {error}"))
             finally:
+                self.heartbeat.idle()
                 self.running -= 1
 
         self.pool.submit(work)
@@ -97,6 +103,7 @@ class GenAIEngine:
         generated, finish = 0, "length"
         while generated < request.max_tokens and not cancel.is_set():
             generator.generate_next_token()
+            self.heartbeat.beat()
             token = int(generator.get_next_tokens()[0])
             generated += 1
             if token == self.eos:

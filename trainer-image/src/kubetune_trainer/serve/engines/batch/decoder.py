@@ -8,6 +8,7 @@ the GenAI builder's export looks like to ONNX Runtime; decode steps run through 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +55,14 @@ class Decoder:
         )
 
     def prefill(
-        self, prompts: list[list[int]], tokens_per_run: int, logits_dtype: type[np.generic]
+        self,
+        prompts: list[list[int]],
+        tokens_per_run: int,
+        logits_dtype: type[np.generic],
+        progress: Callable[[], None] = lambda: None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run the prompts: each row's last logits, and the present key/values.
+        """Run the prompts: each row's last logits, and the present key/values; `progress()`
+        after each run (the engine's heartbeat: a long prompt is progress, not a stall).
 
         At most `tokens_per_run` padded tokens go through one run. `scheduler.prefill_groups`
         keeps a group of several prompts within that, so only a prompt alone can take several
@@ -80,6 +86,7 @@ class Decoder:
                 **dict(zip(self.kv_names, present, strict=True)),
             }
             logits, *present = self.session.run(self.output_names, feeds)
+            progress()
             for row, prompt in enumerate(prompts):
                 if start < len(prompt) <= end:
                     last[row] = logits[row, len(prompt) - 1 - start]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import random
 import threading
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune_trainer.serve.engines.base import Event, encode_prompt
+from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW
 from kubetune_trainer.serve.engines.batch.sampling import sample
@@ -73,6 +74,7 @@ class BatchEngine:
         self.outbox = Outbox()
         self.incoming: queue.Queue[Sequence] = queue.Queue()
         self.stopped = threading.Event()
+        self.heartbeat = Heartbeat()
         self.thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
         self.thread.start()
 
@@ -81,6 +83,11 @@ class BatchEngine:
 
     def shutdown(self) -> None:
         self.stopped.set()
+
+    def stalled_seconds(self) -> float:
+        if not self.thread.is_alive() and not self.stopped.is_set():
+            return math.inf  # the scheduler is gone: nothing will ever be generated
+        return self.heartbeat.stalled_for()
 
     def start(
         self, request: GenerationRequest, ids: list[int], loop: asyncio.AbstractEventLoop
@@ -148,6 +155,7 @@ class BatchEngine:
         retire(batch, self.outbox, self.cache.move)
         self.running = len(batch)
         if not batch:
+            self.heartbeat.idle()
             self.outbox.flush()
             if self.cache.capacity > 4 * GROW:  # keep a small cache, free a big one
                 self.cache.release()
@@ -155,6 +163,7 @@ class BatchEngine:
         # Events go out just before the step, so the event loop handles them while the step
         # runs (ONNX Runtime releases the GIL) rather than contending with this thread.
         self.outbox.flush()
+        self.heartbeat.beat()  # a step that never returns leaves this beat the last one
         logits = self.cache.step([s.last for s in batch], [s.length for s in batch])
         greedy = logits.argmax(axis=1).tolist()  # one call for the whole batch
         for row, sequence in enumerate(batch):
@@ -181,6 +190,7 @@ class BatchEngine:
                 )
             except queue.Empty:
                 break
+            self.heartbeat.beat()  # work arrived: from here on, not advancing is a stall
             if sequence.cancel.is_set():
                 self.outbox.report(
                     sequence, Event("done", finish="stop", prompt_tokens=len(sequence.prompt))
@@ -196,7 +206,10 @@ class BatchEngine:
         joined = 0
         try:
             last, present = self.decoder.prefill(
-                [s.prompt for s in group], PREFILL_TOKENS, self.cache.logits_dtype
+                [s.prompt for s in group],
+                PREFILL_TOKENS,
+                self.cache.logits_dtype,
+                self.heartbeat.beat,
             )
             needed = max(len(s.prompt) + s.request.max_tokens for s in [*batch, *group])
             self.cache.reserve(len(batch), needed)
