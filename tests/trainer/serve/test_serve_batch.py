@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,48 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(
     assert kinds[-1] == "error"
     expected = reference_ids(model, engine.tokenizer.encode(LATE[0]), LATE[1], engine.eos)
     assert count == len(expected) and text == engine.tokenizer.decode(expected)
+
+
+def test_a_step_that_does_not_return_shows_as_a_stall_and_idle_as_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scheduler's heartbeat: a wedged decode step is a growing stall; idle is none."""
+    model = exported_model("INT4")
+    engine = BatchEngine(model, Limits(max_concurrency=2))
+    now = [1000.0]
+    engine.heartbeat.clock = lambda: now[0]
+    step = engine.cache.step
+    entered, release = threading.Event(), threading.Event()
+
+    def wedged(tokens: list[int], lengths: list[int]) -> np.ndarray:
+        entered.set()
+        release.wait(120)
+        return step(tokens, lengths)
+
+    monkeypatch.setattr(engine.cache, "step", wedged)
+    try:
+        now[0] += 3600
+        assert engine.stalled_seconds() == 0  # idle for an hour is not a stall
+
+        async def run() -> tuple[float, str, float]:
+            prompt, tokens = LATE
+            events, _ = engine.start(
+                request(prompt, tokens), engine.tokenizer.encode(prompt), asyncio.get_running_loop()
+            )
+            try:
+                assert await asyncio.to_thread(entered.wait, 120)
+                now[0] += 500
+                stalled = engine.stalled_seconds()
+            finally:
+                release.set()
+            while (event := await events.get()).kind == "delta":
+                pass
+            now[0] += 3600
+            return stalled, event.kind, engine.stalled_seconds()
+
+        stalled, last, after = asyncio.run(run())
+    finally:
+        release.set()
+        engine.shutdown()
+    assert stalled == 500 and last == "done"
+    assert after == 0  # the request is done: the engine is idle again
