@@ -3,8 +3,9 @@
 `pvc://claim/path` maps to `$KUBETUNE_PVC_ROOT/claim/path` (default root `/mnt/pvc`): the
 operator mounts each claim a run reads from at `<root>/<claim>`, and local mode points the root
 at a directory holding one folder per claim name. `hf://org/name` is handed to transformers as a
-Hub id; with `HF_HUB_OFFLINE=1` it resolves from the local Hugging Face cache only, and the
-token comes from `HF_TOKEN` (set by the operator from the spec's `secretRef`).
+Hub id; with `HF_HUB_OFFLINE=1` it resolves from the local Hugging Face cache only. The
+model's token comes from `HF_TOKEN`; a dataset's from `KUBETUNE_DATASET_TOKEN` when it has a
+Secret of its own, else `HF_TOKEN` (the operator sets both from the spec's `secretRef`s).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.api.dataplane import DATASET_TOKEN_ENV, MODEL_TOKEN_ENV
 from kubetune_trainer.errors import ConfigError
 
 DATASETS_DIR = Path(__file__).parent / "datasets"
@@ -93,6 +95,11 @@ def builtin_split(uri: str, split: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def dataset_token() -> str | None:
+    """The token an `hf://` dataset is read with: its own Secret's, else the model's."""
+    return os.environ.get(DATASET_TOKEN_ENV) or os.environ.get(MODEL_TOKEN_ENV) or None
+
+
 def _hub_dataset_file(repo_and_file: str) -> Path:
     """`hf://org/name[/file.jsonl]` -> a JSONL file of that dataset repo, from the local cache
     when offline (the default file is `train.jsonl`)."""
@@ -103,7 +110,7 @@ def _hub_dataset_file(repo_and_file: str) -> Path:
 
         return Path(
             hf_hub_download(
-                repo, filename, repo_type="dataset", token=os.environ.get("HF_TOKEN") or None
+                repo, filename, repo_type="dataset", token=dataset_token()
             )
         )
     except Exception as error:  # the hub raises many types; all mean "not available"

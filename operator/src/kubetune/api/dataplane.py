@@ -9,6 +9,7 @@ code and every rule they both apply:
 - `ExportReport`: `export.json`, written by the exporter once the model is verified.
 - `CONFIG_ERROR_EXIT_CODE`: the exit code of a run that retrying cannot fix.
 - `STOPPED_EXIT_CODE`: the exit code of a trainer stopped by a signal after its checkpoint.
+- `MODEL_TOKEN_ENV`, `DATASET_TOKEN_ENV`: the env vars the spec's Secrets reach pods as.
 - `resolve_precision`: what `precision: Auto` means on a device.
 - `exact_match`: when a generated answer counts as the reference answer.
 - `cache_root`: where converted models are cached on a machine.
@@ -31,6 +32,14 @@ from kubetune.api.spec import Device, Precision
 CONFIG_ERROR_EXIT_CODE = 2
 """A bad run config, dataset or export invocation: the Jobs' podFailurePolicy does not retry
 it, and `kubetune run` reports it as a configuration error."""
+
+MODEL_TOKEN_ENV = "HF_TOKEN"
+"""The model's Secret (`spec.model.secretRef`); also the dataset's when only it has one. The
+name the Hugging Face libraries read on their own."""
+
+DATASET_TOKEN_ENV = "KUBETUNE_DATASET_TOKEN"
+"""The dataset's own Secret (`spec.dataset.secretRef`) when the model has another one: the
+trainer reads a dataset with it, falling back to `MODEL_TOKEN_ENV`."""
 
 STOPPED_EXIT_CODE = 143
 """The trainer got SIGTERM or SIGINT (eviction, preemption, `kubetune run`'s Ctrl-C), wrote a

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec
+from kubetune.api.dataplane import DATASET_TOKEN_ENV, MODEL_TOKEN_ENV
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 
@@ -78,12 +79,12 @@ def pvc_source_volumes(spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], lis
 def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     """Tokens as `secretKeyRef` env vars only: the value never passes through the operator.
 
-    The data plane reads `HF_TOKEN` for both the model and an `hf://` dataset; a dataset
-    with a Secret of its own also gets `KUBETUNE_DATASET_TOKEN`.
+    The data plane reads `HF_TOKEN` for the model, and for an `hf://` dataset unless the
+    dataset has a Secret of its own, which then arrives as `KUBETUNE_DATASET_TOKEN`.
     """
-    refs = [("HF_TOKEN", spec.model.secret_ref or spec.dataset.secret_ref)]
+    refs = [(MODEL_TOKEN_ENV, spec.model.secret_ref or spec.dataset.secret_ref)]
     if spec.model.secret_ref and spec.dataset.secret_ref:
-        refs.append(("KUBETUNE_DATASET_TOKEN", spec.dataset.secret_ref))
+        refs.append((DATASET_TOKEN_ENV, spec.dataset.secret_ref))
     return [
         {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         for name, ref in refs

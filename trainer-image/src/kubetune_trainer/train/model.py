@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from kubetune.api.dataplane import MODEL_TOKEN_ENV
 from kubetune.api.spec import FineTuneJobSpec, Method
 from kubetune_trainer.sources import ModelLocation
 from kubetune_trainer.train import attention
@@ -23,7 +24,7 @@ def hub_kwargs(location: ModelLocation, spec: FineTuneJobSpec) -> dict[str, Any]
     kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code}
     if location.is_hub:
         kwargs["revision"] = location.revision
-        kwargs["token"] = os.environ.get("HF_TOKEN") or None
+        kwargs["token"] = os.environ.get(MODEL_TOKEN_ENV) or None
     return kwargs
 
 
