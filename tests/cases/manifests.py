@@ -104,4 +104,7 @@ INVALID_CASES = [
                 "spec.serving.gate.minAccuracy"),
     InvalidCase("toleration-operator", ("resources", "tolerations"), [{"operator": "Maybe"}],
                 "spec.resources.tolerations[0].operator"),
+    InvalidCase("toleration-effect", ("resources", "tolerations"),
+                [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "Sometimes"}],
+                "spec.resources.tolerations[0].effect"),
 ]

@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubetune.api import FineTuneJob, ManifestError, load_manifest, parse_finetunejob
+from kubetune.api.codegen.crd import build_crd
 from kubetune.api.spec import FineTuneJobSpec, Method
 from tests.cases.manifests import INVALID_CASES, InvalidCase, base_manifest
 
 EXAMPLES = sorted(Path(__file__).parents[3].joinpath("examples").glob("*.yaml"))
 
 
-def test_there_are_enough_invalid_cases() -> None:
-    assert len(INVALID_CASES) >= 25
+def _constrained_paths(node: dict[str, Any], path: str, kind: str) -> list[str]:
+    """Field paths under `node` (a CRD schema) that carry `kind` (`enum`, CEL rules)."""
+    found = [path] if kind in node else []
+    for key, child in (node.get("properties") or {}).items():
+        found += _constrained_paths(child, f"{path}.{key}", kind)
+    if "items" in node:
+        found += _constrained_paths(node["items"], f"{path}[]", kind)
+    return found
+
+
+def _case_path(case: InvalidCase) -> str:
+    return re.sub(r"\[\d+\]", "[]", case.field)
+
+
+def test_every_enum_and_cel_rule_of_the_crd_has_an_invalid_case() -> None:
+    """The table is checked offline and at `kubectl apply`; a case removed, or a rule added
+    without one, leaves a refusal untested on both sides."""
+    crd = build_crd()
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    fields = [_case_path(case) for case in INVALID_CASES]
+    enums = _constrained_paths(spec, "spec", "enum")
+    assert [path for path in enums if path not in fields] == []
+    rules = _constrained_paths(spec, "spec", "x-kubernetes-validations")
+    untested = [p for p in rules if not any(f == p or f.startswith(f"{p}.") for f in fields)]
+    assert untested == []
     assert len({case.id for case in INVALID_CASES}) == len(INVALID_CASES)
 
 
