@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kubetune.api import PlanStatus
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, STOPPED_EXIT_CODE
@@ -46,9 +49,9 @@ def wait_until(condition: Callable[[], bool], alive: Callable[[], bool], what: s
         time.sleep(0.1)
 
 
-def long_run(tmp_path: Path) -> tuple[dict[str, Any], Path, Path]:
+def long_run(tmp_path: Path, **shape: Any) -> tuple[dict[str, Any], Path, Path]:
     train, _ = write_tiny_dataset(tmp_path / "data")
-    config = run_config(train, None, steps=1000, epochs=1000)
+    config = run_config(train, None, steps=1000, epochs=1000, **shape)
     config["spec"]["checkpoint"] = {"everySteps": 1000, "keep": 2}
     output = tmp_path / "out"
     output.mkdir()
@@ -107,3 +110,61 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_retryable(
     steps = logged_steps(output)
     assert steps[steps.index(first) + 1] == first + 1  # no step lost, none repeated
     assert second > first
+
+
+def workers(torchrun: int) -> dict[int, int]:
+    """torchrun's worker processes by rank."""
+    children = Path(f"/proc/{torchrun}/task/{torchrun}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_stop_step_under_torchrun_and_deepspeed(
+        tmp_path: Path, builtin_model: Path) -> None:
+    """One rank gets SIGTERM (nodes of a job are signalled independently): every rank stops
+    at the same step with one complete DeepSpeed checkpoint. Then SIGTERM to torchrun itself,
+    as the kubelet sends it to the pod: torchrun forwards it and the run resumes and stops the
+    same way."""
+    config, config_path, output = long_run(tmp_path, world=2, zero=2)
+    command = train_command(config_path, output, PlanStatus.model_validate(config["plan"]))
+    # torchrun SIGKILLs its workers 30 s after forwarding a signal (in a pod the grace period
+    # bounds it too); two ranks sharing this CPU with other tests can need longer per step.
+    env = trainer_env(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600")
+
+    def run(stop: Callable[[subprocess.Popen[bytes]], None], after: int, name: str) -> int:
+        with open(tmp_path / name, "w") as log:
+            process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT)
+            try:
+                wait_until(lambda: (logged_steps(output) or [0])[-1] >= after,
+                           lambda: process.poll() is None, f"step {after}")
+                stop(process)
+                return process.wait(timeout=600)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+
+    def signal_rank_1(process: subprocess.Popen[bytes]) -> None:
+        os.kill(workers(process.pid)[1], signal.SIGTERM)
+
+    code = run(signal_rank_1, 1, "first.log")
+    text = (tmp_path / "first.log").read_text()
+    # torchrun ends with 1 when its workers fail, any way: retryable, never the config code.
+    assert code not in (0, CONFIG_ERROR_EXIT_CODE), text[-3000:]
+    first = stopped_at(output, "SIGTERM")  # rank 0 learned of rank 1's signal
+    newest = output / "checkpoints" / checkpoint.directory_name(first)
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in newest.iterdir()}
+    assert any((newest / "deepspeed").rglob("*optim_states.pt"))
+
+    code = run(lambda process: process.send_signal(signal.SIGTERM), first + 1, "second.log")
+    assert code not in (0, CONFIG_ERROR_EXIT_CODE), (tmp_path / "second.log").read_text()[-3000:]
+    second = stopped_at(output, "SIGTERM")
+    assert report(output)["resumedFromStep"] == first and second > first
+    steps = logged_steps(output)
+    assert steps[steps.index(first) + 1] == first + 1
