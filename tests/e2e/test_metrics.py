@@ -1,0 +1,78 @@
+"""`/metrics` of a real operator against the real API server: the same counters the unit test
+(tests/unit/operator/test_metrics.py, with a fake client) reads, here fed by real reconciles,
+real TokenReviews and real status patches."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from cluster import Cluster
+from prometheus_client.parser import text_string_to_metric_families
+
+from .operator_harness import (
+    OperatorProcess,
+    finetunejob,
+    make_claim,
+    pod_token,
+    post_progress,
+    running_operator,
+    succeed,
+    wait_ftj,
+    wait_items,
+)
+
+AUDIENCE = "kubetune.io/progress"
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    with running_operator(cluster, tmp_path_factory.mktemp("metrics-operator")) as process:
+        yield process
+
+
+def _samples(operator: OperatorProcess) -> dict[Sample, float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{operator.progress_url}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_real_reconciles_reports_and_patches(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    make_claim(cluster, namespace)
+    cluster.apply(finetunejob("counted", namespace, train=succeed("120s")))
+    [pod] = wait_items(
+        cluster, "pods", namespace, "kubetune.io/job=counted,app.kubernetes.io/component=trainer",
+        lambda ps: len(ps) == 1 and ps[0]["status"].get("phase") == "Running",
+    )  # fmt: skip
+    token = pod_token(cluster, namespace, pod["metadata"]["name"], AUDIENCE)
+    report = {"step": 3, "totalSteps": 12, "trainLoss": 2.5}
+    assert post_progress(operator.progress_url, namespace, "counted", "not-a-token", report) == 401
+    assert post_progress(operator.progress_url, namespace, "counted", token, report) == 202
+    wait_ftj(cluster, namespace, "counted",
+             lambda o: (o["status"].get("progress") or {}).get("step") == 3)  # fmt: skip
+
+    samples = _samples(operator)
+    assert samples[("kubetune_reconciles_total", ())] >= 1
+    assert samples[("kubetune_api_requests_total",
+                    (("method", "PATCH"), ("resource", "finetunejobs")))] >= 1  # fmt: skip
+    assert samples[("kubetune_progress_reports_total",
+                    (("code", "202"), ("result", "accepted")))] == 1  # fmt: skip
+    assert samples[("kubetune_progress_reports_total",
+                    (("code", "401"), ("result", "refused")))] == 1  # fmt: skip
+    assert samples[("kubetune_progress_status_patches_total", ())] >= 1
+    assert samples[("kubetune_progress_tokenreviews_total", ())] >= 1
+    training = {labels: value for (name, labels), value in samples.items()
+                if name == "kubetune_finetunejobs" and value}  # fmt: skip
+    assert training == {(("phase", "Training"),): 1}
