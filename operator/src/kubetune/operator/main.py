@@ -3,19 +3,21 @@
 Only the instance holding the Lease acts; a second instance waits for it (see `leader`).
 kopf runs in standalone mode (no kopf peering CRDs): the Lease is the guard.
 
-RBAC the operator needs (ClusterRole unless it watches listed namespaces only):
-- kubetune.io finetunejobs: get, list, watch, patch; finetunejobs/status: get, patch;
-  finetunejobs/finalizers: update (ownerReferences with blockOwnerDeletion)
-- batch jobs, apps deployments: get, list, watch, create, patch, delete
+RBAC the operator needs, in every namespace it serves (a ClusterRole, or a Role per listed
+namespace): the chart's `templates/_rbac.tpl` is the one list, pinned by
+tests/unit/deploy/test_chart.py and proven on the real API server by tests/e2e/test_chart.py.
+In short:
+- kubetune.io finetunejobs: list, watch (kopf; the progress endpoint reads one by listing
+  by name); finetunejobs/status: patch
+- batch jobs, apps deployments, configmaps, services: list, watch, create, patch, delete
+  (the progress endpoint reads a token's Job by listing by name, like the FineTuneJob)
+- persistentvolumeclaims: get, list, watch, create, patch (never delete)
 - pods: get, list, watch (status, termination messages, the progress token's pod)
-- configmaps, services, persistentvolumeclaims: get, create, patch, delete
-- secrets: get (existence only; read as PartialObjectMetadata, never the data), and only
-  with `--check-secrets` (the default); the chart's cluster-wide mode grants no Secret access
-  and passes `--no-check-secrets`
-- events (core): create, patch; authentication.k8s.io tokenreviews: create
-- namespaces: list, watch, and customresourcedefinitions: list, watch (only with
-  `--namespace` globs: kopf's scanning is off otherwise, see `handlers.needs_scanning`)
-- coordination.k8s.io leases in the Lease namespace: get, create, update
+- secrets: get, existence only (read as PartialObjectMetadata, never the data), and only in
+  the Roles of watched namespaces; cluster-wide the chart grants none and passes
+  `--no-check-secrets`
+- events: create; authentication.k8s.io tokenreviews: create (always cluster-wide)
+- coordination.k8s.io leases in the Lease namespace: create, and get/update of its own
 """
 
 from __future__ import annotations
