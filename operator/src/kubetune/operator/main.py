@@ -18,6 +18,9 @@ In short:
   `--no-check-secrets`
 - events: create; authentication.k8s.io tokenreviews: create (always cluster-wide)
 - coordination.k8s.io leases in the Lease namespace: create, and get/update of its own
+- namespaces and customresourcedefinitions: list, watch, only with `--namespace` globs
+  (kopf's scanning is off otherwise, see `handlers.needs_scanning`; the chart lists exact
+  namespaces)
 """
 
 from __future__ import annotations
