@@ -1,7 +1,8 @@
 """`python -m kubetune_trainer serve`: the OpenAI-compatible server over an ONNX model.
 
 `server` is the command and the aiohttp app, `http` its plumbing, `completions` the handlers,
-`protocol` and `requests` the request model and its validation, `metrics` the Prometheus
+`protocol` and `requests` the request model and its validation, `schema` the same wire format
+as pydantic models and the OpenAPI document built from them, `metrics` the Prometheus
 metrics; `engines` generate tokens. Imports the package's shared leaves and `kubetune.api`;
 never `train` or `export`.
 """

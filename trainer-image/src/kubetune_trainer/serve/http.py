@@ -1,5 +1,5 @@
 """The server's HTTP plumbing: errors in OpenAI's shape, the bounded body read, and the small
-endpoints (`/healthz`, `/readyz`, `/v1/models`, `/metrics`).
+endpoints (`/healthz`, `/readyz`, `/v1/models`, `/metrics`, `/openapi.json`).
 
 Kept apart from the completion handlers because none of this touches generation: it is what
 every request goes through, or what probes and scrapers call, and reads only the app state.
@@ -7,6 +7,7 @@ every request goes through, or what probes and scrapers call, and reads only the
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -14,7 +15,10 @@ from aiohttp import web
 
 from kubetune_trainer.serve.protocol import Limits, RequestError
 from kubetune_trainer.serve.requests import parse_json
+from kubetune_trainer.serve.schema import openapi_document
 from kubetune_trainer.serve.state import STATE
+
+log = logging.getLogger("kubetune.serve")
 
 
 def error_response(error: RequestError) -> web.Response:
@@ -23,7 +27,8 @@ def error_response(error: RequestError) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every HTTP-level failure (404, 405, 413, ...) in OpenAI's error shape too."""
+    """Every HTTP-level failure (404, 405, 413, ...) and every unexpected exception (500) in
+    OpenAI's error shape too, never aiohttp's plain-text page."""
     try:
         return await handler(request)
     except RequestError as error:
@@ -33,6 +38,11 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
             raise
         kind = "invalid_request_error" if error.status < 500 else "server_error"
         return error_response(RequestError(error.status, error.reason, kind=kind))
+    except Exception:  # a bug: still a JSON error a client can read, and a logged traceback
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(
+            RequestError(500, "internal server error", kind="server_error", code="internal_error")
+        )
 
 
 async def read_body(request: web.Request, limits: Limits) -> dict[str, Any]:
@@ -102,3 +112,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(
         body=state.metrics.render(), headers={"Content-Type": state.metrics.content_type}
     )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(openapi_document(state.limits, state.name))

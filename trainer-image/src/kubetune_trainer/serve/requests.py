@@ -162,25 +162,29 @@ def parse_request(
         )
     messages = _messages(data) if chat else None
     prompt = None if chat else _prompt(data)
-    name = (
-        "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    # Both names are checked (the schema in `schema` says so); the newer one wins.
+    counts = {name: _integer(data, name) for name in ("max_tokens", "max_completion_tokens")}
+    for name, count in counts.items():
+        if count is not None and not 1 <= count <= limits.max_tokens:
+            raise RequestError(
+                400,
+                f"'{name}' must be between 1 and {limits.max_tokens}, got {count}",
+                param=name,
+                code="invalid_value",
+            )
+    max_tokens = next(
+        (c for c in (counts["max_completion_tokens"], counts["max_tokens"]) if c is not None),
+        limits.default_max_tokens,
     )
-    max_tokens = _integer(data, name)
-    if max_tokens is None:
-        max_tokens = limits.default_max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise RequestError(
-            400,
-            f"'{name}' must be between 1 and {limits.max_tokens}, got {max_tokens}",
-            param=name,
-            code="invalid_value",
-        )
     n = _integer(data, "n")
     if n not in (None, 1):
         raise RequestError(400, "only n=1 is supported", param="n", code="invalid_value")
     for penalty in ("presence_penalty", "frequency_penalty"):
         _number(data, penalty, 0.0, -2.0, 2.0)  # accepted for compatibility; not applied
-    if data.get("logprobs") not in (None, False) or data.get("echo") not in (None, False):
+    # `is`, not `in`: 0 == False, and a 0 is not a boolean.
+    if any(
+        data.get(name) is not None and data.get(name) is not False for name in ("logprobs", "echo")
+    ):
         raise RequestError(
             400,
             "logprobs and echo are not supported",
@@ -190,7 +194,8 @@ def parse_request(
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
-    options = data.get("stream_options") or {}
+    options = data.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError(
             400,

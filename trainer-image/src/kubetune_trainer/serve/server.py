@@ -43,7 +43,14 @@ from aiohttp import web
 
 from kubetune_trainer.serve.completions import completion_handler
 from kubetune_trainer.serve.engines.base import Engine
-from kubetune_trainer.serve.http import errors_middleware, healthz, metrics_endpoint, models, readyz
+from kubetune_trainer.serve.http import (
+    errors_middleware,
+    healthz,
+    metrics_endpoint,
+    models,
+    openapi,
+    readyz,
+)
 from kubetune_trainer.serve.protocol import Limits
 from kubetune_trainer.serve.state import STATE, ServerState
 
@@ -59,6 +66,7 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/v1/completions", completion_handler(chat=False))
     app.router.add_post("/v1/chat/completions", completion_handler(chat=True))
     return app

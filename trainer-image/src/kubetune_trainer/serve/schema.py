@@ -1,0 +1,222 @@
+"""The server's wire format as pydantic models, and the OpenAPI 3.1 document built from them
+that the server publishes at `/openapi.json` (as vLLM-style servers do).
+
+The request models accept exactly what `requests.parse_request` accepts (tests/trainer/serve/
+test_openapi.py checks the two agree on generated bodies), so the document cannot drift from
+the parser unnoticed; the error model is the shape every 4xx and 5xx has. The parser stays
+hand-written because its errors name the field and OpenAI's error code, one check at a time.
+Bounds that depend on the server's limits (`max_tokens`) are filled in per server.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    create_model,
+)
+from pydantic.json_schema import models_json_schema
+
+from kubetune_trainer.serve.protocol import Limits
+from kubetune_trainer.serve.requests import MAX_STOP_SEQUENCES, ROLES
+
+
+def _false(value: bool) -> bool:
+    if value:
+        raise ValueError("not supported")
+    return value
+
+
+# `false` only: Literal[False] would take a 0, since 0 == False.
+Off = Annotated[StrictBool, AfterValidator(_false), WithJsonSchema({"const": False})]
+
+# Numbers are `float` with strict=True: a JSON integer or float, never a boolean or a string.
+
+
+class _Open(BaseModel):
+    """Unknown fields are ignored, as OpenAI's own clients send fields a server may not know."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Open):
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: StrictStr | list[TextPart]
+
+
+class StreamOptions(_Open):
+    include_usage: StrictBool = False
+
+
+class _Generation(_Open):
+    """The fields both endpoints take."""
+
+    model: StrictStr = Field(description="The served model's name (see /v1/models).")
+    temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, strict=True)] | None = 1.0
+    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = Field(
+        None, description="Only 1 is supported."
+    )
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = Field(
+        None, description="Makes sampling reproducible."
+    )
+    stop: (
+        Annotated[StrictStr, Field(min_length=1)]
+        | Annotated[
+            list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)
+        ]
+        | None
+    ) = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = Field(
+        None, description="Accepted for compatibility; not applied."
+    )
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = Field(
+        None, description="Accepted for compatibility; not applied."
+    )
+    logprobs: Off | None = Field(None, description="Not supported.")
+    echo: Off | None = Field(None, description="Not supported.")
+
+
+class _Completion(_Generation):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)] = Field(
+        description="A string, or a list of exactly one string."
+    )
+
+
+class _ChatCompletion(_Generation):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, 4xx or 5xx: OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Status(BaseModel):
+    """What the probes answer: "alive", "ready", or why not ("stalled", "loading", ...)."""
+
+    status: str
+    error: str | None = None
+
+
+def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The completions and chat completions request bodies under these limits."""
+    count = Annotated[StrictInt, Field(ge=1, le=limits.max_tokens)] | None
+    tokens: dict[str, Any] = {
+        "max_tokens": (count, Field(None, description=f"Default {limits.default_max_tokens}.")),
+        "max_completion_tokens": (count, Field(None, description="Wins over max_tokens.")),
+    }
+    completion = create_model("CompletionRequest", __base__=_Completion, **tokens)
+    chat = create_model("ChatCompletionRequest", __base__=_ChatCompletion, **tokens)
+    return completion, chat
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+ERRORS = {"default": _json("ErrorResponse", "An error, 4xx (the client's) or 5xx (the server's)")}
+
+
+def _generation(schema: str, summary: str, answer: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, **_json(schema, "The request")},
+            "responses": {
+                "200": {
+                    "description": f"{answer}, or with `stream` a text/event-stream of chunks",
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **ERRORS,
+            },
+        }
+    }
+
+
+def _get(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {**responses, **ERRORS}}}
+
+
+def openapi_document(limits: Limits, served_model: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every endpoint the server has."""
+    completion, chat = request_models(limits)
+    _, schemas = models_json_schema(
+        [(m, "validation") for m in (completion, chat, ErrorResponse, ModelList, Status)],
+        ref_template="#/components/schemas/{model}",
+    )
+    status = _json("Status", "The answer")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "KubeTune inference server",
+            "version": "1",
+            "description": f"OpenAI-compatible completions for the model '{served_model}'.",
+        },
+        "paths": {
+            "/v1/completions": _generation(
+                "CompletionRequest", "Complete a prompt", "A completion"
+            ),
+            "/v1/chat/completions": _generation(
+                "ChatCompletionRequest", "Answer a conversation", "A chat completion"
+            ),
+            "/v1/models": _get("The served model", {"200": _json("ModelList", "The models")}),
+            "/healthz": _get(
+                "Liveness: 503 while the engine has work it does not advance",
+                {"200": status, "503": status},
+            ),
+            "/readyz": _get(
+                "Readiness: 503 while loading, failed or draining", {"200": status, "503": status}
+            ),
+            "/metrics": _get(
+                "Prometheus metrics",
+                {"200": {"description": "Metrics", "content": {"text/plain": {}}}},
+            ),
+            "/openapi.json": _get(
+                "This document",
+                {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+            ),
+        },
+        "components": {"schemas": schemas.get("$defs", {})},
+    }
