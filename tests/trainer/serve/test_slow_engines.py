@@ -140,3 +140,18 @@ def test_liveness_is_a_threshold_on_the_stall() -> None:
     assert liveness(float("inf"), 60) == (
         503, {"status": "stalled", "error": "the engine's thread has stopped"}
     )
+
+
+def test_draining_then_closed_answer_503s_in_json() -> None:
+    """What SIGTERM's two phases answer (the process test in test_serve.py covers the signal)."""
+    app = app_with(EchoEngine(Limits()), Limits())
+    with serving(app) as url:
+        app[STATE].draining = True
+        ready = httpx.get(url + "/readyz")
+        assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+        served = httpx.post(url + "/v1/completions", json={**BODY, "max_tokens": 2})
+        assert served.status_code == 200  # still served while draining
+        app[STATE].closed = True
+        refused = httpx.post(url + "/v1/completions", json=BODY)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"

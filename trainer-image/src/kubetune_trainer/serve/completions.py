@@ -2,8 +2,9 @@
 answered as a JSON body or as a server-sent event stream.
 
 Separate from the app wiring and the small endpoints because this is where a request meets an
-engine: admission and release, the in-flight count that draining waits on, and the event loop
-that turns engine events into chunks, with cancellation when the client goes away.
+engine: admission and release, the in-flight count that draining waits on, the prompt's
+tokenization in a thread, and the event loop that turns engine events into chunks, with
+cancellation when the client goes away or the request's time limit passes.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ async def prompt_ids(
         raise timeout_error(limits.request_timeout_seconds) from None
 
 
-def timed_out(first: bool, streaming: bool) -> str:
+def timed_out(first: bool, stream_started: bool) -> str:
     """What a request that runs out of time gets: "error" (a 504) if the client has received
     nothing yet, else "length": the text so far, ended as if `max_tokens` were reached.
 
@@ -100,7 +101,7 @@ def timed_out(first: bool, streaming: bool) -> str:
     answers, which would rerun a generation that already took the whole budget; "length" is
     what they already handle for a cut-off answer, and the tokens generated are not wasted.
     """
-    return "error" if first and not streaming else "length"
+    return "error" if first and not stream_started else "length"
 
 
 async def generate(
