@@ -304,3 +304,15 @@ def test_long_names_stay_valid_dns_labels() -> None:
     assert len(naming.training_job_name(name, 12)) <= 59
     assert len(naming.rendezvous_service_name(name, 12)) <= 63
     assert naming.training_job_name(name, 12) != naming.training_job_name(name, 13)
+
+
+def test_a_trainer_pod_has_time_to_checkpoint_after_sigterm() -> None:
+    """On SIGTERM the trainer checkpoints at its next step boundary (kubetune_trainer's
+    train.stop): the pod's grace must outlast torchrun's wait for its workers, and both must
+    be well beyond the kubelet's and torchrun's 30 s defaults."""
+    pod_spec = _pod_spec(_job(_spec()))
+    grace = pod_spec["terminationGracePeriodSeconds"]
+    env = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
+    torchrun_wait = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    assert 30 < torchrun_wait < grace
+    assert grace == 300

@@ -18,7 +18,14 @@ from kubetune.builders.meta import (
     with_job_hash,
 )
 
-"""The trainer's exit code for a bad config or dataset: retrying cannot help."""
+STOP_GRACE_SECONDS = 300
+"""How long a trainer pod has after SIGTERM (eviction, preemption, its Job deleted) to reach
+the next step boundary and write its checkpoint; the kubelet's default 30 s is shorter than
+one step plus a checkpoint of a large model."""
+TORCHRUN_SHUTDOWN_SECONDS = STOP_GRACE_SECONDS - 15
+"""torchrun waits this long for its workers after passing SIGTERM on, then SIGKILLs them
+(its own default is 30 s). Shorter than the pod's grace, so torchrun ends first, not the
+kubelet's SIGKILL."""
 
 
 def artifacts_claim(owner: Owner, spec: FineTuneJobSpec, config: OperatorConfig) -> Manifest:
@@ -151,6 +158,7 @@ def _trainer_env(
             f"{owner.namespace}/{owner.name}",
         },
         {"name": "KUBETUNE_REPORT_TOKEN_FILE", "value": f"{naming.PROGRESS_TOKEN_DIR}/token"},
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(TORCHRUN_SHUTDOWN_SECONDS)},
         *pod.secret_env(spec),
     ]
 
@@ -234,6 +242,7 @@ def training_job(
         container["resources"] = resources
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # required by podFailurePolicy; the Job retries instead
+        "terminationGracePeriodSeconds": STOP_GRACE_SECONDS,
         "subdomain": naming.rendezvous_service_name(owner.name, generation),
         **pod.base_pod_spec(config, config.trainer_service_account),
         "containers": [container],
