@@ -299,7 +299,11 @@ def test_suspend_and_resume_continue_the_same_generation(cluster: Cluster, ns: s
 
 
 def test_two_node_job_lands_on_two_gpu_nodes(cluster: Cluster, ns: str) -> None:
+    # Each pod runs 15 s: long enough that both hold their 8 GPUs at once however slowly the
+    # scheduler places the second (with 2 s, a loaded machine let the first finish and free
+    # its node for the second).
     cluster.apply(finetunejob("wide", ns, resources={"nodes": 2, "gpusPerNode": 8},
+                              train=succeed("15s", REPORT),
                               serving={"enabled": False}))  # fmt: skip
     wait_ftj(cluster, ns, "wide", has_condition("Trained"))
 
