@@ -20,6 +20,8 @@ if str(HACK_DIR) not in sys.path:
 
 import cluster as controlplane  # noqa: E402  (hack/ is not a package; found via sys.path)
 
+from .operator_harness import OperatorProcess, make_claim, running_operator  # noqa: E402
+
 E2E_DIR = Path(__file__).resolve().parent
 
 
@@ -49,3 +51,19 @@ def namespace(cluster: controlplane.Cluster) -> Iterator[str]:
     cluster.wait_for("serviceaccount", "default", lambda _: True, namespace=name, timeout=30)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: controlplane.Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """One `kubetune operator` per test module (a module may override it, e.g. with flags)."""
+    with running_operator(cluster, tmp_path_factory.mktemp("operator")) as process:
+        yield process
+
+
+@pytest.fixture
+def ns(cluster: controlplane.Cluster, namespace: str, operator: OperatorProcess) -> str:
+    """A fresh namespace with the `shared` claim, watched by the module's operator."""
+    make_claim(cluster, namespace)
+    return namespace

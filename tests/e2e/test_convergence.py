@@ -10,19 +10,14 @@ generation.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from cluster import Cluster, wait_for
 
 from .operator_harness import (
     REPORT,
-    OperatorProcess,
     finetunejob,
     has_condition,
-    make_claim,
-    running_operator,
     succeed,
     wait_ftj,
 )
@@ -30,20 +25,6 @@ from .operator_harness import (
 CONVERGE_SECONDS = 60
 """Generous bound for the operator to notice and repair a change (the watch delivers it in
 well under a second; a 2-core machine running the whole control plane can be slow)."""
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator")) as process:
-        yield process
-
-
-@pytest.fixture
-def ns(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str:
-    make_claim(cluster, namespace)
-    return namespace
 
 
 def _uid(obj: dict[str, Any] | None) -> str | None:

@@ -5,9 +5,7 @@ real TokenReviews and real status patches."""
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
 from cluster import Cluster
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,7 +15,6 @@ from .operator_harness import (
     make_claim,
     pod_token,
     post_progress,
-    running_operator,
     succeed,
     wait_ftj,
     wait_items,
@@ -25,14 +22,6 @@ from .operator_harness import (
 
 AUDIENCE = "kubetune.io/progress"
 Sample = tuple[str, tuple[tuple[str, str], ...]]
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("metrics-operator")) as process:
-        yield process
 
 
 def _samples(operator: OperatorProcess) -> dict[Sample, float]:

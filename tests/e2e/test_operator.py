@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from cluster import Cluster
 
 from .operator_harness import (
@@ -28,7 +26,6 @@ from .operator_harness import (
     pod_metadata,
     pod_token,
     post_progress,
-    running_operator,
     succeed,
     wait_ftj,
     wait_items,
@@ -36,20 +33,6 @@ from .operator_harness import (
 
 GPU_NODES = {"kwok-gpu-0", "kwok-gpu-1"}
 AUDIENCE = "kubetune.io/progress"
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator")) as process:
-        yield process
-
-
-@pytest.fixture
-def ns(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str:
-    make_claim(cluster, namespace)
-    return namespace
 
 
 def _selector(name: str, component: str | None = None) -> str:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,21 +27,12 @@ from .operator_harness import (
     finetunejob,
     make_claim,
     pod_token,
-    running_operator,
     succeed,
     wait_ftj,
     wait_items,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator-seam")) as process:
-        yield process
 
 
 def _remap(args: list[str], mounts: dict[str, Path]) -> list[str]:

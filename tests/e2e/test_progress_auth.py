@@ -32,7 +32,6 @@ from .operator_harness import (
     REPORT,
     OperatorProcess,
     finetunejob,
-    make_claim,
     pod_token,
     post_progress,
     running_operator,
@@ -62,12 +61,6 @@ class BudgetedOperator(OperatorProcess):
 def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with running_operator(cluster, tmp_path_factory.mktemp("operator"), BudgetedOperator) as op:
         yield op
-
-
-@pytest.fixture
-def ns(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str:
-    make_claim(cluster, namespace)
-    return namespace
 
 
 def _running_trainer(cluster: Cluster, ns: str, name: str, generation: int = 1) -> dict[str, Any]:
