@@ -10,7 +10,7 @@ import json
 import subprocess
 from typing import Any
 
-from cluster import Cluster
+from cluster import Cluster, wait_for
 
 from .operator_harness import (
     GPU,
@@ -281,7 +281,25 @@ def test_suspend_and_resume_continue_the_same_generation(cluster: Cluster, ns: s
         "pause-g1-train"]  # fmt: skip
 
 
+def _gpu_holders(cluster: Cluster) -> list[str]:
+    """Pods (of any test) that hold GPUs on the fake GPU nodes, terminating ones included."""
+    pods = json.loads(cluster.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+    return [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']} on {p['spec']['nodeName']}"
+        for p in pods
+        if p["spec"].get("nodeName") in GPU_NODES
+        and p["status"].get("phase") in ("Pending", "Running")
+        and any(GPU in (c.get("resources") or {}).get("requests", {})
+                for c in p["spec"]["containers"])
+    ]
+
+
 def test_two_node_job_lands_on_two_gpu_nodes(cluster: Cluster, ns: str) -> None:
+    # Both nodes must be free of earlier tests' pods (their namespaces go in the background):
+    # with one GPU taken on a node, the second 8-GPU pod can only follow the first onto the
+    # other node once it finishes.
+    wait_for(lambda: _gpu_holders(cluster) == [] or None, timeout=180,
+             what="the GPU nodes to be free of other tests' pods", interval=1)
     # Each pod runs 15 s: long enough that both hold their 8 GPUs at once however slowly the
     # scheduler places the second (with 2 s, a loaded machine let the first finish and free
     # its node for the second).
@@ -300,7 +318,7 @@ def test_two_node_job_lands_on_two_gpu_nodes(cluster: Cluster, ns: str) -> None:
     service = cluster.get("service", "wide-g1-rdzv", ns)
     assert service is not None and service["spec"]["publishNotReadyAddresses"] is True
     pods = items(cluster, "pods", ns, _selector("wide", "trainer"))
-    assert {p["spec"]["nodeName"] for p in pods} == GPU_NODES
+    assert {p["spec"]["nodeName"] for p in pods} == GPU_NODES, _gpu_holders(cluster)
     assert {
         p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods
     } == {"0", "1"}
@@ -389,8 +407,6 @@ def test_a_second_operator_waits_for_the_lease(
             second.argv(), stdout=out, stderr=subprocess.STDOUT, env=cluster.env
         )
     try:
-        from cluster import wait_for
-
         wait_for(lambda: "another operator holds lease" in log.read_text(), timeout=30,
                  what="the second operator to wait for the lease")  # fmt: skip
         lease = cluster.get("lease", "kubetune-operator", "default")
