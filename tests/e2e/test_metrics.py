@@ -40,7 +40,10 @@ def test_metrics_count_real_reconciles_reports_and_patches(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
     make_claim(cluster, namespace)
-    cluster.apply(finetunejob("counted", namespace, train=succeed("120s")))
+    # No GPUs: the pod runs on until its namespace goes, and kwok leaves a deleted Job's pod
+    # in place for a while; on a GPU node it would hold GPUs the next module's tests need.
+    cluster.apply(finetunejob("counted", namespace, train=succeed("120s"),
+                              resources={"gpusPerNode": 0}))  # fmt: skip
     [pod] = wait_items(
         cluster, "pods", namespace, "kubetune.io/job=counted,app.kubernetes.io/component=trainer",
         lambda ps: len(ps) == 1 and ps[0]["status"].get("phase") == "Running",
