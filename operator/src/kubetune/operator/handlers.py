@@ -116,7 +116,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     # annotation on every FineTuneJob after each change: one more write per change for the
     # API server, and one more watch event for the operator. The reconcile is level-based
     # (spec generation vs status.observedGeneration, children from the indexes), so it needs
-    # no diff from kopf; in bench/operator.py that write was a sixth of all requests.
+    # no diff from kopf; in bench/operator_burst.py that write was a sixth of all requests.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="finetunejob")
     async def finetunejob_changed(
         body: kopf.Body, type: str | None, memo: kopf.Memo, **kwargs: Any
@@ -159,7 +159,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
 class NoDiffBase(kopf.DiffBaseStorage):
     """No diff base. kopf builds one (a deep copy of the body) for every event of every
     watched object, to feed change handlers; this operator registers none (see
-    `finetunejob_changed`), so the copy would be thrown away: in bench/operator.py it was a
+    `finetunejob_changed`), so the copy would be thrown away: in bench/operator_burst.py it was a
     tenth of the operator's CPU during a burst."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:

@@ -18,7 +18,7 @@ The same burst also runs, on a fresh control plane, against a floor controller (
 the same training Job applied at once, nothing else): what any controller would get from
 this machine and API server. The ratio to it is printed.
 
-    python bench/operator.py [--jobs 200] [--idle-seconds 30] [--record] [--no-floor]
+    python bench/operator_burst.py [--jobs 200] [--idle-seconds 30] [--record] [--no-floor]
 """
 
 from __future__ import annotations
@@ -402,7 +402,7 @@ def floor_report(floor: dict[str, Any], kubetune: dict[str, Any]) -> str:
 def record(text: str) -> None:
     stamp = time.strftime("%Y-%m-%d")
     entry = (
-        f"\n### bench/operator.py, {stamp}\n\nMachine: {machine()}; control plane: "
+        f"\n### bench/operator_burst.py, {stamp}\n\nMachine: {machine()}; control plane: "
         f"hack/cluster.py (etcd, kube-apiserver, KCM, scheduler, kwok on loopback, same "
         f"machine).\n\n```\n{text}\n```\n"
     )
