@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from kubetune.api.dataplane import MODEL_TOKEN_ENV
 from kubetune.api.spec import FineTuneJobSpec, Method
 from kubetune_trainer.sources import ModelLocation
-from kubetune_trainer.train import attention
+from kubetune_trainer.train import attention, lean_lora
 
 
 def hub_kwargs(location: ModelLocation, spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -100,7 +100,10 @@ def prepare(model: PreTrainedModel, spec: FineTuneJobSpec) -> torch.nn.Module:
     elif checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(spec))
+    adapted = get_peft_model(model, lora_config(spec))
+    # Same result, far less activation memory: see lean_lora.py.
+    lean_lora.use_masked_dropout(adapted)
+    return adapted
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
