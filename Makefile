@@ -8,9 +8,16 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup controlplane run test test-unit test-trainer test-e2e lint crd docs clean
+.PHONY: setup malloc controlplane run test test-unit test-trainer test-e2e lint crd docs clean
 
-setup: $(STAMP)
+setup: $(STAMP) malloc
+
+# tcmalloc, which the trainer preloads (trainer-image/src/kubetune_trainer/allocator.py): CPU
+# runs peak at ~0.6x the memory of glibc's malloc. Without root or apt-get training still works.
+malloc:
+	@ldconfig -p | grep -q libtcmalloc_minimal || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; } \
+		|| echo "note: libtcmalloc-minimal4 is not installed; CPU training will use more memory"
 
 # Reinstall only when the dependency declarations change.
 $(STAMP): pyproject.toml trainer-image/pyproject.toml requirements/constraints.txt

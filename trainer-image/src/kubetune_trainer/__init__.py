@@ -1,7 +1,8 @@
 """KubeTune's data plane: `python -m kubetune_trainer train|export|serve`, in pods and locally.
 
-Shared leaves: `errors`, `runconfig` (reading `run.json`), `sources` and `builtin` (where a
-model or dataset comes from), `tokenizer` (the serving tokenizer) and the shipped `datasets/`.
+Shared leaves: `errors`, `allocator` (the trainer's malloc), `runconfig` (reading `run.json`),
+`sources` and `builtin` (where a model or dataset comes from), `tokenizer` (the serving
+tokenizer) and the shipped `datasets/`.
 `train`, `export` and `serve` are independent packages built on those leaves; none imports
 another. From the control plane only `kubetune.api` is imported.
 """

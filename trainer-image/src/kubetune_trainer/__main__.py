@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from kubetune_trainer import allocator
+
 COMMANDS = {
     "train": "kubetune_trainer.train.run",
     "export": "kubetune_trainer.export.run",
@@ -17,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] not in COMMANDS:
         print(f"usage: python -m kubetune_trainer {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
+    if args[0] == "train":
+        allocator.reexec_under_allocator(args)  # returns only when nothing is to be preloaded
     module = importlib.import_module(COMMANDS[args[0]])
     return int(module.main(args[1:]) or 0)
 

@@ -143,6 +143,13 @@ class TrainingReport(Report):
     """Records the accuracy used."""
     tokens_per_second: float | None = None
     train_tokens: int = 0
+    peak_memory_mib: float | None = Field(None, alias="peakMemoryMiB")
+    """Rank 0's peak resident memory (RSS high-water mark) from start to the last step: what
+    a CPU run needs; compare `status.plan.estimatedHostMemoryGiB`."""
+    peak_gpu_memory_mib: float | None = Field(None, alias="peakGpuMemoryMiB")
+    """Rank 0's peak GPU memory allocated by PyTorch during the steps (GPU runs)."""
+    allocator: str | None = None
+    """The malloc the trainer ran under: `tcmalloc`, `jemalloc` or `system`."""
     train_records: int = 0
     truncated_records: int = 0
     dropped_records: int = 0

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 from kubetune.api import RunConfig
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, TrainingReport
 from kubetune.api.spec import Method
-from kubetune_trainer import runconfig, sources
+from kubetune_trainer import allocator, runconfig, sources
 from kubetune_trainer.errors import ConfigError, Stopped
 from kubetune_trainer.train import checkpoint, distributed, outputs
 from kubetune_trainer.train import deepspeed as dsconfig
@@ -116,6 +117,10 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
     report.epochs = round(result.steps / data.schedule.steps_per_epoch, 4)
     report.tokens_per_second = round(result.tokens / max(result.seconds, 1e-9), 2)
     report.train_tokens = result.tokens
+    report.peak_memory_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if device.type == "cuda":
+        report.peak_gpu_memory_mib = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    report.allocator = allocator.active_allocator()
 
     trained = outputs.gather_trainable(stepper, ranks.is_main)
     if ranks.is_main:
