@@ -70,7 +70,10 @@ class PlanStatus(ApiModel):
     global_batch_size: int
     """Sequences per optimizer step (micro-batch x accumulation x world size)."""
     estimated_gpu_memory_gib: ShortString = Field(alias="estimatedGpuMemoryGiB")
-    """Estimated peak memory per GPU (decimal string, GiB)."""
+    """Estimated peak memory per GPU (decimal string, GiB); "0" on CPUs."""
+    estimated_host_memory_gib: ShortString | None = Field(None, alias="estimatedHostMemoryGiB")
+    """CPU runs: estimated peak resident memory per training process (decimal string, GiB).
+    The trainer's `report.json` records the measured peak (`peakMemoryMiB`)."""
     parameters: int | None = None
     """Parameters of the base model."""
     trainable_parameters: int | None = None

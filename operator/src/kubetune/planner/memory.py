@@ -93,3 +93,68 @@ def estimate_memory_gib(
     logits = tokens * shape.vocab * LOGIT_BYTES
     transient = (activations + logits) * (1 + ALLOCATOR_SLACK)
     return (weights + grads + optimizer + live + transient) / GIB + CUDA_OVERHEAD_GIB
+
+
+# --- CPU runs: the resident memory of one training process, all in fp32 ---------------------
+#
+# Measured on the built-in SmolLM2-135M with `bench/train_memory.py` (2-core AMD EPYC, torch
+# 2.15, tcmalloc; 760-803-token packed micro-batches), and checked against the whole run's
+# peak by `bench/train_throughput.py`:
+# - the runtime (Python, torch, transformers, peft, DeepSpeed imported): 0.75 GiB;
+# - weights 4 B/param (the fp32 safetensors pages are all touched by the first forward);
+#   trained parameters add an fp32 gradient and AdamW's two moments (12 B/param);
+# - saved activations per token and layer, as bytes per hidden unit: LoRA with dropout 83
+#   (its dropout keeps a mask, kubetune_trainer/train/lean_lora.py), LoRA without 74, full
+#   fine-tuning 82, DoRA 210; with gradient checkpointing only each layer's fp32 input (4);
+# - the output head: the fp32 logits of the target positions, their softmax and their
+#   gradient live together in the loss's backward (3 x 4 B x vocabulary per token, counting
+#   every token as a target, which keeps it an upper bound).
+CPU_RUNTIME_GIB = 0.75
+CPU_WEIGHT_BYTES = 4.0
+CPU_TRAINED_EXTRA_BYTES = 12.0
+CPU_HEAD_BYTES_PER_VOCAB = 12.0
+CPU_CHECKPOINT_BYTES_PER_HIDDEN = 4.0
+
+
+def cpu_activation_bytes_per_hidden(method: Method, lora_dropout: float) -> float:
+    """Saved fp32 activation bytes per token and layer on a CPU, as a multiple of the hidden
+    size (measured, see above)."""
+    if method is Method.FULL:
+        return 82.0
+    if method is Method.DORA:
+        return 210.0
+    return 83.0 if lora_dropout > 0 else 74.0
+
+
+def estimate_host_memory_gib(
+    shape: ModelShape,
+    *,
+    method: Method,
+    trainable: int,
+    zero_stage: int,
+    world_size: int,
+    tokens: int,
+    gradient_checkpointing: bool,
+    lora_dropout: float = 0.05,
+) -> float:
+    """Estimated peak resident memory of one CPU training process in GiB, for micro-batches
+    of at most `tokens` tokens (packed rows: micro-batch x maxSeqLength)."""
+    shards = max(world_size, 1)
+    frozen = 0 if method is Method.FULL else shape.parameters
+    if method is Method.QLORA:
+        # NF4 linear weights; the embedding table (tied to the output head) stays fp32.
+        embedding = shape.vocab * shape.hidden
+        weights = (frozen - embedding) * BASE_BYTES["nf4"] + embedding * CPU_WEIGHT_BYTES
+    else:
+        weights = frozen * CPU_WEIGHT_BYTES
+    weights += trainable * CPU_WEIGHT_BYTES
+    grads = trainable * 4.0 / (shards if zero_stage >= 2 else 1)
+    moments = trainable * (CPU_TRAINED_EXTRA_BYTES - 4.0) / (shards if zero_stage >= 1 else 1)
+    per_layer = cpu_activation_bytes_per_hidden(method, lora_dropout) * tokens * shape.hidden
+    if gradient_checkpointing:
+        layer_inputs = CPU_CHECKPOINT_BYTES_PER_HIDDEN * tokens * shape.hidden * shape.layers
+        activations = layer_inputs + per_layer
+    else:
+        activations = per_layer * shape.layers
+    head = CPU_HEAD_BYTES_PER_VOCAB * tokens * shape.vocab
+    return CPU_RUNTIME_GIB + (weights + grads + moments + activations + head) / GIB

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from kubetune.api.spec import FineTuneJobSpec, Method, ZeroOffload
-from kubetune.planner.memory import estimate_memory_gib
+from kubetune.planner.memory import estimate_host_memory_gib, estimate_memory_gib
 from kubetune.planner.shapes import ModelShape, model_shape
 
 AUTO_GLOBAL_BATCH = 16
@@ -56,6 +56,20 @@ def estimate_gib(
         world_size=world_size_of(spec),
         micro_batch=micro,
         seq_length=spec.training.max_seq_length,
+        gradient_checkpointing=spec.training.gradient_checkpointing,
+        lora_dropout=float(spec.lora_or_default.dropout),
+    )
+
+
+def estimate_host_gib(spec: FineTuneJobSpec, shape: ModelShape, stage: int, micro: int) -> float:
+    """One CPU training process, with packed rows of `micro` x maxSeqLength tokens."""
+    return estimate_host_memory_gib(
+        shape,
+        method=spec.method,
+        trainable=trainable_parameters(spec, shape),
+        zero_stage=stage,
+        world_size=world_size_of(spec),
+        tokens=micro * spec.training.max_seq_length,
         gradient_checkpointing=spec.training.gradient_checkpointing,
         lora_dropout=float(spec.lora_or_default.dropout),
     )
