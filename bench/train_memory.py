@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--dropout", default="0.05")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--method", default="LoRA", choices=["LoRA", "DoRA", "QLoRA", "Full"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = rss_mib()
@@ -92,8 +93,9 @@ def main() -> None:
         "spec": {
             "model": {"source": "builtin://smollm2-135m-instruct"},
             "dataset": {"source": f"file://{work / 'data.jsonl'}", "format": "Chat"},
-            "method": "LoRA",
-            "lora": {"rank": 16, "alpha": 32, "dropout": args.dropout},
+            "method": args.method,
+            **({} if args.method == "Full" else
+               {"lora": {"rank": 16, "alpha": 32, "dropout": args.dropout}}),
             "training": {"batchSize": args.batch, "maxSeqLength": args.max_len,
                          "packing": args.packing,
                          "gradientCheckpointing": args.checkpointing},
@@ -106,12 +108,13 @@ def main() -> None:
     _, examples = load_examples(work / "data.jsonl", "Chat")
     data = [encode(tokenizer, e, args.max_len) for e in examples]
     location = sources.resolve_model(run.spec.model.source, None)
-    base = models.load_base(location, run.spec)
+    base = models.load_base(location, run.spec, quantized=args.method == "QLoRA")
     phases.append(("base model loaded (fp32)", rss_mib()))
     model = models.prepare(base, run.spec)
     phases.append(("adapter attached", rss_mib()))
     device = torch.device("cpu")
     stepper = TorchStepper(model, run.spec.training, 10, device)
+    model.train()
     parameters = {p.data_ptr() for p in model.parameters()}
 
     stack: list[str] = []

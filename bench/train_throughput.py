@@ -1,4 +1,5 @@
-"""Training throughput: KubeTune's trainer vs a plain transformers `Trainer` + peft LoRA script.
+"""Training throughput and memory: KubeTune's trainer vs TRL's `SFTTrainer` and a plain
+transformers `Trainer` + peft LoRA script, in one run.
 
     python bench/train_throughput.py [--steps 6] [--batch 8] [--records-min 16 --records-max 512]
 
@@ -11,6 +12,13 @@ longest record, SDPA attention. Each side runs in its own child process; tokens/
 (non-pad) tokens over the training loop only (model loading excluded), and peak memory is the
 child's RSS high-water mark (`ru_maxrss`). A `kubetune-padded` variant (packing off: records
 sorted by length into micro-batches, each padded) shows what packing itself is worth.
+
+TRL (`pip install -c requirements/constraints.txt '.[bench]'`) runs `SFTTrainer` on the same
+records as conversational prompt-completion rows (loss on the completion, as KubeTune's),
+micro-batch `--micro-batch` with accumulation to `--batch`, SDPA, fp32 weights, at its
+defaults and at its fastest settings here (`TRL_SETTINGS`); `+tcmalloc` runs a peer under the
+allocator KubeTune's trainer preloads, to show what that part is worth. KubeTune runs with the
+planner's plan, and its line shows the planner's estimated peak beside the measured one.
 """
 
 from __future__ import annotations
@@ -60,10 +68,13 @@ def dataset(path: Path, records: int, shortest: int, longest: int, tokenizer: An
 
 
 def child_kubetune(args: argparse.Namespace) -> dict[str, Any]:
+    """KubeTune as `kubetune run` runs it: the planner's plan (micro-batch and all), under the
+    allocator the trainer picks (`run_child` sets it up)."""
+    from kubetune.api import FineTuneJobSpec
+    from kubetune.planner.plan import plan
     from kubetune_trainer.train import run as train
 
-    micro = args.micro_batch
-    config = {
+    config: dict[str, Any] = {
         "name": "bench",
         "spec": {
             "model": {"source": "builtin://smollm2-135m-instruct"},
@@ -77,10 +88,9 @@ def child_kubetune(args: argparse.Namespace) -> dict[str, Any]:
             "resources": {"gpusPerNode": 0},
             "checkpoint": {"everySteps": 100000},
         },
-        "plan": {"worldSize": 1, "zeroStage": 0, "microBatchSize": micro,
-                 "gradientAccumulationSteps": args.batch // micro,
-                 "globalBatchSize": args.batch, "estimatedGpuMemoryGiB": "1"},
     }
+    planned = plan(FineTuneJobSpec.model_validate(config["spec"]))
+    config["plan"] = planned.model_dump(by_alias=True, exclude_none=True)
     out = Path(args.work) / ("kubetune" if args.packing else "kubetune-padded")
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(config))
@@ -91,7 +101,10 @@ def child_kubetune(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"kubetune failed: {report['error']}")
     loop_seconds = report["trainTokens"] / report["tokensPerSecond"]
     return {"tokens": report["trainTokens"], "seconds": loop_seconds,
-            "steps": report["steps"], "loss": report["trainLoss"]}
+            "steps": report["steps"], "loss": report["trainLoss"],
+            "microBatch": planned.micro_batch_size, "allocator": report["allocator"],
+            "estimatedGiB": float(str(planned.estimated_host_memory_gib)),
+            "trainerPeakMiB": report["peakMemoryMiB"]}
 
 
 def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,11 +157,88 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
             "loss": result.training_loss}
 
 
+TRL_SETTINGS: dict[str, dict[str, Any]] = {
+    # SFTConfig as a user gets it: gradient checkpointing on, bf16 autocast on, TRL's fused
+    # chunked LM head (it never builds the full logits), prompt-completion loss.
+    "defaults": {},
+    # TRL's fastest on this CPU of what was tried (6 steps each, 2-core AMD EPYC): without
+    # gradient checkpointing, keeping bf16 autocast: 84.8 tokens/s at 5,374 MiB, against
+    # 77.1 at 3,416 MiB for the defaults and 69.6 at 5,997 MiB in fp32 without checkpointing.
+    # Padding-free rows need FlashAttention, which CPUs lack, so TRL pads (as here).
+    "fast": {"gradient_checkpointing": False},
+}
+
+
+def trl_records(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The bench records as TRL's conversational prompt-completion rows (loss on the
+    completion only, TRL's default for that form)."""
+    rows = []
+    for line in Path(args.data).read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    return rows
+
+
+def child_trl(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from kubetune_trainer.builtin import builtin_model_dir
+
+    path = builtin_model_dir("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    micro = args.micro_batch
+    config = SFTConfig(
+        output_dir=str(Path(args.work) / args.child), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.batch // micro, max_steps=args.steps,
+        max_length=args.max_len, learning_rate=2e-4, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=42,
+        dataloader_num_workers=0, dataset_num_proc=1,
+        **TRL_SETTINGS[args.child.removeprefix("trl-")],
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(trl_records(args)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                               target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    seen = {"tokens": 0}
+    collate = trainer.data_collator
+
+    def counting(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        seen["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return dict(batch)
+
+    trainer.data_collator = counting
+    began = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - began
+    return {"tokens": seen["tokens"], "seconds": seconds, "steps": trainer.state.global_step,
+            "loss": result.training_loss}
+
+
+def child_env(kind: str) -> dict[str, str]:
+    """KubeTune runs under the allocator its trainer picks; `+tcmalloc` gives a peer the same."""
+    from kubetune_trainer import allocator
+
+    if kind.startswith("kubetune") or kind.endswith("+tcmalloc"):
+        return allocator.preload_env(os.environ) or dict(os.environ)
+    return dict(os.environ)
+
+
 def run_child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", kind, "--data", str(args.data),
                "--work", str(args.work), "--steps", str(args.steps), "--batch", str(args.batch),
                "--max-len", str(args.max_len), "--micro-batch", str(args.micro_batch)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env=child_env(kind))
     if result.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{result.stderr[-4000:]}")
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -172,17 +262,26 @@ def main() -> None:
     parser.add_argument("--records-max", type=int, default=512)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=2,
-                        help="KubeTune's planned micro-batch (its packed rows hold up to "
-                        "micro-batch x max-len tokens); the global batch stays --batch")
-    parser.add_argument("--variants", default="baseline,kubetune,kubetune-padded")
-    parser.add_argument("--child", choices=["baseline", "kubetune", "kubetune-padded"])
+                        help="TRL's micro-batch (accumulating to --batch); KubeTune uses the "
+                        "planner's")
+    trl = [f"trl-{name}" for name in TRL_SETTINGS]
+    parser.add_argument("--variants", default=",".join(
+        ["baseline", *trl, "trl-fast+tcmalloc", "kubetune", "kubetune-padded"]))
+    parser.add_argument("--child", choices=["baseline", "kubetune", "kubetune-padded", *trl,
+                                            *(f"{name}+tcmalloc" for name in trl)])
     parser.add_argument("--data", type=Path)
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         args.packing = args.child == "kubetune"
-        result = child_baseline(args) if args.child == "baseline" else child_kubetune(args)
+        if args.child == "baseline":
+            result = child_baseline(args)
+        elif args.child.startswith("trl-"):
+            args.child = args.child.removesuffix("+tcmalloc")
+            result = child_trl(args)
+        else:
+            result = child_kubetune(args)
         result["peakRssMiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -202,16 +301,22 @@ def main() -> None:
     for kind in args.variants.split(","):
         results[kind] = run_child(kind, args)
         r = results[kind]
-        print(f"{kind:16s} tokens/s {r['tokens'] / r['seconds']:8.1f}  tokens {r['tokens']}  "
-              f"seconds {r['seconds']:7.1f}  steps {r['steps']}  peak RSS {r['peakRssMiB']:7.0f} "
-              f"MiB  final loss {r['loss']:.3f}")
-    if "baseline" in results:
-        base = results["baseline"]
-        for kind, r in results.items():
-            if kind != "baseline":
-                speed = (r["tokens"] / r["seconds"]) / (base["tokens"] / base["seconds"])
-                print(f"{kind} / baseline: {speed:.2f}x tokens/s, peak memory "
-                      f"{r['peakRssMiB'] / base['peakRssMiB']:.2f}x")
+        print(f"{kind:18s} tokens/s {r['tokens'] / r['seconds']:7.1f}  tokens {r['tokens']}  "
+              f"seconds {r['seconds']:6.1f}  steps {r['steps']}  peak RSS {r['peakRssMiB']:6.0f} "
+              f"MiB  final loss {r['loss']:.3f}", flush=True)
+        if "estimatedGiB" in r:
+            measured = r["trainerPeakMiB"] / 1024
+            print(f"{'':18s} planner: micro-batch {r['microBatch']}, estimated peak "
+                  f"{r['estimatedGiB']:.2f} GiB vs measured {measured:.2f} GiB to the last step "
+                  f"({r['estimatedGiB'] / measured - 1:+.0%}); allocator {r['allocator']}")
+    def speed(r: dict[str, Any]) -> float:
+        return float(r["tokens"] / r["seconds"])
+
+    for peer in [k for k in results if not k.startswith("kubetune")]:
+        for kind in [k for k in results if k.startswith("kubetune")]:
+            mine, theirs = results[kind], results[peer]
+            print(f"{kind} / {peer}: {speed(mine) / speed(theirs):.2f}x tokens/s, peak memory "
+                  f"{mine['peakRssMiB'] / theirs['peakRssMiB']:.2f}x")
     print(json.dumps({"results": results, "load": os.getloadavg()}))
 
 
