@@ -32,6 +32,9 @@ from kubetune.api.spec import Device, Precision
 CONFIG_ERROR_EXIT_CODE = 2
 """A bad run config, dataset or export invocation: the Jobs' podFailurePolicy does not retry
 it, and `kubetune run` reports it as a configuration error."""
+HEAD_CHUNK_ROWS = 512
+"""Target positions the trainer's chunked loss puts through the output head at once
+(`kubetune_trainer/train/chunked_loss.py`); the planner's memory model counts that many."""
 
 MODEL_TOKEN_ENV = "HF_TOKEN"
 """The model's Secret (`spec.model.secretRef`); also the dataset's when only it has one. The

@@ -23,6 +23,7 @@ Memory model per GPU (performance.md section 3), in bytes:
 
 from __future__ import annotations
 
+from kubetune.api.dataplane import HEAD_CHUNK_ROWS
 from kubetune.api.spec import Method
 from kubetune.planner.deepspeed import STAGE3_MAX_LIVE_PARAMETERS
 from kubetune.planner.shapes import ModelShape
@@ -106,13 +107,13 @@ def estimate_memory_gib(
 # - saved activations per token and layer, as bytes per hidden unit: LoRA with dropout 83
 #   (its dropout keeps a mask, kubetune_trainer/train/lean_lora.py), LoRA without 74, full
 #   fine-tuning 82, DoRA 210; with gradient checkpointing only each layer's fp32 input (4);
-# - the output head: the fp32 logits of the target positions, their softmax and their
-#   gradient live together in the loss's backward (3 x 4 B x vocabulary per token, counting
-#   every token as a target, which keeps it an upper bound).
+# - the output head runs in chunks of `HEAD_CHUNK_ROWS` target positions
+#   (kubetune_trainer/train/chunked_loss.py): one chunk's fp32 logits and its softmax
+#   gradient (2 x 4 B x vocabulary per row) at a time.
 CPU_RUNTIME_GIB = 0.75
 CPU_WEIGHT_BYTES = 4.0
 CPU_TRAINED_EXTRA_BYTES = 12.0
-CPU_HEAD_BYTES_PER_VOCAB = 12.0
+CPU_HEAD_BYTES_PER_VOCAB = 8.0
 CPU_CHECKPOINT_BYTES_PER_HIDDEN = 4.0
 
 
@@ -156,5 +157,5 @@ def estimate_host_memory_gib(
         activations = layer_inputs + per_layer
     else:
         activations = per_layer * shape.layers
-    head = CPU_HEAD_BYTES_PER_VOCAB * tokens * shape.vocab
+    head = CPU_HEAD_BYTES_PER_VOCAB * min(tokens, HEAD_CHUNK_ROWS) * shape.vocab
     return CPU_RUNTIME_GIB + (weights + grads + moments + activations + head) / GIB

@@ -16,19 +16,39 @@ import math
 from typing import Any
 
 import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
 
 from kubetune.api.spec import LrScheduler, TrainingSpec
+from kubetune_trainer.train import chunked_loss
 from kubetune_trainer.train.encoding import IGNORE
+
+
+def plain_causal_lm(model: torch.nn.Module) -> PreTrainedModel | None:
+    """The transformers model inside `model` (itself, or under a PEFT adapter) when its head
+    can run in chunks; None under DeepSpeed, whose engine must run the whole forward."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if isinstance(inner, PreTrainedModel) and chunked_loss.supports(inner):
+        return inner
+    return None
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Summed cross-entropy over the target tokens; the output head runs on those only.
 
     Computing logits just where a label exists skips most of the [tokens x vocab] product
-    and its fp32 memory (49k vocab x every prompt token for SmolLM2)."""
+    and its fp32 memory (49k vocab x every prompt token for SmolLM2); `chunked_loss` then
+    never holds more than a chunk of those logits at once."""
     targets = batch["targets"]
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
     inputs = {k: v for k, v in batch.items() if k != "targets"}
+    causal = plain_causal_lm(model)
+    if causal is not None:
+        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, keep]
+        head = causal.get_output_embeddings()
+        return chunked_loss.chunked_head_loss_sum(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, targets[:, keep].reshape(-1)
+        )
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     picked = targets[:, keep]
     return torch.nn.functional.cross_entropy(
