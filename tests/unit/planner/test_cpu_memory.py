@@ -48,15 +48,16 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(dropout: str,
 def test_status_plan_shows_the_estimate_of_the_planned_micro_batch() -> None:
     spec = cpu_spec()
     result = plan(spec)
-    assert result.micro_batch_size == 2
-    expected = estimate_host_gib(spec, model_shape(spec), 0, 2)
+    assert result.micro_batch_size == 1
+    expected = estimate_host_gib(spec, model_shape(spec), 0, 1)
     assert result.estimated_host_memory_gib == f"{expected:.1f}"
 
 
-def test_cpu_rows_hold_about_a_thousand_tokens() -> None:
-    assert CPU_ROW_TOKENS == 1024
-    assert plan(cpu_spec(max_len=128)).micro_batch_size == 8
-    assert plan(cpu_spec(max_len=512)).micro_batch_size == 2
+def test_cpu_rows_hold_about_five_hundred_tokens() -> None:
+    assert CPU_ROW_TOKENS == 512
+    assert plan(cpu_spec(max_len=128)).micro_batch_size == 4
+    assert plan(cpu_spec(max_len=256)).micro_batch_size == 2
+    assert plan(cpu_spec(max_len=512)).micro_batch_size == 1
     long_rows = plan(cpu_spec(max_len=4096))
     assert long_rows.micro_batch_size == 1
     assert long_rows.estimated_gpu_memory_gib == "0"

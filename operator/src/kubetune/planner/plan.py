@@ -31,11 +31,11 @@ __all__ = ["PlanError", "estimate_memory_gib", "model_shape", "parameter_count",
 
 USABLE_FRACTION = 0.9
 CPU_HOST_BUDGET_GIB = 8.0
-CPU_ROW_TOKENS = 1024
-"""Tokens per CPU micro-batch to aim for: on the bench's 2-core AMD EPYC (LoRA, built-in
+CPU_ROW_TOKENS = 512
+"""Tokens per CPU micro-batch to aim for. On the bench's 2-core AMD EPYC (LoRA, built-in
 model, `bench/train_memory.py`), packed rows of 512 and 1,024 tokens trained equally fast
-(124-159 tokens/s, noisy) and 2,048-token rows 10% slower, while memory grows with the row
-(2.4, 2.8 and 3.5 GiB peak): larger rows buy nothing on a CPU."""
+(124-159 tokens/s, noisy) and 2,048-token rows 10% slower, while the peak grows with the row
+(2.25, 2.75 and 3.5 GiB): larger rows buy nothing on a CPU, so take the smaller."""
 
 
 def _split(spec: FineTuneJobSpec, micro: int) -> tuple[int, int]:
