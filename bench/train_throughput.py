@@ -285,10 +285,15 @@ def main() -> None:
         result["peakRssMiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
+    import importlib.util
+
     from transformers import AutoTokenizer
 
     from kubetune_trainer.builtin import builtin_model_dir
 
+    if "trl-" in args.variants and importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: pip install -c requirements/constraints.txt "
+                         "'.[bench]' (or leave the trl-* variants out of --variants)")
     args.work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     args.data = args.work / "data.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir("smollm2-135m-instruct"))
