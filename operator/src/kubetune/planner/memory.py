@@ -43,13 +43,26 @@ DORA_WEIGHT_BYTES = 8.0
 ZERO3_LIVE_LAYERS = 2
 
 
-def activation_bytes_per_hidden(method: Method, lora_dropout: float) -> float:
+# Saved-activation bytes per token and layer as a multiple of the hidden size: (GPU in bf16,
+# CPU in fp32). Both measured; see this docstring and the CPU section below.
+ACTIVATION_BYTES_PER_HIDDEN = {
+    "full": (44.0, 82.0),
+    "dora": (180.0, 210.0),
+    "lora with dropout": (100.0, 83.0),
+    "lora": (66.0, 74.0),
+}
+
+
+def activation_bytes_per_hidden(method: Method, lora_dropout: float, cpu: bool = False) -> float:
     """Saved-activation bytes per token and layer, as a multiple of the hidden size."""
     if method is Method.FULL:
-        return 44.0
-    if method is Method.DORA:
-        return 180.0
-    return 100.0 if lora_dropout > 0 else 66.0
+        kind = "full"
+    elif method is Method.DORA:
+        kind = "dora"
+    else:
+        kind = "lora with dropout" if lora_dropout > 0 else "lora"
+    gpu_bytes, cpu_bytes = ACTIVATION_BYTES_PER_HIDDEN[kind]
+    return cpu_bytes if cpu else gpu_bytes
 
 
 def estimate_memory_gib(
@@ -117,16 +130,6 @@ CPU_HEAD_BYTES_PER_VOCAB = 8.0
 CPU_CHECKPOINT_BYTES_PER_HIDDEN = 4.0
 
 
-def cpu_activation_bytes_per_hidden(method: Method, lora_dropout: float) -> float:
-    """Saved fp32 activation bytes per token and layer on a CPU, as a multiple of the hidden
-    size (measured, see above)."""
-    if method is Method.FULL:
-        return 82.0
-    if method is Method.DORA:
-        return 210.0
-    return 83.0 if lora_dropout > 0 else 74.0
-
-
 def estimate_host_memory_gib(
     shape: ModelShape,
     *,
@@ -151,7 +154,7 @@ def estimate_host_memory_gib(
     weights += trainable * CPU_WEIGHT_BYTES
     grads = trainable * 4.0 / (shards if zero_stage >= 2 else 1)
     moments = trainable * (CPU_TRAINED_EXTRA_BYTES - 4.0) / (shards if zero_stage >= 1 else 1)
-    per_layer = cpu_activation_bytes_per_hidden(method, lora_dropout) * tokens * shape.hidden
+    per_layer = activation_bytes_per_hidden(method, lora_dropout, cpu=True) * tokens * shape.hidden
     if gradient_checkpointing:
         layer_inputs = CPU_CHECKPOINT_BYTES_PER_HIDDEN * tokens * shape.hidden * shape.layers
         activations = layer_inputs + per_layer
