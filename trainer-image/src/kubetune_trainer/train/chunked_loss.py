@@ -56,17 +56,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 grad_hidden[start : start + chunk] = grad_logits @ weight.to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ rows).float()
-        ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.save_for_backward(grad_hidden, grad_weight)  # None where not wanted
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved = list(ctx.saved_tensors)
-        grad_hidden = saved.pop(0) * grad if ctx.has[0] else None
-        grad_weight = (saved.pop(0) * grad).to(ctx.weight_dtype) if ctx.has[1] else None
-        return grad_hidden, grad_weight, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad,
+                None if grad_weight is None else (grad_weight * grad).to(ctx.weight_dtype),
+                None, None)
 
 
 def chunked_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
