@@ -99,6 +99,8 @@ OPTIONAL = {
     "stop": field(st.text(min_size=1, max_size=4)
                   | st.lists(st.text(min_size=1, max_size=4), max_size=4)),
     "user": JSON, "top_k": JSON,
+    "response_format": field(st.sampled_from([{"type": "text"}, {"type": "json_object"}])),
+    "tools": field(st.just([])), "min_p": JSON, "ignore_eos": JSON,
 }
 BODIES = st.fixed_dictionaries(
     {
@@ -126,6 +128,9 @@ def parses(body: dict[str, Any], chat: bool) -> bool:
 # Where the parser and the schema once disagreed: 0 == False in Python, a falsy non-object
 # passed for stream_options, and max_tokens went unchecked beside max_completion_tokens.
 @example({"model": "m", "prompt": "x", "logprobs": 0}, False)
+@example({"model": "m", "prompt": "x", "top_k": False}, False)
+@example({"model": "m", "prompt": "x", "ignore_eos": 0}, False)
+@example({"model": "m", "prompt": "x", "presence_penalty": 0.5}, False)
 @example({"model": "m", "prompt": "x", "echo": 0.0}, False)
 @example({"model": "m", "prompt": "x", "stream_options": 0}, False)
 @example({"model": "m", "prompt": "x", "stream_options": ""}, False)

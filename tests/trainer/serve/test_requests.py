@@ -36,6 +36,39 @@ def test_an_out_of_range_field_is_a_400_naming_it(field: str, value: object) -> 
     assert refused.value.status == 400 and refused.value.param == field
 
 
+# Each of these once came back as free text with a 200, the field silently ignored.
+@pytest.mark.parametrize(("field", "value"), [
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("logit_bias", {"50256": -100}), ("top_logprobs", 3),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("top_k", 5), ("top_k", False),
+    ("min_p", 0.1), ("repetition_penalty", 1.2), ("suffix", "!"), ("best_of", 2),
+    ("guided_json", {"type": "object"}), ("ignore_eos", True),
+])
+def test_a_field_that_would_change_the_output_and_is_not_implemented_is_a_400(
+    field: str, value: object
+) -> None:
+    for chat in (False, True):
+        body = {"model": "m", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
+                field: value}
+        with pytest.raises(RequestError) as refused:
+            parse_request(body, chat, "m", Limits())
+        assert refused.value.status == 400 and refused.value.param == field
+        assert refused.value.code == "unsupported_parameter"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"),
+    ("presence_penalty", 0), ("frequency_penalty", 0.0), ("top_k", -1), ("top_k", 0),
+    ("logit_bias", {}), ("best_of", 1), ("repetition_penalty", 1.0), ("user", "u1"),
+    ("response_format", None),
+])
+def test_a_default_value_of_an_unimplemented_field_is_accepted(field: str, value: object) -> None:
+    """What OpenAI's clients and LangChain send by default must still be served."""
+    parse_request({"model": "m", "prompt": "hi", field: value}, False, "m", Limits())
+
+
 # Property-based: whatever a client sends, parsing ends in a request or a 4xx RequestError.
 
 JSON = st.recursive(

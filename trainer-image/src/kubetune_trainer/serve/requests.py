@@ -9,12 +9,53 @@ most of the wire format's code, and the engines need only the types.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from kubetune_trainer.serve.protocol import GenerationRequest, Limits, RequestError
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
+
+
+def _int_in(*allowed: int) -> Callable[[Any], bool]:
+    # `type(...) is int`: a JSON `false` is a bool, and False == 0 in Python.
+    return lambda value: type(value) is int and value in allowed
+
+
+# Request fields that would change the output and that this server does not implement, each
+# with the values that change nothing (absent and null always do). Anything else is refused
+# with a 400 naming the field: a client asking for JSON, tools or a penalty must not get free
+# text back with a 200 (as `response_format` once did) and believe it was applied.
+NOOP_VALUES: dict[str, Callable[[Any], bool]] = {
+    "response_format": lambda value: value == {"type": "text"},
+    "tools": lambda value: value == [],
+    "tool_choice": lambda value: value == "none",
+    "functions": lambda value: value == [],
+    "function_call": lambda value: value == "none",
+    "logit_bias": lambda value: value == {},
+    "top_logprobs": _int_in(0),
+    "best_of": _int_in(1),
+    "suffix": lambda value: value == "",
+    "prediction": lambda value: False,
+    "audio": lambda value: False,
+    "modalities": lambda value: value == ["text"],
+    # vLLM's extensions, which OpenAI clients send through `extra_body`.
+    "top_k": _int_in(-1, 0),
+    "min_p": lambda value: type(value) in (int, float) and value == 0,
+    "repetition_penalty": lambda value: type(value) in (int, float) and value == 1,
+    "min_tokens": _int_in(0),
+    "ignore_eos": lambda value: value is False,
+    "guided_json": lambda value: False,
+    "guided_regex": lambda value: False,
+    "guided_choice": lambda value: False,
+    "guided_grammar": lambda value: False,
+}
+
+
+def changes_nothing(name: str, value: Any) -> bool:
+    """Whether an unimplemented field's value leaves the output as if it were absent."""
+    return value is None or NOOP_VALUES[name](value)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -180,7 +221,22 @@ def parse_request(
     if n not in (None, 1):
         raise RequestError(400, "only n=1 is supported", param="n", code="invalid_value")
     for penalty in ("presence_penalty", "frequency_penalty"):
-        _number(data, penalty, 0.0, -2.0, 2.0)  # accepted for compatibility; not applied
+        if _number(data, penalty, 0.0, -2.0, 2.0) != 0:  # 0 (what clients send) is a no-op
+            raise RequestError(
+                400,
+                f"'{penalty}' is not supported by this server; send 0 or leave it out",
+                param=penalty,
+                code="unsupported_parameter",
+            )
+    for name in NOOP_VALUES:
+        if not changes_nothing(name, data.get(name)):
+            raise RequestError(
+                400,
+                f"'{name}' is not supported by this server and would change the output; "
+                "leave it out",
+                param=name,
+                code="unsupported_parameter",
+            )
     # `is`, not `in`: 0 == False, and a 0 is not a boolean.
     if any(
         data.get(name) is not None and data.get(name) is not False for name in ("logprobs", "echo")

@@ -26,7 +26,12 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 
 from kubetune_trainer.serve.protocol import Limits
-from kubetune_trainer.serve.requests import MAX_STOP_SEQUENCES, ROLES
+from kubetune_trainer.serve.requests import (
+    MAX_STOP_SEQUENCES,
+    NOOP_VALUES,
+    ROLES,
+    changes_nothing,
+)
 
 
 def _false(value: bool) -> bool:
@@ -37,6 +42,33 @@ def _false(value: bool) -> bool:
 
 # `false` only: Literal[False] would take a 0, since 0 == False.
 Off = Annotated[StrictBool, AfterValidator(_false), WithJsonSchema({"const": False})]
+
+def _zero(value: float) -> float:
+    if value != 0:
+        raise ValueError("not supported; only 0")
+    return value
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2, strict=True), AfterValidator(_zero)]
+
+
+def _unsupported(name: str) -> Any:
+    """A field the server does not implement: only a value that changes nothing passes."""
+
+    def check(value: Any) -> Any:
+        if not changes_nothing(name, value):
+            raise ValueError("not supported")
+        return value
+
+    return (
+        Annotated[
+            Any,
+            AfterValidator(check),
+            WithJsonSchema({"description": "Not supported: only a value that changes nothing"}),
+        ],
+        None,
+    )
+
 
 # Numbers are `float` with strict=True: a JSON integer or float, never a boolean or a string.
 
@@ -82,12 +114,8 @@ class _Generation(_Open):
     ) = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = Field(
-        None, description="Accepted for compatibility; not applied."
-    )
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = Field(
-        None, description="Accepted for compatibility; not applied."
-    )
+    presence_penalty: Penalty | None = Field(None, description="Only 0 (not supported).")
+    frequency_penalty: Penalty | None = Field(None, description="Only 0 (not supported).")
     logprobs: Off | None = Field(None, description="Not supported.")
     echo: Off | None = Field(None, description="Not supported.")
 
@@ -141,6 +169,7 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         "max_tokens": (count, Field(None, description=f"Default {limits.default_max_tokens}.")),
         "max_completion_tokens": (count, Field(None, description="Wins over max_tokens.")),
     }
+    tokens.update({name: _unsupported(name) for name in NOOP_VALUES})
     completion = create_model("CompletionRequest", __base__=_Completion, **tokens)
     chat = create_model("ChatCompletionRequest", __base__=_ChatCompletion, **tokens)
     return completion, chat
