@@ -23,6 +23,14 @@ def _int_in(*allowed: int) -> Callable[[Any], bool]:
     return lambda value: type(value) is int and value in allowed
 
 
+def _number_is(target: float) -> Callable[[Any], bool]:
+    return lambda value: type(value) in (int, float) and value == target
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
 # Request fields that would change the output and that this server does not implement, each
 # with the values that change nothing (absent and null always do). Anything else is refused
 # with a 400 naming the field: a client asking for JSON, tools or a penalty must not get free
@@ -37,19 +45,19 @@ NOOP_VALUES: dict[str, Callable[[Any], bool]] = {
     "top_logprobs": _int_in(0),
     "best_of": _int_in(1),
     "suffix": lambda value: value == "",
-    "prediction": lambda value: False,
-    "audio": lambda value: False,
+    "prediction": _never,
+    "audio": _never,
     "modalities": lambda value: value == ["text"],
     # vLLM's extensions, which OpenAI clients send through `extra_body`.
     "top_k": _int_in(-1, 0),
-    "min_p": lambda value: type(value) in (int, float) and value == 0,
-    "repetition_penalty": lambda value: type(value) in (int, float) and value == 1,
+    "min_p": _number_is(0),
+    "repetition_penalty": _number_is(1),
     "min_tokens": _int_in(0),
     "ignore_eos": lambda value: value is False,
-    "guided_json": lambda value: False,
-    "guided_regex": lambda value: False,
-    "guided_choice": lambda value: False,
-    "guided_grammar": lambda value: False,
+    "guided_json": _never,
+    "guided_regex": _never,
+    "guided_choice": _never,
+    "guided_grammar": _never,
 }
 
 

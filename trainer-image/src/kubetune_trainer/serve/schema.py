@@ -43,6 +43,7 @@ def _false(value: bool) -> bool:
 # `false` only: Literal[False] would take a 0, since 0 == False.
 Off = Annotated[StrictBool, AfterValidator(_false), WithJsonSchema({"const": False})]
 
+
 def _zero(value: float) -> float:
     if value != 0:
         raise ValueError("not supported; only 0")
