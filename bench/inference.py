@@ -115,7 +115,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def stream_once(url: str, model: str, prompt: str, tokens: int) -> dict[str, float]:
+def stream_once(
+    url: str, model: str, prompt: str, tokens: int, extra: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """One greedy streaming completion; `extra` adds request fields (`response_format`)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -123,6 +126,7 @@ def stream_once(url: str, model: str, prompt: str, tokens: int) -> dict[str, flo
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     start = time.perf_counter()
     first = last = None

@@ -72,6 +72,9 @@ class ThreadEngine:
     def stalled_seconds(self) -> float:
         return self.heartbeat.stalled_for()
 
+    def kv_cache_usage(self) -> float:
+        return 0.0
+
     def warm_up(self) -> float:
         return 0.0
 

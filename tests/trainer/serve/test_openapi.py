@@ -99,7 +99,14 @@ OPTIONAL = {
     "stop": field(st.text(min_size=1, max_size=4)
                   | st.lists(st.text(min_size=1, max_size=4), max_size=4)),
     "user": JSON, "top_k": JSON,
-    "response_format": field(st.sampled_from([{"type": "text"}, {"type": "json_object"}])),
+    "response_format": field(st.sampled_from([
+        {"type": "text"}, {"type": "json_object"}, {"type": "xml"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}}},
+        {"type": "json_schema", "json_schema": {"name": "x"}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+        {"type": "json_schema", "json_schema": {"schema": {}}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": None}},
+    ])),
     "tools": field(st.just([])), "min_p": JSON, "ignore_eos": JSON,
 }
 BODIES = st.fixed_dictionaries(
@@ -151,7 +158,7 @@ def test_the_published_request_schema_accepts_what_the_parser_accepts(
     assert parses(body, chat) == valid, body
 
 
-PATHS = ["/v1/completions", "/v1/chat/completions"]
+PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
 OTHER = ["/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/v1",
          "/v1/completions/x", "/v1/embeddings", "/%2e%2e/etc", "/v1/models?x=1"]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]

@@ -80,6 +80,11 @@ class ServingTokenizer:
         eos = self.special_tokens.get("eos_token")
         return None if eos is None else self.backend.token_to_id(eos)
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids `decode` knows: the vocabulary and the added (special) tokens."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 

@@ -121,6 +121,7 @@ async def generate(
     pieces: list[str] = []
     first = True
     generated = 0
+    last_token = started  # when the last tokens arrived
     try:
         while True:
             try:
@@ -138,8 +139,13 @@ async def generate(
                 if stream is None:
                     raise RequestError(500, f"generation failed: {event.text}", kind="server_error")
                 break
-            if event.kind == "delta" and first:
-                metrics.first_token(time.monotonic() - started)
+            if event.kind == "delta":
+                now = time.monotonic()
+                if first:
+                    metrics.first_token(now - started)
+                elif event.completion_tokens > generated:
+                    metrics.between_tokens(now - last_token, event.completion_tokens - generated)
+                last_token = now
             if parsed.stream and stream is None:
                 stream = web.StreamResponse(
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -108,7 +108,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.engine is not None:
         running = state.engine.running
-        state.metrics.set_load(running, state.admission.admitted - running)
+        state.metrics.set_load(
+            running, state.admission.admitted - running, state.engine.kv_cache_usage()
+        )
     return web.Response(
         body=state.metrics.render(), headers={"Content-Type": state.metrics.content_type}
     )

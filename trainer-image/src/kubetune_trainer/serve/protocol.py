@@ -86,8 +86,21 @@ class GenerationRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    grammar: str | None = None
+    """The llguidance grammar the answer must follow (`response_format`), or None."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """`/tokenize`: a prompt, or a conversation rendered by the chat template, tokenized as
+    the completion endpoints tokenize it (with the defaults)."""
+
+    messages: list[dict[str, str]] | None
+    prompt: str | None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
 
 
 def timeout_error(seconds: float) -> RequestError:

@@ -12,7 +12,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from kubetune_trainer.serve.protocol import GenerationRequest, Limits, RequestError
+from kubetune_trainer.serve.protocol import (
+    GenerationRequest,
+    Limits,
+    RequestError,
+    TokenizeRequest,
+)
+from kubetune_trainer.serve.structured import grammar_for
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
@@ -36,7 +42,6 @@ def _never(value: Any) -> bool:
 # with a 400 naming the field: a client asking for JSON, tools or a penalty must not get free
 # text back with a 200 (as `response_format` once did) and believe it was applied.
 NOOP_VALUES: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda value: value == {"type": "text"},
     "tools": lambda value: value == [],
     "tool_choice": lambda value: value == "none",
     "functions": lambda value: value == [],
@@ -193,12 +198,11 @@ def _stop(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def parse_request(
-    data: dict[str, Any], chat: bool, served_model: str, limits: Limits
-) -> GenerationRequest:
-    """Validate a completions or chat completions body; `RequestError` on the first problem."""
+def _model(data: dict[str, Any], served_model: str, required: bool) -> None:
     model = data.get("model")
     if model is None:
+        if not required:
+            return
         raise RequestError(400, "'model' is required", param="model", code="missing_required")
     if not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", param="model", code="invalid_type")
@@ -209,6 +213,55 @@ def parse_request(
             param="model",
             code="model_not_found",
         )
+
+
+def _boolean(data: dict[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"'{name}' must be a boolean", param=name, code="invalid_type")
+    return value
+
+
+def parse_tokenize(data: dict[str, Any], served_model: str) -> TokenizeRequest:
+    """A `/tokenize` body (vLLM's): `prompt`, or `messages`; `model` is optional."""
+    _model(data, served_model, required=False)
+    chat = data.get("messages") is not None
+    return TokenizeRequest(
+        messages=_messages(data) if chat else None,
+        prompt=None if chat else _prompt(data),
+        add_special_tokens=_boolean(data, "add_special_tokens", not chat),
+        add_generation_prompt=_boolean(data, "add_generation_prompt", True),
+    )
+
+
+def parse_detokenize(data: dict[str, Any], served_model: str, vocab: int) -> list[int]:
+    """A `/detokenize` body: `tokens`, ids of this model's vocabulary."""
+    _model(data, served_model, required=False)
+    tokens = data.get("tokens")
+    if tokens is None:
+        raise RequestError(400, "'tokens' is required", param="tokens", code="missing_required")
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise RequestError(
+            400, "'tokens' must be an array of integers", param="tokens", code="invalid_type"
+        )
+    outside = next((t for t in tokens if not 0 <= t < vocab), None)
+    if outside is not None:
+        raise RequestError(
+            400,
+            f"'tokens' has {outside}, outside this model's vocabulary [0, {vocab})",
+            param="tokens",
+            code="invalid_value",
+        )
+    return tokens
+
+
+def parse_request(
+    data: dict[str, Any], chat: bool, served_model: str, limits: Limits
+) -> GenerationRequest:
+    """Validate a completions or chat completions body; `RequestError` on the first problem."""
+    _model(data, served_model, required=True)
     messages = _messages(data) if chat else None
     prompt = None if chat else _prompt(data)
     # Both names are checked (the schema in `schema` says so); the newer one wins.
@@ -288,4 +341,5 @@ def parse_request(
         stop=_stop(data),
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        grammar=grammar_for(data.get("response_format")),
     )

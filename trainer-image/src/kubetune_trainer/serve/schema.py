@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -25,13 +26,14 @@ from pydantic import (
 )
 from pydantic.json_schema import models_json_schema
 
-from kubetune_trainer.serve.protocol import Limits
+from kubetune_trainer.serve.protocol import Limits, RequestError
 from kubetune_trainer.serve.requests import (
     MAX_STOP_SEQUENCES,
     NOOP_VALUES,
     ROLES,
     changes_nothing,
 )
+from kubetune_trainer.serve.structured import grammar_for
 
 
 def _false(value: bool) -> bool:
@@ -94,6 +96,44 @@ class StreamOptions(_Open):
     include_usage: StrictBool = False
 
 
+class TextFormat(_Open):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Open):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Open):
+    name: StrictStr
+    schema_: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="schema",
+        description="A JSON schema; its keywords are checked when the request arrives.",
+    )
+
+
+class JsonSchemaFormat(_Open):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+def _compiles(value: Any) -> Any:
+    """What the parser refuses (a schema llguidance cannot enforce), the model refuses too."""
+    try:
+        grammar_for(value)
+    except RequestError as error:
+        raise ValueError(error.message) from None
+    return value
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat,
+    Field(discriminator="type"),
+    BeforeValidator(_compiles),
+]
+
+
 class _Generation(_Open):
     """The fields both endpoints take."""
 
@@ -117,6 +157,9 @@ class _Generation(_Open):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = Field(None, description="Only 0 (not supported).")
     frequency_penalty: Penalty | None = Field(None, description="Only 0 (not supported).")
+    response_format: ResponseFormat | None = Field(
+        None, description="JSON output, enforced token by token (constrained decoding)."
+    )
     logprobs: Off | None = Field(None, description="Not supported.")
     echo: Off | None = Field(None, description="Not supported.")
 
@@ -129,6 +172,39 @@ class _Completion(_Generation):
 
 class _ChatCompletion(_Generation):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class _Tokenize(_Open):
+    model: StrictStr | None = Field(None, description="Optional; if given, the served model.")
+    add_special_tokens: StrictBool | None = Field(
+        None, description="Default: true for a prompt, false for messages (as generation)."
+    )
+    add_generation_prompt: StrictBool | None = Field(None, description="Default true.")
+
+
+class TokenizePromptRequest(_Tokenize):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+
+
+class TokenizeChatRequest(_Tokenize):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Open):
+    model: StrictStr | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]] = Field(
+        description="Ids of the model's vocabulary."
+    )
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorDetail(BaseModel):
@@ -205,6 +281,23 @@ def _generation(schema: str, summary: str, answer: str) -> dict[str, Any]:
     }
 
 
+def _post(schema: dict[str, Any], summary: str, answer: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": schema}},
+            },
+            "responses": {"200": _json(answer, "The answer"), **ERRORS},
+        }
+    }
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 def _get(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {**responses, **ERRORS}}}
 
@@ -213,7 +306,21 @@ def openapi_document(limits: Limits, served_model: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every endpoint the server has."""
     completion, chat = request_models(limits)
     _, schemas = models_json_schema(
-        [(m, "validation") for m in (completion, chat, ErrorResponse, ModelList, Status)],
+        [
+            (m, "validation")
+            for m in (
+                completion,
+                chat,
+                ErrorResponse,
+                ModelList,
+                Status,
+                TokenizePromptRequest,
+                TokenizeChatRequest,
+                TokenizeResponse,
+                DetokenizeRequest,
+                DetokenizeResponse,
+            )
+        ],
         ref_template="#/components/schemas/{model}",
     )
     status = _json("Status", "The answer")
@@ -230,6 +337,14 @@ def openapi_document(limits: Limits, served_model: str) -> dict[str, Any]:
             ),
             "/v1/chat/completions": _generation(
                 "ChatCompletionRequest", "Answer a conversation", "A chat completion"
+            ),
+            "/tokenize": _post(
+                {"anyOf": [_ref("TokenizePromptRequest"), _ref("TokenizeChatRequest")]},
+                "Tokenize a prompt or a conversation as the completion endpoints do",
+                "TokenizeResponse",
+            ),
+            "/detokenize": _post(
+                _ref("DetokenizeRequest"), "Token ids back to text", "DetokenizeResponse"
             ),
             "/v1/models": _get("The served model", {"200": _json("ModelList", "The models")}),
             "/healthz": _get(

@@ -53,6 +53,7 @@ from kubetune_trainer.serve.http import (
 )
 from kubetune_trainer.serve.protocol import Limits
 from kubetune_trainer.serve.state import STATE, ServerState
+from kubetune_trainer.serve.tokens import detokenize, tokenize
 
 log = logging.getLogger("kubetune.serve")
 
@@ -69,6 +70,8 @@ def build_app(
     app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/v1/completions", completion_handler(chat=False))
     app.router.add_post("/v1/chat/completions", completion_handler(chat=True))
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     return app
 
 

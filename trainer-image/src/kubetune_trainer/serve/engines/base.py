@@ -61,6 +61,8 @@ class Heartbeat:
 class Engine(Protocol):
     """A loaded model that generates for validated requests, off the event loop."""
 
+    tokenizer: ServingTokenizer
+
     @property
     def running(self) -> int:
         """Requests generating now; admitted requests beyond these are waiting."""
@@ -75,6 +77,12 @@ class Engine(Protocol):
     ) -> tuple[asyncio.Queue[Event], threading.Event]:
         """Begin generating. Events arrive on the queue, put there on `loop`, and end with one
         "done" or "error"; setting the returned event cancels the generation."""
+        ...
+
+    def kv_cache_usage(self) -> float:
+        """The share of the KV cache's capacity (`max_concurrency` sequences of the whole
+        context) that running sequences hold, 0 to 1: what an autoscaler reads as memory
+        pressure beside requests running and waiting."""
         ...
 
     def stalled_seconds(self) -> float:

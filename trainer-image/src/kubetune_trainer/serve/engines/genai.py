@@ -22,6 +22,7 @@ from typing import Any
 from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
 from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest, Limits
+from kubetune_trainer.serve.structured import Grammars
 from kubetune_trainer.tokenizer import ServingTokenizer
 
 
@@ -35,7 +36,10 @@ class GenAIEngine:
         self.limits = limits
         self.tokenizer = ServingTokenizer.load(model_dir)
         self.eos = self.tokenizer.eos_token_id
+        self.grammars = Grammars.of_model(model_dir, self.eos)
         self.running = 0
+        self.positions: dict[int, int] = {}  # per worker thread: its sequence's length
+        self.positions_lock = threading.Lock()
         self.og = og
         self.model = og.Model(str(model_dir))
         self.pool = ThreadPoolExecutor(limits.max_concurrency, thread_name_prefix="generate")
@@ -46,6 +50,11 @@ class GenAIEngine:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def kv_cache_usage(self) -> float:
+        with self.positions_lock:
+            held = sum(self.positions.values())
+        return held / (self.limits.max_concurrency * self.limits.context_length)
 
     def stalled_seconds(self) -> float:
         return self.heartbeat.stalled_for()
@@ -68,6 +77,8 @@ class GenAIEngine:
             except Exception as error:  # reported to the client as a server error, not a hang
                 report(Event("error", text=f"{type(error).__name__}: {error}"))
             finally:
+                with self.positions_lock:
+                    self.positions.pop(threading.get_ident(), None)
                 self.heartbeat.idle()
                 self.running -= 1
 
@@ -99,20 +110,31 @@ class GenAIEngine:
         params.set_search_options(**options)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        constraint = self.grammars.constraint(request.grammar)
         text = TextAssembler(self.tokenizer.decode, request.stop)
         generated, finish = 0, "length"
         while generated < request.max_tokens and not cancel.is_set():
+            if constraint is not None:
+                # The generator samples from the logits it is given: mask them first.
+                logits = generator.get_logits()
+                row = logits.reshape(-1)  # one sequence: (1, 1, vocab)
+                constraint.mask(row)
+                generator.set_logits(row.reshape(logits.shape))
             generator.generate_next_token()
             self.heartbeat.beat()
             token = int(generator.get_next_tokens()[0])
             generated += 1
+            with self.positions_lock:
+                self.positions[threading.get_ident()] = len(ids) + generated
             if token == self.eos:
                 finish = "stop"
                 break
             delta = text.add(token)
             if delta or generated == 1:  # the first token is reported even if held back (TTFT)
                 report(Event("delta", text=delta, completion_tokens=generated))
-            if text.stopped:
+            if constraint is not None:
+                constraint.advance(token)
+            if text.stopped or (constraint is not None and constraint.complete):
                 finish = "stop"
                 break
             if generator.is_done():

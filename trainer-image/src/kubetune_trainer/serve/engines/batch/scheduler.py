@@ -35,10 +35,16 @@ import numpy as np
 from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW
-from kubetune_trainer.serve.engines.batch.sampling import sample
-from kubetune_trainer.serve.engines.batch.sequences import Outbox, Sequence, accept, retire
+from kubetune_trainer.serve.engines.batch.sequences import (
+    Outbox,
+    Sequence,
+    accept,
+    choose,
+    retire,
+)
 from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest, Limits
+from kubetune_trainer.serve.structured import Grammars
 from kubetune_trainer.tokenizer import ServingTokenizer
 
 log = logging.getLogger("kubetune.serve")
@@ -68,7 +74,9 @@ class BatchEngine:
         self.limits = limits
         self.tokenizer = ServingTokenizer.load(model_dir)
         self.eos = self.tokenizer.eos_token_id
+        self.grammars = Grammars.of_model(model_dir, self.eos)
         self.running = 0  # the batch size, set by the scheduler thread each step
+        self.positions = 0  # KV cache positions the batch holds, set with `running`
         self.decoder = Decoder(model_dir)
         self.cache = self.decoder.batch_cache(limits.max_concurrency, limits.context_length)
         self.outbox = Outbox()
@@ -83,6 +91,9 @@ class BatchEngine:
 
     def shutdown(self) -> None:
         self.stopped.set()
+
+    def kv_cache_usage(self) -> float:
+        return self.positions / (self.limits.max_concurrency * self.limits.context_length)
 
     def stalled_seconds(self) -> float:
         if not self.thread.is_alive() and not self.stopped.is_set():
@@ -154,6 +165,7 @@ class BatchEngine:
         self._admit(batch, block=not batch)
         retire(batch, self.outbox, self.cache.move)
         self.running = len(batch)
+        self.positions = sum(s.length for s in batch)
         if not batch:
             self.heartbeat.idle()
             self.outbox.flush()
@@ -168,15 +180,7 @@ class BatchEngine:
         greedy = logits.argmax(axis=1).tolist()  # one call for the whole batch
         for row, sequence in enumerate(batch):
             sequence.length += 1
-            if sequence.request.temperature == 0:
-                accept(sequence, greedy[row], self.eos, self.outbox)
-            else:
-                accept(
-                    sequence,
-                    sample(logits[row], sequence.request, sequence.rng),
-                    self.eos,
-                    self.outbox,
-                )
+            accept(sequence, choose(sequence, logits[row], greedy[row]), self.eos, self.outbox)
 
     def _admit(self, batch: list[Sequence], block: bool) -> None:
         """Take waiting requests while there is room, prefill them and add them to the batch."""
@@ -195,6 +199,12 @@ class BatchEngine:
                 self.outbox.report(
                     sequence, Event("done", finish="stop", prompt_tokens=len(sequence.prompt))
                 )
+                continue
+            try:
+                # Here, not in `start`: compiling a big schema would stall the event loop.
+                sequence.constraint = self.grammars.constraint(sequence.request.grammar)
+            except Exception as error:
+                self.outbox.report(sequence, Event("error", text=f"grammar: {error}"))
                 continue
             joined.append(sequence)
         for group in prefill_groups(joined):
@@ -218,12 +228,7 @@ class BatchEngine:
                 self.cache.store(len(batch), present, index, sequence.length)
                 batch.append(sequence)
                 joined += 1
-                accept(
-                    sequence,
-                    sample(last[index], sequence.request, sequence.rng),
-                    self.eos,
-                    self.outbox,
-                )
+                accept(sequence, choose(sequence, last[index]), self.eos, self.outbox)
         except Exception as error:
             log.exception("prefill failed")
             for sequence in group[joined:]:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from kubetune_trainer.serve.engines.base import Event
+from kubetune_trainer.serve.engines.batch.sampling import sample
 from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest
+from kubetune_trainer.serve.structured import Constraint, ConstraintError
 
 
 @dataclass(eq=False)
@@ -33,6 +35,8 @@ class Sequence:
     generated: int = 0
     last: int = 0
     finish: str | None = None
+    constraint: Constraint | None = None  # the grammar of `response_format`, if any
+    failure: str | None = None  # why the sequence failed (its client gets an error)
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
@@ -63,8 +67,29 @@ class Outbox:
                 loop.call_soon_threadsafe(_deliver, items)
 
 
-def accept(sequence: Sequence, token: int, eos: int | None, outbox: Outbox) -> None:
-    """Record one generated token; set `finish` when the sequence is over."""
+def choose(sequence: Sequence, logits: np.ndarray, greedy: int | None = None) -> int | None:
+    """The sequence's next token from its row of logits (`greedy`: its argmax, if known).
+
+    A constrained sequence's row is masked by its grammar first (in place). None when the
+    grammar fails (`failure` says why): the sequence is then over.
+    """
+    if sequence.constraint is not None:
+        try:
+            sequence.constraint.mask(logits)
+        except ConstraintError as error:
+            sequence.failure, sequence.finish = str(error), "error"
+            return None
+        greedy = None
+    if sequence.request.temperature > 0:
+        return sample(logits, sequence.request, sequence.rng)
+    return int(logits.argmax()) if greedy is None else greedy
+
+
+def accept(sequence: Sequence, token: int | None, eos: int | None, outbox: Outbox) -> None:
+    """Record one generated token (None: `choose` failed); set `finish` when the sequence is
+    over."""
+    if token is None:
+        return
     sequence.generated += 1
     sequence.last = token
     if token == eos:
@@ -73,7 +98,13 @@ def accept(sequence: Sequence, token: int, eos: int | None, outbox: Outbox) -> N
     delta = sequence.text.add(token)
     if delta or sequence.generated == 1:
         outbox.report(sequence, Event("delta", text=delta, completion_tokens=sequence.generated))
-    if sequence.text.stopped:
+    if sequence.constraint is not None:
+        try:
+            sequence.constraint.advance(token)
+        except ConstraintError as error:
+            sequence.failure, sequence.finish = str(error), "error"
+            return
+    if sequence.text.stopped or (sequence.constraint is not None and sequence.constraint.complete):
         sequence.finish = "stop"
     elif sequence.generated >= sequence.request.max_tokens:
         sequence.finish = "length"
@@ -94,16 +125,21 @@ def retire(
         if sequence.finish is None:
             row += 1
             continue
-        tail = sequence.text.flush()  # empty after a stop sequence
-        if tail:
-            outbox.report(sequence, Event("delta", text=tail, completion_tokens=sequence.generated))
-        done = Event(
-            "done",
-            finish=sequence.finish,
-            prompt_tokens=len(sequence.prompt),
-            completion_tokens=sequence.generated,
-        )
-        outbox.report(sequence, done)
+        if sequence.failure is not None:
+            outbox.report(sequence, Event("error", text=sequence.failure))
+        else:
+            tail = sequence.text.flush()  # empty after a stop sequence
+            if tail:
+                outbox.report(
+                    sequence, Event("delta", text=tail, completion_tokens=sequence.generated)
+                )
+            done = Event(
+                "done",
+                finish=sequence.finish,
+                prompt_tokens=len(sequence.prompt),
+                completion_tokens=sequence.generated,
+            )
+            outbox.report(sequence, done)
         moved = batch.pop()
         if moved is not sequence:
             move_row(len(batch), row, moved.length)
