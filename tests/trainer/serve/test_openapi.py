@@ -90,9 +90,10 @@ MESSAGE = field(st.fixed_dictionaries(
 ))
 OPTIONAL = {
     "max_tokens": field(st.integers(1, 64)), "max_completion_tokens": field(st.integers(1, 64)),
-    "temperature": number(0, 2), "top_p": number(0.01, 1), "n": field(st.just(1)),
+    "temperature": number(0, 2), "top_p": number(0.01, 1), "n": field(st.integers(1, 20)),
     "seed": field(st.integers(0, 2**63 - 1)), "presence_penalty": number(-2, 2),
-    "frequency_penalty": number(-2, 2), "logprobs": field(st.just(False)),
+    "frequency_penalty": number(-2, 2), "logprobs": field(st.booleans() | st.integers(0, 6)),
+    "top_logprobs": field(st.integers(0, 21)),
     "echo": field(st.just(False)), "stream": field(st.booleans()),
     "stream_options": field(st.fixed_dictionaries({}, optional={
         "include_usage": field(st.booleans())})),
@@ -135,6 +136,9 @@ def parses(body: dict[str, Any], chat: bool) -> bool:
 # Where the parser and the schema once disagreed: 0 == False in Python, a falsy non-object
 # passed for stream_options, and max_tokens went unchecked beside max_completion_tokens.
 @example({"model": "m", "prompt": "x", "logprobs": 0}, False)
+@example({"model": "m", "prompt": "x", "logprobs": 0}, True)
+@example({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+         True)
 @example({"model": "m", "prompt": "x", "top_k": False}, False)
 @example({"model": "m", "prompt": "x", "ignore_eos": 0}, False)
 @example({"model": "m", "prompt": "x", "presence_penalty": 0.5}, False)

@@ -40,7 +40,7 @@ def test_an_out_of_range_field_is_a_400_naming_it(field: str, value: object) -> 
 # (`response_format` was one too; it is enforced now: tests/trainer/serve/test_structured.py.)
 @pytest.mark.parametrize(("field", "value"), [
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("logit_bias", {"50256": -100}), ("top_logprobs", 3),
+    ("tool_choice", "required"), ("logit_bias", {"50256": -100}),
     ("presence_penalty", 0.5), ("frequency_penalty", -1), ("top_k", 5), ("top_k", False),
     ("min_p", 0.1), ("repetition_penalty", 1.2), ("suffix", "!"), ("best_of", 2),
     ("guided_json", {"type": "object"}), ("ignore_eos", True),

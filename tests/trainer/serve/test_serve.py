@@ -242,7 +242,8 @@ BAD_CHAT = [
         },
         400,
     ),
-    ("n above 1", {"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400),
+    ("n above what the server admits",
+     {"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 5}, 400),
     (
         "stream not bool",
         {"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},

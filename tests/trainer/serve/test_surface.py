@@ -1,8 +1,10 @@
 """The OpenAI surface beyond a plain completion, on a real server process over real HTTP:
-`/tokenize` and `/detokenize`, and the metrics an autoscaler reads."""
+`/tokenize` and `/detokenize`, the metrics an autoscaler reads, and log-probabilities."""
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 from collections.abc import Iterator
 
@@ -109,3 +111,176 @@ def test_waiting_requests_show_in_the_metrics(server: Server) -> None:
     for thread in threads:
         thread.join()
     assert (2, 2) in seen, seen[-5:]
+
+
+# ------------------------------------------------------------------------- logprobs
+
+
+def chat_logprobs(server: Server, stream: bool = False, **extra: object) -> dict:
+    body = {"model": server.name, "messages": [{"role": "user", "content": "Name a fruit."}],
+            "max_tokens": 16, "temperature": 0, "logprobs": True, "top_logprobs": 3,
+            "stream": stream, **extra}
+    if not stream:
+        answer = post(server, "/v1/chat/completions", body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["choices"][0]
+    content, entries = "", []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      timeout=300) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                content += choice["delta"].get("content") or ""
+                entries += (choice["logprobs"] or {}).get("content", [])
+    return {"message": {"content": content}, "logprobs": {"content": entries}}
+
+
+def test_the_openai_client_reads_chat_logprobs(server: Server) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(
+        model=server.name, messages=[{"role": "user", "content": "Name a fruit."}],
+        max_tokens=16, temperature=0, logprobs=True, top_logprobs=3,
+    )
+    choice = answer.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    entries = choice.logprobs.content
+    assert answer.usage is not None
+    generated = answer.usage.completion_tokens - (choice.finish_reason == "stop")  # not the EOS
+    assert len(entries) == generated
+    assert "".join(e.token for e in entries) == choice.message.content
+    for entry in entries:
+        alternatives = [a.logprob for a in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert sum(math.exp(a) for a in alternatives) <= 1 + 1e-5
+        # Greedy: the chosen token is the most likely one.
+        assert entry.token == entry.top_logprobs[0].token
+        assert entry.logprob == pytest.approx(alternatives[0], abs=1e-6) and entry.logprob <= 0
+        assert bytes(entry.bytes or []).decode() == entry.token
+    streamed = chat_logprobs(server, stream=True)
+    assert streamed["message"]["content"] == choice.message.content
+    assert [e["token"] for e in streamed["logprobs"]["content"]] == [e.token for e in entries]
+
+
+def test_completions_logprobs_line_up_with_the_text(server: Server) -> None:
+    body = {"model": server.name, "prompt": "The sky is", "max_tokens": 12, "temperature": 0,
+            "logprobs": 2}
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 12
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+    offsets = [0]
+    for token in logprobs["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert logprobs["text_offset"] == offsets
+    for token, chosen, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
+                                  logprobs["top_logprobs"], strict=True):
+        assert top[token] == pytest.approx(chosen)  # greedy: the best alternative
+    plain = post(server, "/v1/completions", {**body, "logprobs": None}).json()["choices"][0]
+    assert plain["logprobs"] is None and plain["text"] == choice["text"]
+
+
+def test_sampled_tokens_report_their_own_logprob(server: Server) -> None:
+    choice = chat_logprobs(server, temperature=1.5, seed=11, max_tokens=24)
+    entries = choice["logprobs"]["content"]
+    assert entries and any(e["token"] != e["top_logprobs"][0]["token"] for e in entries)
+    for entry in entries:
+        assert entry["logprob"] <= entry["top_logprobs"][0]["logprob"] + 1e-6
+
+
+def test_both_engines_report_the_same_logprobs() -> None:
+    """The batch engine's log-softmax of its own session's logits and the genai engine's of
+    onnxruntime-genai's agree: two independent paths to the same numbers."""
+    genai = Server(exported_model("INT4"), *LIMITS, "--engine", "genai")
+    batch = Server(exported_model("INT4"), *LIMITS)
+    try:
+        answers = [chat_logprobs(s)["logprobs"]["content"] for s in (batch, genai)]
+    finally:
+        genai.stop()
+        batch.stop()
+    assert answers[0] and [e["token"] for e in answers[0]] == [e["token"] for e in answers[1]]
+    for ours, theirs in zip(*answers, strict=True):
+        assert ours["logprob"] == pytest.approx(theirs["logprob"], abs=2e-3)
+        assert [a["token"] for a in ours["top_logprobs"]][:1] == [
+            a["token"] for a in theirs["top_logprobs"]][:1]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_logprobs_requests_are_400s_naming_the_field(
+    server: Server, body: dict, param: str
+) -> None:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    answer = post(server, path, {"model": server.name, **body})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+
+
+# ------------------------------------------------------------------------------ n > 1
+
+
+def test_n_answers_sampled_apart_and_reproducible_with_a_seed(server: Server) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    def ask() -> object:
+        return client.chat.completions.create(
+            model=server.name, messages=[{"role": "user", "content": "Tell me a word."}],
+            max_tokens=12, temperature=1.2, seed=5, n=3,
+        )
+
+    answer, again = ask(), ask()
+    texts = [c.message.content for c in answer.choices]  # type: ignore[attr-defined]
+    assert [c.index for c in answer.choices] == [0, 1, 2]  # type: ignore[attr-defined]
+    assert len(set(texts)) > 1  # each answer its own sample
+    assert texts == [c.message.content for c in again.choices]  # type: ignore[attr-defined]
+    # Answer i is the single answer with seed 5 + i; the prompt is billed once.
+    singles = [post(server, "/v1/chat/completions", {
+        "model": server.name, "messages": [{"role": "user", "content": "Tell me a word."}],
+        "max_tokens": 12, "temperature": 1.2, "seed": 5 + i}).json() for i in range(3)]
+    assert [s["choices"][0]["message"]["content"] for s in singles] == texts
+    usage = answer.usage  # type: ignore[attr-defined]
+    assert usage.prompt_tokens == singles[0]["usage"]["prompt_tokens"]
+    assert usage.completion_tokens == sum(s["usage"]["completion_tokens"] for s in singles)
+
+
+def test_n_streams_every_answer_with_usage_at_the_end(server: Server) -> None:
+    body = {"model": server.name, "prompt": "Once upon a time", "max_tokens": 10,
+            "temperature": 0, "n": 2, "stream": True, "stream_options": {"include_usage": True},
+            "logprobs": 1}
+    texts, finishes, tokens = ["", ""], [None, None], [[], []]
+    usage = None
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      timeout=300) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+                continue
+            choice = event["choices"][0]
+            texts[choice["index"]] += choice["text"]
+            finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
+            tokens[choice["index"]] += (choice["logprobs"] or {}).get("tokens", [])
+    whole = post(server, "/v1/completions", {**body, "stream": False, "n": 1}).json()
+    assert texts == [whole["choices"][0]["text"]] * 2  # greedy: both answers alike
+    assert finishes == ["length", "length"]
+    assert ["".join(t) for t in tokens] == texts
+    assert usage is not None and usage["completion_tokens"] == 20
+    assert usage["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+
+
+def test_more_answers_than_the_server_admits_is_a_400(server: Server) -> None:
+    answer = post(server, "/v1/completions", {"model": server.name, "prompt": "x", "n": 5})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "n"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +23,7 @@ from kubetune_trainer.serve.engines.base import Engine, Event
 from kubetune_trainer.serve.http import error_response, read_body, served_name
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import (
+    Choice,
     GenerationRequest,
     Limits,
     RequestError,
@@ -55,7 +58,7 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
             parsed = parse_request(
                 await read_body(request, state.limits), chat, state.name, state.limits
             )
-            state.admission.admit()
+            state.admission.admit(parsed.n)
             state.begin()
             try:
                 ids = await prompt_ids(engine, parsed, started, state.limits)
@@ -64,7 +67,7 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
                 )
             finally:
                 state.end()
-                state.admission.release()
+                state.admission.release(parsed.n)
             status = response.status
             return response
         except RequestError as error:
@@ -104,6 +107,36 @@ def timed_out(first: bool, stream_started: bool) -> str:
     return "error" if first and not stream_started else "length"
 
 
+@dataclass
+class _Answer:
+    """One of the `n` generations behind a request, as the handler follows it."""
+
+    events: asyncio.Queue[Event]
+    cancel: threading.Event
+    last_token: float  # when its last tokens arrived
+    choice: Choice = field(default_factory=Choice)
+    generated: int = 0
+    offset: int = 0  # characters of its tokens reported so far (completions' text_offset)
+    first: bool = True
+    prompt_tokens: int = 0
+
+
+def seeded(parsed: GenerationRequest, index: int) -> GenerationRequest:
+    """The request for answer `index` of `n`: its own seed, so sampled answers differ while a
+    seeded request stays reproducible."""
+    if parsed.seed is None or index == 0:
+        return parsed
+    return replace(parsed, seed=(parsed.seed + index) % 2**63)
+
+
+async def _forward(index: int, answer: _Answer, merged: asyncio.Queue[tuple[int, Event]]) -> None:
+    while True:
+        event = await answer.events.get()
+        merged.put_nowait((index, event))
+        if event.kind != "delta":
+            return
+
+
 async def generate(
     request: web.Request,
     engine: Engine,
@@ -115,70 +148,111 @@ async def generate(
 ) -> web.StreamResponse:
     deadline = started + limits.request_timeout_seconds
     loop = asyncio.get_running_loop()
-    events, cancel = engine.start(parsed, ids, loop)
+    answers = [
+        _Answer(*engine.start(seeded(parsed, index), ids, loop), last_token=started)
+        for index in range(parsed.n)
+    ]
+    merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    forwarders = [
+        asyncio.create_task(_forward(index, answer, merged)) for index, answer in enumerate(answers)
+    ]
     name = served_name(request)
     stream: web.StreamResponse | None = None
-    pieces: list[str] = []
-    first = True
-    generated = 0
-    last_token = started  # when the last tokens arrived
+    unfinished = len(answers)
+    failed = False
     try:
-        while True:
+        while unfinished:
             try:
-                event = await asyncio.wait_for(events.get(), deadline - time.monotonic())
+                arrivals = [await asyncio.wait_for(merged.get(), deadline - time.monotonic())]
             except TimeoutError:
-                cancel.set()  # the engine frees the request's slot at its next step
-                if timed_out(first, stream is not None) == "error":
+                for answer in answers:
+                    answer.cancel.set()  # the engine frees the slots at its next step
+                nothing_yet = all(answer.first for answer in answers)
+                if timed_out(nothing_yet, stream is not None) == "error":
                     raise timeout_error(limits.request_timeout_seconds) from None
                 metrics.error("request_timeout")
-                event = Event(
-                    "done", finish="length", prompt_tokens=len(ids), completion_tokens=generated
-                )
-            if event.kind == "error":
-                metrics.error("generation_failed")
-                if stream is None:
-                    raise RequestError(500, f"generation failed: {event.text}", kind="server_error")
-                break
-            if event.kind == "delta":
-                now = time.monotonic()
-                if first:
-                    metrics.first_token(now - started)
-                elif event.completion_tokens > generated:
-                    metrics.between_tokens(now - last_token, event.completion_tokens - generated)
-                last_token = now
-            if parsed.stream and stream is None:
-                stream = web.StreamResponse(
-                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-                )
-                await stream.prepare(request)
-                await send(stream, chunk(parsed, name, None, None, first=True))
-            if event.kind == "delta":
-                first = False
-                generated = event.completion_tokens
-                if stream is not None and event.text:
-                    await send(stream, chunk(parsed, name, event.text, None))
-                elif stream is None:
-                    pieces.append(event.text)
-                continue
-            counts = usage(event.prompt_tokens, event.completion_tokens)
-            metrics.tokens(event.prompt_tokens, event.completion_tokens)
-            if stream is None:
-                return web.json_response(
-                    full_response(parsed, name, "".join(pieces), event.finish or "stop", counts)
-                )
-            await send(stream, chunk(parsed, name, None, event.finish))
-            if parsed.include_usage:
-                await send(stream, usage_chunk(parsed, name, counts))
-            break
-        assert stream is not None
+                arrivals = [
+                    (
+                        i,
+                        Event(
+                            "done",
+                            finish="length",
+                            prompt_tokens=len(ids),
+                            completion_tokens=a.generated,
+                        ),
+                    )
+                    for i, a in enumerate(answers)
+                    if a.choice.finish is None
+                ]
+            for index, event in arrivals:
+                answer = answers[index]
+                if event.kind == "error":
+                    metrics.error("generation_failed")
+                    if stream is None:
+                        raise RequestError(
+                            500, f"generation failed: {event.text}", kind="server_error"
+                        )
+                    failed, unfinished = True, 0  # the stream ends here, as for one answer
+                    break
+                if event.kind == "delta":
+                    now = time.monotonic()
+                    if answer.first:
+                        metrics.first_token(now - started)
+                    elif event.completion_tokens > answer.generated:
+                        metrics.between_tokens(
+                            now - answer.last_token, event.completion_tokens - answer.generated
+                        )
+                    answer.last_token = now
+                if parsed.stream and stream is None:
+                    stream = web.StreamResponse(
+                        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                    )
+                    await stream.prepare(request)
+                    for i in range(len(answers)):
+                        await send(stream, chunk(parsed, name, None, None, first=True, index=i))
+                if event.kind == "delta":
+                    answer.first = False
+                    answer.generated = event.completion_tokens
+                    if stream is not None and (event.text or event.logprobs):
+                        body = chunk(
+                            parsed,
+                            name,
+                            event.text,
+                            None,
+                            logprobs=event.logprobs,
+                            offset=answer.offset,
+                            index=index,
+                        )
+                        await send(stream, body)
+                    elif stream is None:
+                        answer.choice.text += event.text
+                        answer.choice.logprobs.extend(event.logprobs)
+                    answer.offset += sum(len(e.chosen.token) for e in event.logprobs)
+                    continue
+                answer.choice.finish = event.finish or "stop"
+                answer.generated = event.completion_tokens
+                answer.prompt_tokens = event.prompt_tokens
+                unfinished -= 1
+                if stream is not None:
+                    await send(stream, chunk(parsed, name, None, answer.choice.finish, index=index))
+        # The prompt is billed once, as OpenAI bills it, however many answers it had.
+        prompt_tokens = max(answer.prompt_tokens for answer in answers)
+        counts = usage(prompt_tokens, sum(answer.generated for answer in answers))
+        metrics.tokens(prompt_tokens, counts["completion_tokens"])
+        if stream is None:
+            choices = [answer.choice for answer in answers]
+            return web.json_response(full_response(parsed, name, choices, counts))
+        if parsed.include_usage and not failed:
+            await send(stream, usage_chunk(parsed, name, counts))
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream
-    except (ConnectionResetError, asyncio.CancelledError):
-        cancel.set()  # the client went away: stop generating for it
-        raise
     finally:
-        cancel.set()
+        # Done, failed, timed out, or the client went away: stop generating for it.
+        for answer in answers:
+            answer.cancel.set()
+        for forwarder in forwarders:
+            forwarder.cancel()
 
 
 async def send(stream: web.StreamResponse, body: dict[str, Any]) -> None:

@@ -88,8 +88,31 @@ class GenerationRequest:
     include_usage: bool
     grammar: str | None = None
     """The llguidance grammar the answer must follow (`response_format`), or None."""
+    n: int = 1
+    """How many answers to generate for the prompt (each its own sequence)."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many top alternatives; None:
+    no log-probabilities (chat's `logprobs` + `top_logprobs`, completions' `logprobs`)."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A token as `logprobs` reports it: its text, its bytes (a token may end inside a
+    character), and its log-probability under the model."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely tokens at its position."""
+
+    chosen: Alternative
+    top: list[Alternative]
 
 
 @dataclass(frozen=True)
@@ -136,16 +159,68 @@ def _envelope(request: GenerationRequest, model: str, chunk: bool) -> dict[str, 
     }
 
 
+def _alternative(alternative: Alternative) -> dict[str, Any]:
+    return {
+        "token": alternative.token,
+        "logprob": alternative.logprob,
+        "bytes": alternative.bytes,
+    }
+
+
+def logprobs_body(
+    request: GenerationRequest, entries: list[TokenLogprob], offset: int
+) -> dict[str, Any] | None:
+    """A choice's `logprobs`: chat's `content` list, or the completions API's parallel lists
+    (`text_offset` counts characters from `offset`, where these tokens' text begins)."""
+    if request.logprobs is None:
+        return None
+    if request.chat:
+        content = [
+            {**_alternative(e.chosen), "top_logprobs": [_alternative(a) for a in e.top]}
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.chosen.token)
+    return {
+        "tokens": [e.chosen.token for e in entries],
+        "token_logprobs": [e.chosen.logprob for e in entries],
+        "top_logprobs": [{a.token: a.logprob for a in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class Choice:
+    """One of a request's `n` answers, as it accumulates: its text so far, its tokens'
+    log-probabilities (with `logprobs`), and how it ended (None while generating)."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: str | None = None
+
+
 def full_response(
-    request: GenerationRequest, model: str, text: str, finish: str, counts: dict[str, int]
+    request: GenerationRequest, model: str, choices: list[Choice], counts: dict[str, int]
 ) -> dict[str, Any]:
     body = _envelope(request, model, chunk=False)
-    if request.chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        choice = {"index": 0, "text": text}
-    choice.update(finish_reason=finish, logprobs=None)
-    body.update(choices=[choice], usage=counts)
+    bodies = []
+    for index, answer in enumerate(choices):
+        if request.chat:
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": {"role": "assistant", "content": answer.text},
+            }
+        else:
+            choice = {"index": index, "text": answer.text}
+        choice.update(
+            finish_reason=answer.finish or "stop",
+            logprobs=logprobs_body(request, answer.logprobs, 0),
+        )
+        bodies.append(choice)
+    body.update(choices=bodies, usage=counts)
     return body
 
 
@@ -155,16 +230,22 @@ def chunk(
     text: str | None,
     finish: str | None,
     first: bool = False,
+    logprobs: list[TokenLogprob] | None = None,
+    offset: int = 0,
+    index: int = 0,
 ) -> dict[str, Any]:
+    """A stream chunk of choice `index`; `logprobs` are its tokens' (their text begins at
+    `offset` in that choice's text)."""
     body = _envelope(request, model, chunk=True)
     if request.chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        choice: dict[str, Any] = {"index": index, "delta": delta}
     else:
-        choice = {"index": 0, "text": text or ""}
-    choice.update(finish_reason=finish, logprobs=None)
+        choice = {"index": index, "text": text or ""}
+    entries = logprobs_body(request, logprobs, offset) if logprobs else None
+    choice.update(finish_reason=finish, logprobs=entries)
     body["choices"] = [choice]
     return body
 

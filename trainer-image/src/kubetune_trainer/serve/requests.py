@@ -66,6 +66,15 @@ NOOP_VALUES: dict[str, Callable[[Any], bool]] = {
 }
 
 
+# Chat implements `top_logprobs` (with `logprobs: true`); completions have `logprobs: N`.
+CHAT_IMPLEMENTS = frozenset({"top_logprobs"})
+MAX_TOP_LOGPROBS = {True: 20, False: 5}  # by `chat`: OpenAI's limits
+
+
+def unimplemented_fields(chat: bool) -> list[str]:
+    return [name for name in NOOP_VALUES if not (chat and name in CHAT_IMPLEMENTS)]
+
+
 def changes_nothing(name: str, value: Any) -> bool:
     """Whether an unimplemented field's value leaves the output as if it were absent."""
     return value is None or NOOP_VALUES[name](value)
@@ -257,6 +266,41 @@ def parse_detokenize(data: dict[str, Any], served_model: str, vocab: int) -> lis
     return tokens
 
 
+def max_answers(limits: Limits) -> int:
+    """The most answers (`n`) one request may ask for: each is a sequence with a place in
+    admission, so no more than the server admits at once."""
+    return limits.max_concurrency + limits.max_queue
+
+
+def _logprobs(data: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives to report per token, or None for no log-probabilities.
+
+    Chat: `logprobs: true`, with `top_logprobs` alternatives (which needs `logprobs`).
+    Completions: `logprobs: N` (N alternatives; `false`, as some clients send, is off).
+    """
+    limit = MAX_TOP_LOGPROBS[chat]
+    name = "top_logprobs" if chat else "logprobs"
+    if chat:
+        wanted = data.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise RequestError(
+                400, "'logprobs' must be a boolean", param="logprobs", code="invalid_type"
+            )
+        top = _integer(data, name)
+        if top and wanted is not True:
+            raise RequestError(
+                400, "'top_logprobs' needs 'logprobs': true", param=name, code="invalid_value"
+            )
+        count = (top or 0) if wanted else None
+    else:
+        count = None if data.get(name) is False else _integer(data, name)
+    if count is not None and not 0 <= count <= limit:
+        raise RequestError(
+            400, f"'{name}' must be between 0 and {limit}", param=name, code="invalid_value"
+        )
+    return count
+
+
 def parse_request(
     data: dict[str, Any], chat: bool, served_model: str, limits: Limits
 ) -> GenerationRequest:
@@ -279,8 +323,14 @@ def parse_request(
         limits.default_max_tokens,
     )
     n = _integer(data, "n")
-    if n not in (None, 1):
-        raise RequestError(400, "only n=1 is supported", param="n", code="invalid_value")
+    most = max_answers(limits)
+    if n is not None and not 1 <= n <= most:
+        raise RequestError(
+            400,
+            f"'n' must be between 1 and {most} (this server's concurrency plus queue)",
+            param="n",
+            code="invalid_value",
+        )
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _number(data, penalty, 0.0, -2.0, 2.0) != 0:  # 0 (what clients send) is a no-op
             raise RequestError(
@@ -289,7 +339,7 @@ def parse_request(
                 param=penalty,
                 code="unsupported_parameter",
             )
-    for name in NOOP_VALUES:
+    for name in unimplemented_fields(chat):
         if not changes_nothing(name, data.get(name)):
             raise RequestError(
                 400,
@@ -299,14 +349,9 @@ def parse_request(
                 code="unsupported_parameter",
             )
     # `is`, not `in`: 0 == False, and a 0 is not a boolean.
-    if any(
-        data.get(name) is not None and data.get(name) is not False for name in ("logprobs", "echo")
-    ):
+    if data.get("echo") is not None and data.get("echo") is not False:
         raise RequestError(
-            400,
-            "logprobs and echo are not supported",
-            param="logprobs",
-            code="unsupported_parameter",
+            400, "'echo' is not supported", param="echo", code="unsupported_parameter"
         )
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
@@ -342,4 +387,6 @@ def parse_request(
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         grammar=grammar_for(data.get("response_format")),
+        logprobs=_logprobs(data, chat),
+        n=1 if n is None else n,
     )

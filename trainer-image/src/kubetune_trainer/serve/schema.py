@@ -23,15 +23,18 @@ from pydantic import (
     StrictStr,
     WithJsonSchema,
     create_model,
+    model_validator,
 )
 from pydantic.json_schema import models_json_schema
 
 from kubetune_trainer.serve.protocol import Limits, RequestError
 from kubetune_trainer.serve.requests import (
     MAX_STOP_SEQUENCES,
-    NOOP_VALUES,
+    MAX_TOP_LOGPROBS,
     ROLES,
     changes_nothing,
+    max_answers,
+    unimplemented_fields,
 )
 from kubetune_trainer.serve.structured import grammar_for
 
@@ -140,9 +143,6 @@ class _Generation(_Open):
     model: StrictStr = Field(description="The served model's name (see /v1/models).")
     temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, strict=True)] | None = 1.0
-    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = Field(
-        None, description="Only 1 is supported."
-    )
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = Field(
         None, description="Makes sampling reproducible."
     )
@@ -160,7 +160,6 @@ class _Generation(_Open):
     response_format: ResponseFormat | None = Field(
         None, description="JSON output, enforced token by token (constrained decoding)."
     )
-    logprobs: Off | None = Field(None, description="Not supported.")
     echo: Off | None = Field(None, description="Not supported.")
 
 
@@ -168,10 +167,23 @@ class _Completion(_Generation):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)] = Field(
         description="A string, or a list of exactly one string."
     )
+    logprobs: Off | Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS[False])] | None = Field(
+        None, description="Each token's log-probability and this many alternatives."
+    )
 
 
 class _ChatCompletion(_Generation):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: StrictBool | None = Field(None, description="Each token's log-probability.")
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS[True])] | None = Field(
+        None, description="Alternatives per token; needs logprobs: true."
+    )
+
+    @model_validator(mode="after")
+    def _alternatives_need_logprobs(self) -> _ChatCompletion:
+        if self.top_logprobs and self.logprobs is not True:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class _Tokenize(_Open):
@@ -245,10 +257,23 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
     tokens: dict[str, Any] = {
         "max_tokens": (count, Field(None, description=f"Default {limits.default_max_tokens}.")),
         "max_completion_tokens": (count, Field(None, description="Wins over max_tokens.")),
+        "n": (
+            Annotated[StrictInt, Field(ge=1, le=max_answers(limits))] | None,
+            Field(None, description="How many answers; each takes a place in admission."),
+        ),
     }
-    tokens.update({name: _unsupported(name) for name in NOOP_VALUES})
-    completion = create_model("CompletionRequest", __base__=_Completion, **tokens)
-    chat = create_model("ChatCompletionRequest", __base__=_ChatCompletion, **tokens)
+    completion = create_model(
+        "CompletionRequest",
+        __base__=_Completion,
+        **tokens,
+        **{name: _unsupported(name) for name in unimplemented_fields(chat=False)},
+    )
+    chat = create_model(
+        "ChatCompletionRequest",
+        __base__=_ChatCompletion,
+        **tokens,
+        **{name: _unsupported(name) for name in unimplemented_fields(chat=True)},
+    )
     return completion, chat
 
 

@@ -26,19 +26,20 @@ class Admission:
         self.capacity = limits.max_concurrency + limits.max_queue
         self.admitted = 0  # generating + waiting
 
-    def admit(self) -> None:
-        """Reserve a place or refuse with 429; the caller must `release()` when done."""
-        if self.admitted >= self.capacity:
+    def admit(self, places: int = 1) -> None:
+        """Reserve `places` (one per answer: `n`) or refuse with 429; the caller must
+        `release(places)` when done."""
+        if self.admitted + places > self.capacity:
             raise RequestError(
                 429,
                 "the server is at capacity; retry later",
                 code="rate_limit_exceeded",
                 kind="rate_limit_error",
             )
-        self.admitted += 1
+        self.admitted += places
 
-    def release(self) -> None:
-        self.admitted -= 1
+    def release(self, places: int = 1) -> None:
+        self.admitted -= places
 
 
 def _set_event() -> asyncio.Event:  # idle at first: nothing is in flight

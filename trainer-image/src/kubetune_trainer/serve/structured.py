@@ -134,6 +134,10 @@ class Grammars:
         config = json.loads((model_dir / "genai_config.json").read_text())["model"]
         return cls(model_dir / "tokenizer.json", int(config["vocab_size"]), eos)
 
+    def spell(self, token: int) -> bytes:
+        """A token's bytes (for `logprobs`: a token may end inside a UTF-8 character)."""
+        return bytes(self.tokenizer.decode_bytes([token]))
+
     def constraint(self, grammar: str | None) -> Constraint | None:
         if grammar is None:
             return None

@@ -53,7 +53,5 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     tokenizer = _ready(request).tokenizer
-    ids = parse_detokenize(
-        await read_body(request, state.limits), state.name, tokenizer.vocab_size
-    )
+    ids = parse_detokenize(await read_body(request, state.limits), state.name, tokenizer.vocab_size)
     return web.json_response({"prompt": await asyncio.to_thread(tokenizer.decode, ids)})

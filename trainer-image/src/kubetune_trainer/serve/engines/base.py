@@ -11,10 +11,10 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from kubetune_trainer.serve.protocol import GenerationRequest, RequestError
+from kubetune_trainer.serve.protocol import GenerationRequest, RequestError, TokenLogprob
 from kubetune_trainer.tokenizer import ServingTokenizer
 
 
@@ -27,6 +27,8 @@ class Event:
     finish: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """With `request.logprobs`: the tokens this delta's text (or held-back text) came from."""
 
 
 class Heartbeat:

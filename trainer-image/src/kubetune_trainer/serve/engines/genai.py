@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
+from kubetune_trainer.serve.engines.logprobs import describe, log_softmax
 from kubetune_trainer.serve.engines.text import TextAssembler
-from kubetune_trainer.serve.protocol import GenerationRequest, Limits
+from kubetune_trainer.serve.protocol import GenerationRequest, Limits, TokenLogprob
 from kubetune_trainer.serve.structured import Grammars
 from kubetune_trainer.tokenizer import ServingTokenizer
 
@@ -111,15 +112,21 @@ class GenAIEngine:
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         constraint = self.grammars.constraint(request.grammar)
+        wanted = request.logprobs
+        pending: list[TokenLogprob] = []  # log-probabilities not yet sent with a delta
         text = TextAssembler(self.tokenizer.decode, request.stop)
         generated, finish = 0, "length"
         while generated < request.max_tokens and not cancel.is_set():
-            if constraint is not None:
-                # The generator samples from the logits it is given: mask them first.
+            raw = None
+            if constraint is not None or wanted is not None:
                 logits = generator.get_logits()
                 row = logits.reshape(-1)  # one sequence: (1, 1, vocab)
-                constraint.mask(row)
-                generator.set_logits(row.reshape(logits.shape))
+                if wanted is not None:
+                    raw = log_softmax(row)  # the model's own distribution, before the mask
+                if constraint is not None:
+                    # The generator samples from the logits it is given: mask them first.
+                    constraint.mask(row)
+                    generator.set_logits(row.reshape(logits.shape))
             generator.generate_next_token()
             self.heartbeat.beat()
             token = int(generator.get_next_tokens()[0])
@@ -129,9 +136,12 @@ class GenAIEngine:
             if token == self.eos:
                 finish = "stop"
                 break
+            if raw is not None and wanted is not None:
+                pending.append(describe(raw, token, wanted, self.grammars.spell))
             delta = text.add(token)
             if delta or generated == 1:  # the first token is reported even if held back (TTFT)
-                report(Event("delta", text=delta, completion_tokens=generated))
+                report(Event("delta", text=delta, completion_tokens=generated, logprobs=pending))
+                pending = []
             if constraint is not None:
                 constraint.advance(token)
             if text.stopped or (constraint is not None and constraint.complete):
@@ -141,7 +151,7 @@ class GenAIEngine:
                 break
         tail = text.flush()
         if tail:
-            report(Event("delta", text=tail, completion_tokens=generated))
+            report(Event("delta", text=tail, completion_tokens=generated, logprobs=pending))
         report(Event("done", finish=finish, prompt_tokens=len(ids), completion_tokens=generated))
 
     def warm_up(self) -> float:

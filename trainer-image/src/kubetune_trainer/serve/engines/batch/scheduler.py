@@ -115,6 +115,7 @@ class BatchEngine:
                 cancel,
                 TextAssembler(self.tokenizer.decode, request.stop),
                 np.random.default_rng(seed),
+                spell=self.grammars.spell,
             )
         )
         return events, cancel

@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from kubetune_trainer.serve.engines.base import Event
 from kubetune_trainer.serve.engines.batch.sampling import sample
+from kubetune_trainer.serve.engines.logprobs import describe, log_softmax
 from kubetune_trainer.serve.engines.text import TextAssembler
-from kubetune_trainer.serve.protocol import GenerationRequest
+from kubetune_trainer.serve.protocol import GenerationRequest, TokenLogprob
 from kubetune_trainer.serve.structured import Constraint, ConstraintError
 
 
@@ -37,6 +38,8 @@ class Sequence:
     finish: str | None = None
     constraint: Constraint | None = None  # the grammar of `response_format`, if any
     failure: str | None = None  # why the sequence failed (its client gets an error)
+    spell: Callable[[int], bytes] | None = None  # a token's bytes, for `logprobs`
+    pending: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a delta
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
@@ -70,9 +73,12 @@ class Outbox:
 def choose(sequence: Sequence, logits: np.ndarray, greedy: int | None = None) -> int | None:
     """The sequence's next token from its row of logits (`greedy`: its argmax, if known).
 
-    A constrained sequence's row is masked by its grammar first (in place). None when the
+    A constrained sequence's row is masked by its grammar first (in place); with `logprobs`,
+    the token's log-probability under the unmasked row is kept for its delta. None when the
     grammar fails (`failure` says why): the sequence is then over.
     """
+    wanted = sequence.request.logprobs
+    raw = log_softmax(logits) if wanted is not None else None
     if sequence.constraint is not None:
         try:
             sequence.constraint.mask(logits)
@@ -81,8 +87,18 @@ def choose(sequence: Sequence, logits: np.ndarray, greedy: int | None = None) ->
             return None
         greedy = None
     if sequence.request.temperature > 0:
-        return sample(logits, sequence.request, sequence.rng)
-    return int(logits.argmax()) if greedy is None else greedy
+        token = sample(logits, sequence.request, sequence.rng)
+    else:
+        token = int(logits.argmax()) if greedy is None else greedy
+    if raw is not None and wanted is not None and sequence.spell is not None:
+        sequence.pending.append(describe(raw, token, wanted, sequence.spell))
+    return token
+
+
+def _delta(sequence: Sequence, text: str) -> Event:
+    """A text delta carrying the log-probabilities of the tokens it completes."""
+    entries, sequence.pending = sequence.pending, []
+    return Event("delta", text=text, completion_tokens=sequence.generated, logprobs=entries)
 
 
 def accept(sequence: Sequence, token: int | None, eos: int | None, outbox: Outbox) -> None:
@@ -94,10 +110,12 @@ def accept(sequence: Sequence, token: int | None, eos: int | None, outbox: Outbo
     sequence.last = token
     if token == eos:
         sequence.finish = "stop"
+        if sequence.pending:
+            sequence.pending.pop()  # the end of sequence is not part of the answer
         return
     delta = sequence.text.add(token)
     if delta or sequence.generated == 1:
-        outbox.report(sequence, Event("delta", text=delta, completion_tokens=sequence.generated))
+        outbox.report(sequence, _delta(sequence, delta))
     if sequence.constraint is not None:
         try:
             sequence.constraint.advance(token)
@@ -130,9 +148,7 @@ def retire(
         else:
             tail = sequence.text.flush()  # empty after a stop sequence
             if tail:
-                outbox.report(
-                    sequence, Event("delta", text=tail, completion_tokens=sequence.generated)
-                )
+                outbox.report(sequence, _delta(sequence, tail))
             done = Event(
                 "done",
                 finish=sequence.finish,
