@@ -65,8 +65,12 @@ def serve(model_dir: Path, tokens: int) -> tuple[str, subprocess.Popen[bytes]]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+            ready = httpx.get(url + "/readyz", timeout=2)
+            if ready.status_code == 200:
                 return url, process
+            if ready.json().get("status") == "failed":  # the model will never load
+                process.kill()
+                raise RuntimeError(f"{model_dir}: {ready.json().get('error')}")
         except httpx.TransportError:
             pass
         if process.poll() is not None:

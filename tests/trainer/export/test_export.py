@@ -43,12 +43,25 @@ def run_export(
 
 
 @functools.cache
-def exported_model(precision: str) -> Path:
+def exported_model(precision: str, quantization: str | None = None) -> Path:
     """The built-in model exported at `precision` (once per process)."""
-    output = SCRATCH / f"builtin-{precision.lower()}"
-    result = run_export(builtin_model_dir("smollm2-135m-instruct"), output, precision)
+    output = SCRATCH / f"builtin-{precision.lower()}-{quantization or 'default'}"
+    extra = () if quantization is None else ("--quantization", quantization)
+    result = run_export(builtin_model_dir("smollm2-135m-instruct"), output, precision, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return output
+
+
+def weight_bits(output: Path) -> dict[str, int]:
+    """Each quantized MatMul's weight bits, by node name, read from the exported graph."""
+    import onnx
+
+    graph = onnx.load(str(output / "model.onnx"), load_external_data=False).graph
+    return {
+        node.name: next(a.i for a in node.attribute if a.name == "bits")
+        for node in graph.node
+        if node.op_type == "MatMulNBits"
+    }
 
 
 def report(output: Path) -> dict:
@@ -70,6 +83,38 @@ def test_int4_export_is_verified_and_small() -> None:
     assert {"buildSeconds", "verifySeconds", "totalSeconds"} <= set(data["timings"])
     for name in ("genai_config.json", "model.onnx", "tokenizer.json", "chat_template.jinja"):
         assert (output / name).is_file(), name
+
+
+@pytest.mark.parametrize(("precision", "quantization", "head_bits", "body_bits"), [
+    ("INT4", None, 4, {4}),
+    ("INT8", None, 8, {8}),
+    ("INT4", "RTNLast", 8, {4}),
+    ("INT4", "KQuantMixed", 8, {4, 8}),
+])
+def test_each_precision_and_int4_method_builds_the_weights_it_names(
+    precision: str, quantization: str | None, head_bits: int, body_bits: set[int]
+) -> None:
+    """The choice reaches the builder (the graph's MatMulNBits say so) and the export is
+    verified like any other; export.json records what was chosen."""
+    output = exported_model(precision, quantization)
+    data = report(output)
+    assert data["ok"] and data["precision"] == precision
+    assert data["quantization"] == (quantization or ("RTN" if precision == "INT4" else None))
+    bits = weight_bits(output)
+    head = [name for name in bits if "lm_head" in name]
+    assert len(head) == 1 and bits[head[0]] == head_bits
+    assert {b for name, b in bits.items() if name not in head} == body_bits
+
+
+def test_builder_options_name_the_method_and_keep_rtn_as_it_was() -> None:
+    from kubetune.api.spec import Quantization
+
+    rtn = export_module.builder_options("int4", "CPU", Quantization.RTN)
+    assert rtn == ["block_size=32", "accuracy_level=4"]  # the options INT4 always had
+    assert export_module.builder_options("int4", "CPU", Quantization.K_QUANT)[-1] == (
+        "algo_config=k_quant"
+    )
+    assert export_module.builder_options("fp32", "CPU", None) == []
 
 
 def test_fp32_export_matches_pytorch_token_for_token() -> None:

@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 
 from kubetune.api import PlanStatus
-from kubetune.api.dataplane import Score, TrainingReport, exact_match
+from kubetune.api.dataplane import (
+    AutoChoice,
+    CandidateScore,
+    ExportReport,
+    Score,
+    TrainingReport,
+    exact_match,
+)
 from kubetune.api.spec import GateSpec
-from kubetune.local.evaluate import side_by_side
+from kubetune.local.evaluate import auto_summary, side_by_side
 from kubetune.local.processes import train_command
 from kubetune.local.progress import format_progress, loss_curve_points, read_metrics
+from kubetune.local.rundir import export_done
 from kubetune.reconcile.gate import evaluate_gate
 
 
@@ -108,3 +116,27 @@ def test_gate_fails_with_the_reason(gate: GateSpec, report: TrainingReport,
 
 def test_nothing_serving_yet_satisfies_must_beat_serving() -> None:
     assert evaluate_gate(GateSpec(must_beat_serving=True), REPORT, None)[0]
+
+
+def test_an_auto_export_counts_for_auto_only(tmp_path: Path) -> None:
+    """`kubetune run` reuses an export only for what was asked: an INT4 that Auto chose is not
+    an INT4 asked for (nor the reverse), so changing the spec re-exports."""
+    chosen = ExportReport(ok=True, requested="Auto", precision="INT4", quantization="GPTQ")
+    (tmp_path / "export.json").write_text(chosen.to_json())
+    assert export_done(tmp_path, "Auto")
+    assert not export_done(tmp_path, "INT4-GPTQ") and not export_done(tmp_path, "INT4")
+    asked = ExportReport(ok=True, precision="INT4", quantization="GPTQ")
+    (tmp_path / "export.json").write_text(asked.to_json())
+    assert export_done(tmp_path, "INT4-GPTQ") and not export_done(tmp_path, "Auto")
+
+
+def test_auto_summary_puts_each_candidate_beside_fp32() -> None:
+    choice = AutoChoice(
+        rule="exact match at most 0.01 below FP32's", held_out_records=40, answers=40,
+        fp32=CandidateScore(precision="FP32", accuracy=0.825, agreement=1.0, loss=0.03),
+        candidates=[CandidateScore(precision="INT4", quantization="GPTQ", accuracy=0.85,
+                                   agreement=0.97, loss=0.04, passed=True)],
+    )
+    text = auto_summary(choice, "INT4-GPTQ")
+    assert "served INT4-GPTQ" in text and "FP32" in text and " 82.5%" in text
+    assert "INT4-GPTQ" in text.splitlines()[-1] and "85.0%" in text and "chosen" in text

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_trainer.heldout import IGNORE, HeldOut
 from tests.trainer.conftest import metrics, report, run_config, start_training, succeeded
 
 
@@ -25,6 +26,14 @@ def test_lora_run_writes_every_artifact(lora_reference: Path) -> None:
     assert final["truncatedRecords"] == 0 and final["tokensPerSecond"] > 0
     evaluation = json.loads((lora_reference / "evaluation.json").read_text())
     assert evaluation["evalLoss"] == final["evalLoss"]
+    # The held-out records the exporter's `precision: Auto` scores on: the evaluated ones,
+    # each an answer the model never trained on, labelled as training labels it.
+    held_out = HeldOut.read(lora_reference)
+    assert held_out is not None and len(held_out.answers) == final["evalRecords"]
+    for record in held_out.answers:
+        assert record.prompt == record.input_ids[: len(record.prompt or [])]
+        assert all(label == IGNORE for label in record.labels[: len(record.prompt or [])])
+        assert record.target_positions() and record.reference
     short = json.loads((lora_reference.parent / "termination-log").read_text())
     assert short["status"] == "Succeeded" and short["steps"] == 4
     assert (lora_reference / "adapter" / "adapter_config.json").is_file()

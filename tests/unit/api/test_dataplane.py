@@ -13,8 +13,10 @@ from kubetune.api.dataplane import (
     TrainingReport,
     exact_match,
     resolve_precision,
+    resolve_quantization,
+    weights_label,
 )
-from kubetune.api.spec import Precision
+from kubetune.api.spec import Precision, Quantization
 
 
 @pytest.mark.parametrize(("precision", "device", "expected"), [
@@ -29,10 +31,27 @@ def test_auto_precision_is_int4_on_cpu_and_fp16_on_cuda(precision: str, device: 
 
 @pytest.mark.parametrize(("precision", "device", "named"), [
     ("FP16", "CPU", "CUDA only"), ("INT3", "CPU", "INT3"), ("Auto", "TPU", "TPU"),
+    ("INT8", "CUDA", "CPU only"),
 ])
 def test_a_bad_precision_or_device_is_named(precision: str, device: str, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         resolve_precision(precision, device)
+
+
+def test_int4_rounds_with_rtn_unless_told_and_nothing_else_takes_a_method() -> None:
+    assert resolve_quantization(None, Precision.INT4) is Quantization.RTN
+    assert resolve_quantization("kquantmixed", Precision.INT4) is Quantization.K_QUANT_MIXED
+    assert resolve_quantization(None, Precision.INT8) is None
+    with pytest.raises(ValueError, match="INT4 only"):
+        resolve_quantization("KQuant", Precision.INT8)
+    with pytest.raises(ValueError, match="AWQ"):
+        resolve_quantization("AWQ", Precision.INT4)
+
+
+def test_weights_labels_keep_the_names_exports_had_before_the_method_choice() -> None:
+    assert weights_label("INT4", None) == weights_label("INT4", "RTN") == "INT4"
+    assert weights_label("INT4", "KQuant") == "INT4-KQuant"
+    assert ExportReport(precision="INT4", quantization="RTNLast").weights == "INT4-RTNLast"
 
 
 @pytest.mark.parametrize(("answer", "reference", "matches"), [

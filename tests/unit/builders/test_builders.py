@@ -247,6 +247,11 @@ def test_export_job_command() -> None:
         "--precision", "INT4", "--device", "CPU",
     ]  # fmt: skip
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    chosen = export_job(
+        _owner(), 3, _spec(serving={"precision": "INT4", "quantization": "KQuantMixed"}), CONFIG
+    )
+    args = chosen["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--quantization", "KQuantMixed"]
 
 
 def test_deployment_rolls_with_zero_unavailable_and_generation_in_template() -> None:

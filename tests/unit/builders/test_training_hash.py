@@ -67,6 +67,9 @@ TABLE = [
     pytest.param({"dataset": {"format": "Chat"}}, True, id="dataset format"),
     pytest.param({"dataset": {"validation": {"splitPercent": 10}}}, True, id="validation split"),
     pytest.param({"serving": {"precision": "FP32"}}, True, id="export precision"),
+    pytest.param({"serving": {"precision": "INT8"}}, True, id="export precision INT8"),
+    pytest.param({"serving": {"precision": "INT4", "quantization": "KQuant"}}, True,
+                 id="INT4 quantization method"),
     # the plan and the torchrun world: a running Job cannot change them
     pytest.param({"resources": {"gpusPerNode": 2}}, True, id="gpusPerNode"),
     pytest.param({"resources": {"nodes": 2}}, True, id="nodes"),

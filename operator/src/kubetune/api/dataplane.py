@@ -6,11 +6,13 @@ code and every rule they both apply:
 
 - `ProgressReport`: the body a trainer POSTs to the operator while it trains.
 - `TrainingReport`: `report.json` and, in short form, the trainer pod's termination message.
-- `ExportReport`: `export.json`, written by the exporter once the model is verified.
+- `ExportReport`: `export.json`, written by the exporter once the model is verified, with
+  `AutoChoice` and its `CandidateScore`s when `precision: Auto` chose by measurement.
 - `CONFIG_ERROR_EXIT_CODE`: the exit code of a run that retrying cannot fix.
 - `STOPPED_EXIT_CODE`: the exit code of a trainer stopped by a signal after its checkpoint.
 - `MODEL_TOKEN_ENV`, `DATASET_TOKEN_ENV`: the env vars the spec's Secrets reach pods as.
-- `resolve_precision`: what `precision: Auto` means on a device.
+- `resolve_precision`: what `precision: Auto` means on a device; `resolve_quantization`:
+  INT4's rounding method.
 - `exact_match`: when a generated answer counts as the reference answer.
 - `cache_root`: where converted models are cached on a machine.
 """
@@ -27,7 +29,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from kubetune.api.spec import Device, Precision
+from kubetune.api.spec import Device, Precision, Quantization
 
 CONFIG_ERROR_EXIT_CODE = 2
 """A bad run config, dataset or export invocation: the Jobs' podFailurePolicy does not retry
@@ -178,6 +180,36 @@ class TrainingReport(Report):
         return self.status == "Succeeded"
 
 
+class CandidateScore(Report):
+    """One quantized candidate `precision: Auto` built and scored against FP32."""
+
+    precision: str
+    quantization: str | None = None
+    accuracy: float | None = None
+    """Greedy exact match on the held-out answers; None without any."""
+    agreement: float | None = None
+    """Teacher-forced top-1 agreement with FP32's argmax over the held-out target tokens."""
+    loss: float | None = None
+    """Mean held-out target-token loss."""
+    passed: bool = False
+    reason: str = ""
+    seconds: float = 0.0
+    """Building and scoring it."""
+
+
+class AutoChoice(Report):
+    """What `precision: Auto` tried, fastest first, and by what rule it chose."""
+
+    rule: str
+    held_out_records: int
+    answers: int
+    """Held-out records with a reference answer (exact match decides when there are any)."""
+    fp32: CandidateScore
+    candidates: list[CandidateScore] = Field(default_factory=list)
+    seconds: float = 0.0
+    """Scoring FP32."""
+
+
 class ExportReport(Report):
     """`export.json`: what was exported and how it was verified. `ok` is true only once the
     tokenizer and output parity checks passed."""
@@ -189,8 +221,17 @@ class ExportReport(Report):
     adapter: str | None = None
     """The adapter merged into `base` before the build, when the input was an adapter."""
     base: str | None = None
+    requested: str | None = None
+    """`Auto` when the precision was chosen by measurement (`auto`), else None."""
     precision: str | None = None
-    """The exported precision: INT4, FP16 or FP32 (never Auto)."""
+    """The exported precision: INT4, INT8, FP16 or FP32 (never Auto)."""
+    quantization: str | None = None
+    """INT4's rounding method (`spec.serving.quantization`); None for other precisions."""
+    auto: AutoChoice | None = None
+    calibration_sequences: int | None = None
+    """GPTQ: the training records it calibrated on."""
+    output_error_vs_rtn: float | None = None
+    """GPTQ: the layers' summed output error on the calibration tokens, relative to RTN's."""
     device: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     sizes: dict[str, int] = Field(default_factory=dict)
@@ -198,14 +239,19 @@ class ExportReport(Report):
     genai_tokenizer: dict[str, Any] | None = None
     output_parity: dict[str, Any] | None = None
 
+    @property
+    def weights(self) -> str:
+        """`weights_label` of this export."""
+        return weights_label(self.precision, self.quantization)
+
 
 def resolve_precision(precision: Precision | str, device: Device | str) -> Precision:
     """The precision an export uses: `Auto` is INT4 on CPU and FP16 on CUDA. FP16 needs CUDA:
     ONNX Runtime's CPU provider upcasts FP16 through Cast nodes and runs slower than FP32.
-    Raises ValueError naming the bad value."""
+    INT8 is built and measured for CPU only. Raises ValueError naming the bad value."""
     wanted = {p.value.upper(): p for p in Precision}.get(str(precision).upper())
     if wanted is None:
-        raise ValueError(f"precision must be INT4, FP16, FP32 or Auto, not {precision!r}")
+        raise ValueError(f"precision must be INT4, INT8, FP16, FP32 or Auto, not {precision!r}")
     try:
         where = Device(str(device).upper())
     except ValueError:
@@ -213,8 +259,34 @@ def resolve_precision(precision: Precision | str, device: Device | str) -> Preci
     if wanted is Precision.AUTO:
         return Precision.INT4 if where is Device.CPU else Precision.FP16
     if wanted is Precision.FP16 and where is Device.CPU:
-        raise ValueError("FP16 runs on CUDA only; use INT4 or FP32 on CPU")
+        raise ValueError("FP16 runs on CUDA only; use INT4, INT8 or FP32 on CPU")
+    if wanted is Precision.INT8 and where is Device.CUDA:
+        raise ValueError("INT8 is built for CPU only; use INT4, FP16 or FP32 on CUDA")
     return wanted
+
+
+def resolve_quantization(
+    quantization: Quantization | str | None, precision: Precision
+) -> Quantization | None:
+    """INT4's rounding method (`RTN` when not given); None for other precisions, which have
+    no choice. Raises ValueError for an unknown method, or one given for another precision."""
+    if quantization is None:
+        return Quantization.RTN if precision is Precision.INT4 else None
+    method = {q.value.upper(): q for q in Quantization}.get(str(quantization).upper())
+    if method is None:
+        names = ", ".join(q.value for q in Quantization)
+        raise ValueError(f"quantization must be one of {names}, not {quantization!r}")
+    if precision is not Precision.INT4:
+        raise ValueError(f"quantization applies to INT4 only, not {precision.value}")
+    return method
+
+
+def weights_label(precision: str | None, quantization: str | None) -> str:
+    """One name for what an export's weights are: "INT4", "INT4-KQuant", "FP32". RTN, INT4's
+    default, adds nothing, so an export from before the choice existed keeps its name."""
+    if quantization is None or quantization == Quantization.RTN.value:
+        return str(precision)
+    return f"{precision}-{quantization}"
 
 
 # A model may wrap a command in a code fence or backticks; that is formatting, not content.

@@ -325,8 +325,26 @@ class StorageSpec(ApiModel):
 class Precision(StrEnum):
     AUTO = "Auto"
     INT4 = "INT4"
+    INT8 = "INT8"
     FP16 = "FP16"
     FP32 = "FP32"
+
+
+class Quantization(StrEnum):
+    """How INT4 weights are rounded (onnxruntime-genai's builder `algo_config`, or GPTQ after
+    it); measured speeds and accuracies are in bench/RESULTS.md."""
+
+    RTN = "RTN"
+    """Round-to-nearest in blocks of 32, every matrix in 4 bits, the output head too."""
+    RTN_LAST = "RTNLast"
+    """RTN, with the output head (the last, largest matrix) in 8 bits."""
+    K_QUANT = "KQuant"
+    """llama.cpp's k-quant rounding (a searched scale per block), every matrix in 4 bits."""
+    K_QUANT_MIXED = "KQuantMixed"
+    """k-quant, with the output head and the most sensitive layers in 8 bits."""
+    GPTQ = "GPTQ"
+    """RTN's layout and speed, the weights rounded by GPTQ on calibration tokens from the
+    training records (each rounding error spread over the weights not yet rounded)."""
 
 
 class Device(StrEnum):
@@ -377,7 +395,12 @@ class ServingSpec(ApiModel):
     replicas: Annotated[int, Field(ge=1, le=100)] = 1
     """Inference pods."""
     precision: Precision = Precision.AUTO
-    """ONNX weight precision. `Auto`: INT4 on CPU, FP16 on CUDA."""
+    """ONNX weight precision. `Auto` on CPU: the fastest of INT4 (GPTQ), INT4 (KQuantMixed)
+    and INT8 whose held-out exact match stays within a point of FP32's (FP32 when none does;
+    the export's `export.json` records what was tried); FP16 on CUDA. `INT8` runs on CPU."""
+    quantization: Quantization | None = None
+    """How INT4 weights are rounded (only with `precision: INT4`); default `RTN`. `GPTQ` keeps
+    RTN's speed and most of FP32's accuracy."""
     device: Device = Device.CPU
     """Where inference runs."""
     gate: GateSpec | None = None
@@ -390,9 +413,28 @@ class ServingSpec(ApiModel):
     rules = (
         Rule(
             cel="!(self.device == 'CPU' && self.precision == 'FP16')",
-            message="serving.precision FP16 is not supported on CPU; use INT4, FP32 or Auto",
+            message="serving.precision FP16 is not supported on CPU; use INT4, INT8, FP32 or Auto",
             check=lambda s: not (s.device == Device.CPU and s.precision == Precision.FP16),
             field_path=".precision",
+        ),
+        Rule(
+            cel="!(self.device == 'CUDA' && self.precision == 'INT8')",
+            message="serving.precision INT8 is built and measured for CPU only; use INT4, FP16 "
+            "or FP32 on CUDA",
+            check=lambda s: not (s.device == Device.CUDA and s.precision == Precision.INT8),
+            field_path=".precision",
+        ),
+        Rule(
+            cel="!has(self.quantization) || self.precision == 'INT4'",
+            message="serving.quantization applies to precision INT4 only",
+            check=lambda s: s.quantization is None or s.precision == Precision.INT4,
+            field_path=".quantization",
+        ),
+        Rule(
+            cel="!(self.device == 'CUDA' && has(self.quantization) && self.quantization == 'GPTQ')",
+            message="serving.quantization GPTQ is built for CPU only",
+            check=lambda s: not (s.device == Device.CUDA and s.quantization == Quantization.GPTQ),
+            field_path=".quantization",
         ),
         Rule(
             cel="self.device != 'CUDA' || !has(self.resources) || self.resources.gpus >= 1",

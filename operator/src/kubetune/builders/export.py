@@ -19,12 +19,14 @@ from kubetune.builders.meta import (
 
 def export_args(owner: Owner, generation: int, spec: FineTuneJobSpec) -> list[str]:
     run_dir = f"{naming.ARTIFACTS_MOUNT}/{naming.run_path(owner.name, generation)}"
+    quantization = spec.serving.quantization
     return [
         "-m", "kubetune_trainer", "export",
         "--input", run_dir,
         "--output", f"{run_dir}/onnx",
         "--precision", spec.serving.precision.value,
         "--device", spec.serving.device.value,
+        *([] if quantization is None else ["--quantization", quantization.value]),
     ]  # fmt: skip
 
 

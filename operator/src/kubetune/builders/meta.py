@@ -178,9 +178,19 @@ def training_hash(spec: FineTuneJobSpec) -> str:
         "resources": spec.resources.to_wire(),
         "deepspeed": spec.deepspeed.to_wire(),
         "storage": {"claimName": spec.storage.claim_name},
-        "export": {"precision": spec.serving.precision.value, "device": spec.serving.device.value},
+        "export": export_identity(spec),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def export_identity(spec: FineTuneJobSpec) -> dict[str, str]:
+    """What decides the exported model. `quantization` only when set, so a spec without it
+    keeps the hash it had before the field existed (no rerun on upgrade)."""
+    serving = spec.serving
+    identity = {"precision": serving.precision.value, "device": serving.device.value}
+    if serving.quantization is not None:
+        identity["quantization"] = serving.quantization.value
+    return identity
 
 
 def legacy_training_hash(spec: FineTuneJobSpec) -> str:

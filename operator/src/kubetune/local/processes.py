@@ -37,14 +37,17 @@ def train_command(config: Path, output: Path, plan: PlanStatus) -> list[str]:
     ]
 
 
-def export_command(source: Path | str, output: Path, precision: str, device: str) -> list[str]:
+def export_command(
+    source: Path | str, output: Path, precision: str, device: str, quantization: str | None = None
+) -> list[str]:
     """Export a run directory, a model directory or a model source (`builtin://NAME`) to a
     verified ONNX model."""
     return [
         sys.executable, "-m", "kubetune_trainer", "export",
         "--input", str(source), "--output", str(output),
         "--precision", precision, "--device", device,
-    ]
+        *([] if quantization is None else ["--quantization", quantization]),
+    ]  # fmt: skip
 
 
 SERVE_ENGINE = "batch"

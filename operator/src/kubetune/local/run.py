@@ -187,8 +187,9 @@ def train(config: RunConfig, run_dir: Path) -> int:
 def export(config: RunConfig, run_dir: Path) -> int:
     serving = config.spec.serving
     print(f"Export: ONNX ({serving.precision.value}, {serving.device.value})...", file=sys.stderr)
+    quantization = serving.quantization.value if serving.quantization else None
     command = export_command(run_dir, run_dir / "onnx", serving.precision.value,
-                             serving.device.value)
+                             serving.device.value, quantization)
     child = Child(command, run_dir / "logs" / "export.log")
     code = run_child(child)
     if code != 0:

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import RunConfig
-from kubetune.api.dataplane import ExportReport, TrainingReport, resolve_precision
+from kubetune.api.dataplane import (
+    ExportReport,
+    TrainingReport,
+    resolve_precision,
+    resolve_quantization,
+    weights_label,
+)
+from kubetune.api.spec import Device, Precision
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -33,12 +40,18 @@ def training_done(run_dir: Path) -> bool:
 
 
 def export_precision(config: RunConfig) -> str:
-    """The precision the exporter will use (the shared `Auto` rule)."""
+    """What the exporter will build: `Auto` on CPU, which the exporter decides by measuring
+    candidates; else `weights_label` (the shared `Auto` rule, INT4's method when not RTN)."""
     serving = config.spec.serving
-    return resolve_precision(serving.precision, serving.device).value
+    if serving.precision is Precision.AUTO and serving.device is Device.CPU:
+        return Precision.AUTO.value
+    precision = resolve_precision(serving.precision, serving.device)
+    quantization = resolve_quantization(serving.quantization, precision)
+    return weights_label(precision.value, None if quantization is None else quantization.value)
 
 
-def export_done(onnx_dir: Path, precision: str) -> bool:
-    """The exporter writes `export.json` with `ok: true` only after verifying the model."""
+def export_done(onnx_dir: Path, wanted: str) -> bool:
+    """The exporter writes `export.json` with `ok: true` only after verifying the model; an
+    `Auto` export counts for `Auto` only, a named precision for that precision only."""
     report = ExportReport.read(onnx_dir / "export.json")
-    return report is not None and report.ok and report.precision == precision
+    return report is not None and report.ok and (report.requested or report.weights) == wanted

@@ -16,8 +16,15 @@ import sys
 from pathlib import Path
 
 from kubetune.api import RunConfig
-from kubetune.api.dataplane import Score, TestSplitScores, TrainingReport, cache_root
+from kubetune.api.dataplane import (
+    ExportReport,
+    Score,
+    TestSplitScores,
+    TrainingReport,
+    cache_root,
+)
 from kubetune.local.evaluate import (
+    auto_summary,
     chat,
     evaluate,
     is_ready,
@@ -82,23 +89,28 @@ class Server:
 
 
 def base_onnx(config: RunConfig, run_dir: Path) -> Path:
-    """The base model exported like the fine-tuned one, once: a built-in base is cached for
-    every run (it never changes), any other base in the run directory."""
+    """The base model exported at the weights the fine-tuned one got (what `Auto` chose, for
+    `Auto`), once: a built-in base is cached for every run (it never changes), any other base
+    in the run directory."""
     serving = config.spec.serving
     source = config.spec.model.source
-    precision = export_precision(config)
+    tuned = ExportReport.read(run_dir / "onnx" / "export.json")
+    if tuned is None or not tuned.ok or tuned.precision is None:
+        raise RuntimeError("the fine-tuned model is not exported yet")
+    weights = tuned.weights
     if source.startswith("hf://"):
         raise RuntimeError("the base of an hf:// model is not exported locally")
     if source.startswith("builtin://"):
-        name = f"{source.removeprefix('builtin://')}-{precision}-{serving.device.value}"
+        name = f"{source.removeprefix('builtin://')}-{weights}-{serving.device.value}"
         target = cache_root() / "onnx" / name.lower()
     else:
         target = run_dir / "base-onnx"
-    if export_done(target, precision):
+    if export_done(target, weights):
         return target
     print(f"Export: the base model too, for the comparison ({target})...", file=sys.stderr)
     # The exporter resolves the source itself, as the trainer does in a pod.
-    command = export_command(source, target, serving.precision.value, serving.device.value)
+    command = export_command(source, target, tuned.precision, serving.device.value,
+                             tuned.quantization)
     child = Child(command, run_dir / "logs" / "export-base.log")
     if run_child(child) != 0:
         raise RuntimeError(f"exporting the base model failed:\n{child.log_tail()}")
@@ -108,7 +120,8 @@ def base_onnx(config: RunConfig, run_dir: Path) -> Path:
 def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_path: Path,
                        report: TrainingReport) -> TestSplitScores:
     """Base and fine-tuned exact-match accuracy on the test split, cached in the report."""
-    precision = export_precision(config)
+    exported = ExportReport.read(run_dir / "onnx" / "export.json")
+    precision = exported.weights if exported is not None else export_precision(config)
     cached = report.test
     if (cached is not None and cached.path == str(test_path)
             and cached.precision == precision and cached.engine == ENGINE):
@@ -152,6 +165,9 @@ def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: TrainingRep
         write_report(run_dir, report)
         print(side_by_side(test.base, test.fine_tuned, "test"))
         question = load_chat_examples(test_path)[0][0]
+    exported = ExportReport.read(run_dir / "onnx" / "export.json")
+    if exported is not None and exported.auto is not None:
+        print(auto_summary(exported.auto, exported.weights))
     answer = chat(server.base_url, server.name, question)
     print(f"\nEndpoint (OpenAI-compatible, ONNX Runtime): {server.base_url}")
     print(f"Request: {question[-1]['content']}")

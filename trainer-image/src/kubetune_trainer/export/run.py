@@ -1,6 +1,7 @@
 """`python -m kubetune_trainer export`: a trained model to a verified ONNX Runtime GenAI model.
 
-    export --input DIR --output DIR --precision INT4|FP16|FP32|Auto --device CPU|CUDA [--base DIR]
+    export --input DIR --output DIR --precision INT4|INT8|FP16|FP32|Auto --device CPU|CUDA
+           [--quantization RTN|RTNLast|KQuant|KQuantMixed|GPTQ] [--base DIR]
 
 `--input` is a run directory holding `merged/` or `adapter/`, an adapter directory, or a plain
 transformers model directory. An adapter is merged into its base (from `--base`, the run's
@@ -28,8 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, ExportReport, resolve_precision
+from kubetune.api.dataplane import (
+    CONFIG_ERROR_EXIT_CODE,
+    AutoChoice,
+    ExportReport,
+    resolve_precision,
+    resolve_quantization,
+)
+from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.heldout import Calibration
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -39,21 +48,56 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # own rounding, and far above what an export that computes the wrong thing would reach (it would
 # not follow PyTorch's argmax beyond common tokens; an expectation, not a measurement). FP16 rounds
 # far less than INT4 and gets a higher bar (not measured here: no GPU on this machine).
-AGREEMENT_THRESHOLDS = {"int4": 0.55, "fp16": 0.9}
+AGREEMENT_THRESHOLDS = {"int4": 0.55, "int8": 0.55, "fp16": 0.9}
 PARITY_TOKENS = 32
 
 
 def builder_precision(precision: str, device: str) -> str:
-    """The builder's precision name (`int4`, `fp16`, `fp32`) for `--precision` on `--device`;
-    what `Auto` means is `kubetune.api.dataplane.resolve_precision`'s to say."""
+    """The builder's precision name (`int4`, `int8`, `fp16`, `fp32`) for `--precision` on
+    `--device`; what `Auto` means is `kubetune.api.dataplane.resolve_precision`'s to say."""
     try:
         return resolve_precision(precision, device).value.lower()
     except ValueError as error:
         raise ConfigError(f"--precision/--device: {error}") from None
 
 
+def builder_quantization(quantization: str | None, precision: str) -> Quantization | None:
+    try:
+        return resolve_quantization(quantization, Precision(precision.upper()))
+    except ValueError as error:
+        raise ConfigError(f"--quantization: {error}") from None
+
+
+# The builder's `algo_config` per INT4 method (its names for them). RTN is the builder's
+# default (no algo_config), what every INT4 export before the choice existed was.
+ALGORITHMS = {
+    Quantization.RTN: None,
+    Quantization.RTN_LAST: "rtn_last",
+    Quantization.K_QUANT: "k_quant",
+    Quantization.K_QUANT_MIXED: "k_quant_mixed",
+    Quantization.GPTQ: None,  # RTN's graph, re-rounded afterwards (requantize.py)
+}
+
+
+def builder_options(precision: str, device: str, quantization: Quantization | None) -> list[str]:
+    """`--extra_options` for the builder. Blocks of 32 with int8 activations (accuracy_level
+    4) are Microsoft's CPU choice for 4-bit weights; INT8 weights take the same activations."""
+    if precision not in ("int4", "int8"):
+        return []
+    options = ["block_size=32"] + (["accuracy_level=4"] if device.upper() == "CPU" else [])
+    algorithm = None if quantization is None else ALGORITHMS[quantization]
+    if algorithm is not None:
+        options.append(f"algo_config={algorithm}")
+    return options
+
+
 def builder_command(
-    model_dir: Path, output: Path, precision: str, device: str, cache: Path
+    model_dir: Path,
+    output: Path,
+    precision: str,
+    device: str,
+    cache: Path,
+    quantization: Quantization | None = None,
 ) -> list[str]:
     command = [
         sys.executable,
@@ -70,9 +114,8 @@ def builder_command(
         "-c",
         str(cache),
     ]
-    if precision == "int4":
-        # Block 32 with int8 activations (accuracy_level 4) is Microsoft's CPU INT4 choice.
-        options = ["block_size=32"] + (["accuracy_level=4"] if device.upper() == "CPU" else [])
+    options = builder_options(precision, device, quantization)
+    if options:
         command += ["--extra_options", *options]
     return command
 
@@ -198,11 +241,113 @@ def verify(model_dir: Path, output: Path, precision: str, report: ExportReport) 
     return failures
 
 
-def export(source: Path, output: Path, precision: str, device: str, base: Path | None) -> int:
+def build(model_dir: Path, staging: Path, precision: str, device: str, scratch: Path,
+          method: Quantization | None, calibration: Calibration | None,
+          report: ExportReport) -> str | None:
+    """Run the builder into `staging`, re-round GPTQ's weights, and copy the training
+    tokenizer beside the model; the failure (the builder's log tail), or None."""
+    log = scratch / f"builder-{staging.name}.log"
+    with log.open("w") as sink:
+        built = subprocess.run(
+            builder_command(model_dir, staging, precision, device, scratch / "cache", method),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            check=False,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    if built.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        return f"model builder exited {built.returncode}: {tail}"
+    if method is Quantization.GPTQ:
+        if calibration is None or not calibration.sequences:
+            return "GPTQ needs calibration tokens: the run directory has no calibration.json"
+        error = gptq_in_place(model_dir, staging, calibration)
+        if isinstance(error, str):
+            return error
+        report.calibration_sequences = len(calibration.sequences)
+        report.output_error_vs_rtn = round(error, 4)
+    copy_tokenizer(model_dir, staging)
+    return None
+
+
+def gptq_in_place(model_dir: Path, staging: Path, calibration: Calibration) -> float | str:
+    """Re-round the RTN build in `staging` by GPTQ: its output error relative to RTN's, or why
+    it could not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.export.requantize import requantize
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    try:
+        return requantize(staging, model, calibration.sequences)
+    except (ValueError, AttributeError) as error:  # a layout or architecture it does not know
+        return f"GPTQ: {error}"
+
+
+def choose_automatically(
+    source: Path, model_dir: Path, scratch: Path, report: ExportReport
+) -> tuple[Path, str, Quantization | None] | str:
+    """`precision: Auto` on CPU (`auto.py`): build and score candidates fastest first; the
+    staging directory, precision and method of the first that keeps FP32's quality (FP32,
+    built last, when none does), or the builder's failure."""
+    from kubetune_trainer.export import auto
+    from kubetune_trainer.tokenizer import ServingTokenizer
+
     started = time.monotonic()
+    serving = ServingTokenizer.load(model_dir)
+    held_out = auto.HeldOut.read(source) or auto.fallback_held_out(
+        model_dir, serving, PARITY_TOKENS)
+    reference = auto.torch_reference(model_dir, held_out)
+    fp32 = auto.Candidate(Precision.FP32)
+    report.auto = AutoChoice(
+        rule=auto.rule(reference.score), held_out_records=len(held_out.records),
+        answers=len(held_out.answers), seconds=round(time.monotonic() - started, 1),
+        fp32=auto.score_report(fp32, reference.score, True, "the reference", 0.0),
+    )
+    calibration = Calibration.read(source)
+    for index, candidate in enumerate(auto.candidates(calibration is not None)):
+        started = time.monotonic()
+        precision = candidate.precision.value.lower()
+        staging = scratch / f"candidate-{index}"
+        failure = build(model_dir, staging, precision, "CPU", scratch, candidate.quantization,
+                        calibration, report)
+        if failure is not None:
+            return failure
+        tried = auto.try_candidate(candidate, staging, reference, serving.eos_token_id,
+                                   time.monotonic() - started)
+        report.auto.candidates.append(tried)
+        print(f"auto: {tried.to_json(indent=None)}", file=sys.stderr, flush=True)
+        if tried.passed:
+            return staging, precision, candidate.quantization
+        shutil.rmtree(staging)
+    staging = scratch / "fp32"
+    failure = build(model_dir, staging, "fp32", "CPU", scratch, None, None, report)
+    return failure if failure is not None else (staging, "fp32", None)
+
+
+def export(
+    source: Path,
+    output: Path,
+    precision: str,
+    device: str,
+    base: Path | None,
+    quantization: str | None = None,
+) -> int:
+    started = time.monotonic()
+    automatic = str(precision).upper() == "AUTO" and str(device).upper() == "CPU"
     precision = builder_precision(precision, device)
+    method = builder_quantization(quantization, precision)
+    if automatic and quantization is not None:
+        raise ConfigError("--quantization: Auto chooses the method itself; give --precision INT4")
+    if method is Quantization.GPTQ and str(device).upper() != "CPU":
+        raise ConfigError("--quantization GPTQ: built for CPU's MatMulNBits layout only")
+    if method is Quantization.GPTQ and Calibration.read(source) is None:
+        raise ConfigError(f"--quantization GPTQ: {source} has no calibration.json (the trainer "
+                          "writes it): export a training run directory")
     model_dir, adapter_base = resolve_input(source, base)
-    report = ExportReport(input=str(source), precision=precision.upper(), device=device.upper())
+    report = ExportReport(input=str(source), device=device.upper(),
+                          requested="Auto" if automatic else None)
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=output.parent) as scratch:
         if adapter_base is not None:
@@ -212,22 +357,23 @@ def export(source: Path, output: Path, precision: str, device: str, base: Path |
             report.timings["mergeSeconds"] = round(time.monotonic() - step, 2)
             report.adapter, report.base = str(model_dir), str(adapter_base)
             model_dir = merged
-        staging = Path(scratch) / "onnx"
         step = time.monotonic()
-        log = Path(scratch) / "builder.log"
-        with log.open("w") as sink:
-            built = subprocess.run(
-                builder_command(model_dir, staging, precision, device, Path(scratch) / "cache"),
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                check=False,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            )
+        if automatic:
+            chosen = choose_automatically(source, model_dir, Path(scratch), report)
+            if isinstance(chosen, str):
+                return fail(output, report, [chosen])
+            staging, precision, method = chosen
+        else:
+            staging = Path(scratch) / "onnx"
+            failure = build(model_dir, staging, precision, device, Path(scratch), method,
+                            Calibration.read(source), report)
+            if failure is not None:
+                return fail(output, report, [failure])
+        report.precision = precision.upper()
+        report.quantization = None if method is None else method.value
+        if method is not Quantization.GPTQ:  # an Auto candidate's, not this export's
+            report.calibration_sequences = report.output_error_vs_rtn = None
         report.timings["buildSeconds"] = round(time.monotonic() - step, 2)
-        if built.returncode != 0:
-            tail = log.read_text(errors="replace")[-2000:]
-            return fail(output, report, [f"model builder exited {built.returncode}: {tail}"])
-        copy_tokenizer(model_dir, staging)
         report.sizes = {
             "modelBytes": sum(f.stat().st_size for f in staging.glob("model.onnx*")),
             "totalBytes": directory_bytes(staging),
@@ -246,7 +392,7 @@ def export(source: Path, output: Path, precision: str, device: str, base: Path |
     report.ok = True
     report.timings["totalSeconds"] = round(time.monotonic() - started, 2)
     write_report(output, report)
-    print(json.dumps({"exported": str(output), **report.sizes}))
+    print(json.dumps({"exported": str(output), "weights": report.weights, **report.sizes}))
     return 0
 
 
@@ -270,12 +416,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True,
                         help="a directory, or a model source such as builtin://NAME")
     parser.add_argument("--output", required=True, type=Path)
-    parser.add_argument("--precision", default="Auto", help="INT4, FP16, FP32 or Auto")
+    parser.add_argument("--precision", default="Auto", help="INT4, INT8, FP16, FP32 or Auto")
+    parser.add_argument(
+        "--quantization",
+        help="INT4's rounding: RTN (default), RTNLast, KQuant, KQuantMixed or GPTQ",
+    )
     parser.add_argument("--device", default="CPU", help="CPU or CUDA")
     parser.add_argument("--base", type=Path, help="base model of an adapter input")
     args = parser.parse_args(argv)
     try:
-        return export(input_path(args.input), args.output, args.precision, args.device, args.base)
+        return export(
+            input_path(args.input),
+            args.output,
+            args.precision,
+            args.device,
+            args.base,
+            args.quantization,
+        )
     except ConfigError as error:
         print(f"export: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE

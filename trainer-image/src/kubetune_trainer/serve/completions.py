@@ -196,9 +196,9 @@ async def generate(
                     break
                 if event.kind == "delta":
                     now = time.monotonic()
-                    if answer.first:
+                    if all(a.first for a in answers):  # the request's first token: TTFT
                         metrics.first_token(now - started)
-                    elif event.completion_tokens > answer.generated:
+                    if not answer.first and event.completion_tokens > answer.generated:
                         metrics.between_tokens(
                             now - answer.last_token, event.completion_tokens - answer.generated
                         )

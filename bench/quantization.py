@@ -1,0 +1,155 @@
+"""Which quantization keeps the fine-tuned model's accuracy, and at what speed: each candidate
+built by onnxruntime-genai's builder from the same merged weights, served by KubeTune's server
+(default `batch` engine), scored on the held-out test split (greedy exact match, as `kubetune
+run` scores it) and timed single-stream (64 greedy tokens on bench/inference.py's prompts), in
+one run on one machine.
+
+    python bench/quantization.py [--model runs/quickstart/merged] [--test FILE]
+                                 [--work /tmp/kubetune-quant] [--only NAME,NAME]
+
+`--model` is a merged transformers directory (`make run` writes runs/quickstart/merged);
+`--test` defaults to the built-in dataset's test split. Prints, per candidate: exact match,
+points below FP32, decode tokens/s and its ratio to FP32, model bytes. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from inference import PROMPTS, machine, stream_once
+from structured_output import serve
+
+# name -> (builder precision, --extra_options). accuracy_level=4 (int8 activations) is the
+# builder's CPU default for MatMulNBits, spelled out so every INT4/INT8 row says what it ran.
+CANDIDATES: dict[str, tuple[str, list[str]]] = {
+    "FP32": ("fp32", []),
+    "INT8": ("int8", ["accuracy_level=4"]),
+    "INT4 RTN b32": ("int4", ["block_size=32", "accuracy_level=4"]),
+    # (is_symmetric=false builds a graph ONNX Runtime 1.32 refuses to load for this tied-
+    # embedding model: a uint8 Reshape output where float is expected.)
+    "INT4 RTN b32 fp32-act": ("int4", ["block_size=32", "accuracy_level=1"]),
+    "INT4 RTN b16": ("int4", ["block_size=16", "accuracy_level=4"]),
+    "INT4 rtn_last": ("int4", ["block_size=32", "accuracy_level=4", "algo_config=rtn_last"]),
+    "INT4 k_quant": ("int4", ["block_size=32", "accuracy_level=4", "algo_config=k_quant"]),
+    "INT4 k_quant b16": ("int4", ["block_size=16", "accuracy_level=4", "algo_config=k_quant"]),
+    "INT4 k_quant_mixed": ("int4", ["block_size=32", "accuracy_level=4",
+                                    "algo_config=k_quant_mixed"]),
+    # RTN's graph re-rounded by kubetune_trainer/export/requantize.py: searched scales, and
+    # searched scales weighted by calibration activations (the first training records).
+    "INT4 searched": ("int4", ["block_size=32", "accuracy_level=4"]),
+    "INT4 searched+imatrix": ("int4", ["block_size=32", "accuracy_level=4"]),
+}
+CALIBRATION_RECORDS = 128
+
+
+def requantized(model: Path, rtn: Path, output: Path, calibrate: bool) -> Path:
+    """A copy of the RTN export with its INT4 weights re-rounded (requantize.py)."""
+    if (output / "genai_config.json").is_file():
+        return output
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.export.requantize import requantize
+    from kubetune_trainer.tokenizer import ServingTokenizer
+
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(rtn, staging)
+    sequences: list[list[int]] = []
+    if calibrate:
+        tokenizer = ServingTokenizer.load(rtn)
+        train = Path(__file__).resolve().parents[1] / (
+            "trainer-image/src/kubetune_trainer/datasets/kubectl-commands/train.jsonl")
+        for line in train.read_text().splitlines()[:CALIBRATION_RECORDS]:
+            messages = json.loads(line)["messages"]
+            text = tokenizer.render_chat(messages, False)
+            sequences.append(tokenizer.encode(text, add_special_tokens=False))
+    loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    print(output.name, requantize(staging, loaded.eval(), sequences), flush=True)
+    staging.rename(output)
+    return output
+
+
+def build(model: Path, output: Path, precision: str, options: list[str]) -> Path:
+    if (output / "genai_config.json").is_file():
+        return output
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model),
+               "-o", str(output), "-p", precision, "-e", "cpu", "-c", str(output.parent / "cache")]
+    if options:
+        command += ["--extra_options", *options]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model / name).is_file():
+            shutil.copy2(model / name, output / name)
+    return output
+
+
+def measure(model_dir: Path, examples: list[Any], tokens: int = 64) -> dict[str, float]:
+    from kubetune.local.evaluate import evaluate
+
+    url, process = serve(model_dir, 256)  # room for the longest reference answer
+    try:
+        score = evaluate(url + "/v1", model_dir.name, examples)
+        stream_once(url, model_dir.name, PROMPTS[0], 8)  # warm the HTTP path
+        runs = [stream_once(url, model_dir.name, p, tokens) for p in PROMPTS]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(120)
+    return {
+        "correct": score.correct,
+        "total": score.total,
+        "decode": sum(r["tokens"] - 1 for r in runs) / sum(r["decode"] for r in runs),
+        "bytes": sum(f.stat().st_size for f in model_dir.glob("model.onnx*")),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, default=Path("runs/quickstart/merged"))
+    parser.add_argument("--test", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/kubetune-quant"))
+    parser.add_argument("--only", help="comma-separated candidate names (FP32 is always run)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from kubetune.local.evaluate import load_chat_examples
+
+    test = args.test or Path(__file__).resolve().parents[1] / (
+        "trainer-image/src/kubetune_trainer/datasets/kubectl-commands/test.jsonl")
+    examples = load_chat_examples(test)
+    names = ["FP32", *(n for n in (args.only or ",".join(CANDIDATES)).split(",") if n != "FP32")]
+    results = {}
+    for name in names:
+        precision, options = CANDIDATES[name]
+        slug = name.lower().replace(" ", "-")
+        if name.startswith("INT4 searched"):
+            rtn = build(args.model, args.work / "int4-rtn-b32", precision, options)
+            model_dir = requantized(args.model, rtn, args.work / slug, "imatrix" in name)
+        else:
+            model_dir = build(args.model, args.work / slug, precision, options)
+        try:
+            results[name] = measure(model_dir, examples)
+        except RuntimeError as error:  # a candidate that does not load is reported, not fatal
+            print(f"{name}: {error}", flush=True)
+            continue
+        print(name, results[name], flush=True)
+    fp32 = results["FP32"]
+    print(machine())
+    print(f"{'candidate':20} {'exact':>8} {'vs FP32':>7} {'decode tok/s':>12} {'x FP32':>6} "
+          f"{'MB':>6}")
+    for name, r in results.items():
+        print(f"{name:20} {r['correct']:>4}/{r['total']:<3} {r['correct'] - fp32['correct']:>+7} "
+              f"{r['decode']:12.1f} {r['decode'] / fp32['decode']:6.2f} {r['bytes'] / 1e6:6.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""`precision: Auto` on CPU: the fastest quantized candidate that keeps the FP32 model's quality.
+
+Candidates go fastest first (single-stream decode on the bench machine, bench/RESULTS.md). Each
+is built and scored on the run's held-out records (`kubetune_trainer.heldout`) against the FP32
+model in PyTorch (which the FP32 export matches token for token: `parity`):
+
+- with reference answers: greedy exact match. A candidate passes when its accuracy is at most
+  `ACCURACY_TOLERANCE` below FP32's;
+- without any: teacher-forced top-1 agreement with FP32 over the target tokens and their mean
+  loss. A candidate passes with agreement of at least `AGREEMENT_FLOOR` and a loss at most
+  `LOSS_TOLERANCE` above FP32's.
+
+The first that passes is exported; when none does, FP32 is. With no held-out records at all
+(a plain model directory), the candidates are scored teacher-forced on PyTorch's greedy
+continuations of the parity prompts. `decide` is the pure rule; the rest is measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kubetune.api.dataplane import CandidateScore, exact_match
+from kubetune.api.spec import Precision, Quantization
+from kubetune_trainer.heldout import IGNORE, HeldOut, HeldOutRecord
+
+ACCURACY_TOLERANCE = 0.01
+"""Exact match may fall at most one point below FP32's."""
+AGREEMENT_FLOOR = 0.97
+LOSS_TOLERANCE = 0.05
+"""Mean target-token loss (nats) may rise at most this much above FP32's."""
+ANSWER_SLACK = 8
+"""Tokens past the reference's length a greedy answer may run (as the trainer's evaluation)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: Precision
+    quantization: Quantization | None = None
+
+
+def candidates(calibrated: bool) -> tuple[Candidate, ...]:
+    """Fastest first, as measured on the quickstart's model (bench/RESULTS.md, issue 14).
+    GPTQ has RTN's speed and, given calibration tokens, rounds better: it takes RTN's place.
+    Zero points (k-quant) and 8-bit weights keep more accuracy at less speed."""
+    first = Quantization.GPTQ if calibrated else Quantization.RTN
+    return (
+        Candidate(Precision.INT4, first),
+        Candidate(Precision.INT4, Quantization.K_QUANT_MIXED),
+        Candidate(Precision.INT8),
+    )
+
+
+@dataclass(frozen=True)
+class Score:
+    accuracy: float | None
+    """Greedy exact match over the answered records; None without any."""
+    agreement: float
+    """Teacher-forced top-1 agreement with FP32's argmax (FP32 itself: 1)."""
+    loss: float
+    """Mean loss of the target tokens."""
+
+
+def decide(candidate: Score, fp32: Score) -> tuple[bool, str]:
+    """Whether a candidate keeps FP32's quality, and why (in the tolerance's own terms)."""
+    if fp32.accuracy is not None and candidate.accuracy is not None:
+        floor = fp32.accuracy - ACCURACY_TOLERANCE
+        verdict = candidate.accuracy >= floor - 1e-9
+        return verdict, (f"exact match {candidate.accuracy:.3f} "
+                         f"{'>=' if verdict else '<'} FP32's {fp32.accuracy:.3f} - "
+                         f"{ACCURACY_TOLERANCE}")
+    ceiling = fp32.loss + LOSS_TOLERANCE
+    verdict = candidate.agreement >= AGREEMENT_FLOOR and candidate.loss <= ceiling
+    return verdict, (f"teacher-forced agreement {candidate.agreement:.3f} (floor "
+                     f"{AGREEMENT_FLOOR}), loss {candidate.loss:.3f} (ceiling {ceiling:.3f})")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """FP32's view of the held-out records: its score and its argmax at every target."""
+
+    held_out: HeldOut
+    score: Score
+    argmax: list[np.ndarray]
+
+
+def fallback_held_out(model_dir: Path, serving: Any, tokens: int) -> HeldOut:
+    """Held-out records when the run left none: the parity prompts with PyTorch's greedy
+    continuations as targets (no answers, so candidates are judged teacher-forced)."""
+    from kubetune_trainer.export import parity
+
+    prompts = parity.prompt_ids(serving)
+    continuations = parity.torch_greedy(model_dir, prompts, tokens)
+    return HeldOut(records=[
+        HeldOutRecord(input_ids=p + c, labels=[IGNORE] * len(p) + c)
+        for p, c in zip(prompts, continuations, strict=True)
+    ])
+
+
+def _targets(record: HeldOutRecord) -> tuple[list[int], list[int]]:
+    positions = record.target_positions()
+    return positions, [record.input_ids[p + 1] for p in positions]
+
+
+def _loss(logits: np.ndarray, positions: list[int], targets: list[int]) -> float:
+    """Summed cross-entropy of `targets` at `positions` of (length, vocab) logits."""
+    rows = logits[positions].astype(np.float64)
+    top = rows.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
+    return float((log_norm - rows[np.arange(len(targets)), targets]).sum())
+
+
+def torch_reference(model_dir: Path, held_out: HeldOut) -> Reference:
+    """Score the FP32 model in PyTorch: greedy answers, argmax and loss at each target."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    argmax, loss, count = [], 0.0, 0
+    with torch.inference_mode():
+        for record in held_out.records:
+            positions, targets = _targets(record)
+            logits = model(input_ids=torch.tensor([record.input_ids])).logits[0].numpy()
+            argmax.append(logits[positions].argmax(axis=1))
+            loss += _loss(logits, positions, targets)
+            count += len(targets)
+
+        def greedy(prompt: list[int], budget: int) -> list[int]:
+            output = model.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=budget, do_sample=False,
+                eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else None,
+            )
+            return [int(t) for t in output[0, len(prompt):]]
+
+        accuracy = _accuracy(held_out, greedy, model_dir)
+    return Reference(held_out, Score(accuracy, 1.0, loss / max(count, 1)), argmax)
+
+
+def _accuracy(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> float | None:
+    from kubetune_trainer.tokenizer import ServingTokenizer
+
+    answers = held_out.answers
+    if not answers:
+        return None
+    tokenizer = ServingTokenizer.load(tokenizer_dir)
+    hits = 0
+    for record in answers:
+        assert record.prompt is not None and record.reference is not None
+        budget = len(tokenizer.encode(record.reference, add_special_tokens=False)) + ANSWER_SLACK
+        answer = tokenizer.decode(greedy(record.prompt, budget))
+        hits += exact_match(answer, record.reference)
+    return hits / len(answers)
+
+
+class OnnxDecoder:
+    """An exported model in plain ONNX Runtime: all-position logits of a whole sequence, and
+    greedy decoding with its key/value cache."""
+
+    def __init__(self, onnx_dir: Path, eos: int | None) -> None:
+        import onnxruntime as ort
+
+        config = json.loads((onnx_dir / "genai_config.json").read_text())["model"]
+        decoder = config["decoder"]
+        self.session = ort.InferenceSession(str(onnx_dir / decoder["filename"]),
+                                            providers=["CPUExecutionProvider"])
+        layers = int(decoder["num_hidden_layers"])
+        self.kv_names = [f"past_key_values.{i}.{part}" for i in range(layers)
+                         for part in ("key", "value")]
+        self.kv_shape = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
+        kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past"))
+        self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
+        self.outputs = ["logits"] + [n.replace("past_key_values", "present")
+                                     for n in self.kv_names]
+        self.eos = eos
+
+    def run(self, ids: list[int], past: list[np.ndarray] | None,
+            length: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        heads, size = self.kv_shape
+        past = past or [np.zeros((1, heads, 0, size), self.kv_dtype)] * len(self.kv_names)
+        feeds = {"input_ids": np.array([ids], np.int64),
+                 "attention_mask": np.ones((1, length), np.int64),
+                 **dict(zip(self.kv_names, past, strict=True))}
+        logits, *present = self.session.run(self.outputs, feeds)
+        return logits[0], present
+
+    def greedy(self, prompt: list[int], budget: int) -> list[int]:
+        logits, past = self.run(prompt, None, len(prompt))
+        generated: list[int] = []
+        while len(generated) < budget:
+            token = int(logits[-1].argmax())
+            if token == self.eos:
+                break
+            generated.append(token)
+            logits, past = self.run([token], past, len(prompt) + len(generated))
+        return generated
+
+
+def onnx_score(onnx_dir: Path, reference: Reference, eos: int | None) -> Score:
+    decoder = OnnxDecoder(onnx_dir, eos)
+    hits, loss, count = 0, 0.0, 0
+    for record, wanted in zip(reference.held_out.records, reference.argmax, strict=True):
+        positions, targets = _targets(record)
+        logits, _ = decoder.run(record.input_ids, None, len(record.input_ids))
+        hits += int((logits[positions].argmax(axis=1) == wanted).sum())
+        loss += _loss(logits, positions, targets)
+        count += len(targets)
+    accuracy = _accuracy(reference.held_out, decoder.greedy, onnx_dir)
+    return Score(accuracy, hits / max(count, 1), loss / max(count, 1))
+
+
+def rule(fp32: Score) -> str:
+    """`decide`'s rule for this held-out set, in words."""
+    if fp32.accuracy is not None:
+        return f"exact match at most {ACCURACY_TOLERANCE} below FP32's"
+    return (f"teacher-forced agreement >= {AGREEMENT_FLOOR} and loss at most {LOSS_TOLERANCE} "
+            "above FP32's")
+
+
+def score_report(candidate: Candidate, score: Score, passed: bool, reason: str,
+                 seconds: float) -> CandidateScore:
+    quantization = candidate.quantization
+    return CandidateScore(
+        precision=candidate.precision.value,
+        quantization=None if quantization is None else quantization.value,
+        accuracy=None if score.accuracy is None else round(score.accuracy, 4),
+        agreement=round(score.agreement, 4), loss=round(score.loss, 4),
+        passed=passed, reason=reason, seconds=round(seconds, 1),
+    )
+
+
+def try_candidate(candidate: Candidate, onnx_dir: Path, reference: Reference,
+                  eos: int | None, build_seconds: float) -> CandidateScore:
+    """Score a built candidate and judge it (`decide`)."""
+    started = time.monotonic()
+    score = onnx_score(onnx_dir, reference, eos)
+    passed, reason = decide(score, reference.score)
+    if math.isnan(score.loss):
+        passed, reason = False, "loss is NaN"
+    return score_report(candidate, score, passed, reason,
+                        build_seconds + time.monotonic() - started)
