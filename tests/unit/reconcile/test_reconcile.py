@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.dataplane import AutoChoice, CandidateScore, ExportReport
 from kubetune.reconcile.decide import ChildRef, needs_reference_check
 from tests.unit.operator_fixtures import (
     applied,
@@ -283,3 +284,44 @@ def test_a_spec_the_models_refuse_is_invalid_with_the_field_named() -> None:
     (condition,) = status["conditions"]
     assert condition["type"] == "Validated" and condition["status"] == "False"
     assert condition["reason"] == "InvalidSpec" and "method" in condition["message"]
+
+
+AUTO_EXPORT = ExportReport(
+    ok=True, requested="Auto", precision="INT4", quantization="GPTQ",
+    auto=AutoChoice(
+        rule="exact match at most 0.01 below FP32's", held_out_records=40, answers=40,
+        fp32=CandidateScore(precision="FP32", accuracy=0.825, agreement=1.0, loss=0.03),
+        candidates=[CandidateScore(precision="INT4", quantization="GPTQ", accuracy=0.85,
+                                   agreement=0.97, loss=0.04, passed=True,
+                                   reason="exact match 0.850 >= FP32's 0.825 - 0.01")],
+    ),
+)
+
+
+def test_status_says_what_auto_exported_beside_fp32_and_keeps_it_when_the_pod_is_gone() -> None:
+    job_body, children = _trained_world()
+    export_job_name = next(c for c in children if c["kind"] == "Job"
+                           and c["metadata"]["name"].endswith("export"))["metadata"]["name"]
+    message = AUTO_EXPORT.short_form()
+    assert len(message.encode()) <= 4096 and "kept FP32" not in message
+    with_pod = [*children, pod(export_job_name, "Succeeded", message=message)]
+    status = _status_after(job_body, with_pod)
+    evaluation = status["evaluation"]
+    assert evaluation["exportedWeights"] == "INT4-GPTQ"
+    assert evaluation["exportedAccuracy"] == "0.85"
+    assert "FP32 exact match 82.5%" in evaluation["exportMessage"]
+    assert "INT4-GPTQ exact match 85.0%" in evaluation["exportMessage"]
+    # the export pod is deleted (TTL, a node drain): status keeps what it said
+    again = observe({**job_body, "status": status}, children)
+    assert "evaluation" not in again.status_patch
+
+
+def test_a_named_precision_is_reported_without_a_choice() -> None:
+    job_body, children = _trained_world()
+    export_job_name = next(c for c in children if c["kind"] == "Job"
+                           and c["metadata"]["name"].endswith("export"))["metadata"]["name"]
+    plain = ExportReport(ok=True, precision="INT8").short_form()
+    status = _status_after(job_body, [*children, pod(export_job_name, "Succeeded",
+                                                     message=plain)])
+    assert status["evaluation"]["exportedWeights"] == "INT8"
+    assert "exportMessage" not in status["evaluation"]

@@ -15,6 +15,7 @@ code and every rule they both apply:
   INT4's rounding method.
 - `exact_match`: when a generated answer counts as the reference answer.
 - `cache_root`: where converted models are cached on a machine.
+- `write_termination_message`: how a data-plane pod hands its short report to the operator.
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ STOPPED_EXIT_CODE = 143
 checkpoint at the next step boundary and stopped: retryable, a restart resumes from it.
 128 + SIGTERM, what a shell or the kubelet reports for a process ended by SIGTERM, so a stop
 reads the same whether the trainer or the signal ended it; the log says which."""
+
+
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+"""Where a data-plane pod writes its termination message (default /dev/termination-log)."""
+
+
+def write_termination_message(text: str) -> None:
+    """Hand the operator a pod's short report through the kubelet's termination message;
+    silently nothing outside a pod (the report file is enough there)."""
+    path = os.environ.get(TERMINATION_LOG_ENV, "/dev/termination-log")
+    try:
+        with open(path, "w") as handle:
+            handle.write(text)
+    except OSError:
+        pass
 
 
 class Report(BaseModel):
@@ -196,6 +212,16 @@ class CandidateScore(Report):
     seconds: float = 0.0
     """Building and scoring it."""
 
+    @property
+    def weights(self) -> str:
+        return weights_label(self.precision, self.quantization)
+
+    def describe(self) -> str:
+        """Its score as the rule reads it: exact match, else agreement and loss."""
+        if self.accuracy is not None:
+            return f"exact match {100 * self.accuracy:.1f}%"
+        return f"agreement {100 * (self.agreement or 0):.1f}%, loss {self.loss or 0:.3f}"
+
 
 class AutoChoice(Report):
     """What `precision: Auto` tried, fastest first, and by what rule it chose."""
@@ -243,6 +269,27 @@ class ExportReport(Report):
     def weights(self) -> str:
         """`weights_label` of this export."""
         return weights_label(self.precision, self.quantization)
+
+    def short_form(self) -> str:
+        """The export pod's termination message (at most 4096 bytes): what the operator puts
+        in `status.evaluation`; the candidates' reasons are dropped, export.json keeps them."""
+        short = self.model_copy(update={"tokenizer_parity": None, "genai_tokenizer": None,
+                                        "output_parity": None, "timings": {}, "sizes": {}})
+        if short.auto is not None:
+            short.auto = short.auto.model_copy(update={"candidates": [
+                c.model_copy(update={"reason": ""}) for c in short.auto.candidates]})
+        short.failures = [f[:400] for f in short.failures[:3]]
+        return short.to_json(indent=None)
+
+    def choice_message(self) -> str | None:
+        """`precision: Auto`'s choice in a sentence: what it served, beside FP32."""
+        if self.auto is None:
+            return None
+        chosen = next((c for c in self.auto.candidates if c.passed), None)
+        tried = ", ".join(f"{c.weights} {c.describe()}" for c in self.auto.candidates)
+        verdict = "none kept FP32's quality" if chosen is None else f"{chosen.weights} kept it"
+        return (f"Auto exported {self.weights}: FP32 {self.auto.fp32.describe()}; tried {tried}; "
+                f"{verdict} ({self.auto.rule})")
 
 
 def resolve_precision(precision: Precision | str, device: Device | str) -> Precision:

@@ -131,6 +131,14 @@ class EvaluationStatus(ApiModel):
     """Exact-match accuracy of the base model's greedy answers."""
     accuracy: ShortString | None = None
     """Exact-match accuracy of the fine-tuned model's greedy answers."""
+    exported_weights: ShortString | None = None
+    """What the export built: INT4, INT4-GPTQ, INT8, FP16 or FP32 (with `precision: Auto`,
+    what it chose)."""
+    exported_accuracy: ShortString | None = None
+    """With `precision: Auto`: the exported weights' exact match on the same answers as
+    `accuracy` (FP32's, when it chose FP32)."""
+    export_message: Message = ""
+    """With `precision: Auto`: what it tried, each beside FP32, and the rule it chose by."""
     passed: bool | None = None
     """Whether the gate passed."""
     message: Message = ""

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.dataplane import AutoChoice, CandidateScore, Score, exact_match, weights_label
+from kubetune.api.dataplane import AutoChoice, Score, exact_match
 
 
 def load_chat_examples(path: Path) -> list[tuple[list[dict[str, str]], str]]:
@@ -93,15 +93,9 @@ def side_by_side(base: Score | None, tuned: Score, split: str) -> str:
 def auto_summary(choice: AutoChoice, served: str) -> str:
     """What `precision: Auto` measured (export.json): each candidate's held-out score beside
     FP32's, and the one served."""
-    def score(candidate: CandidateScore) -> str:
-        if candidate.accuracy is not None:
-            return f"exact match {100 * candidate.accuracy:5.1f}%"
-        return f"agreement {100 * (candidate.agreement or 0):5.1f}%, loss {candidate.loss:.3f}"
-
     lines = [f"Precision Auto served {served} (held-out validation, {choice.held_out_records} "
-             f"records; rule: {choice.rule}):", f"  FP32              {score(choice.fp32)}"]
+             f"records; rule: {choice.rule}):", f"  FP32              {choice.fp32.describe()}"]
     for candidate in choice.candidates:
-        label = weights_label(candidate.precision, candidate.quantization)
         verdict = "chosen" if candidate.passed else "too far from FP32"
-        lines.append(f"  {label:17} {score(candidate)}  {verdict}")
+        lines.append(f"  {candidate.weights:17} {candidate.describe()}  {verdict}")
     return "\n".join(lines)

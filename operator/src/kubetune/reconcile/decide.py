@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import ConditionType, FineTuneJobSpec, Phase, PlanStatus
-from kubetune.api.dataplane import TrainingReport
+from kubetune.api.dataplane import ExportReport, TrainingReport
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
@@ -42,7 +42,7 @@ from kubetune.reconcile.readiness import (
     serving_condition,
     training_condition,
 )
-from kubetune.reconcile.runs import RunState, RunStatus, run_status
+from kubetune.reconcile.runs import RunState, RunStatus, export_report, run_status
 from kubetune.reconcile.status import ServingView, build_status, serving_view
 
 # ChildRef and current_generation are imported from here by callers and tests too.
@@ -115,6 +115,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     export: RunStatus | None = None
     gate: tuple[bool, str] | None = None
     report: TrainingReport | None = None
+    exported: ExportReport | None = None
     view = serving_view(of_component(obs.children, "Deployment", naming.COMPONENT_SERVER), previous)
 
     if problems or obs.plan is None:
@@ -142,7 +143,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             export_name = naming.export_job_name(owner.name, generation)
             exporters = of_component(obs.children, "Job", naming.COMPONENT_EXPORTER)
             exporter = named(exporters, export_name)
-            export = run_status(exporter, pods_of_job(obs.children, export_name), "export")
+            export_pods = pods_of_job(obs.children, export_name)
+            export = run_status(exporter, export_pods, "export")
+            exported = export_report(export_pods) if export.state is RunState.SUCCEEDED else None
         if export is not None and export.state is RunState.SUCCEEDED:
             serving_loss = view.eval_loss if view.template_generation != generation else None
             measured = report or TrainingReport()
@@ -183,6 +186,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         conditions=merged,
         training=training,
         report=report,
+        export_result=exported,
         gate=gate,
         view=view,
         endpoint=endpoint,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from kubetune.api.dataplane import TrainingReport
+from kubetune.api.dataplane import ExportReport, TrainingReport
 from kubetune.builders import naming
 
 MAX_MESSAGE = 1024
@@ -74,13 +74,26 @@ def _completion_index(pod: Mapping[str, Any]) -> str | None:
 
 def final_report(pods: Sequence[Mapping[str, Any]]) -> TrainingReport | None:
     """The report of the succeeded rank-0 pod (index 0 writes it), else any succeeded pod's."""
-    succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
-    succeeded.sort(key=lambda p: (_completion_index(p) != "0", p["metadata"]["name"]))
-    for pod in succeeded:
-        report = TrainingReport.parse((_terminated(pod) or {}).get("message"))
+    for message in _succeeded_messages(pods):
+        report = TrainingReport.parse(message)
         if report is not None:
             return report
     return None
+
+
+def export_report(pods: Sequence[Mapping[str, Any]]) -> ExportReport | None:
+    """What the succeeded export pod exported (its termination message), if it said."""
+    for message in _succeeded_messages(pods):
+        report = ExportReport.parse(message)
+        if report is not None and report.ok:
+            return report
+    return None
+
+
+def _succeeded_messages(pods: Sequence[Mapping[str, Any]]) -> list[str | None]:
+    succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    succeeded.sort(key=lambda p: (_completion_index(p) != "0", p["metadata"]["name"]))
+    return [(_terminated(pod) or {}).get("message") for pod in succeeded]
 
 
 def _unschedulable(pods: Sequence[Mapping[str, Any]]) -> str | None:

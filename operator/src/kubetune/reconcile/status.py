@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec, PlanStatus
-from kubetune.api.dataplane import TrainingReport
+from kubetune.api.dataplane import ExportReport, TrainingReport
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner
 from kubetune.reconcile.runs import RunState, RunStatus
@@ -119,12 +119,32 @@ def _artifacts(
     return artifacts
 
 
+def _exported(exported: ExportReport | None, previous: Mapping[str, Any],
+              generation: int) -> dict[str, Any]:
+    """The export's keys of `status.evaluation`: from the export pod's report, else kept from
+    the previous status of the same generation (the pod may be gone)."""
+    if exported is None:
+        kept = previous.get("evaluation") or {}
+        if kept.get("generation") != generation:
+            return {}
+        names = ("exportedWeights", "exportedAccuracy", "exportMessage")
+        return {name: kept[name] for name in names if kept.get(name)}
+    keys: dict[str, Any] = {"exportedWeights": exported.weights}
+    auto = exported.auto
+    if auto is not None:
+        chosen = next((c for c in auto.candidates if c.passed), auto.fp32)
+        keys["exportedAccuracy"] = decimal(chosen.accuracy)
+        keys["exportMessage"] = exported.choice_message()
+    return {name: value for name, value in keys.items() if value is not None}
+
+
 def _evaluation(
-    generation: int, report: TrainingReport | None, gate: tuple[bool, str] | None
+    generation: int, report: TrainingReport | None, gate: tuple[bool, str] | None,
+    exported: dict[str, Any],
 ) -> dict[str, Any] | None:
     if report is None:
         return None
-    evaluation: dict[str, Any] = {"generation": generation}
+    evaluation: dict[str, Any] = {"generation": generation, **exported}
     measured = {"evalLoss": report.eval_loss, "baseEvalLoss": report.base_eval_loss,
                 "accuracy": report.accuracy, "baseAccuracy": report.base_accuracy}
     for key, number in measured.items():
@@ -147,6 +167,7 @@ def build_status(
     conditions: list[dict[str, Any]],
     training: RunStatus | None,
     report: TrainingReport | None,
+    export_result: ExportReport | None,
     gate: tuple[bool, str] | None,
     view: ServingView,
     endpoint: str,
@@ -165,7 +186,8 @@ def build_status(
     progress = _progress(training, report)
     if progress is not ...:
         status["progress"] = progress
-    evaluation = _evaluation(training_generation, report, gate)
+    evaluation = _evaluation(training_generation, report, gate,
+                             _exported(export_result, previous, training_generation))
     if evaluation is not None:
         status["evaluation"] = evaluation
     if not view.exists or not spec.serving.enabled:

@@ -35,6 +35,7 @@ from kubetune.api.dataplane import (
     ExportReport,
     resolve_precision,
     resolve_quantization,
+    write_termination_message,
 )
 from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.errors import ConfigError
@@ -397,9 +398,11 @@ def export(
 
 
 def write_report(output: Path, report: ExportReport) -> None:
+    """`export.json`, and its short form as the pod's termination message."""
     staged = output / ".export.json.tmp"
     staged.write_text(report.to_json())
     os.replace(staged, output / "export.json")
+    write_termination_message(report.short_form())
 
 
 def fail(output: Path, report: ExportReport, failures: list[str]) -> int:

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.dataplane import ProgressReport, TrainingReport
+from kubetune.api.dataplane import ProgressReport, TrainingReport, write_termination_message
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -56,12 +56,7 @@ def write_final(output: Path, report: TrainingReport) -> None:
     staging = output / ".report.json.tmp"
     staging.write_text(report.to_json() + "\n")
     staging.replace(output / "report.json")
-    path = os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
-    try:
-        with open(path, "w") as handle:
-            handle.write(short_form(report))
-    except OSError:
-        pass  # not in a pod, or no termination log: the report.json is enough
+    write_termination_message(short_form(report))
 
 
 class MetricsLog:
