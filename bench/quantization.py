@@ -42,40 +42,11 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "INT4 k_quant b16": ("int4", ["block_size=16", "accuracy_level=4", "algo_config=k_quant"]),
     "INT4 k_quant_mixed": ("int4", ["block_size=32", "accuracy_level=4",
                                     "algo_config=k_quant_mixed"]),
-    # RTN's graph re-rounded by kubetune_trainer/export/requantize.py: searched scales, and
-    # searched scales weighted by calibration activations (the first training records).
-    "INT4 searched": ("int4", ["block_size=32", "accuracy_level=4"]),
-    "INT4 searched+imatrix": ("int4", ["block_size=32", "accuracy_level=4"]),
+    # RTN's graph re-rounded by GPTQ (kubetune_trainer/export/requantize.py), calibrated on
+    # the first training records as the trainer's calibration.json is.
+    "INT4 GPTQ": ("int4", ["block_size=32", "accuracy_level=4"]),
 }
 CALIBRATION_RECORDS = 128
-
-
-def requantized(model: Path, rtn: Path, output: Path, calibrate: bool) -> Path:
-    """A copy of the RTN export with its INT4 weights re-rounded (requantize.py)."""
-    if (output / "genai_config.json").is_file():
-        return output
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from kubetune_trainer.export.requantize import requantize
-    from kubetune_trainer.tokenizer import ServingTokenizer
-
-    staging = output.with_name(output.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(rtn, staging)
-    sequences: list[list[int]] = []
-    if calibrate:
-        tokenizer = ServingTokenizer.load(rtn)
-        train = Path(__file__).resolve().parents[1] / (
-            "trainer-image/src/kubetune_trainer/datasets/kubectl-commands/train.jsonl")
-        for line in train.read_text().splitlines()[:CALIBRATION_RECORDS]:
-            messages = json.loads(line)["messages"]
-            text = tokenizer.render_chat(messages, False)
-            sequences.append(tokenizer.encode(text, add_special_tokens=False))
-    loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
-    print(output.name, requantize(staging, loaded.eval(), sequences), flush=True)
-    staging.rename(output)
-    return output
 
 
 def build(model: Path, output: Path, precision: str, options: list[str]) -> Path:
@@ -90,6 +61,34 @@ def build(model: Path, output: Path, precision: str, options: list[str]) -> Path
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (model / name).is_file():
             shutil.copy2(model / name, output / name)
+    return output
+
+
+def gptq(model: Path, rtn: Path, output: Path) -> Path:
+    """A copy of the RTN export with its INT4 weights re-rounded by GPTQ."""
+    if (output / "genai_config.json").is_file():
+        return output
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.export.requantize import requantize
+    from kubetune_trainer.tokenizer import ServingTokenizer
+
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(rtn, staging)
+    tokenizer = ServingTokenizer.load(rtn)
+    train = Path(__file__).resolve().parents[1] / (
+        "trainer-image/src/kubetune_trainer/datasets/kubectl-commands/train.jsonl")
+    sequences = [
+        tokenizer.encode(tokenizer.render_chat(json.loads(line)["messages"], False),
+                         add_special_tokens=False)
+        for line in train.read_text().splitlines()[:CALIBRATION_RECORDS]
+    ]
+    loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    print(f"{output.name}: output error {requantize(staging, loaded.eval(), sequences):.3f} of "
+          "RTN's", flush=True)
+    staging.rename(output)
     return output
 
 
@@ -130,9 +129,9 @@ def main() -> int:
     for name in names:
         precision, options = CANDIDATES[name]
         slug = name.lower().replace(" ", "-")
-        if name.startswith("INT4 searched"):
+        if name == "INT4 GPTQ":
             rtn = build(args.model, args.work / "int4-rtn-b32", precision, options)
-            model_dir = requantized(args.model, rtn, args.work / slug, "imatrix" in name)
+            model_dir = gptq(args.model, rtn, args.work / slug)
         else:
             model_dir = build(args.model, args.work / slug, precision, options)
         try:

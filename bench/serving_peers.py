@@ -26,13 +26,12 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 from inference import PROMPTS, STREAMS, free_port, machine, stream_once
+from structured_output import measure, serve
 
 LLAMA_CPP_PYTHON = "0.3.36"
 
@@ -106,30 +105,6 @@ def start_llama(gguf: Path, tokens: int) -> tuple[str, subprocess.Popen[bytes]]:
     return url, process
 
 
-def start_kubetune(model_dir: Path, tokens: int) -> tuple[str, subprocess.Popen[bytes]]:
-    port = free_port()
-    command = [sys.executable, "-m", "kubetune_trainer", "serve", "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", str(STREAMS),
-               "--max-queue", "32", "--max-tokens", str(tokens)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, process, "/readyz")
-    return url, process
-
-
-def measure(run: Callable[[str], dict[str, float]]) -> dict[str, float]:
-    single = [run(prompt) for prompt in PROMPTS]
-    started = time.perf_counter()
-    with ThreadPoolExecutor(STREAMS) as pool:
-        runs = list(pool.map(lambda i: run(PROMPTS[i % len(PROMPTS)]), range(STREAMS)))
-    wall = time.perf_counter() - started
-    return {
-        "decode": sum(r["tokens"] - 1 for r in single) / sum(r["decode"] for r in single),
-        "ttft": statistics.median(r["ttft"] for r in single),
-        "aggregate": sum(r["tokens"] for r in runs) / wall,
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=64)
@@ -151,7 +126,7 @@ def main() -> int:
     try:
         url, process = start_llama(gguf_path("smollm2-135m-instruct"), args.tokens)
         servers["llama.cpp llama-server (Q4_1 GGUF)"] = (url, process, "model")
-        url, process = start_kubetune(model_dir, args.tokens)
+        url, process = serve(model_dir, args.tokens)
         servers[f"KubeTune ({args.precision} {args.quantization or ''})".replace(" )", ")")] = (
             url, process, model_dir.name)
         rounds: dict[str, list[dict[str, float]]] = {label: [] for label in servers}

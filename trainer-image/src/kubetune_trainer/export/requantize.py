@@ -1,9 +1,8 @@
 """INT4 weights rounded by GPTQ on calibration tokens (`quantization: GPTQ`).
 
-The builder's RTN export has the CPU's fastest layout: symmetric 4-bit MatMulNBits in blocks of
-32 with int8 activations and no zero points (on the bench machine zero points cost 2.4x per
-output-head step and 8-bit weights 5x: bench/RESULTS.md), but its rounding costs the quickstart
-model 17 points of exact match. This keeps RTN's graph, bytes, kernel and speed and re-rounds
+The builder's RTN export has the CPU's fastest layout: 4-bit MatMulNBits in blocks of 32 with
+int8 activations (on the bench machine an 8-bit output head takes 4x as long per decode step:
+bench/RESULTS.md), but its rounding costs the quickstart model 17 points of exact match. This keeps RTN's graph, bytes, kernel and speed and re-rounds
 every MatMulNBits' weights from the FP32 model by GPTQ (Frantar et al., 2022): the columns of
 each weight are rounded in order and each rounding error is spread over the columns not yet
 rounded, weighted by how the calibration activations correlate them, so each layer's output on
