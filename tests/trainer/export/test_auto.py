@@ -147,6 +147,8 @@ def test_gptq_rerounds_rtns_graph_closer_to_fp32(tmp_path: Path) -> None:
     assert data["ok"] and (data["precision"], data["quantization"]) == ("INT4", "GPTQ")
     assert data["calibrationSequences"] == len(QA) and 0 < data["outputErrorVsRtn"] < 1
     assert set(weight_bits(output).values()) == {4}
+    # RTN's size (the 4-bit weights plus their scales), not a copy appended to the old bytes
+    assert data["sizes"]["modelBytes"] < 100e6
     import onnx
 
     graph = onnx.load(str(output / "model.onnx"), load_external_data=False).graph

@@ -23,6 +23,7 @@ from kubetune.api.dataplane import (
     TrainingReport,
     cache_root,
 )
+from kubetune.api.spec import Quantization
 from kubetune.local.evaluate import (
     auto_summary,
     chat,
@@ -90,8 +91,8 @@ class Server:
 
 def base_onnx(config: RunConfig, run_dir: Path) -> Path:
     """The base model exported at the weights the fine-tuned one got (what `Auto` chose, for
-    `Auto`), once: a built-in base is cached for every run (it never changes), any other base
-    in the run directory."""
+    `Auto`), once: a built-in base is cached for every run (it never changes), any other base,
+    or one GPTQ calibrates on this run's training records, in the run directory."""
     serving = config.spec.serving
     source = config.spec.model.source
     tuned = ExportReport.read(run_dir / "onnx" / "export.json")
@@ -100,7 +101,8 @@ def base_onnx(config: RunConfig, run_dir: Path) -> Path:
     weights = tuned.weights
     if source.startswith("hf://"):
         raise RuntimeError("the base of an hf:// model is not exported locally")
-    if source.startswith("builtin://"):
+    calibrated = tuned.quantization == Quantization.GPTQ.value  # on this run's records
+    if source.startswith("builtin://") and not calibrated:
         name = f"{source.removeprefix('builtin://')}-{weights}-{serving.device.value}"
         target = cache_root() / "onnx" / name.lower()
     else:
@@ -111,6 +113,8 @@ def base_onnx(config: RunConfig, run_dir: Path) -> Path:
     # The exporter resolves the source itself, as the trainer does in a pod.
     command = export_command(source, target, tuned.precision, serving.device.value,
                              tuned.quantization)
+    if calibrated:
+        command += ["--calibration-from", str(run_dir)]
     child = Child(command, run_dir / "logs" / "export-base.log")
     if run_child(child) != 0:
         raise RuntimeError(f"exporting the base model failed:\n{child.log_tail()}")

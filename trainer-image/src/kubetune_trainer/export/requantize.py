@@ -188,6 +188,8 @@ def requantize(onnx_dir: Path, model: Any, sequences: list[list[int]]) -> float:
         scale_init.CopyFrom(numpy_helper.from_array(
             new_scales.reshape(numpy_helper.to_array(scale_init).shape), scale_init.name))
     data = path.with_name("model.onnx.data")
+    # onnx appends external tensors to an existing file: the old bytes go first (all loaded).
+    data.unlink(missing_ok=True)
     onnx.save_model(graph_model, str(path), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
     return gptq_error / max(rtn_error, 1e-30)

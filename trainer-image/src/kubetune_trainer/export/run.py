@@ -2,6 +2,7 @@
 
     export --input DIR --output DIR --precision INT4|INT8|FP16|FP32|Auto --device CPU|CUDA
            [--quantization RTN|RTNLast|KQuant|KQuantMixed|GPTQ] [--base DIR]
+           [--calibration-from RUN_DIR]
 
 `--input` is a run directory holding `merged/` or `adapter/`, an adapter directory, or a plain
 transformers model directory. An adapter is merged into its base (from `--base`, the run's
@@ -287,7 +288,8 @@ def gptq_in_place(model_dir: Path, staging: Path, calibration: Calibration) -> f
 
 
 def choose_automatically(
-    source: Path, model_dir: Path, scratch: Path, report: ExportReport
+    source: Path, model_dir: Path, scratch: Path, calibration: Calibration | None,
+    report: ExportReport,
 ) -> tuple[Path, str, Quantization | None] | str:
     """`precision: Auto` on CPU (`auto.py`): build and score candidates fastest first; the
     staging directory, precision and method of the first that keeps FP32's quality (FP32,
@@ -306,7 +308,6 @@ def choose_automatically(
         answers=len(held_out.answers), seconds=round(time.monotonic() - started, 1),
         fp32=auto.score_report(fp32, reference.score, True, "the reference", 0.0),
     )
-    calibration = Calibration.read(source)
     for index, candidate in enumerate(auto.candidates(calibration is not None)):
         started = time.monotonic()
         precision = candidate.precision.value.lower()
@@ -334,6 +335,7 @@ def export(
     device: str,
     base: Path | None,
     quantization: str | None = None,
+    calibration_from: Path | None = None,
 ) -> int:
     started = time.monotonic()
     automatic = str(precision).upper() == "AUTO" and str(device).upper() == "CPU"
@@ -343,9 +345,11 @@ def export(
         raise ConfigError("--quantization: Auto chooses the method itself; give --precision INT4")
     if method is Quantization.GPTQ and str(device).upper() != "CPU":
         raise ConfigError("--quantization GPTQ: built for CPU's MatMulNBits layout only")
-    if method is Quantization.GPTQ and Calibration.read(source) is None:
-        raise ConfigError(f"--quantization GPTQ: {source} has no calibration.json (the trainer "
-                          "writes it): export a training run directory")
+    calibration = Calibration.read(calibration_from or source)
+    if method is Quantization.GPTQ and calibration is None:
+        raise ConfigError(f"--quantization GPTQ: {calibration_from or source} has no "
+                          "calibration.json (the trainer writes it): export a training run "
+                          "directory, or pass --calibration-from RUN_DIR")
     model_dir, adapter_base = resolve_input(source, base)
     report = ExportReport(input=str(source), device=device.upper(),
                           requested="Auto" if automatic else None)
@@ -360,14 +364,14 @@ def export(
             model_dir = merged
         step = time.monotonic()
         if automatic:
-            chosen = choose_automatically(source, model_dir, Path(scratch), report)
+            chosen = choose_automatically(source, model_dir, Path(scratch), calibration, report)
             if isinstance(chosen, str):
                 return fail(output, report, [chosen])
             staging, precision, method = chosen
         else:
             staging = Path(scratch) / "onnx"
             failure = build(model_dir, staging, precision, device, Path(scratch), method,
-                            Calibration.read(source), report)
+                            calibration, report)
             if failure is not None:
                 return fail(output, report, [failure])
         report.precision = precision.upper()
@@ -426,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="CPU", help="CPU or CUDA")
     parser.add_argument("--base", type=Path, help="base model of an adapter input")
+    parser.add_argument("--calibration-from", type=Path,
+                        help="the run directory whose calibration.json GPTQ uses (default: "
+                        "--input)")
     args = parser.parse_args(argv)
     try:
         return export(
@@ -435,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.base,
             args.quantization,
+            args.calibration_from,
         )
     except ConfigError as error:
         print(f"export: {error}", file=sys.stderr)
