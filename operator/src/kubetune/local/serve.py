@@ -123,11 +123,12 @@ def base_onnx(config: RunConfig, run_dir: Path) -> Path:
 
 def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_path: Path,
                        report: TrainingReport) -> TestSplitScores:
-    """Base and fine-tuned exact-match accuracy on the test split, cached in the report."""
+    """Base and fine-tuned exact-match accuracy on the test split, cached in the report (a
+    base that could not be measured is tried again)."""
     exported = ExportReport.read(run_dir / "onnx" / "export.json")
     precision = exported.weights if exported is not None else export_precision(config)
     cached = report.test
-    if (cached is not None and cached.path == str(test_path)
+    if (cached is not None and cached.path == str(test_path) and cached.base is not None
             and cached.precision == precision and cached.engine == ENGINE):
         return cached
     examples = load_chat_examples(test_path)
