@@ -1,11 +1,11 @@
 """Which quantization keeps the fine-tuned model's accuracy, and at what speed: each candidate
 built by onnxruntime-genai's builder from the same merged weights, served by KubeTune's server
 (default `batch` engine), scored on the held-out test split (greedy exact match, as `kubetune
-run` scores it) and timed single-stream (64 greedy tokens on bench/inference.py's prompts), in
-one run on one machine.
+run` scores it) and timed single-stream (64 greedy tokens on bench/inference.py's prompts, all
+servers up at once, interleaved rounds, medians), in one run on one machine.
 
     python bench/quantization.py [--model runs/quickstart/merged] [--test FILE]
-                                 [--work /tmp/kubetune-quant] [--only NAME,NAME]
+                                 [--work /tmp/kubetune-quant] [--only NAME,NAME] [--rounds 3]
 
 `--model` is a merged transformers directory (`make run` writes runs/quickstart/merged);
 `--test` defaults to the built-in dataset's test split. Prints, per candidate: exact match,
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -92,23 +93,42 @@ def gptq(model: Path, rtn: Path, output: Path) -> Path:
     return output
 
 
-def measure(model_dir: Path, examples: list[Any], tokens: int = 64) -> dict[str, float]:
+def accuracy(model_dir: Path, examples: list[Any]) -> dict[str, float]:
     from kubetune.local.evaluate import evaluate
 
     url, process = serve(model_dir, 256)  # room for the longest reference answer
     try:
         score = evaluate(url + "/v1", model_dir.name, examples)
-        stream_once(url, model_dir.name, PROMPTS[0], 8)  # warm the HTTP path
-        runs = [stream_once(url, model_dir.name, p, tokens) for p in PROMPTS]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(120)
     return {
         "correct": score.correct,
         "total": score.total,
-        "decode": sum(r["tokens"] - 1 for r in runs) / sum(r["decode"] for r in runs),
         "bytes": sum(f.stat().st_size for f in model_dir.glob("model.onnx*")),
     }
+
+
+def decode_speeds(model_dirs: dict[str, Path], rounds: int,
+                  tokens: int = 64) -> dict[str, float]:
+    """Single-stream decode tokens/s per candidate: every server up at once, each idle while
+    another is timed, in interleaved rounds (medians), so drift hits all alike."""
+    servers = {}
+    try:
+        for name, model_dir in model_dirs.items():
+            servers[name] = (*serve(model_dir, tokens), model_dir.name)
+            stream_once(servers[name][0], model_dir.name, PROMPTS[0], 8)  # warm the HTTP path
+        timings: dict[str, list[float]] = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, (url, _, model) in servers.items():
+                runs = [stream_once(url, model, prompt, tokens) for prompt in PROMPTS]
+                timings[name].append(
+                    sum(r["tokens"] - 1 for r in runs) / sum(r["decode"] for r in runs))
+    finally:
+        for _, process, _ in servers.values():
+            process.send_signal(signal.SIGTERM)
+            process.wait(120)
+    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def main() -> int:
@@ -117,6 +137,7 @@ def main() -> int:
     parser.add_argument("--test", type=Path)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kubetune-quant"))
     parser.add_argument("--only", help="comma-separated candidate names (FP32 is always run)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from kubetune.local.evaluate import load_chat_examples
@@ -125,7 +146,7 @@ def main() -> int:
         "trainer-image/src/kubetune_trainer/datasets/kubectl-commands/test.jsonl")
     examples = load_chat_examples(test)
     names = ["FP32", *(n for n in (args.only or ",".join(CANDIDATES)).split(",") if n != "FP32")]
-    results = {}
+    results, model_dirs = {}, {}
     for name in names:
         precision, options = CANDIDATES[name]
         slug = name.lower().replace(" ", "-")
@@ -135,18 +156,22 @@ def main() -> int:
         else:
             model_dir = build(args.model, args.work / slug, precision, options)
         try:
-            results[name] = measure(model_dir, examples)
+            results[name] = accuracy(model_dir, examples)
         except RuntimeError as error:  # a candidate that does not load is reported, not fatal
             print(f"{name}: {error}", flush=True)
             continue
+        model_dirs[name] = model_dir
         print(name, results[name], flush=True)
+    speeds = decode_speeds(model_dirs, args.rounds)
     fp32 = results["FP32"]
     print(machine())
+    print(f"single-stream decode: 64 greedy tokens, median of {args.rounds} interleaved rounds")
     print(f"{'candidate':20} {'exact':>8} {'vs FP32':>7} {'decode tok/s':>12} {'x FP32':>6} "
           f"{'MB':>6}")
     for name, r in results.items():
         print(f"{name:20} {r['correct']:>4}/{r['total']:<3} {r['correct'] - fp32['correct']:>+7} "
-              f"{r['decode']:12.1f} {r['decode'] / fp32['decode']:6.2f} {r['bytes'] / 1e6:6.0f}")
+              f"{speeds[name]:12.1f} {speeds[name] / speeds['FP32']:6.2f} "
+              f"{r['bytes'] / 1e6:6.0f}")
     return 0
 
 
