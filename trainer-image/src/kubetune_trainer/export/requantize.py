@@ -1,12 +1,13 @@
 """INT4 weights rounded by GPTQ on calibration tokens (`quantization: GPTQ`).
 
-The builder's RTN export has the CPU's fastest layout: 4-bit MatMulNBits in blocks of 32 with
-int8 activations (on the bench machine an 8-bit output head takes 4x as long per decode step:
-bench/RESULTS.md), but its rounding costs the quickstart model 17 points of exact match. This keeps RTN's graph, bytes, kernel and speed and re-rounds
-every MatMulNBits' weights from the FP32 model by GPTQ (Frantar et al., 2022): the columns of
-each weight are rounded in order and each rounding error is spread over the columns not yet
-rounded, weighted by how the calibration activations correlate them, so each layer's output on
-those activations moves as little as it can. Calibration is the first training records
+The builder's RTN export has the CPU's fastest layout for one-row decode steps: 4-bit
+MatMulNBits in blocks of 32 with int8 activations (bench/kernels.py: an 8-bit output head takes
+1.4x as long), but its rounding costs the quickstart model 17 points of exact match. This keeps
+RTN's graph, bytes, kernel and speed and re-rounds every MatMulNBits' weights from the FP32
+model by GPTQ (Frantar et al., 2022): the columns of each weight are rounded in order and each
+rounding error is spread over the columns not yet rounded, weighted by how the calibration
+activations correlate them, so each layer's output on those activations moves as little as it
+can. Calibration is the first training records
 (`kubetune_trainer.heldout.Calibration`), never the held-out ones `precision: Auto` scores on.
 
 Each node's FP32 weight is found by name in the merged transformers model and checked against
