@@ -160,3 +160,23 @@ def test_gptq_without_calibration_is_a_configuration_error(tmp_path: Path) -> No
     code = export_module.main(["--input", str(run), "--output", str(tmp_path / "o"),
                                "--precision", "INT4", "--quantization", "GPTQ"])
     assert code == 2
+
+
+def test_a_candidate_that_cannot_be_built_is_recorded_and_the_next_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPTQ without calibration tokens cannot be built: Auto says so in export.json and goes
+    on to the next candidate (here one any score passes) instead of failing the export."""
+    monkeypatch.setattr(auto, "candidates", lambda calibrated: (
+        auto.Candidate(Precision.INT4, Quantization.GPTQ),
+        auto.Candidate(Precision.INT4, Quantization.RTN)))
+    monkeypatch.setattr(auto, "AGREEMENT_FLOOR", 0.0)
+    monkeypatch.setattr(auto, "LOSS_TOLERANCE", 1e9)
+    run = run_directory(tmp_path, with_answers=False)
+    output = tmp_path / "onnx"
+    assert export_module.main(["--input", str(run), "--output", str(output),
+                               "--precision", "Auto"]) == 0
+    data = json.loads((output / "export.json").read_text())
+    gptq, rtn = data["auto"]["candidates"]
+    assert not gptq["passed"] and "calibration" in gptq["reason"] and gptq["agreement"] is None
+    assert rtn["passed"] and (data["precision"], data["quantization"]) == ("INT4", "RTN")

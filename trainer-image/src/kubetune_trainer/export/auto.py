@@ -236,6 +236,16 @@ def score_report(candidate: Candidate, score: Score, passed: bool, reason: str,
     )
 
 
+def failed_build(candidate: Candidate, failure: str, seconds: float) -> CandidateScore:
+    """A candidate the builder could not build: tried, not passed, the failure's tail kept."""
+    quantization = candidate.quantization
+    return CandidateScore(
+        precision=candidate.precision.value,
+        quantization=None if quantization is None else quantization.value,
+        passed=False, reason=f"build failed: {failure[-300:]}", seconds=round(seconds, 1),
+    )
+
+
 def try_candidate(candidate: Candidate, onnx_dir: Path, reference: Reference,
                   eos: int | None, build_seconds: float) -> CandidateScore:
     """Score a built candidate and judge it (`decide`)."""

@@ -40,7 +40,7 @@ from kubetune.api.dataplane import (
 )
 from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.heldout import Calibration
+from kubetune_trainer.heldout import Calibration, HeldOut
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -248,6 +248,8 @@ def build(model_dir: Path, staging: Path, precision: str, device: str, scratch: 
           report: ExportReport) -> str | None:
     """Run the builder into `staging`, re-round GPTQ's weights, and copy the training
     tokenizer beside the model; the failure (the builder's log tail), or None."""
+    if method is Quantization.GPTQ and (calibration is None or not calibration.sequences):
+        return "GPTQ needs calibration tokens: the run directory has no calibration.json"
     log = scratch / f"builder-{staging.name}.log"
     with log.open("w") as sink:
         built = subprocess.run(
@@ -260,9 +262,7 @@ def build(model_dir: Path, staging: Path, precision: str, device: str, scratch: 
     if built.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
         return f"model builder exited {built.returncode}: {tail}"
-    if method is Quantization.GPTQ:
-        if calibration is None or not calibration.sequences:
-            return "GPTQ needs calibration tokens: the run directory has no calibration.json"
+    if method is Quantization.GPTQ and calibration is not None:
         error = gptq_in_place(model_dir, staging, calibration)
         if isinstance(error, str):
             return error
@@ -293,13 +293,14 @@ def choose_automatically(
 ) -> tuple[Path, str, Quantization | None] | str:
     """`precision: Auto` on CPU (`auto.py`): build and score candidates fastest first; the
     staging directory, precision and method of the first that keeps FP32's quality (FP32,
-    built last, when none does), or the builder's failure."""
+    built last, when none does), or FP32's build failure. A candidate whose build fails is
+    recorded as failed and the next one tried."""
     from kubetune_trainer.export import auto
     from kubetune_trainer.tokenizer import ServingTokenizer
 
     started = time.monotonic()
     serving = ServingTokenizer.load(model_dir)
-    held_out = auto.HeldOut.read(source) or auto.fallback_held_out(
+    held_out = HeldOut.read(source) or auto.fallback_held_out(
         model_dir, serving, PARITY_TOKENS)
     reference = auto.torch_reference(model_dir, held_out)
     fp32 = auto.Candidate(Precision.FP32)
@@ -314,15 +315,16 @@ def choose_automatically(
         staging = scratch / f"candidate-{index}"
         failure = build(model_dir, staging, precision, "CPU", scratch, candidate.quantization,
                         calibration, report)
-        if failure is not None:
-            return failure
-        tried = auto.try_candidate(candidate, staging, reference, serving.eos_token_id,
-                                   time.monotonic() - started)
+        if failure is None:
+            tried = auto.try_candidate(candidate, staging, reference, serving.eos_token_id,
+                                       time.monotonic() - started)
+        else:
+            tried = auto.failed_build(candidate, failure, time.monotonic() - started)
         report.auto.candidates.append(tried)
         print(f"auto: {tried.to_json(indent=None)}", file=sys.stderr, flush=True)
         if tried.passed:
             return staging, precision, candidate.quantization
-        shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     staging = scratch / "fp32"
     failure = build(model_dir, staging, "fp32", "CPU", scratch, None, None, report)
     return failure if failure is not None else (staging, "fp32", None)
