@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.api import PlanStatus
+from kubetune.api import FineTuneJobSpec, PlanStatus, RunConfig
 from kubetune.api.dataplane import (
     AutoChoice,
     CandidateScore,
     ExportReport,
     Score,
+    TestSplitScores,
     TrainingReport,
     exact_match,
 )
@@ -22,6 +23,7 @@ from kubetune.local.evaluate import auto_summary, side_by_side
 from kubetune.local.processes import train_command
 from kubetune.local.progress import format_progress, loss_curve_points, read_metrics
 from kubetune.local.rundir import export_done
+from kubetune.local.serve import ENGINE, base_export, still_valid
 from kubetune.reconcile.gate import evaluate_gate
 
 
@@ -140,3 +142,34 @@ def test_auto_summary_puts_each_candidate_beside_fp32() -> None:
     text = auto_summary(choice, "INT4-GPTQ")
     assert "served INT4-GPTQ" in text and "FP32" in text and " 82.5%" in text
     assert "INT4-GPTQ" in text.splitlines()[-1] and "85.0%" in text and "chosen" in text
+
+
+def _quickstart_config(source: str) -> RunConfig:
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": source}, "dataset": {"source": "builtin://kubectl-commands"},
+        "resources": {"gpusPerNode": 0},
+    })
+    return RunConfig(name="demo", spec=spec, plan=_plan(1))
+
+
+def test_the_base_comparison_of_a_gptq_export_calibrates_on_the_run(tmp_path: Path) -> None:
+    """GPTQ needs calibration tokens the base model's directory does not have: the base is
+    exported with the run's, into the run directory (not the cache every run shares)."""
+    config = _quickstart_config("builtin://smollm2-135m-instruct")
+    gptq = ExportReport(ok=True, requested="Auto", precision="INT4", quantization="GPTQ")
+    target, command = base_export(config, tmp_path, gptq)
+    assert target == tmp_path / "base-onnx"
+    assert command[-2:] == ["--calibration-from", str(tmp_path)]
+    assert command[command.index("--quantization") + 1] == "GPTQ"
+    rtn = ExportReport(ok=True, precision="INT4", quantization="RTN")
+    target, command = base_export(config, tmp_path, rtn)
+    assert target.name == "smollm2-135m-instruct-int4-cpu" and "--calibration-from" not in command
+
+
+def test_test_split_scores_without_a_base_are_measured_again() -> None:
+    scores = TestSplitScores(path="t.jsonl", engine=ENGINE, precision="INT4-GPTQ", base=None,
+                             fine_tuned=Score(accuracy=0.85, correct=85, total=100))
+    assert still_valid(scores, Path("t.jsonl"), "INT4-GPTQ") is None
+    measured = scores.model_copy(update={"base": Score(accuracy=0.0, correct=0, total=100)})
+    assert still_valid(measured, Path("t.jsonl"), "INT4-GPTQ") is measured
+    assert still_valid(measured, Path("t.jsonl"), "FP32") is None

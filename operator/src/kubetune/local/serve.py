@@ -41,7 +41,7 @@ from kubetune.local.processes import (
     serve_command,
     wait_for,
 )
-from kubetune.local.rundir import export_done, export_precision, write_report
+from kubetune.local.rundir import export_done, write_report
 
 HOST = "127.0.0.1"
 ENGINE = f"onnxruntime ({SERVE_ENGINE} engine)"
@@ -89,47 +89,57 @@ class Server:
         self.child.stop()
 
 
-def base_onnx(config: RunConfig, run_dir: Path) -> Path:
-    """The base model exported at the weights the fine-tuned one got (what `Auto` chose, for
-    `Auto`), once: a built-in base is cached for every run (it never changes), any other base,
-    or one GPTQ calibrates on this run's training records, in the run directory."""
+def base_export(config: RunConfig, run_dir: Path,
+                tuned: ExportReport) -> tuple[Path, list[str]]:
+    """Where the base model's comparison export goes and the command that makes it: the
+    weights the fine-tuned one got (what `Auto` chose, for `Auto`). A built-in base is cached
+    for every run (it never changes); any other base, or one GPTQ calibrates on this run's
+    training records, goes in the run directory."""
     serving = config.spec.serving
     source = config.spec.model.source
-    tuned = ExportReport.read(run_dir / "onnx" / "export.json")
-    if tuned is None or not tuned.ok or tuned.precision is None:
-        raise RuntimeError("the fine-tuned model is not exported yet")
-    weights = tuned.weights
     if source.startswith("hf://"):
         raise RuntimeError("the base of an hf:// model is not exported locally")
-    calibrated = tuned.quantization == Quantization.GPTQ.value  # on this run's records
+    calibrated = tuned.quantization == Quantization.GPTQ.value
     if source.startswith("builtin://") and not calibrated:
-        name = f"{source.removeprefix('builtin://')}-{weights}-{serving.device.value}"
+        name = f"{source.removeprefix('builtin://')}-{tuned.weights}-{serving.device.value}"
         target = cache_root() / "onnx" / name.lower()
     else:
         target = run_dir / "base-onnx"
-    if export_done(target, weights):
-        return target
-    print(f"Export: the base model too, for the comparison ({target})...", file=sys.stderr)
     # The exporter resolves the source itself, as the trainer does in a pod.
-    command = export_command(source, target, tuned.precision, serving.device.value,
+    command = export_command(source, target, str(tuned.precision), serving.device.value,
                              tuned.quantization)
     if calibrated:
         command += ["--calibration-from", str(run_dir)]
+    return target, command
+
+
+def base_onnx(config: RunConfig, run_dir: Path, tuned: ExportReport) -> Path:
+    """The base model exported as `base_export` says, once."""
+    target, command = base_export(config, run_dir, tuned)
+    if export_done(target, tuned.weights):
+        return target
+    print(f"Export: the base model too, for the comparison ({target})...", file=sys.stderr)
     child = Child(command, run_dir / "logs" / "export-base.log")
     if run_child(child) != 0:
         raise RuntimeError(f"exporting the base model failed:\n{child.log_tail()}")
     return target
 
 
-def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_path: Path,
-                       report: TrainingReport) -> TestSplitScores:
-    """Base and fine-tuned exact-match accuracy on the test split, cached in the report (a
-    base that could not be measured is tried again)."""
-    exported = ExportReport.read(run_dir / "onnx" / "export.json")
-    precision = exported.weights if exported is not None else export_precision(config)
-    cached = report.test
+def still_valid(cached: TestSplitScores | None, test_path: Path,
+                weights: str) -> TestSplitScores | None:
+    """The report's test-split scores when they are for this split, these weights and this
+    engine, and the base was measured (a base that could not be is tried again)."""
     if (cached is not None and cached.path == str(test_path) and cached.base is not None
-            and cached.precision == precision and cached.engine == ENGINE):
+            and cached.precision == weights and cached.engine == ENGINE):
+        return cached
+    return None
+
+
+def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_path: Path,
+                       report: TrainingReport, exported: ExportReport) -> TestSplitScores:
+    """Base and fine-tuned exact-match accuracy on the test split, cached in the report."""
+    cached = still_valid(report.test, test_path, exported.weights)
+    if cached is not None:
         return cached
     examples = load_chat_examples(test_path)
     print(f"Evaluating {len(examples)} held-out test requests (ONNX Runtime, greedy)...",
@@ -137,14 +147,14 @@ def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_pat
     fine_tuned = evaluate(tuned.base_url, tuned.name, examples)
     base: Score | None = None
     try:
-        base_server = Server(base_onnx(config, run_dir), f"{config.name}-base", 0,
+        base_server = Server(base_onnx(config, run_dir, exported), f"{config.name}-base", 0,
                              run_dir / "logs" / "serve-base.log")
         with base_server:
             base = evaluate(base_server.base_url, base_server.name, examples)
     except RuntimeError as error:
         print(f"Base model not measured: {error}", file=sys.stderr)
-    return TestSplitScores(path=str(test_path), engine=ENGINE, precision=precision, base=base,
-                           fine_tuned=fine_tuned)
+    return TestSplitScores(path=str(test_path), engine=ENGINE, precision=exported.weights,
+                           base=base, fine_tuned=fine_tuned)
 
 
 def finish_with_server(config: RunConfig, run_dir: Path, args: argparse.Namespace,
@@ -163,15 +173,17 @@ def finish_with_server(config: RunConfig, run_dir: Path, args: argparse.Namespac
 def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: TrainingReport,
                     server: Server, test_path: Path | None, config: RunConfig) -> int:
     server.wait_ready()
+    exported = ExportReport.read(run_dir / "onnx" / "export.json")
+    if exported is None or not exported.ok:
+        raise RuntimeError("the model is not exported")
     question = FALLBACK_QUESTION
     if test_path is not None:
-        test = measure_test_split(config, run_dir, server, test_path, report)
+        test = measure_test_split(config, run_dir, server, test_path, report, exported)
         report.test = test
         write_report(run_dir, report)
         print(side_by_side(test.base, test.fine_tuned, "test"))
         question = load_chat_examples(test_path)[0][0]
-    exported = ExportReport.read(run_dir / "onnx" / "export.json")
-    if exported is not None and exported.auto is not None:
+    if exported.auto is not None:
         print(auto_summary(exported.auto, exported.weights))
     answer = chat(server.base_url, server.name, question)
     print(f"\nEndpoint (OpenAI-compatible, ONNX Runtime): {server.base_url}")
