@@ -76,6 +76,13 @@ def run_directory(tmp_path: Path, with_answers: bool) -> Path:
     return run
 
 
+def exported(run: Path, output: Path, *options: str) -> dict:
+    """Export `run` in this process (so monkeypatches hold); export.json. The export must
+    succeed."""
+    assert export_module.main(["--input", str(run), "--output", str(output), *options]) == 0
+    return json.loads((output / "export.json").read_text())
+
+
 def test_auto_exports_the_first_candidate_that_passes(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two candidates, the rule as shipped: whatever the scores, the export is the first
@@ -85,10 +92,7 @@ def test_auto_exports_the_first_candidate_that_passes(tmp_path: Path,
         auto.Candidate(Precision.INT4, Quantization.RTN), auto.Candidate(Precision.INT8)))
     run = run_directory(tmp_path, with_answers=True)
     output = tmp_path / "onnx"
-    code = export_module.main(["--input", str(run), "--output", str(output),
-                               "--precision", "Auto"])
-    assert code == 0
-    data = json.loads((output / "export.json").read_text())
+    data = exported(run, output, "--precision", "Auto")
     assert data["ok"] and data["requested"] == "Auto"
     choice = data["auto"]
     assert choice["answers"] == len(QA) and choice["heldOutRecords"] == len(QA)
@@ -118,9 +122,7 @@ def test_auto_exports_fp32_when_no_candidate_keeps_its_quality(
     monkeypatch.setattr(auto, "AGREEMENT_FLOOR", 1.01)
     run = run_directory(tmp_path, with_answers=False)
     output = tmp_path / "onnx"
-    assert export_module.main(["--input", str(run), "--output", str(output),
-                               "--precision", "Auto"]) == 0
-    data = json.loads((output / "export.json").read_text())
+    data = exported(run, output, "--precision", "Auto")
     assert data["ok"] and data["precision"] == "FP32" and data["requested"] == "Auto"
     assert data["auto"]["answers"] == 0 and "agreement" in data["auto"]["rule"]
     [int4] = data["auto"]["candidates"]
@@ -141,9 +143,7 @@ def test_gptq_rerounds_rtns_graph_closer_to_fp32(tmp_path: Path) -> None:
     verified like any export."""
     run = run_directory(tmp_path, with_answers=True)
     output = tmp_path / "onnx"
-    assert export_module.main(["--input", str(run), "--output", str(output), "--precision",
-                               "INT4", "--quantization", "GPTQ"]) == 0
-    data = json.loads((output / "export.json").read_text())
+    data = exported(run, output, "--precision", "INT4", "--quantization", "GPTQ")
     assert data["ok"] and (data["precision"], data["quantization"]) == ("INT4", "GPTQ")
     assert data["calibrationSequences"] == len(QA) and 0 < data["outputErrorVsRtn"] < 1
     assert set(weight_bits(output).values()) == {4}
@@ -174,9 +174,7 @@ def test_a_candidate_that_cannot_be_built_is_recorded_and_the_next_tried(
     monkeypatch.setattr(auto, "LOSS_TOLERANCE", 1e9)
     run = run_directory(tmp_path, with_answers=False)
     output = tmp_path / "onnx"
-    assert export_module.main(["--input", str(run), "--output", str(output),
-                               "--precision", "Auto"]) == 0
-    data = json.loads((output / "export.json").read_text())
+    data = exported(run, output, "--precision", "Auto")
     gptq, rtn = data["auto"]["candidates"]
     assert not gptq["passed"] and "calibration" in gptq["reason"] and gptq["agreement"] is None
     assert rtn["passed"] and (data["precision"], data["quantization"]) == ("INT4", "RTN")

@@ -22,7 +22,7 @@ HELD_OUT_FILE = "heldout.json"
 CALIBRATION_FILE = "calibration.json"
 Document = TypeVar("Document", bound=BaseModel)
 IGNORE = -100
-"""A label with no loss (the prompt's tokens)."""
+"""A label with no loss (the prompt's tokens); the trainer's labels use it too."""
 
 
 class HeldOutRecord(BaseModel):

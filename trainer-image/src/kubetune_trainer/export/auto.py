@@ -17,7 +17,6 @@ continuations of the parity prompts. `decide` is the pure rule; the rest is meas
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from kubetune.api.dataplane import CandidateScore, exact_match
 from kubetune.api.spec import Precision, Quantization
+from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
 from kubetune_trainer.heldout import IGNORE, HeldOut, HeldOutRecord
 
 ACCURACY_TOLERANCE = 0.01
@@ -43,6 +43,12 @@ ANSWER_SLACK = 8
 class Candidate:
     precision: Precision
     quantization: Quantization | None = None
+
+    def names(self) -> dict[str, str | None]:
+        """Its precision and method as export.json spells them."""
+        method = self.quantization
+        return {"precision": self.precision.value,
+                "quantization": None if method is None else method.value}
 
 
 def candidates(calibrated: bool) -> tuple[Candidate, ...]:
@@ -165,20 +171,12 @@ class OnnxDecoder:
     greedy decoding with its key/value cache."""
 
     def __init__(self, onnx_dir: Path, eos: int | None) -> None:
-        import onnxruntime as ort
-
-        config = json.loads((onnx_dir / "genai_config.json").read_text())["model"]
-        decoder = config["decoder"]
-        self.session = ort.InferenceSession(str(onnx_dir / decoder["filename"]),
-                                            providers=["CPUExecutionProvider"])
-        layers = int(decoder["num_hidden_layers"])
-        self.kv_names = [f"past_key_values.{i}.{part}" for i in range(layers)
-                         for part in ("key", "value")]
-        self.kv_shape = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
-        kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past"))
-        self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
-        self.outputs = ["logits"] + [n.replace("past_key_values", "present")
-                                     for n in self.kv_names]
+        layout = DecoderLayout.read(onnx_dir)
+        self.session = layout.session()
+        self.kv_names = layout.kv_names
+        self.kv_shape = layout.kv_shape
+        self.kv_dtype = kv_dtype(self.session)
+        self.outputs = layout.output_names
         self.eos = eos
 
     def run(self, ids: list[int], past: list[np.ndarray] | None,
@@ -226,10 +224,8 @@ def rule(fp32: Score) -> str:
 
 def score_report(candidate: Candidate, score: Score, passed: bool, reason: str,
                  seconds: float) -> CandidateScore:
-    quantization = candidate.quantization
     return CandidateScore(
-        precision=candidate.precision.value,
-        quantization=None if quantization is None else quantization.value,
+        **candidate.names(),
         accuracy=None if score.accuracy is None else round(score.accuracy, 4),
         agreement=round(score.agreement, 4), loss=round(score.loss, 4),
         passed=passed, reason=reason, seconds=round(seconds, 1),
@@ -238,10 +234,8 @@ def score_report(candidate: Candidate, score: Score, passed: bool, reason: str,
 
 def failed_build(candidate: Candidate, failure: str, seconds: float) -> CandidateScore:
     """A candidate the builder could not build: tried, not passed, the failure's tail kept."""
-    quantization = candidate.quantization
     return CandidateScore(
-        precision=candidate.precision.value,
-        quantization=None if quantization is None else quantization.value,
+        **candidate.names(),
         passed=False, reason=f"build failed: {failure[-300:]}", seconds=round(seconds, 1),
     )
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune_trainer.heldout import IGNORE
 from kubetune_trainer.train.data import Example
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)

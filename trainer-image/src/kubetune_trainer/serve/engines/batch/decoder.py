@@ -13,34 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
 from kubetune_trainer.serve.engines.batch.kv import KVCache
 
 
 class Decoder:
     def __init__(self, model_dir: Path) -> None:
-        import json
-
-        import onnxruntime as ort
-
-        model = json.loads((model_dir / "genai_config.json").read_text())["model"]
-        config = model["decoder"]
-        # ONNX Runtime's defaults measured fastest here: one intra-op thread per core, spinning.
-        self.session = ort.InferenceSession(
-            str(model_dir / config["filename"]), providers=["CPUExecutionProvider"]
-        )
-        layers = int(config["num_hidden_layers"])
-        self.kv_shape = (int(config["num_key_value_heads"]), int(config["head_size"]))
-        kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past"))
-        self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
-        self.kv_names = [
-            f"past_key_values.{layer}.{part}"
-            for layer in range(layers)
-            for part in ("key", "value")
-        ]
-        self.output_names = ["logits"] + [
-            n.replace("past_key_values", "present") for n in self.kv_names
-        ]
-        self.vocab = int(model["vocab_size"])
+        layout = DecoderLayout.read(model_dir)
+        self.session = layout.session()
+        self.kv_shape = layout.kv_shape
+        self.kv_dtype = kv_dtype(self.session)
+        self.kv_names = layout.kv_names
+        self.output_names = layout.output_names
+        self.vocab = layout.vocab
 
     def batch_cache(self, rows: int, context_length: int) -> KVCache:
         """The decode batch's cache: `rows` sequences of up to `context_length` positions."""

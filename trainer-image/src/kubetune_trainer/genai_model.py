@@ -1,0 +1,54 @@
+"""How onnxruntime-genai's builder lays out an exported decoder, as plain ONNX Runtime sees it:
+the model file, the key/value inputs and outputs, their shape and type, the vocabulary. Read
+from `genai_config.json`; shared by the server's batching engine and the exporter's scoring,
+which both run the graph without onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    model_file: Path
+    kv_names: list[str]
+    """`past_key_values.{layer}.key|value`, layer by layer."""
+    output_names: list[str]
+    """`logits`, then `present.{layer}.key|value` in `kv_names`' order."""
+    kv_shape: tuple[int, int]
+    """(key/value heads, head size)."""
+    vocab: int
+
+    @classmethod
+    def read(cls, model_dir: Path) -> DecoderLayout:
+        model = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        config = model["decoder"]
+        layers = int(config["num_hidden_layers"])
+        kv_names = [f"past_key_values.{layer}.{part}" for layer in range(layers)
+                    for part in ("key", "value")]
+        return cls(
+            model_file=model_dir / config["filename"],
+            kv_names=kv_names,
+            output_names=["logits"] + [n.replace("past_key_values", "present")
+                                       for n in kv_names],
+            kv_shape=(int(config["num_key_value_heads"]), int(config["head_size"])),
+            vocab=int(model["vocab_size"]),
+        )
+
+    def session(self) -> Any:
+        """An ONNX Runtime CPU session: its defaults measured fastest here (one intra-op
+        thread per core, spinning; bench/RESULTS.md)."""
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(self.model_file), providers=["CPUExecutionProvider"])
+
+
+def kv_dtype(session: Any) -> type[np.generic]:
+    """The key/value cache's element type, as the session's inputs declare it."""
+    kv_type = next(i.type for i in session.get_inputs() if i.name.startswith("past"))
+    return np.float16 if "float16" in kv_type else np.float32
