@@ -56,12 +56,13 @@ FORMATS: dict[str, dict[str, Any] | None] = {
 }
 
 
-def serve(model_dir: Path, tokens: int) -> tuple[str, subprocess.Popen[bytes]]:
+def serve(model_dir: Path, tokens: int, *extra: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """KubeTune's server on `model_dir` (`extra`: more flags), once it is ready."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "kubetune_trainer", "serve", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", str(STREAMS),
-               "--max-queue", "32", "--max-tokens", str(tokens)]
+               "--max-queue", "32", "--max-tokens", str(tokens), *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:

@@ -225,8 +225,18 @@ def test_builder_precision_follows_the_shared_auto_rule() -> None:
     assert export_module.builder_precision("FP32", "cpu") == "fp32"
 
 
-def make_lora_run(run: Path) -> Path:
-    """A run directory with a non-zero LoRA adapter on the built-in model, as training leaves it."""
+def make_lora_run(
+    run: Path,
+    *,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+    rank: int = 8,
+    scale: float = 2e-3,
+    seed: int = 0,
+    use_rslora: bool = False,
+) -> Path:
+    """A run directory with a non-zero LoRA adapter on the built-in model, as training leaves
+    it: lora_B drawn at `scale` (small but non-zero: the merged model must differ from the base).
+    Returns the base model's directory."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -234,17 +244,18 @@ def make_lora_run(run: Path) -> Path:
     base = builtin_model_dir("smollm2-135m-instruct")
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "down_proj"],
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(targets),
         init_lora_weights=False,
+        use_rslora=use_rslora,
     )
     peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:  # small but non-zero: the merged model must differ from the base
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2e-3)
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     peft_model.save_pretrained(str(run / "adapter"))
     return base
 

@@ -126,7 +126,7 @@ BODIES = st.fixed_dictionaries(
 
 def parses(body: dict[str, Any], chat: bool) -> bool:
     try:
-        parse_request(body, chat, "m", LIMITS)
+        parse_request(body, chat, ("m",), LIMITS)
     except RequestError as refused:
         assert 400 <= refused.status < 500, refused
         return False

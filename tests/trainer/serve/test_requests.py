@@ -32,7 +32,7 @@ def test_a_malformed_body_is_a_400_naming_the_problem(body: bytes, named: str) -
 def test_an_out_of_range_field_is_a_400_naming_it(field: str, value: object) -> None:
     body = {"model": "m", "prompt": "hi", field: value}
     with pytest.raises(RequestError) as refused:
-        parse_request(body, False, "m", Limits())
+        parse_request(body, False, ("m",), Limits())
     assert refused.value.status == 400 and refused.value.param == field
 
 
@@ -52,7 +52,7 @@ def test_a_field_that_would_change_the_output_and_is_not_implemented_is_a_400(
         body = {"model": "m", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
                 field: value}
         with pytest.raises(RequestError) as refused:
-            parse_request(body, chat, "m", Limits())
+            parse_request(body, chat, ("m",), Limits())
         assert refused.value.status == 400 and refused.value.param == field
         assert refused.value.code == "unsupported_parameter"
 
@@ -65,7 +65,7 @@ def test_a_field_that_would_change_the_output_and_is_not_implemented_is_a_400(
 ])
 def test_a_default_value_of_an_unimplemented_field_is_accepted(field: str, value: object) -> None:
     """What OpenAI's clients and LangChain send by default must still be served."""
-    parse_request({"model": "m", "prompt": "hi", field: value}, False, "m", Limits())
+    parse_request({"model": "m", "prompt": "hi", field: value}, False, ("m",), Limits())
 
 
 # Property-based: whatever a client sends, parsing ends in a request or a 4xx RequestError.
@@ -101,4 +101,4 @@ def test_any_bytes_parse_or_are_refused_with_a_4xx(body: bytes) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(REQUESTS, st.booleans())
 def test_any_json_request_parses_or_is_refused_with_a_4xx(data: dict, chat: bool) -> None:
-    _refused_or_parsed(lambda: parse_request(data, chat, "m", Limits()))
+    _refused_or_parsed(lambda: parse_request(data, chat, ("m",), Limits()))

@@ -443,6 +443,7 @@ def test_sampling_follows_temperature_and_top_p() -> None:
 
     def request(temperature: float, top_p: float) -> GenerationRequest:
         return GenerationRequest(
+            model="",
             chat=False,
             messages=None,
             prompt="x",

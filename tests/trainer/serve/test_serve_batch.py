@@ -59,6 +59,7 @@ def reference_ids(model: Path, prompt: list[int], tokens: int, eos: int | None) 
 
 def request(prompt: str, tokens: int) -> GenerationRequest:
     return GenerationRequest(
+        model="",
         chat=False,
         messages=None,
         prompt=prompt,

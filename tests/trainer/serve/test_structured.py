@@ -50,7 +50,7 @@ def json_schema(schema: dict[str, Any], name: str = "answer") -> dict[str, Any]:
 def refusal(response_format: Any) -> RequestError:
     body = {"model": "m", "prompt": "x", "response_format": response_format}
     with pytest.raises(RequestError) as refused:
-        parse_request(body, False, "m", Limits())
+        parse_request(body, False, ("m",), Limits())
     return refused.value
 
 
@@ -81,7 +81,7 @@ def test_a_bad_or_unsupported_format_is_a_400_saying_what(
 def test_the_formats_that_constrain_carry_a_grammar_and_text_does_not() -> None:
     def grammar(response_format: Any) -> str | None:
         body = {"model": "m", "prompt": "x", "response_format": response_format}
-        return parse_request(body, False, "m", Limits()).grammar
+        return parse_request(body, False, ("m",), Limits()).grammar
 
     assert grammar(None) is None and grammar({"type": "text"}) is None
     assert grammar({"type": "json_object"}) and grammar(json_schema(PERSON))

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from kubetune_trainer.serve.engines.base import Engine, Event
-from kubetune_trainer.serve.http import error_response, read_body, served_name
+from kubetune_trainer.serve.http import error_response, read_body
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import (
     Choice,
@@ -56,7 +56,7 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
                     503, "the model is still loading", kind="server_error", code="not_ready"
                 )
             parsed = parse_request(
-                await read_body(request, state.limits), chat, state.name, state.limits
+                await read_body(request, state.limits), chat, state.served, state.limits
             )
             state.admission.admit(parsed.n)
             state.begin()
@@ -156,7 +156,7 @@ async def generate(
     forwarders = [
         asyncio.create_task(_forward(index, answer, merged)) for index, answer in enumerate(answers)
     ]
-    name = served_name(request)
+    name = parsed.model
     stream: web.StreamResponse | None = None
     unfinished = len(answers)
     failed = False

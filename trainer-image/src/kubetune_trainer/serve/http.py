@@ -57,10 +57,6 @@ async def read_body(request: web.Request, limits: Limits) -> dict[str, Any]:
     return parse_json(body)
 
 
-def served_name(request: web.Request) -> str:
-    return request.app[STATE].name
-
-
 def liveness(stalled_seconds: float, limit: float) -> tuple[int, dict[str, Any]]:
     """`/healthz`'s answer: alive, unless the engine has had work and not advanced for more
     than `limit` seconds (a wedged step never returns, and only a restart frees its slots).
@@ -95,13 +91,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    entry = {
-        "id": state.name,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "kubetune",
-    }
-    return web.json_response({"object": "list", "data": [entry]})
+    base = {"id": state.name, "object": "model", "created": state.created, "owned_by": "kubetune"}
+    # vLLM's listing: an adapter names its base as `parent` and its directory as `root`.
+    adapters = [
+        {**base, "id": adapter.name, "parent": state.name, "root": str(adapter.path)}
+        for adapter in state.adapters
+    ]
+    return web.json_response({"object": "list", "data": [base, *adapters]})
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

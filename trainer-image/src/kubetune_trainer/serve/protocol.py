@@ -76,6 +76,8 @@ class RequestError(Exception):
 class GenerationRequest:
     """A validated request: what the engine needs, and how to shape the answer."""
 
+    model: str
+    """The served model it asked for: the base model's name, or one of its LoRA adapters'."""
     chat: bool
     messages: list[dict[str, str]] | None
     prompt: str | None

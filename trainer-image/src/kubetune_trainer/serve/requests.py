@@ -207,21 +207,25 @@ def _stop(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _model(data: dict[str, Any], served_model: str, required: bool) -> None:
+def _model(data: dict[str, Any], served: tuple[str, ...], required: bool) -> str:
+    """The model the request names, one of `served` (the base first, then its adapters); the
+    base when it may name none."""
     model = data.get("model")
     if model is None:
         if not required:
-            return
+            return served[0]
         raise RequestError(400, "'model' is required", param="model", code="missing_required")
     if not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", param="model", code="invalid_type")
-    if model != served_model:
+    if model not in served:
         raise RequestError(
             404,
-            f"The model '{model}' does not exist; this server serves '{served_model}'",
+            f"The model '{model}' does not exist; this server serves "
+            + ", ".join(f"'{name}'" for name in served),
             param="model",
             code="model_not_found",
         )
+    return model
 
 
 def _boolean(data: dict[str, Any], name: str, default: bool) -> bool:
@@ -233,9 +237,10 @@ def _boolean(data: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def parse_tokenize(data: dict[str, Any], served_model: str) -> TokenizeRequest:
-    """A `/tokenize` body (vLLM's): `prompt`, or `messages`; `model` is optional."""
-    _model(data, served_model, required=False)
+def parse_tokenize(data: dict[str, Any], served: tuple[str, ...]) -> TokenizeRequest:
+    """A `/tokenize` body (vLLM's): `prompt`, or `messages`; `model` is optional (every served
+    model shares the base's tokenizer)."""
+    _model(data, served, required=False)
     chat = data.get("messages") is not None
     return TokenizeRequest(
         messages=_messages(data) if chat else None,
@@ -245,9 +250,9 @@ def parse_tokenize(data: dict[str, Any], served_model: str) -> TokenizeRequest:
     )
 
 
-def parse_detokenize(data: dict[str, Any], served_model: str, vocab: int) -> list[int]:
+def parse_detokenize(data: dict[str, Any], served: tuple[str, ...], vocab: int) -> list[int]:
     """A `/detokenize` body: `tokens`, ids of this model's vocabulary."""
-    _model(data, served_model, required=False)
+    _model(data, served, required=False)
     tokens = data.get("tokens")
     if tokens is None:
         raise RequestError(400, "'tokens' is required", param="tokens", code="missing_required")
@@ -302,10 +307,12 @@ def _logprobs(data: dict[str, Any], chat: bool) -> int | None:
 
 
 def parse_request(
-    data: dict[str, Any], chat: bool, served_model: str, limits: Limits
+    data: dict[str, Any], chat: bool, served: tuple[str, ...], limits: Limits
 ) -> GenerationRequest:
-    """Validate a completions or chat completions body; `RequestError` on the first problem."""
-    _model(data, served_model, required=True)
+    """Validate a completions or chat completions body; `RequestError` on the first problem.
+
+    `served`: the model names requests may ask for, the base model's first."""
+    model = _model(data, served, required=True)
     messages = _messages(data) if chat else None
     prompt = None if chat else _prompt(data)
     # Both names are checked (the schema in `schema` says so); the newer one wins.
@@ -376,6 +383,7 @@ def parse_request(
             400, "'top_p' must be greater than 0", param="top_p", code="invalid_value"
         )
     return GenerationRequest(
+        model=model,
         chat=chat,
         messages=messages,
         prompt=prompt,

@@ -4,11 +4,16 @@
           [--max-tokens N] [--max-concurrency N] [--max-queue N] [--max-body-bytes N]
           [--grace-seconds S] [--drain-seconds S] [--request-timeout-seconds S]
           [--engine-stall-seconds S] [--engine batch|genai]
+          [--lora-modules NAME=DIR [NAME=DIR ...]]
 
 `--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
 (continuous batching, `engines/batch`); `--engine genai` runs one onnxruntime-genai generator
 per request (`engines/genai.py`), kept as a reference: it is slower on every measure
 (bench/RESULTS.md).
+
+`--lora-modules` serves PEFT LoRA adapters of the base model beside it, from one copy of the
+base: a request's `model` picks the base's name or an adapter's NAME, `/v1/models` lists them
+all, and requests for different adapters share the batch (`adapters`, `engines/batch/lora.py`).
 
 Each limit also reads `KUBETUNE_SERVE_<FLAG>` (e.g. KUBETUNE_SERVE_MAX_QUEUE). `--model` is an
 exported model directory (or a run directory holding `onnx/`).
@@ -35,12 +40,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from kubetune_trainer.serve.adapters import (
+    AdapterError,
+    LoraAdapter,
+    parse_lora_modules,
+    read_adapter,
+)
 from kubetune_trainer.serve.completions import completion_handler
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.http import (
@@ -59,10 +70,14 @@ log = logging.getLogger("kubetune.serve")
 
 
 def build_app(
-    model_dir: Path, name: str, limits: Limits, engine_kind: str = "batch"
+    model_dir: Path,
+    name: str,
+    limits: Limits,
+    engine_kind: str = "batch",
+    adapters: tuple[LoraAdapter, ...] = (),
 ) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=limits.max_body_bytes)
-    app[STATE] = ServerState(name, model_dir, limits, engine_kind)
+    app[STATE] = ServerState(name, model_dir, limits, engine_kind, adapters)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -88,10 +103,13 @@ async def load_engine(app: web.Application) -> None:
 
     state = app[STATE]
     try:
-        kind: Callable[[Path, Limits], Engine] = (
-            GenAIEngine if state.engine_kind == "genai" else BatchEngine
-        )
-        engine = await asyncio.to_thread(kind, state.model_dir, state.limits)
+        engine: Engine
+        if state.engine_kind == "genai":
+            engine = await asyncio.to_thread(GenAIEngine, state.model_dir, state.limits)
+        else:
+            engine = await asyncio.to_thread(
+                BatchEngine, state.model_dir, state.limits, state.adapters
+            )
         seconds = await asyncio.to_thread(engine.warm_up)
         state.engine = engine  # the server is ready from here on
         log.info("model loaded and warmed up (%.2fs warm-up)", seconds)
@@ -101,9 +119,15 @@ async def load_engine(app: web.Application) -> None:
 
 
 async def serve(
-    model_dir: Path, host: str, port: int, name: str, limits: Limits, engine_kind: str
+    model_dir: Path,
+    host: str,
+    port: int,
+    name: str,
+    limits: Limits,
+    engine_kind: str,
+    adapters: tuple[LoraAdapter, ...],
 ) -> int:
-    app = build_app(model_dir, name, limits, engine_kind)
+    app = build_app(model_dir, name, limits, engine_kind, adapters)
     runner = app_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -169,6 +193,14 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
         help="batch (default): continuous batching on plain ONNX Runtime; genai: one "
         "onnxruntime-genai generator per request, in worker threads (see bench/RESULTS.md)",
     )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=_env("lora_modules", "").split(),
+        metavar="NAME=DIR",
+        help="PEFT LoRA adapters of the base model to serve beside it, each selected by a "
+        "request's `model` NAME (environment: space-separated)",
+    )
     for flag in (
         "max_tokens",
         "default_max_tokens",
@@ -210,4 +242,24 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or (
         model_dir.parent.name if model_dir.name == "onnx" else model_dir.name
     )
-    return asyncio.run(serve(model_dir, args.host, args.port, name, limits, args.engine))
+    adapters = load_adapters(args.lora_modules, name, args.engine, config)
+    return asyncio.run(
+        serve(model_dir, args.host, args.port, name, limits, args.engine, adapters)
+    )
+
+
+def load_adapters(
+    modules: list[str], base: str, engine_kind: str, config: dict[str, Any]
+) -> tuple[LoraAdapter, ...]:
+    """Read `--lora-modules` before the port opens: a bad adapter stops the server with a
+    message that names it, instead of a pod that never turns ready."""
+    try:
+        paths = parse_lora_modules(modules)
+        if paths and engine_kind != "batch":
+            raise AdapterError("--lora-modules needs --engine batch")
+        if base in paths:
+            raise AdapterError(f"--lora-modules: {base!r} is the base model's own name")
+        hidden = int(config["model"]["decoder"]["hidden_size"])
+        return tuple(read_adapter(name, path, hidden) for name, path in paths.items())
+    except AdapterError as error:
+        raise SystemExit(f"serve: {error}") from None

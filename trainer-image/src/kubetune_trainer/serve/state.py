@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kubetune_trainer.serve.adapters import LoraAdapter
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import Limits, RequestError
@@ -53,10 +54,12 @@ class ServerState:
     """The app's state: its configuration, the engine once loaded, and the counts that admission,
     draining and `/metrics` read."""
 
-    name: str  # the served model name, as `/v1/models` lists it and requests must name it
+    name: str  # the base model's served name, as `/v1/models` lists it and requests name it
     model_dir: Path
     limits: Limits
     engine_kind: str  # "batch" | "genai"
+    adapters: tuple[LoraAdapter, ...] = ()
+    """LoRA adapters served on the base, each selected by its name."""
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None  # set once loaded and warmed up: the server is ready
@@ -69,6 +72,11 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.limits)
+
+    @property
+    def served(self) -> tuple[str, ...]:
+        """The model names requests may ask for: the base, then its adapters."""
+        return (self.name, *(adapter.name for adapter in self.adapters))
 
     def begin(self) -> None:
         """Count a request in flight, so that draining waits for it."""

@@ -43,7 +43,7 @@ def _ready(request: web.Request) -> Engine:
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = _ready(request)
-    parsed = parse_tokenize(await read_body(request, state.limits), state.name)
+    parsed = parse_tokenize(await read_body(request, state.limits), state.served)
     ids = await asyncio.to_thread(token_ids, engine.tokenizer, parsed)
     return web.json_response(
         {"count": len(ids), "max_model_len": state.limits.context_length, "tokens": ids}
@@ -53,5 +53,7 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     tokenizer = _ready(request).tokenizer
-    ids = parse_detokenize(await read_body(request, state.limits), state.name, tokenizer.vocab_size)
+    ids = parse_detokenize(
+        await read_body(request, state.limits), state.served, tokenizer.vocab_size
+    )
     return web.json_response({"prompt": await asyncio.to_thread(tokenizer.decode, ids)})

@@ -1,4 +1,5 @@
 """The continuous-batching engine: one scheduler thread (`scheduler`) steps every active
 sequence (`sequences`) through one decoder run (`decoder`) over a shared KV cache (`kv`) and
-samples the next tokens (`sampling`).
+samples the next tokens (`sampling`); `lora` adds LoRA adapters to the decoder's graph so that
+each row of a step runs its own.
 """

@@ -14,13 +14,21 @@ from pathlib import Path
 import numpy as np
 
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
+from kubetune_trainer.serve.adapters import LoraAdapter
 from kubetune_trainer.serve.engines.batch.kv import KVCache
+from kubetune_trainer.serve.engines.batch.lora import MASK, adapted_session
 
 
 class Decoder:
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, adapters: tuple[LoraAdapter, ...] = ()) -> None:
         layout = DecoderLayout.read(model_dir)
-        self.session = layout.session()
+        # With adapters, the graph gains their branches and a mask input (`lora`); each
+        # adapter's mask row, base first. Without, the builder's graph runs as it is.
+        self.adapter_masks: list[np.ndarray] = []
+        if adapters:
+            self.session, self.adapter_masks = adapted_session(layout.model_file, adapters)
+        else:
+            self.session = layout.session()
         self.kv_shape = layout.kv_shape
         self.kv_dtype = kv_dtype(self.session)
         self.kv_names = layout.kv_names
@@ -37,17 +45,20 @@ class Decoder:
             rows,
             self.vocab,
             context_length,
+            self.adapter_masks,
         )
 
     def prefill(
         self,
         prompts: list[list[int]],
+        adapters: list[int],
         tokens_per_run: int,
         logits_dtype: type[np.generic],
         progress: Callable[[], None] = lambda: None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run the prompts: each row's last logits, and the present key/values; `progress()`
-        after each run (the engine's heartbeat: a long prompt is progress, not a stall).
+        """Run the prompts (`adapters`: each one's LoRA adapter, 0 for the base): each row's
+        last logits, and the present key/values; `progress()` after each run (the engine's
+        heartbeat: a long prompt is progress, not a stall).
 
         At most `tokens_per_run` padded tokens go through one run. `scheduler.prefill_groups`
         keeps a group of several prompts within that, so only a prompt alone can take several
@@ -63,12 +74,18 @@ class Decoder:
         present = [np.zeros((len(prompts), heads, 0, size), self.kv_dtype)] * len(self.kv_names)
         last = np.zeros((len(prompts), self.vocab), logits_dtype)
         chunk = max(1, tokens_per_run // len(prompts))
+        selected = (
+            {MASK: np.stack([self.adapter_masks[a] for a in adapters])[:, None, :]}
+            if self.adapter_masks
+            else {}
+        )
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
             feeds = {
                 "input_ids": ids[:, start:end],
                 "attention_mask": mask[:, :end],
                 **dict(zip(self.kv_names, present, strict=True)),
+                **selected,
             }
             logits, *present = self.session.run(self.output_names, feeds)
             progress()

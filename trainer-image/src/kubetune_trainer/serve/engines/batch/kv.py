@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from kubetune_trainer.serve.engines.batch.lora import MASK
+
 GROW = 256  # capacity grows in steps of this many positions (each growth copies the cache)
 
 
@@ -33,6 +35,7 @@ class KVCache:
         rows: int,
         vocab: int,
         limit: int,
+        adapter_masks: list[np.ndarray],
     ) -> None:
         self.session = session
         self.past_names = past_names
@@ -45,6 +48,10 @@ class KVCache:
         self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
         self.vocab = vocab
         self.ids = np.zeros((rows, 1), np.int64)
+        # Each row's LoRA adapter, as the adapted graph's mask input (`lora`); none without.
+        self.adapter_masks = adapter_masks
+        width = len(adapter_masks[0]) if adapter_masks else 0
+        self.adapters = np.zeros((rows, 1, width), self.logits_dtype)
         self.logits = np.zeros((rows, 1, self.vocab), self.logits_dtype)
         self.capacity = 0
         self.buffers: list[np.ndarray] = []
@@ -70,17 +77,23 @@ class KVCache:
         self.buffers, self.capacity, self.bound = [], 0, -1
         self.mask = np.zeros((self.rows, 0), np.int64)
 
-    def store(self, row: int, present: list[np.ndarray], index: int, length: int) -> None:
-        """Copy row `index` of a prefill's present outputs (its first `length` positions)."""
+    def store(
+        self, row: int, present: list[np.ndarray], index: int, length: int, adapter: int
+    ) -> None:
+        """Copy row `index` of a prefill's present outputs (its first `length` positions), for a
+        sequence that adds LoRA adapter `adapter` (0: the base alone)."""
         for buffer, value in zip(self.buffers, present, strict=True):
             buffer[row, :, :length] = value[index, :, :length]
         self.mask[row] = 0
         self.mask[row, :length] = 1
+        if self.adapter_masks:
+            self.adapters[row, 0] = self.adapter_masks[adapter]
 
     def move(self, source: int, target: int, length: int) -> None:
         for buffer in self.buffers:
             buffer[target, :, :length] = buffer[source, :, :length]
         self.mask[target] = self.mask[source]
+        self.adapters[target] = self.adapters[source]
 
     def step(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
         """Decode one token for rows 0..n-1 (row r holds `lengths[r]` positions): (n, vocab)."""
@@ -98,6 +111,15 @@ class KVCache:
         binding.bind_input(
             "attention_mask", "cpu", 0, np.int64, (n, self.capacity), self.mask.ctypes.data
         )
+        if self.adapter_masks:
+            binding.bind_input(
+                MASK,
+                "cpu",
+                0,
+                self.adapters.dtype,
+                (n, 1, self.adapters.shape[2]),
+                self.adapters.ctypes.data,
+            )
         binding.bind_output(
             "logits", "cpu", 0, self.logits_dtype, (n, 1, self.vocab), self.logits.ctypes.data
         )

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune_trainer.serve.adapters import LoraAdapter
 from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW
@@ -70,14 +71,18 @@ def prefill_groups(joined: list[Sequence]) -> list[list[Sequence]]:
 class BatchEngine:
     """Continuous batching in one scheduler thread; an `engines.base.Engine`."""
 
-    def __init__(self, model_dir: Path, limits: Limits) -> None:
+    def __init__(
+        self, model_dir: Path, limits: Limits, adapters: tuple[LoraAdapter, ...] = ()
+    ) -> None:
+        """`adapters`: LoRA adapters served on the base, selected by a request's `model`."""
         self.limits = limits
+        self.adapter_index = {adapter.name: i for i, adapter in enumerate(adapters, start=1)}
         self.tokenizer = ServingTokenizer.load(model_dir)
         self.eos = self.tokenizer.eos_token_id
         self.grammars = Grammars.of_model(model_dir, self.eos)
         self.running = 0  # the batch size, set by the scheduler thread each step
         self.positions = 0  # KV cache positions the batch holds, set with `running`
-        self.decoder = Decoder(model_dir)
+        self.decoder = Decoder(model_dir, adapters)
         self.cache = self.decoder.batch_cache(limits.max_concurrency, limits.context_length)
         self.outbox = Outbox()
         self.incoming: queue.Queue[Sequence] = queue.Queue()
@@ -115,6 +120,7 @@ class BatchEngine:
                 cancel,
                 TextAssembler(self.tokenizer.decode, request.stop),
                 np.random.default_rng(seed),
+                adapter=self.adapter_index.get(request.model, 0),
                 spell=self.grammars.spell,
             )
         )
@@ -124,6 +130,7 @@ class BatchEngine:
         """One short generation through the scheduler, so the first request pays no set-up."""
         started = time.monotonic()
         request = GenerationRequest(
+            model="",
             chat=False,
             messages=None,
             prompt="Hello",
@@ -218,6 +225,7 @@ class BatchEngine:
         try:
             last, present = self.decoder.prefill(
                 [s.prompt for s in group],
+                [s.adapter for s in group],
                 PREFILL_TOKENS,
                 self.cache.logits_dtype,
                 self.heartbeat.beat,
@@ -226,7 +234,7 @@ class BatchEngine:
             self.cache.reserve(len(batch), needed)
             for index, sequence in enumerate(group):
                 sequence.length = len(sequence.prompt)
-                self.cache.store(len(batch), present, index, sequence.length)
+                self.cache.store(len(batch), present, index, sequence.length, sequence.adapter)
                 batch.append(sequence)
                 joined += 1
                 accept(sequence, choose(sequence, last[index]), self.eos, self.outbox)

@@ -32,6 +32,7 @@ class Sequence:
     cancel: threading.Event
     text: TextAssembler
     rng: np.random.Generator
+    adapter: int = 0  # the LoRA adapter its rows add (`lora`): 0 for the base, i for the i-th
     length: int = 0  # positions in the KV cache
     generated: int = 0
     last: int = 0

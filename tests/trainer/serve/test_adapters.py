@@ -1,0 +1,243 @@
+"""LoRA adapters served on one base (`serve --lora-modules`): each request's `model` picks the
+base or an adapter, requests for different adapters share the batch, and each answers exactly
+as its own merged model does; an adapter that cannot be served is refused by name."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from kubetune_trainer.serve.adapters import AdapterError, parse_lora_modules, read_adapter
+from kubetune_trainer.tokenizer import ServingTokenizer
+from tests.trainer.export.test_export import SCRATCH, exported_model, make_lora_run, run_export
+from tests.trainer.serve.test_serve import Server, post
+from tests.trainer.serve.test_serve_batch import reference_ids
+
+PROMPTS = [
+    "The three primary colours are",
+    "def quicksort(items):\n",
+    "Once upon a time, in a small village by the sea,",
+]
+TOKENS = 16
+ADAPTERS = {
+    # Every projection (q, k and v share the builder's packed qkv MatMul), rsLoRA scaling.
+    "wide": dict(
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        rank=8,
+        scale=0.02,
+        seed=1,
+        use_rslora=True,
+    ),
+    # Some projections only, another rank: its columns sit after `wide`'s in the branch.
+    "narrow": dict(targets=("q_proj", "v_proj", "down_proj"), rank=4, scale=0.05, seed=2),
+}
+
+
+@pytest.fixture(scope="module")
+def adapter_runs() -> dict[str, Path]:
+    """Each adapter as a run directory (`adapter/` inside), made once per module."""
+    runs = {}
+    for name, options in ADAPTERS.items():
+        run = SCRATCH / f"adapter-{name}"
+        if not (run / "adapter").is_dir():
+            make_lora_run(run, **options)  # type: ignore[arg-type]
+        runs[name] = run
+    return runs
+
+
+def merged_export(run: Path) -> Path:
+    """The adapter merged into its base and exported at FP32: the reference it must match."""
+    output = run / "onnx"
+    if not (output / "genai_config.json").is_file():
+        result = run_export(run, output, "FP32")
+        assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def lora_modules(runs: dict[str, Path]) -> list[str]:
+    return ["--lora-modules", *(f"{name}={run / 'adapter'}" for name, run in runs.items())]
+
+
+@pytest.fixture(scope="module")
+def fp32_server(adapter_runs: dict[str, Path]) -> Iterator[Server]:
+    limits = ["--max-tokens", "64", "--max-concurrency", "9", "--max-queue", "4"]
+    running = Server(exported_model("FP32"), *limits, *lora_modules(adapter_runs))
+    yield running
+    running.stop()
+
+
+def complete(server: Server, model: str, prompt: str, tokens: int = TOKENS) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == model
+    return str(response.json()["choices"][0]["text"])
+
+
+def all_at_once(server: Server, requests: list[tuple[str, str, int]]) -> list[str]:
+    """Every (model, prompt, max tokens) sent concurrently, so that different adapters share
+    steps (and rows move as shorter answers leave the batch)."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda r: complete(server, *r), requests))
+
+
+def greedy_text(model_dir: Path, prompt: str, tokens: int) -> str:
+    """Unbatched greedy decoding of one exported model (no server, no adapters)."""
+    tokenizer = ServingTokenizer.load(model_dir)
+    ids = reference_ids(model_dir, tokenizer.encode(prompt), tokens, tokenizer.eos_token_id)
+    return tokenizer.decode([t for t in ids if t != tokenizer.eos_token_id])
+
+
+def test_models_lists_the_base_and_each_adapter(
+    fp32_server: Server, adapter_runs: dict[str, Path]
+) -> None:
+    models = httpx.get(fp32_server.url + "/v1/models").json()["data"]
+    assert [m["id"] for m in models] == [fp32_server.name, "wide", "narrow"]
+    assert [m.get("parent") for m in models] == [None, fp32_server.name, fp32_server.name]
+    assert models[1]["root"] == str(adapter_runs["wide"] / "adapter")
+
+
+def test_adapters_in_one_batch_answer_as_their_merged_models(
+    fp32_server: Server, adapter_runs: dict[str, Path]
+) -> None:
+    lengths = {fp32_server.name: 5, "wide": TOKENS, "narrow": 10}
+    requests = [(model, prompt, tokens) for prompt in PROMPTS for model, tokens in lengths.items()]
+    answers = {
+        r[:2]: answer
+        for r, answer in zip(requests, all_at_once(fp32_server, requests), strict=True)
+    }
+    references = {fp32_server.name: exported_model("FP32")} | {
+        name: merged_export(run) for name, run in adapter_runs.items()
+    }
+    for (model, prompt), answer in answers.items():
+        expected = greedy_text(references[model], prompt, lengths[model])
+        assert answer == expected, (model, prompt)
+    base = references[fp32_server.name]
+    for adapter in ("wide", "narrow"):  # else the test could not tell adapters from the base
+        assert any(answers[(adapter, p)] != greedy_text(base, p, lengths[adapter]) for p in PROMPTS)
+
+
+def test_the_openai_client_selects_an_adapter_and_an_unknown_model_is_a_404(
+    fp32_server: Server,
+) -> None:
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=fp32_server.url + "/v1", api_key="unused", max_retries=0)
+    alone = client.completions.create(
+        model="narrow", prompt=PROMPTS[0], max_tokens=TOKENS, temperature=0
+    )
+    assert alone.model == "narrow"
+    assert alone.choices[0].text == complete(fp32_server, "narrow", PROMPTS[0])
+    with pytest.raises(NotFoundError) as refused:
+        client.completions.create(model="nope", prompt="hi", max_tokens=4)
+    message = refused.value.response.json()["error"]["message"]
+    assert "'nope'" in message and "'wide'" in message and "'narrow'" in message
+
+
+def test_on_a_quantized_base_an_adapter_answers_the_same_alone_or_in_a_mixed_batch(
+    adapter_runs: dict[str, Path],
+) -> None:
+    base = exported_model("INT4")
+    server = Server(base, "--max-concurrency", "6", *lora_modules(adapter_runs))
+    try:
+        alone = {(m, p): complete(server, m, p) for m in ("wide", base.name) for p in PROMPTS}
+        mixed = all_at_once(server, [(m, p, TOKENS) for m, p in alone])
+        assert mixed == list(alone.values())
+        assert any(alone[("wide", p)] != alone[(base.name, p)] for p in PROMPTS)
+    finally:
+        server.stop()
+
+
+def write_adapter(
+    directory: Path, config: dict[str, object], tensors: dict[str, np.ndarray]
+) -> Path:
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **config})
+    )
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def q_proj(layer: int = 0, features: int = 576, rank: int = 2) -> dict[str, np.ndarray]:
+    key = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+    return {
+        f"{key}.lora_A.weight": np.ones((rank, features), np.float32),
+        f"{key}.lora_B.weight": np.ones((features, rank), np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "refusal"),
+    [
+        ({"use_dora": True}, q_proj(), "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, q_proj(), "modules_to_save"),
+        ({"bias": "lora_only"}, q_proj(), "biases"),
+        (
+            {},
+            {**q_proj(), "base_model.model.lm_head.lora_A.weight": np.ones((2, 576), np.float32)},
+            "'base_model.model.lm_head.lora_A.weight' is not a LoRA update",
+        ),
+        (
+            {},
+            {k: v for k, v in q_proj().items() if "lora_A" in k},
+            "layers.0.q_proj has lora_A but not both A and B",
+        ),
+        ({}, q_proj(features=960), "takes 960 features but the base model's hidden size is 576"),
+    ],
+)
+def test_an_adapter_that_cannot_be_served_is_refused_by_name(
+    tmp_path: Path, config: dict[str, object], tensors: dict[str, np.ndarray], refusal: str
+) -> None:
+    write_adapter(tmp_path / "bad", config, tensors)
+    with pytest.raises(AdapterError, match="adapter 'bad'") as refused:
+        read_adapter("bad", tmp_path / "bad", hidden_size=576)
+    assert refusal in str(refused.value)
+
+
+def test_scaling_is_peft_s_alpha_over_rank_or_its_square_root(tmp_path: Path) -> None:
+    plain = read_adapter("p", write_adapter(tmp_path / "p", {}, q_proj()), 576)
+    rs = read_adapter("r", write_adapter(tmp_path / "r", {"use_rslora": True}, q_proj()), 576)
+    pattern = write_adapter(tmp_path / "a", {"alpha_pattern": {"q_proj": 8}}, q_proj())
+    assert plain.layers[(0, "q_proj")].scale == 4 / 2
+    assert rs.layers[(0, "q_proj")].scale == pytest.approx(4 / math.sqrt(2))
+    assert read_adapter("a", pattern, 576).layers[(0, "q_proj")].scale == 8 / 2
+
+
+def test_lora_modules_are_name_equals_directory_once_each() -> None:
+    assert parse_lora_modules(["a=/x", "b=/y"]) == {"a": Path("/x"), "b": Path("/y")}
+    for bad, message in ((["a"], "NAME=DIR"), (["=/x"], "NAME=DIR"), (["a=/x", "a=/y"], "twice")):
+        with pytest.raises(AdapterError, match=message):
+            parse_lora_modules(bad)
+
+
+def test_the_server_stops_at_once_naming_an_adapter_it_cannot_read(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetune_trainer",
+            "serve",
+            "--model",
+            str(exported_model("INT4")),
+            "--lora-modules",
+            f"missing={tmp_path / 'nowhere'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "adapter 'missing'" in result.stderr and "adapter_config.json" in result.stderr
