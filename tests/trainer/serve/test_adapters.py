@@ -241,3 +241,14 @@ def test_the_server_stops_at_once_naming_an_adapter_it_cannot_read(tmp_path: Pat
     )
     assert result.returncode != 0
     assert "adapter 'missing'" in result.stderr and "adapter_config.json" in result.stderr
+
+
+def test_adapters_need_the_batch_engine_and_names_of_their_own() -> None:
+    from kubetune_trainer.serve.server import load_adapters
+
+    config = {"model": {"decoder": {"hidden_size": 576}}}
+    with pytest.raises(SystemExit, match="needs --engine batch"):
+        load_adapters(["a=/x"], "base", "genai", config)
+    with pytest.raises(SystemExit, match="'base' is the base model's own name"):
+        load_adapters(["base=/x"], "base", "batch", config)
+    assert load_adapters([], "base", "genai", config) == {}

@@ -94,8 +94,8 @@ async def models(request: web.Request) -> web.Response:
     base = {"id": state.name, "object": "model", "created": state.created, "owned_by": "kubetune"}
     # vLLM's listing: an adapter names its base as `parent` and its directory as `root`.
     adapters = [
-        {**base, "id": adapter.name, "parent": state.name, "root": str(adapter.path)}
-        for adapter in state.adapters
+        {**base, "id": name, "parent": state.name, "root": str(path)}
+        for name, path in state.adapters.items()
     ]
     return web.json_response({"object": "list", "data": [base, *adapters]})
 

@@ -46,12 +46,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kubetune_trainer.serve.adapters import (
-    AdapterError,
-    LoraAdapter,
-    parse_lora_modules,
-    read_adapter,
-)
+from kubetune_trainer.serve.adapters import AdapterError, parse_lora_modules, read_adapter
 from kubetune_trainer.serve.completions import completion_handler
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.http import (
@@ -74,10 +69,10 @@ def build_app(
     name: str,
     limits: Limits,
     engine_kind: str = "batch",
-    adapters: tuple[LoraAdapter, ...] = (),
+    adapters: dict[str, Path] | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=limits.max_body_bytes)
-    app[STATE] = ServerState(name, model_dir, limits, engine_kind, adapters)
+    app[STATE] = ServerState(name, model_dir, limits, engine_kind, adapters or {})
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -125,7 +120,7 @@ async def serve(
     name: str,
     limits: Limits,
     engine_kind: str,
-    adapters: tuple[LoraAdapter, ...],
+    adapters: dict[str, Path],
 ) -> int:
     app = build_app(model_dir, name, limits, engine_kind, adapters)
     runner = app_runner(app)
@@ -250,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_adapters(
     modules: list[str], base: str, engine_kind: str, config: dict[str, Any]
-) -> tuple[LoraAdapter, ...]:
-    """Read `--lora-modules` before the port opens: a bad adapter stops the server with a
-    message that names it, instead of a pod that never turns ready."""
+) -> dict[str, Path]:
+    """`--lora-modules`, each adapter read and checked before the port opens: a bad adapter
+    stops the server with a message that names it, instead of a pod that never turns ready.
+    (The engine reads them again as it builds its graph, so their weights are not held here.)"""
     try:
         paths = parse_lora_modules(modules)
         if paths and engine_kind != "batch":
@@ -260,6 +256,8 @@ def load_adapters(
         if base in paths:
             raise AdapterError(f"--lora-modules: {base!r} is the base model's own name")
         hidden = int(config["model"]["decoder"]["hidden_size"])
-        return tuple(read_adapter(name, path, hidden) for name, path in paths.items())
+        for name, path in paths.items():
+            read_adapter(name, path, hidden)
+        return paths
     except AdapterError as error:
         raise SystemExit(f"serve: {error}") from None

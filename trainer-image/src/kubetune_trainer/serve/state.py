@@ -13,7 +13,6 @@ from pathlib import Path
 
 from aiohttp import web
 
-from kubetune_trainer.serve.adapters import LoraAdapter
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import Limits, RequestError
@@ -58,8 +57,8 @@ class ServerState:
     model_dir: Path
     limits: Limits
     engine_kind: str  # "batch" | "genai"
-    adapters: tuple[LoraAdapter, ...] = ()
-    """LoRA adapters served on the base, each selected by its name."""
+    adapters: dict[str, Path] = field(default_factory=dict)
+    """LoRA adapters served on the base: name (what requests select) -> PEFT directory."""
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None  # set once loaded and warmed up: the server is ready
@@ -76,7 +75,7 @@ class ServerState:
     @property
     def served(self) -> tuple[str, ...]:
         """The model names requests may ask for: the base, then its adapters."""
-        return (self.name, *(adapter.name for adapter in self.adapters))
+        return (self.name, *self.adapters)
 
     def begin(self) -> None:
         """Count a request in flight, so that draining waits for it."""

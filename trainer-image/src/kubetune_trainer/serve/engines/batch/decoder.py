@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
-from kubetune_trainer.serve.adapters import LoraAdapter
 from kubetune_trainer.serve.engines.batch.kv import KVCache
 from kubetune_trainer.serve.engines.batch.lora import MASK, adapted_session
 
 
 class Decoder:
-    def __init__(self, model_dir: Path, adapters: tuple[LoraAdapter, ...] = ()) -> None:
+    def __init__(self, model_dir: Path, adapters: dict[str, Path] | None = None) -> None:
+        """`adapters`: LoRA adapters by name (their PEFT directories), in mask-row order."""
         layout = DecoderLayout.read(model_dir)
         # With adapters, the graph gains their branches and a mask input (`lora`); each
         # adapter's mask row, base first. Without, the builder's graph runs as it is.

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune_trainer.serve.adapters import LoraAdapter
 from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW
@@ -72,11 +71,12 @@ class BatchEngine:
     """Continuous batching in one scheduler thread; an `engines.base.Engine`."""
 
     def __init__(
-        self, model_dir: Path, limits: Limits, adapters: tuple[LoraAdapter, ...] = ()
+        self, model_dir: Path, limits: Limits, adapters: dict[str, Path] | None = None
     ) -> None:
-        """`adapters`: LoRA adapters served on the base, selected by a request's `model`."""
+        """`adapters`: LoRA adapters served on the base (name: PEFT directory), each selected
+        by a request's `model`."""
         self.limits = limits
-        self.adapter_index = {adapter.name: i for i, adapter in enumerate(adapters, start=1)}
+        self.adapter_index = {name: i for i, name in enumerate(adapters or {}, start=1)}
         self.tokenizer = ServingTokenizer.load(model_dir)
         self.eos = self.tokenizer.eos_token_id
         self.grammars = Grammars.of_model(model_dir, self.eos)
