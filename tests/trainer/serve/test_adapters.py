@@ -252,3 +252,14 @@ def test_adapters_need_the_batch_engine_and_names_of_their_own() -> None:
     with pytest.raises(SystemExit, match="'base' is the base model's own name"):
         load_adapters(["base=/x"], "base", "batch", config)
     assert load_adapters([], "base", "genai", config) == {}
+
+
+def test_lora_modules_come_from_the_flag_or_the_environment() -> None:
+    from kubetune_trainer.serve.server import parse_options
+
+    environ = {"KUBETUNE_SERVE_LORA_MODULES": "a=/x b=/y"}
+    assert parse_options(["--model", "m"], environ).lora_modules == ["a=/x", "b=/y"]
+    assert parse_options(["--model", "m", "--lora-modules", "c=/z"], environ).lora_modules == [
+        "c=/z"
+    ]
+    assert parse_options(["--model", "m"], {}).lora_modules == []
