@@ -246,12 +246,41 @@ def test_the_server_stops_at_once_naming_an_adapter_it_cannot_read(tmp_path: Pat
 def test_adapters_need_the_batch_engine_and_names_of_their_own() -> None:
     from kubetune_trainer.serve.server import load_adapters
 
-    config = {"model": {"decoder": {"hidden_size": 576}}}
+    model = exported_model("INT4")
     with pytest.raises(SystemExit, match="needs --engine batch"):
-        load_adapters(["a=/x"], "base", "genai", config)
+        load_adapters(["a=/x"], "base", "genai", model)
     with pytest.raises(SystemExit, match="'base' is the base model's own name"):
-        load_adapters(["base=/x"], "base", "batch", config)
-    assert load_adapters([], "base", "genai", config) == {}
+        load_adapters(["base=/x"], "base", "batch", model)
+    assert load_adapters([], "base", "genai", model) == {}
+
+
+def test_an_adapter_with_another_chat_template_or_vocabulary_is_refused(
+    tmp_path: Path, adapter_runs: dict[str, Path]
+) -> None:
+    import shutil
+
+    from kubetune_trainer.serve.server import load_adapters
+
+    model = exported_model("INT4")
+    same = tmp_path / "same"
+    shutil.copytree(adapter_runs["narrow"] / "adapter", same)
+    for name in ("chat_template.jinja", "tokenizer.json"):
+        shutil.copy2(model / name, same / name)
+    assert load_adapters([f"same={same}"], "base", "batch", model) == {"same": same}
+
+    template = tmp_path / "template"
+    shutil.copytree(same, template)
+    (template / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(SystemExit, match="adapter 'template': its chat template"):
+        load_adapters([f"template={template}"], "base", "batch", model)
+
+    vocabulary = tmp_path / "vocabulary"
+    shutil.copytree(same, vocabulary)
+    tokenizer = json.loads((same / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": 49152, "content": "<tool>", "special": True})
+    (vocabulary / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(SystemExit, match="adapter 'vocabulary': its tokenizer's vocabulary"):
+        load_adapters([f"vocabulary={vocabulary}"], "base", "batch", model)
 
 
 def test_lora_modules_come_from_the_flag_or_the_environment() -> None:

@@ -100,6 +100,42 @@ def _scale(config: dict[str, object], key: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
+def _vocabulary(tokenizer_file: Path) -> tuple[object, object]:
+    data = json.loads(tokenizer_file.read_text())
+    added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
+    return data.get("model", {}).get("vocab"), added
+
+
+def check_tokenizer(name: str, path: Path, model_dir: Path) -> None:
+    """Every request is rendered and tokenized by the base's tokenizer and chat template, so an
+    adapter that ships others (trained with another template or added tokens) is refused
+    rather than served prompts it never saw."""
+    template = path / "chat_template.jinja"
+    base_template = model_dir / "chat_template.jinja"
+    if (
+        template.is_file()
+        and base_template.is_file()
+        and template.read_text().strip() != base_template.read_text().strip()
+    ):
+        raise _refuse(
+            name,
+            f"its chat template ({template}) differs from the base model's ({base_template}); "
+            "serve its merged export instead",
+        )
+    tokenizer = path / "tokenizer.json"
+    base_tokenizer = model_dir / "tokenizer.json"
+    if (
+        tokenizer.is_file()
+        and base_tokenizer.is_file()
+        and _vocabulary(tokenizer) != _vocabulary(base_tokenizer)
+    ):
+        raise _refuse(
+            name,
+            f"its tokenizer's vocabulary ({tokenizer}) differs from the base model's; "
+            "serve its merged export instead",
+        )
+
+
 def read_adapter(name: str, path: Path, hidden_size: int | None = None) -> LoraAdapter:
     """A PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`)."""
     config_file = path / "adapter_config.json"

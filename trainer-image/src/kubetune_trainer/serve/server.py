@@ -46,7 +46,12 @@ from typing import Any
 
 from aiohttp import web
 
-from kubetune_trainer.serve.adapters import AdapterError, parse_lora_modules, read_adapter
+from kubetune_trainer.serve.adapters import (
+    AdapterError,
+    check_tokenizer,
+    parse_lora_modules,
+    read_adapter,
+)
 from kubetune_trainer.serve.completions import completion_handler
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.http import (
@@ -237,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or (
         model_dir.parent.name if model_dir.name == "onnx" else model_dir.name
     )
-    adapters = load_adapters(args.lora_modules, name, args.engine, config)
+    adapters = load_adapters(args.lora_modules, name, args.engine, model_dir)
     return asyncio.run(
         serve(model_dir, args.host, args.port, name, limits, args.engine, adapters)
     )
 
 
 def load_adapters(
-    modules: list[str], base: str, engine_kind: str, config: dict[str, Any]
+    modules: list[str], base: str, engine_kind: str, model_dir: Path
 ) -> dict[str, Path]:
     """`--lora-modules`, each adapter read and checked before the port opens: a bad adapter
     stops the server with a message that names it, instead of a pod that never turns ready.
@@ -255,9 +260,11 @@ def load_adapters(
             raise AdapterError("--lora-modules needs --engine batch")
         if base in paths:
             raise AdapterError(f"--lora-modules: {base!r} is the base model's own name")
+        config = json.loads((model_dir / "genai_config.json").read_text())
         hidden = int(config["model"]["decoder"]["hidden_size"])
         for name, path in paths.items():
             read_adapter(name, path, hidden)
+            check_tokenizer(name, path, model_dir)
         return paths
     except AdapterError as error:
         raise SystemExit(f"serve: {error}") from None
