@@ -121,6 +121,11 @@ def test_adapters_in_one_batch_answer_as_their_merged_models(
     for (model, prompt), answer in answers.items():
         expected = greedy_text(references[model], prompt, lengths[model])
         assert answer == expected, (model, prompt)
+    metrics = httpx.get(fp32_server.url + "/metrics").text
+    for model in lengths:  # each served model's use, as its own series
+        series = f'kubetune_generated_tokens_total{{model="{model}"}} '
+        line = next(line for line in metrics.splitlines() if line.startswith(series))
+        assert float(line.split()[-1]) > 0
     base = references[fp32_server.name]
     for adapter in ("wide", "narrow"):  # else the test could not tell adapters from the base
         assert any(answers[(adapter, p)] != greedy_text(base, p, lengths[adapter]) for p in PROMPTS)

@@ -238,7 +238,7 @@ async def generate(
         # The prompt is billed once, as OpenAI bills it, however many answers it had.
         prompt_tokens = max(answer.prompt_tokens for answer in answers)
         counts = usage(prompt_tokens, sum(answer.generated for answer in answers))
-        metrics.tokens(prompt_tokens, counts["completion_tokens"])
+        metrics.tokens(parsed.model, prompt_tokens, counts["completion_tokens"])
         if stream is None:
             choices = [answer.choice for answer in answers]
             return web.json_response(full_response(parsed, name, choices, counts))

@@ -27,10 +27,14 @@ class Metrics:
         self.errors = Counter(
             "kubetune_request_errors", "Requests answered with an error", ["code"], registry=r
         )
+        # By the served model a request named: the base or one of its LoRA adapters, so a
+        # server shared by several fine-tunes reports each one's use.
         self.prompt_tokens = Counter(
-            "kubetune_prompt_tokens", "Prompt tokens processed", registry=r
+            "kubetune_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
         )
-        self.generated_tokens = Counter("kubetune_generated_tokens", "Tokens generated", registry=r)
+        self.generated_tokens = Counter(
+            "kubetune_generated_tokens", "Tokens generated", ["model"], registry=r
+        )
         self.latency = Histogram(
             "kubetune_request_latency_seconds",
             "Time from request to last byte",
@@ -67,9 +71,9 @@ class Metrics:
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
 
-    def tokens(self, prompt: int, generated: int) -> None:
-        self.prompt_tokens.inc(prompt)
-        self.generated_tokens.inc(generated)
+    def tokens(self, model: str, prompt: int, generated: int) -> None:
+        self.prompt_tokens.labels(model).inc(prompt)
+        self.generated_tokens.labels(model).inc(generated)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
