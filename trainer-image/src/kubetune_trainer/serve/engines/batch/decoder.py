@@ -8,27 +8,27 @@ the GenAI builder's export looks like to ONNX Runtime; decode steps run through 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
+from kubetune_trainer.serve.engines.batch.graph import POSITIONS, positions, serving_session
 from kubetune_trainer.serve.engines.batch.kv import KVCache
-from kubetune_trainer.serve.engines.batch.lora import MASK, adapted_session
+from kubetune_trainer.serve.engines.batch.lora import MASK
 
 
 class Decoder:
     def __init__(self, model_dir: Path, adapters: dict[str, Path] | None = None) -> None:
         """`adapters`: LoRA adapters by name (their PEFT directories), in mask-row order."""
         layout = DecoderLayout.read(model_dir)
-        # With adapters, the graph gains their branches and a mask input (`lora`); each
-        # adapter's mask row, base first. Without, the builder's graph runs as it is.
-        self.adapter_masks: list[np.ndarray] = []
-        if adapters:
-            self.session, self.adapter_masks = adapted_session(layout.model_file, adapters)
-        else:
-            self.session = layout.session()
+        config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        self.hidden = int(config["hidden_size"])
+        # Logits at one position per row (`graph`); with adapters, their branches and a mask
+        # input (`lora`), and each adapter's mask row, base first.
+        self.session, self.adapter_masks = serving_session(layout, config, adapters)
         self.kv_shape = layout.kv_shape
         self.kv_dtype = kv_dtype(self.session)
         self.kv_names = layout.kv_names
@@ -44,6 +44,7 @@ class Decoder:
             self.kv_dtype,
             rows,
             self.vocab,
+            self.hidden,
             context_length,
             self.adapter_masks,
         )
@@ -81,9 +82,12 @@ class Decoder:
         )
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
+            # Each row's logits at its last prompt token if it is in this chunk (else unused).
+            chosen = [min(max(len(p) - 1 - start, 0), end - start - 1) for p in prompts]
             feeds = {
                 "input_ids": ids[:, start:end],
                 "attention_mask": mask[:, :end],
+                POSITIONS: positions(len(prompts), self.hidden, chosen),
                 **dict(zip(self.kv_names, present, strict=True)),
                 **selected,
             }
@@ -91,5 +95,5 @@ class Decoder:
             progress()
             for row, prompt in enumerate(prompts):
                 if start < len(prompt) <= end:
-                    last[row] = logits[row, len(prompt) - 1 - start]
+                    last[row] = logits[row, 0]
         return last, present

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from kubetune_trainer.serve.engines.batch.graph import POSITIONS
 from kubetune_trainer.serve.engines.batch.lora import MASK
 
 GROW = 256  # capacity grows in steps of this many positions (each growth copies the cache)
@@ -34,6 +35,7 @@ class KVCache:
         dtype: type[np.generic],
         rows: int,
         vocab: int,
+        hidden: int,
         limit: int,
         adapter_masks: list[np.ndarray],
     ) -> None:
@@ -48,6 +50,7 @@ class KVCache:
         self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
         self.vocab = vocab
         self.ids = np.zeros((rows, 1), np.int64)
+        self.positions = np.zeros((rows, 1, hidden), np.int64)  # a step's one position: 0
         # Each row's LoRA adapter, as the adapted graph's mask input (`lora`); none without.
         self.adapter_masks = adapter_masks
         width = len(adapter_masks[0]) if adapter_masks else 0
@@ -110,6 +113,10 @@ class KVCache:
         binding.bind_input("input_ids", "cpu", 0, np.int64, (n, 1), self.ids.ctypes.data)
         binding.bind_input(
             "attention_mask", "cpu", 0, np.int64, (n, self.capacity), self.mask.ctypes.data
+        )
+        binding.bind_input(
+            POSITIONS, "cpu", 0, np.int64, (n, *self.positions.shape[1:]),
+            self.positions.ctypes.data,
         )
         if self.adapter_masks:
             binding.bind_input(

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter, read_adapter
+from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter
 
 MASK = "lora_mask"
 """The graph input that selects each row's adapter: (rows, 1, total rank)."""
@@ -193,34 +192,3 @@ def _splice(graph: Any, new_nodes: dict[str, list[Any]], repeated: str) -> None:
                 ordered.extend(branch)
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def adapted_session(model_file: Path, adapters: dict[str, Path]) -> tuple[Any, list[Any]]:
-    """An ONNX Runtime session of the base graph with the branches of every adapter (by name:
-    its PEFT directory), and each adapter's mask row (base first). The base's external weights
-    are read from where they are."""
-    import json
-
-    import onnx
-    import onnxruntime as ort
-
-    config = json.loads((model_file.parent / "genai_config.json").read_text())["model"]
-    hidden = int(config["decoder"]["hidden_size"])
-    model = onnx.load(str(model_file), load_external_data=False)
-    _, rows = add_branches(
-        model,
-        [read_adapter(name, path, hidden) for name, path in adapters.items()],
-        config["decoder"],
-    )
-    # The adapters are read here and the graph serialized and dropped before the session
-    # exists: memory freed after ONNX Runtime has allocated stays with the process (measured:
-    # ~100 MB more at 4 adapters when the adapters outlived the session's creation).
-    graph = model.SerializeToString()
-    del model
-    options = ort.SessionOptions()
-    # The graph comes as bytes; its external weights stay in the model's directory.
-    options.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", str(model_file.parent)
-    )
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    return session, rows

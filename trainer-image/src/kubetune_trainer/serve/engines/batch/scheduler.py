@@ -49,9 +49,8 @@ from kubetune_trainer.tokenizer import ServingTokenizer
 
 log = logging.getLogger("kubetune.serve")
 
-# Padded tokens per prefill run. The exported model returns logits for every position,
-# (rows, width, vocab) floats, so this bounds that allocation (~200 MB at a 49k vocabulary);
-# a longer prompt is prefilled in chunks.
+# Padded tokens per prefill run: bounds a run's activations (logits are one position per row,
+# `graph`); a longer prompt is prefilled in chunks.
 PREFILL_TOKENS = 1024
 
 
