@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,9 +44,13 @@ class Sequence:
     pending: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a delta
 
 
-def _deliver(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+def _deliver(
+    items: list[tuple[asyncio.Queue[Event], Event]], delivered: threading.Event | None
+) -> None:
     for events, event in items:
         events.put_nowait(event)
+    if delivered is not None:
+        delivered.set()
 
 
 class Outbox:
@@ -57,18 +62,26 @@ class Outbox:
     def report(self, sequence: Sequence, event: Event) -> None:
         self.items.append((sequence, event))
 
-    def flush(self) -> None:
-        """Hand this step's events to their event loops, one thread-safe call per loop."""
+    def flush(self, wait: float = 0.0) -> None:
+        """Hand this step's events to their event loops, one thread-safe call per loop; with
+        `wait`, block up to that many seconds until every loop has taken them."""
         if not self.items:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
         for sequence, event in self.items:
             by_loop.setdefault(sequence.loop, []).append((sequence.events, event))
         self.items.clear()
+        handed: list[threading.Event] = []
         for loop, items in by_loop.items():
+            delivered = threading.Event() if wait > 0 else None
             # A closed loop has nobody waiting for these events any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_deliver, items, delivered)
+                if delivered is not None:
+                    handed.append(delivered)
+        deadline = time.monotonic() + wait
+        for delivered in handed:
+            delivered.wait(max(0.0, deadline - time.monotonic()))
 
 
 def choose(sequence: Sequence, logits: np.ndarray, greedy: int | None = None) -> int | None:
