@@ -297,3 +297,24 @@ def test_lora_modules_come_from_the_flag_or_the_environment() -> None:
         "c=/z"
     ]
     assert parse_options(["--model", "m"], {}).lora_modules == []
+
+
+def test_a_graph_without_the_builders_matmul_for_a_changed_projection_is_refused(
+    tmp_path: Path,
+) -> None:
+    import onnx
+
+    from kubetune_trainer.serve.engines.batch.lora import add_branches
+
+    model_dir = exported_model("FP32")
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    renamed = "/model/layers.0/attn/qkv_proj/MatMul/output_0"
+    for node in model.graph.node:  # another exporter's name for the same tensor
+        node.output[:] = [o.replace(renamed, "qkv") for o in node.output]
+        node.input[:] = [i.replace(renamed, "qkv") for i in node.input]
+    adapter = read_adapter("q", write_adapter(tmp_path / "q", {}, q_proj()), 576)
+    # Without the packed MatMul the builder's unpacked q_proj is looked for: not there either.
+    unpacked = "/model/layers.0/attn/q_proj/MatMul/output_0"
+    with pytest.raises(AdapterError, match=f"no MatMul writing {unpacked} for layer 0's q_proj"):
+        add_branches(model, [adapter], config)
