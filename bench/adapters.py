@@ -42,6 +42,7 @@ from structured_output import serve
 from kubetune.api.dataplane import exact_match
 from kubetune.local.evaluate import chat, load_chat_examples
 from kubetune.local.processes import export_command
+from kubetune_trainer.serve.server import default_served_name
 
 TEST = Path(__file__).resolve().parents[1] / (
     "trainer-image/src/kubetune_trainer/datasets/kubectl-commands/test.jsonl")
@@ -74,11 +75,6 @@ def export(source: Path, output: Path, precision: str) -> Path:
     return output
 
 
-def served_name(model_dir: Path) -> str:
-    """The name the server gives a model directory (`serve`'s default: a run's for `onnx/`)."""
-    return model_dir.parent.name if model_dir.name == "onnx" else model_dir.name
-
-
 def answers(url: str, model: str, examples: list[Any]) -> list[str]:
     return [chat(url + "/v1", model, messages, max_tokens=len(reference) // 2 + 24)
             for messages, reference in examples]
@@ -103,7 +99,7 @@ def compare_accuracy(label: str, merged: Path, base: Path, adapter: Path,
     """Exact match of the merged model and of base + adapter, and how often they agree."""
     url, process = serve(merged, 256)
     try:
-        reference = answers(url, served_name(merged), examples)
+        reference = answers(url, default_served_name(merged), examples)
     finally:
         stop(process)
     url, process = serve(base, 256, "--lora-modules", f"tuned={adapter}")
@@ -167,7 +163,7 @@ def main() -> int:
     for label, model_dir, extra, models in (
         ("base alone", base, [], [base.name]),
         (f"base + {args.adapters} adapters", base, modules, names),
-        ("one merged fine-tune", served, [], [served_name(served)]),
+        ("one merged fine-tune", served, [], [default_served_name(served)]),
     ):
         url, process = serve(model_dir, args.tokens, *extra)
         try:
@@ -184,16 +180,16 @@ def main() -> int:
         "merged single", "adapter single", "base single (adapters loaded)",
         "merged aggregate", "adapters aggregate (mixed)")}
     try:
-        for url, model in ((merged_url, served_name(served)), (shared_url, names[0])):
+        for url, model in ((merged_url, default_served_name(served)), (shared_url, names[0])):
             stream_once(url, model, PROMPTS[0], 8)
         for _ in range(args.rounds):
             timings["merged single"].append(
-                single_decode(merged_url, served_name(served), args.tokens))
+                single_decode(merged_url, default_served_name(served), args.tokens))
             timings["adapter single"].append(single_decode(shared_url, names[0], args.tokens))
             timings["base single (adapters loaded)"].append(
                 single_decode(shared_url, base.name, args.tokens))
             timings["merged aggregate"].append(
-                mixed_aggregate(merged_url, [served_name(served)], args.tokens))
+                mixed_aggregate(merged_url, [default_served_name(served)], args.tokens))
             timings["adapters aggregate (mixed)"].append(
                 mixed_aggregate(shared_url, names, args.tokens))
     finally:

@@ -14,7 +14,7 @@ import pytest
 from kubetune_trainer.serve.engines.base import Event
 from kubetune_trainer.serve.engines.batch.sequences import Outbox, Sequence
 from kubetune_trainer.serve.engines.text import TextAssembler
-from kubetune_trainer.serve.protocol import GenerationRequest
+from tests.trainer.serve.test_serve_batch import request
 
 
 @pytest.fixture
@@ -29,21 +29,8 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def sequence(loop: asyncio.AbstractEventLoop) -> Sequence:
-    request = GenerationRequest(
-        model="",
-        chat=False,
-        messages=None,
-        prompt="hi",
-        max_tokens=4,
-        temperature=0,
-        top_p=1.0,
-        seed=0,
-        stop=(),
-        stream=True,
-        include_usage=False,
-    )
     return Sequence(
-        request,
+        request("hi", 4),
         [1],
         asyncio.Queue(),
         loop,

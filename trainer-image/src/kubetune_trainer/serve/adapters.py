@@ -49,10 +49,6 @@ class LoraAdapter:
     rank: int  # the widest of its layers' ranks
     layers: dict[tuple[int, str], LowRank]  # (layer index, projection) -> its update
 
-    @property
-    def parameters(self) -> int:
-        return sum(u.a.size + u.b.size for u in self.layers.values())
-
 
 def parse_lora_modules(values: list[str]) -> dict[str, Path]:
     """`NAME=DIR` pairs (vLLM's `--lora-modules` spelling) as {name: directory}."""

@@ -156,7 +156,6 @@ async def generate(
     forwarders = [
         asyncio.create_task(_forward(index, answer, merged)) for index, answer in enumerate(answers)
     ]
-    name = parsed.model
     stream: web.StreamResponse | None = None
     unfinished = len(answers)
     failed = False
@@ -209,14 +208,13 @@ async def generate(
                     )
                     await stream.prepare(request)
                     for i in range(len(answers)):
-                        await send(stream, chunk(parsed, name, None, None, first=True, index=i))
+                        await send(stream, chunk(parsed, None, None, first=True, index=i))
                 if event.kind == "delta":
                     answer.first = False
                     answer.generated = event.completion_tokens
                     if stream is not None and (event.text or event.logprobs):
                         body = chunk(
                             parsed,
-                            name,
                             event.text,
                             None,
                             logprobs=event.logprobs,
@@ -234,16 +232,16 @@ async def generate(
                 answer.prompt_tokens = event.prompt_tokens
                 unfinished -= 1
                 if stream is not None:
-                    await send(stream, chunk(parsed, name, None, answer.choice.finish, index=index))
+                    await send(stream, chunk(parsed, None, answer.choice.finish, index=index))
         # The prompt is billed once, as OpenAI bills it, however many answers it had.
         prompt_tokens = max(answer.prompt_tokens for answer in answers)
         counts = usage(prompt_tokens, sum(answer.generated for answer in answers))
         metrics.tokens(parsed.model, prompt_tokens, counts["completion_tokens"])
         if stream is None:
             choices = [answer.choice for answer in answers]
-            return web.json_response(full_response(parsed, name, choices, counts))
+            return web.json_response(full_response(parsed, choices, counts))
         if parsed.include_usage and not failed:
-            await send(stream, usage_chunk(parsed, name, counts))
+            await send(stream, usage_chunk(parsed, counts))
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream

@@ -147,7 +147,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _envelope(request: GenerationRequest, model: str, chunk: bool) -> dict[str, Any]:
+def _envelope(request: GenerationRequest, chunk: bool) -> dict[str, Any]:
     if request.chat:
         kind = "chat.completion.chunk" if chunk else "chat.completion"
         prefix = "chatcmpl-"
@@ -157,7 +157,7 @@ def _envelope(request: GenerationRequest, model: str, chunk: bool) -> dict[str, 
         "id": prefix + request.request_id,
         "object": kind,
         "created": request.created,
-        "model": model,
+        "model": request.model,
     }
 
 
@@ -205,9 +205,9 @@ class Choice:
 
 
 def full_response(
-    request: GenerationRequest, model: str, choices: list[Choice], counts: dict[str, int]
+    request: GenerationRequest, choices: list[Choice], counts: dict[str, int]
 ) -> dict[str, Any]:
-    body = _envelope(request, model, chunk=False)
+    body = _envelope(request, chunk=False)
     bodies = []
     for index, answer in enumerate(choices):
         if request.chat:
@@ -228,7 +228,6 @@ def full_response(
 
 def chunk(
     request: GenerationRequest,
-    model: str,
     text: str | None,
     finish: str | None,
     first: bool = False,
@@ -238,7 +237,7 @@ def chunk(
 ) -> dict[str, Any]:
     """A stream chunk of choice `index`; `logprobs` are its tokens' (their text begins at
     `offset` in that choice's text)."""
-    body = _envelope(request, model, chunk=True)
+    body = _envelope(request, chunk=True)
     if request.chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
@@ -252,7 +251,7 @@ def chunk(
     return body
 
 
-def usage_chunk(request: GenerationRequest, model: str, counts: dict[str, int]) -> dict[str, Any]:
-    body = _envelope(request, model, chunk=True)
+def usage_chunk(request: GenerationRequest, counts: dict[str, int]) -> dict[str, Any]:
+    body = _envelope(request, chunk=True)
     body.update(choices=[], usage=counts)
     return body

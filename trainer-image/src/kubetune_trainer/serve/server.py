@@ -161,6 +161,12 @@ async def serve(
     return 0
 
 
+def default_served_name(model_dir: Path) -> str:
+    """The model name without `--served-model-name`: the run's for a run's `onnx/`, else the
+    directory's."""
+    return model_dir.parent.name if model_dir.name == "onnx" else model_dir.name
+
+
 def resolve_model_dir(path: Path) -> Path:
     for candidate in (path, path / "onnx"):
         if (candidate / "genai_config.json").is_file():
@@ -239,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout_seconds=args.request_timeout_seconds,
         engine_stall_seconds=args.engine_stall_seconds,
     )
-    name = args.served_model_name or (
-        model_dir.parent.name if model_dir.name == "onnx" else model_dir.name
-    )
+    name = args.served_model_name or default_served_name(model_dir)
     adapters = load_adapters(args.lora_modules, name, args.engine, model_dir)
     return asyncio.run(
         serve(model_dir, args.host, args.port, name, limits, args.engine, adapters)

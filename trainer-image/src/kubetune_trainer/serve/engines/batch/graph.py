@@ -67,7 +67,7 @@ def serving_session(
     if adapters:
         # Read here, so their weights are gone before the session allocates (see below).
         loaded = [read_adapter(name, path, hidden) for name, path in adapters.items()]
-        _, masks = add_branches(model, loaded, config)
+        masks = add_branches(model, loaded, config)
         del loaded
     # Serialized and dropped before the session exists: memory freed after ONNX Runtime has
     # allocated stays with the process (measured: ~100 MB more at 4 adapters otherwise).

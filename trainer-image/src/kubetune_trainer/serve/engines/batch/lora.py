@@ -122,10 +122,10 @@ def _branch_weights(
 
 def add_branches(
     model: Any, adapters: Sequence[LoraAdapter], config: dict[str, Any]
-) -> tuple[int, list[np.ndarray]]:
+) -> list[np.ndarray]:
     """Add every adapter's branches to `model` (an onnx ModelProto, changed in place).
 
-    Returns the mask's width R and each adapter's mask row, base first (all zeros).
+    Returns each adapter's mask row (R wide), base first (all zeros).
     """
     from onnx import helper, numpy_helper
 
@@ -177,7 +177,7 @@ def add_branches(
         row = np.zeros(total, dtype)
         row[offsets[index] : offsets[index] + adapter.rank] = 1
         rows.append(row)
-    return total, rows
+    return rows
 
 
 def _splice(graph: Any, new_nodes: dict[str, list[Any]], repeated: str) -> None:
