@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build the control-plane binaries the e2e tests run (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl, kwok, helm) from their Go
-# modules into a versioned cache outside the repo. Rebuilds only what is missing.
+# Build the cluster binaries the e2e tests run from their Go modules into a versioned cache
+# outside the repo. Rebuilds only what is missing:
+# - the control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl;
+# - kwok (fake GPU nodes) and helm;
+# - the real node (hack/realnode.py): kubelet, kube-proxy and CoreDNS (cluster DNS, as a process).
 #
 # Prints the bin directory on the last line of stdout.
 set -euo pipefail
@@ -9,6 +11,7 @@ set -euo pipefail
 K8S_VERSION=1.36.4
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.21.4
+COREDNS_VERSION=v1.15.0
 
 CACHE_ROOT=${KUBETUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}
 BIN=$CACHE_ROOT/controlplane-k8s$K8S_VERSION-kwok$KWOK_VERSION-helm$HELM_VERSION/bin
@@ -19,7 +22,8 @@ mkdir -p "$BIN" "$WORK"
 log() { echo "[build-control-plane] $*" >&2; }
 
 have_all() {
-  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm; do
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm \
+           kubelet kube-proxy coredns; do
     [ -x "$BIN/$b" ] || return 1
   done
 }
@@ -54,6 +58,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	_ "k8s.io/kubectl/pkg/cmd"
+	_ "k8s.io/kubernetes/cmd/kube-proxy/app"
+	_ "k8s.io/kubernetes/cmd/kubelet/app"
 )
 GO
   go mod tidy
@@ -64,7 +70,8 @@ GO
   done
   go build -tags selinux,notest,grpcnotrace -ldflags "$ldflags" -o "$BIN/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
 }
 
 build_etcd() {
@@ -86,7 +93,7 @@ GO
   go build -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
 }
 
-for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   [ -x "$BIN/$b" ] || { log "building kubernetes v$K8S_VERSION"; build_kubernetes; break; }
 done
 [ -x "$BIN/etcd" ] || { log "building etcd"; build_etcd; }
@@ -95,6 +102,10 @@ done
   log "building helm $HELM_VERSION"
   GOBIN=$BIN go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+[ -x "$BIN/coredns" ] || {
+  log "building coredns $COREDNS_VERSION"
+  GOBIN=$BIN go install -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
 }
 have_all
 echo "$BIN"

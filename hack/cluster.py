@@ -5,6 +5,11 @@ etcd, kube-apiserver (RBAC on), kube-controller-manager, kube-scheduler and kwok
 nodes, pod lifecycles from hack/kwok/stages.yaml) run as plain processes built by
 hack/build-control-plane.sh. Every port is on 127.0.0.1.
 
+With `real_node=True` (CLI: `--real-node`) one real node joins the fake ones: kubelet,
+containerd, a CNI bridge, kube-proxy and CoreDNS (hack/realnode.py). Pods on it must reach
+the apiserver, so the apiserver then listens on the host's address instead of loopback and
+the `kubernetes` Service points at it. Needs root.
+
 As a module (tests import it by path)::
 
     cluster = up(workdir)            # -> Cluster, ready to use
@@ -14,6 +19,7 @@ As a module (tests import it by path)::
 As a command::
 
     python hack/cluster.py up --workdir DIR     # prints the kubeconfig path once ready
+    python hack/cluster.py up --workdir DIR --real-node
     python hack/cluster.py down --workdir DIR
 
 Only the standard library, cryptography and pyyaml.
@@ -44,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import realnode  # hack/realnode.py: this file's directory is on sys.path (script or tests)
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,6 +70,9 @@ BINARIES = (
     "kubectl",
     "kwok",
     "helm",
+    "kubelet",
+    "kube-proxy",
+    "coredns",
 )
 BIN_DIR_ENV = "KUBETUNE_CONTROLPLANE_BIN"
 
@@ -275,7 +285,7 @@ def _common_name(name: str, organization: str | None = None) -> x509.Name:
     return x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, name)])
 
 
-def generate_pki(pki_dir: Path) -> Pki:
+def generate_pki(pki_dir: Path, extra_ips: Sequence[str] = ()) -> Pki:
     """Fresh CAs and certificates for one control plane.
 
     ECDSA P-256 for the certificates (fast to generate); RSA for the service-account key,
@@ -305,6 +315,7 @@ def generate_pki(pki_dir: Path) -> Pki:
         sans=[
             x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
             x509.IPAddress(ipaddress.ip_address(KUBERNETES_SERVICE_IP)),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
             x509.DNSName("localhost"),
             x509.DNSName("kubernetes"),
             x509.DNSName("kubernetes.default"),
@@ -674,9 +685,10 @@ class Cluster:
         ).stdout.strip()
         admin = yaml.safe_load(self.kubeconfig.read_text())
         server = admin["clusters"][0]["cluster"]
-        ca = server.get("certificate-authority-data") or base64.b64encode(
-            Path(server["certificate-authority"]).read_bytes()
-        ).decode()
+        ca = (
+            server.get("certificate-authority-data")
+            or base64.b64encode(Path(server["certificate-authority"]).read_bytes()).decode()
+        )
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -738,14 +750,18 @@ def _etcd_argv(bin_dir: Path, workdir: Path, client_port: int, peer_port: int) -
     ]
 
 
-def _apiserver_argv(bin_dir: Path, workdir: Path, pki: Pki, etcd_port: int, port: int) -> list[str]:
+def _apiserver_argv(
+    bin_dir: Path, workdir: Path, pki: Pki, etcd_port: int, port: int, address: str
+) -> list[str]:
+    """`address`: loopback, or the host's address when a real node's pods must reach it."""
+    on_loopback = address == LOOPBACK
     return [
         str(bin_dir / "kube-apiserver"),
         f"--etcd-servers=http://{LOOPBACK}:{etcd_port}",
-        f"--bind-address={LOOPBACK}",
+        f"--bind-address={address}",
         # Without it a loopback-bound apiserver looks for a host interface with a default
         # route, which fails (or leaks a non-loopback IP) on isolated machines.
-        f"--advertise-address={LOOPBACK}",
+        f"--advertise-address={address}",
         f"--secure-port={port}",
         f"--cert-dir={workdir / 'apiserver-certs'}",
         f"--tls-cert-file={pki.apiserver_cert}",
@@ -767,8 +783,9 @@ def _apiserver_argv(bin_dir: Path, workdir: Path, pki: Pki, etcd_port: int, port
         f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--allow-privileged=true",
-        # Stops the apiserver writing its loopback address into the `kubernetes` Endpoints.
-        "--endpoint-reconciler-type=none",
+        # On loopback: stops the apiserver writing a loopback address into the `kubernetes`
+        # Endpoints. Otherwise pods reach it through that Service (kube-proxy on the node).
+        f"--endpoint-reconciler-type={'none' if on_loopback else 'lease'}",
         "--profiling=false",
     ]
 
@@ -840,34 +857,43 @@ def up(
     bin_dir: Path | None = None,
     timeout: float = 120,
     die_with_parent: bool = False,
+    real_node: bool = False,
 ) -> Cluster:
     """Start the control plane in `workdir` and return once nodes are Ready.
 
     die_with_parent: have the kernel stop the components when this process dies (for test
     fixtures); the CLI leaves it off so the components outlive `up`.
+    real_node: also run a real node (hack/realnode.py); `timeout` then covers it too.
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     _ensure_stopped(workdir)
+    if real_node:
+        reason = realnode.unavailable_reason()
+        if reason is not None:
+            raise ControlPlaneUnavailable(reason)
     bin_dir = bin_dir or find_bin_dir()
     shutil.rmtree(workdir / "etcd-data", ignore_errors=True)  # always a fresh cluster
-    _write_state(workdir, {"processes": []})
+    _write_state(workdir, {"processes": [], "real_node": real_node})
     try:
-        return _start_all(workdir, bin_dir, timeout, die_with_parent)
+        return _start_all(workdir, bin_dir, timeout, die_with_parent, real_node)
     except BaseException:
         down(workdir)
         raise
 
 
-def _start_all(workdir: Path, bin_dir: Path, timeout: float, die_with_parent: bool) -> Cluster:
+def _start_all(
+    workdir: Path, bin_dir: Path, timeout: float, die_with_parent: bool, real_node: bool
+) -> Cluster:
     deadline = time.monotonic() + timeout
 
     def remaining() -> float:
         return max(deadline - time.monotonic(), 1.0)
 
-    pki = generate_pki(workdir / "pki")
+    address = realnode.detect_node_ip() if real_node else LOOPBACK
+    pki = generate_pki(workdir / "pki", extra_ips=[address] if real_node else [])
     etcd_port, etcd_peer_port, api_port, kcm_port, scheduler_port = _free_ports(5)
-    server = f"https://{LOOPBACK}:{api_port}"
+    server = f"https://{address}:{api_port}"
     kubeconfig = workdir / "admin.kubeconfig"
     write_kubeconfig(kubeconfig, server, pki)
     started: list[ProcessRecord] = []
@@ -879,7 +905,7 @@ def _start_all(workdir: Path, bin_dir: Path, timeout: float, die_with_parent: bo
         started.append(_start(name, argv, workdir, die_with_parent=die_with_parent, env=env))
 
     start("etcd", _etcd_argv(bin_dir, workdir, etcd_port, etcd_peer_port))
-    start("kube-apiserver", _apiserver_argv(bin_dir, workdir, pki, etcd_port, api_port))
+    start("kube-apiserver", _apiserver_argv(bin_dir, workdir, pki, etcd_port, api_port, address))
     api = _Api(server, pki)
     wait_for(lambda: api.get("/readyz")[0] == 200, timeout=remaining(), what="/readyz", check=check)
 
@@ -898,7 +924,44 @@ def _start_all(workdir: Path, bin_dir: Path, timeout: float, die_with_parent: bo
 
     cluster.kubectl("create", "-f", str(NODES_FILE))
     _wait_ready(api, scheduler_port, timeout=remaining(), check=check)
+    if real_node:
+        _start_real_node(workdir, bin_dir, kubeconfig, address, start, check, remaining())
+        wait_for(
+            lambda: any(
+                n["metadata"]["name"] == realnode.NODE_NAME and _node_ready(n)
+                for n in (api.get_json("/api/v1/nodes") or {}).get("items", [])
+            ),
+            timeout=remaining(),
+            what=f"node {realnode.NODE_NAME} Ready",
+            check=check,
+        )
     return cluster
+
+
+def _start_real_node(
+    workdir: Path,
+    bin_dir: Path,
+    kubeconfig: Path,
+    node_ip: str,
+    start: Callable[[str, list[str]], None],
+    check: Callable[[], None],
+    timeout: float,
+) -> None:
+    layout = realnode.NodeLayout(workdir=workdir, cache=realnode.cache_dir())
+    realnode.prepare_host(layout, node_ip, kubeconfig)
+    start("containerd", realnode.containerd_argv(layout))
+    wait_for(
+        lambda: realnode.ctr(layout, "version", check=False).returncode == 0,
+        timeout=timeout,
+        what="containerd's socket",
+        check=check,
+    )
+    realnode.import_image(layout, realnode.pause_archive(layout.cache), realnode.PAUSE_IMAGE)
+    start("kubelet", realnode.kubelet_argv(bin_dir, layout, kubeconfig, node_ip))
+    healthz_port, metrics_port = _free_ports(2)
+    realnode.write_kube_proxy_config(layout, kubeconfig, healthz_port, metrics_port)
+    start("kube-proxy", realnode.kube_proxy_argv(bin_dir, layout))
+    start("coredns", realnode.coredns_argv(bin_dir, layout))
 
 
 def _wait_ready(
@@ -946,12 +1009,21 @@ def load(workdir: Path | str) -> Cluster:
 
 
 def down(workdir: Path | str, *, timeout: float = 15) -> None:
-    """Stop, in reverse start order, only the processes `up` recorded in `workdir`."""
+    """Stop, in reverse start order, only the processes `up` recorded in `workdir`.
+
+    With a real node: its containers are removed before containerd stops (their shims would
+    outlive it), and the host is left as it was (mounts, bridge, iptables rules, cgroups).
+    """
     workdir = Path(workdir).resolve()
+    layout = realnode.NodeLayout(workdir=workdir, cache=realnode.cache_dir())
     for record in reversed(_records(workdir)):
+        if record.name == "containerd" and _alive(record):
+            realnode.remove_containers(layout)
         _stop(record, timeout)
     if _state_path(workdir).exists():
         state = _read_state(workdir)
+        if state.get("real_node"):
+            realnode.cleanup_host(layout)
         state["processes"] = []
         _write_state(workdir, state)
 
@@ -974,7 +1046,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="start; print the kubeconfig path when ready")
     up_parser.add_argument("--workdir", required=True, type=Path)
-    up_parser.add_argument("--timeout", type=float, default=120, help="seconds (default 120)")
+    up_parser.add_argument("--timeout", type=float, default=240, help="seconds (default 240)")
+    up_parser.add_argument(
+        "--real-node",
+        action="store_true",
+        help="also run a real node (kubelet + containerd, hack/realnode.py); needs root",
+    )
     down_parser = commands.add_parser("down", help="stop what `up` started in --workdir")
     down_parser.add_argument("--workdir", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -984,8 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     started_at = time.monotonic()
     try:
-        cluster = up(args.workdir, timeout=args.timeout)
-    except ControlPlaneUnavailable as exc:
+        cluster = up(args.workdir, timeout=args.timeout, real_node=args.real_node)
+    except (ControlPlaneUnavailable, realnode.NodeUnavailable) as exc:
         print(f"control plane unavailable: {exc}", file=sys.stderr)
         return 3
     except (ControlPlaneError, TimeoutError) as exc:
