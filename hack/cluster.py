@@ -840,8 +840,13 @@ def _kwok_argv(bin_dir: Path, kubeconfig: Path) -> list[str]:
     ]
 
 
-def _expected_node_names() -> list[str]:
-    return [doc["metadata"]["name"] for doc in yaml.safe_load_all(NODES_FILE.read_text()) if doc]
+def fake_nodes(real_node: bool) -> list[dict[str, Any]]:
+    """kwok's nodes from hack/nodes.yaml. Beside a real node only the GPU ones: CPU pods must
+    land on the node that runs them (a fake CPU node would win the scheduler's scoring)."""
+    nodes = [doc for doc in yaml.safe_load_all(NODES_FILE.read_text()) if doc]
+    if real_node:
+        nodes = [n for n in nodes if n["metadata"]["labels"].get("nvidia.com/gpu.present")]
+    return nodes
 
 
 def _ensure_stopped(workdir: Path) -> None:
@@ -922,8 +927,10 @@ def _start_all(
     state.update(server=server, kubeconfig=str(kubeconfig), bin_dir=str(bin_dir))
     _write_state(workdir, state)
 
-    cluster.kubectl("create", "-f", str(NODES_FILE))
-    _wait_ready(api, scheduler_port, timeout=remaining(), check=check)
+    nodes = fake_nodes(real_node)
+    cluster.kubectl("create", "-f", "-", input=yaml.safe_dump_all(nodes))
+    names = [n["metadata"]["name"] for n in nodes]
+    _wait_ready(api, scheduler_port, names, timeout=remaining(), check=check)
     if real_node:
         _start_real_node(workdir, bin_dir, kubeconfig, address, start, check, remaining())
         wait_for(
@@ -965,14 +972,17 @@ def _start_real_node(
 
 
 def _wait_ready(
-    api: _Api, scheduler_port: int, *, timeout: float, check: Callable[[], None]
+    api: _Api,
+    scheduler_port: int,
+    names: list[str],
+    *,
+    timeout: float,
+    check: Callable[[], None],
 ) -> None:
     deadline = time.monotonic() + timeout
 
     def remaining() -> float:
         return max(deadline - time.monotonic(), 1.0)
-
-    names = _expected_node_names()
 
     def nodes_ready() -> bool:
         nodes = api.get_json("/api/v1/nodes")

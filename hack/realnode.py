@@ -644,6 +644,28 @@ def _remove_network_namespaces(existing_before: set[str]) -> None:
                 path.unlink()
 
 
+def leftovers(layout: NodeLayout) -> list[str]:
+    """What a stopped node left on the host (empty after a clean `down`)."""
+    found = []
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    found += [f"mount {m.split()[1]}" for m in mounts if m.split()[1].startswith(str(layout.root))]
+    if Path("/sys/class/net", BRIDGE).exists():
+        found.append(f"link {BRIDGE}")
+    for save in ("iptables-save", "ip6tables-save"):
+        if shutil.which(save):
+            rules = subprocess.run([save], capture_output=True, text=True, check=False).stdout
+            chains = [
+                line.split()[0][1:]
+                for line in rules.splitlines()
+                if line.startswith(":") and line[1:].startswith(OWNED_CHAIN_PREFIXES)
+            ]
+            found += [f"{save} chain {chain}" for chain in chains]
+    found += [
+        f"cgroup {h / CGROUP_ROOT}" for h in _cgroup_hierarchies() if (h / CGROUP_ROOT).exists()
+    ]
+    return found
+
+
 def cleanup_host(layout: NodeLayout) -> None:
     """Undo `prepare_host` and what the node's processes left (after they are stopped)."""
     _unmount_under(layout.root)
