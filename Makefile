@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup malloc controlplane run test test-unit test-trainer test-e2e lint crd docs clean
+.PHONY: setup malloc controlplane images run test test-unit test-trainer test-e2e lint crd docs clean
 
 setup: $(STAMP) malloc
 
@@ -32,6 +32,12 @@ $(STAMP): pyproject.toml trainer-image/pyproject.toml requirements/constraints.t
 
 controlplane:
 	bash hack/build-control-plane.sh
+
+# The operator and trainer images as OCI archives, without Docker (buildah + debootstrap; root):
+# cached by a hash of their inputs, the trainer for CPUs (TORCH_VARIANT=cpu: the real node has
+# no GPU). Prints a JSON line with each image's ref and archive.
+images:
+	$(PYTHON) hack/images.py build
 
 run: setup
 	$(VENV)/bin/kubetune run examples/quickstart.yaml --output runs/quickstart --no-serve
