@@ -782,6 +782,8 @@ def _apiserver_argv(
         # checks against the audiences the review asks for.
         f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # Logs and exec reach a real node's kubelet at its address: its name resolves nowhere.
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
         "--allow-privileged=true",
         # On loopback: stops the apiserver writing a loopback address into the `kubernetes`
         # Endpoints. Otherwise pods reach it through that Service (kube-proxy on the node).
