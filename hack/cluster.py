@@ -674,8 +674,12 @@ class Cluster:
         return self._run("helm", args, input, check, timeout)
 
     def apply(self, *manifests: dict[str, Any]) -> None:
-        """Server-side apply of manifests given as dicts."""
-        self.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(list(manifests)))
+        """Server-side apply of manifests given as dicts.
+
+        Sent as JSON documents: PyYAML writes the string "1e-3" unquoted (a float in YAML 1.2
+        only), which kubectl would read back as a number."""
+        documents = "\n---\n".join(json.dumps(manifest) for manifest in manifests)
+        self.kubectl("apply", "--server-side", "-f", "-", input=documents)
 
     def token_kubeconfig(self, service_account: str, namespace: str, path: Path) -> Path:
         """A kubeconfig that holds only a fresh token of `service_account` (how a pod of it

@@ -234,3 +234,14 @@ def test_token_review_accepts_a_projected_token_with_a_custom_audience(
     assert status["audiences"] == [audience]
     assert status["user"]["username"] == f"system:serviceaccount:{namespace}:trainer"
     assert not other.get("authenticated")
+
+
+def test_apply_keeps_strings_that_look_like_numbers(cluster: Cluster, namespace: str) -> None:
+    # "1e-3" is a float to kubectl's YAML 1.2 reader but not to PyYAML's 1.1 writer, which
+    # leaves it unquoted: a FineTuneJob's learningRate was refused as "expected string".
+    data = {"lr": "1e-3", "steps": "30", "flag": "yes"}
+    cluster.apply(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "strings",
+         "namespace": namespace}, "data": data}
+    )  # fmt: skip
+    assert (cluster.get("configmap", "strings", namespace) or {}).get("data") == data

@@ -197,6 +197,7 @@ def run_operator(args: argparse.Namespace) -> int:
 async def serve(args: argparse.Namespace) -> int:
     import kopf
     from aiohttp import web
+    from kopf._core.engines.peering import Identity
 
     from kubetune.operator import handlers
     from kubetune.operator.client import KubeClient
@@ -246,6 +247,9 @@ async def serve(args: argparse.Namespace) -> int:
     operator = asyncio.create_task(
         kopf.operator(
             registry=registry,
+            # kopf would otherwise name itself after the user, and a container's UID often has
+            # no passwd entry (the image's 65532 has none): getpwuid() then raises KeyError.
+            identity=Identity(identity),
             settings=handlers.settings(namespaces=args.namespaces),
             standalone=True,
             clusterwide=not args.namespaces,
@@ -262,12 +266,16 @@ async def serve(args: argparse.Namespace) -> int:
     stop.set()
     holder.cancel()
     resync.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await operator
-    # kopf handles SIGTERM/SIGINT itself and returns; only then is the Lease released.
-    await runner.cleanup()
-    if not lost:
-        await lease.release()
-    await reviewer.close()
-    await client.close()
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await operator
+    finally:
+        # kopf handles SIGTERM/SIGINT itself and returns; only then is the Lease released.
+        # Also when kopf failed: the next operator pod then starts at once instead of
+        # waiting out the Lease of a process that is gone.
+        await runner.cleanup()
+        if not lost:
+            await lease.release()
+        await reviewer.close()
+        await client.close()
     return 1 if lost else 0
