@@ -429,6 +429,22 @@ def import_all(address: str, built: dict[str, Built]) -> None:
         if image.ref not in run([*ctr, "images", "ls", "--quiet"], capture=True).splitlines():
             raise SystemExit(f"ctr imported {image.archive}, yet lists no {image.ref}")
         log(f"{image.ref}: imported in {time.monotonic() - started:.0f} s")
+    # Older builds of the same images go: the node's image store is in the cache and
+    # survives runs, and each trainer build would otherwise keep gigabytes there.
+    listed = run([*ctr, "images", "ls", "--quiet"], capture=True).splitlines()
+    stale = stale_refs(listed, [image.ref for name, image in built.items() if name != "base"])
+    if stale:
+        run([*ctr, "images", "rm", *stale])
+        log(f"removed from containerd: {', '.join(stale)}")
+
+
+def stale_refs(listed: Iterable[str], current: Iterable[str]) -> list[str]:
+    """Refs of the same repositories as `current` with another tag."""
+    current = list(current)
+    repositories = {ref.rpartition(":")[0] for ref in current}
+    return sorted(
+        ref for ref in listed if ref.rpartition(":")[0] in repositories and ref not in current
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,12 @@ import cluster as controlplane  # noqa: E402  (hack/ is not a package; found via
 import realnode  # noqa: E402
 
 TIER_DIR = Path(__file__).resolve().parent
+CHART = ROOT / "charts" / "kubetune"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+STORAGE_CLASS = "kubetune-realnode"
 # The node, the control plane and the pause image import; the first build of the binaries
 # is hack/build-control-plane.sh's and happens before this clock starts.
 UP_TIMEOUT = 300
@@ -89,3 +97,88 @@ def images(real_cluster: controlplane.Cluster) -> Images:
         return Image(repository.removeprefix("docker.io/"), tag)
 
     return Images(operator=image("operator"), trainer=image("trainer"))
+
+
+def create_namespace(cluster: controlplane.Cluster, name: str) -> str:
+    cluster.apply(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": RESTRICTED}}
+    )
+    cluster.wait_for("serviceaccount", "default", lambda _: True, namespace=name, timeout=30)
+    return name
+
+
+def host_path_volume(cluster: controlplane.Cluster, name: str) -> None:
+    """A PersistentVolume on the node's disk that the artifact PVC binds to (no provisioner).
+
+    World-writable: a hostPath volume does not get the pod's fsGroup, and the data plane runs
+    as UID 1000.
+    """
+    path = cluster.workdir / "volumes" / name
+    path.mkdir(parents=True)
+    path.chmod(0o777)
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name},
+            "spec": {
+                "storageClassName": STORAGE_CLASS,
+                "capacity": {"storage": "2Gi"},
+                "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(path), "type": "Directory"},
+            },
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+    watched: str
+
+
+@pytest.fixture(scope="session")
+def release(real_cluster: controlplane.Cluster, images: Images) -> Iterator[Release]:
+    """The chart installed as a user would, with the images `make images` built."""
+    suffix = uuid.uuid4().hex[:6]
+    system = create_namespace(real_cluster, f"kubetune-system-{suffix}")
+    watched = create_namespace(real_cluster, f"tune-{suffix}")
+    sets = {
+        "operator.image.repository": images.operator.repository,
+        "operator.image.tag": images.operator.tag,
+        "operator.image.pullPolicy": "Never",
+        "trainer.image.repository": images.trainer.repository,
+        "trainer.image.tag": images.trainer.tag,
+        "trainer.image.pullPolicy": "Never",
+        "watch.namespaces": "{" + watched + "}",
+    }
+    args = ["install", "kubetune", str(CHART), "-n", system, "--wait", "--timeout", "180s"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    real_cluster.helm(*args)
+    yield Release("kubetune", system, watched)
+    real_cluster.helm("uninstall", "kubetune", "-n", system, "--wait", check=False)
+
+
+def condition(obj: dict[str, Any], kind: str) -> bool:
+    return any(
+        c["type"] == kind and c["status"] == "True"
+        for c in obj.get("status", {}).get("conditions", [])
+    )
+
+
+def describe(cluster: controlplane.Cluster, release: Release, job_name: str) -> str:
+    """What a failing wait prints: the job's status, the pods, the operator's log tail."""
+    ns = release.watched
+    job = cluster.get("finetunejob", job_name, ns) or {}
+    pods = cluster.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
+    events = cluster.kubectl("get", "events", "-n", ns, check=False).stdout[-3000:]
+    log = cluster.kubectl(
+        "logs", "-n", release.namespace, "deployment/kubetune-operator", "--tail=60", check=False
+    ).stdout
+    return (
+        f"status: {json.dumps(job.get('status'), indent=1)}\npods:\n{pods}\n"
+        f"events:\n{events}\noperator log:\n{log}"
+    )

@@ -273,3 +273,15 @@ def test_cpu_metadata_drops_what_torch_does_not_link_against() -> None:
 ])
 def test_cpu_requirement(requirement: str, expected: str | None) -> None:
     assert torch_cpu.cpu_requirement(requirement) == expected
+
+
+def test_stale_refs_are_other_tags_of_the_current_repositories() -> None:
+    listed = [
+        "docker.io/kubetune/operator:aaa",
+        "docker.io/kubetune/operator:bbb",
+        "docker.io/kubetune/trainer:ccc",
+        "localhost/kubetune-pause:1",
+        "docker.io/library/other:aaa",
+    ]
+    current = ["docker.io/kubetune/operator:bbb", "docker.io/kubetune/trainer:ccc"]
+    assert images.stale_refs(listed, current) == ["docker.io/kubetune/operator:aaa"]
