@@ -40,12 +40,16 @@ STORAGE_CLASS = "kubetune-realnode"
 # The node, the control plane and the pause image import; the first build of the binaries
 # is hack/build-control-plane.sh's and happens before this clock starts.
 UP_TIMEOUT = 300
+TEST_TIMEOUT = 2400
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TIER_DIR in item.path.parents:
             item.add_marker(pytest.mark.realnode)
+            # The first test also waits for the session's fixtures: on a new machine that is
+            # the images' first build (minutes) as well as the node.
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
@@ -181,4 +185,17 @@ def describe(cluster: controlplane.Cluster, release: Release, job_name: str) -> 
     return (
         f"status: {json.dumps(job.get('status'), indent=1)}\npods:\n{pods}\n"
         f"events:\n{events}\noperator log:\n{log}"
+    )
+
+
+def delete_job(cluster: controlplane.Cluster, namespace: str, name: str) -> None:
+    """Delete a FineTuneJob and wait for its pods to go: the node's 2 CPUs are shared by the
+    tier's tests, and a server pod left running would keep the next job's pods Pending."""
+    cluster.kubectl("delete", "finetunejob", name, "-n", namespace, "--ignore-not-found")
+    controlplane.wait_for(
+        lambda: not cluster.kubectl(
+            "get", "pods", "-n", namespace, "-l", f"kubetune.io/job={name}", "-o", "name"
+        ).stdout.strip(),
+        timeout=120,
+        what=f"the pods of {name} gone",
     )

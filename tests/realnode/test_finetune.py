@@ -20,12 +20,13 @@ import pytest
 from cluster import Cluster, wait_for
 from realnode import NODE_NAME
 
-from .conftest import STORAGE_CLASS, Release, condition, describe, host_path_volume
+from .conftest import STORAGE_CLASS, Release, condition, delete_job, describe, host_path_volume
 
 MAX_STEPS = 30
 JOB = "kubectl-tuned"
-# The node has 2 CPUs: the operator (100m), a trainer (1200m) and an inference pod (500m)
-# fit at once, and so do two inference pods during a rollout.
+# The node has 2 CPUs: the operator (100m), a trainer (1000m) and an inference pod (900m)
+# fit at once, and so do two inference pods during a rollout (a surge pod that did not fit
+# would stall it: `maxUnavailable: 0`).
 JOB_SPEC: dict[str, Any] = {
     "model": {"source": "builtin://smollm2-135m-instruct"},
     "dataset": {"source": "builtin://kubectl-commands"},
@@ -37,20 +38,27 @@ JOB_SPEC: dict[str, Any] = {
         "maxSeqLength": 128,
         "logEverySteps": 2,
     },
-    "resources": {"gpusPerNode": 0, "cpu": "1200m", "memory": "6Gi"},
+    "resources": {"gpusPerNode": 0, "cpu": "1000m", "memory": "6Gi"},
     "storage": {"size": "2Gi", "storageClassName": STORAGE_CLASS},
     "serving": {
         "precision": "INT4",
         "device": "CPU",
-        "resources": {"cpu": "500m", "memory": "2Gi"},
+        "resources": {"cpu": "900m", "memory": "2Gi"},
     },
 }
+# The built-in dataset's system message: the fine-tune answers it with one kubectl command.
+SYSTEM = "Answer with one kubectl command."
 PROMPT = "List all pods in the namespace staging."
+
+
+def messages(content: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
 
 
 @dataclass
 class Load:
-    """A client sending chat completions to the Service without pause, from threads."""
+    """A client sending chat completions to the Service without pause, from threads (the
+    server batches concurrent requests)."""
 
     url: str
     model: str
@@ -63,8 +71,8 @@ class Load:
     def one(self) -> None:
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": 2,
+            "messages": messages(PROMPT),
+            "max_tokens": 1,
         }
         request = urllib.request.Request(
             f"{self.url}/v1/chat/completions",
@@ -87,7 +95,7 @@ class Load:
             self.one()
 
     def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self.run, daemon=True) for _ in range(4)]
+        self._threads = [threading.Thread(target=self.run, daemon=True) for _ in range(8)]
         self._started = time.monotonic()
         for thread in self._threads:
             thread.start()
@@ -103,7 +111,7 @@ class Load:
 def chat(url: str, model: str, content: str, max_tokens: int = 48) -> dict[str, Any]:
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": messages(content),
         "max_tokens": max_tokens,
         "temperature": 0,
     }
@@ -119,9 +127,10 @@ def chat(url: str, model: str, content: str, max_tokens: int = 48) -> dict[str, 
 
 
 def test_job_trains_serves_and_rolls_to_a_new_generation_without_downtime(
-    real_cluster: Cluster, release: Release
+    real_cluster: Cluster, release: Release, request: pytest.FixtureRequest
 ) -> None:
     cluster, ns = real_cluster, release.watched
+    request.addfinalizer(lambda: delete_job(cluster, ns, JOB))
     host_path_volume(cluster, f"{ns}-{JOB}")
     manifest = {
         "apiVersion": "kubetune.io/v1alpha1",

@@ -5,14 +5,13 @@ the newest checkpoint and ends at the same step count)."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
 from cluster import Cluster, wait_for
 from realnode import NODE_NAME
 
-from .conftest import STORAGE_CLASS, Release, describe, host_path_volume
+from .conftest import STORAGE_CLASS, Release, delete_job, describe, host_path_volume
 
 JOB = "two-ranks"
 MAX_STEPS = 24
@@ -53,9 +52,10 @@ def running(items: list[dict[str, Any]], count: int) -> bool:
 
 
 def test_two_node_job_survives_losing_its_operator_and_its_trainer_pods(
-    real_cluster: Cluster, release: Release
+    real_cluster: Cluster, release: Release, request: pytest.FixtureRequest
 ) -> None:
     cluster, ns = real_cluster, release.watched
+    request.addfinalizer(lambda: delete_job(cluster, ns, JOB))
     volume = f"{ns}-{JOB}"
     host_path_volume(cluster, volume)
     cluster.apply(
@@ -142,5 +142,3 @@ def test_two_node_job_survives_losing_its_operator_and_its_trainer_pods(
         "get", "services", "-n", ns, "-l", "app.kubernetes.io/component=rendezvous", "-o", "name"
     ).stdout.split()
     assert services == [f"service/{JOB}-g1-rdzv"]
-    cluster.kubectl("delete", "finetunejob", JOB, "-n", ns, "--wait=false")
-    time.sleep(1)
