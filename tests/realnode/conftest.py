@@ -182,8 +182,13 @@ def describe(cluster: controlplane.Cluster, release: Release, job_name: str) -> 
     log = cluster.kubectl(
         "logs", "-n", release.namespace, "deployment/kubetune-operator", "--tail=60", check=False
     ).stdout
+    trainers = cluster.kubectl(
+        "logs", "-n", ns, "-l", "app.kubernetes.io/component=trainer", "--tail=30",
+        "--prefix", check=False,
+    ).stdout  # fmt: skip
     return (
         f"status: {json.dumps(job.get('status'), indent=1)}\npods:\n{pods}\n"
+        f"trainer logs:\n{trainers}\n"
         f"events:\n{events}\noperator log:\n{log}"
     )
 

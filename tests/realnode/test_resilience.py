@@ -46,9 +46,12 @@ def pods(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]
     return items
 
 
-def running(items: list[dict[str, Any]], count: int) -> bool:
-    live = [p for p in items if not p["metadata"].get("deletionTimestamp")]
-    return len(live) == count and all(p["status"].get("phase") == "Running" for p in live)
+def running(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods that run (a first start that failed, which the Job retried, is not one)."""
+    return [
+        p for p in items
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]  # fmt: skip
 
 
 def test_two_node_job_survives_losing_its_operator_and_its_trainer_pods(
@@ -79,8 +82,12 @@ def test_two_node_job_survives_losing_its_operator_and_its_trainer_pods(
 
     # Two ranks rendezvous through the headless Service's DNS name and train together.
     wait_step(2, "two ranks training")
-    first = pods(cluster, ns, TRAINER)
-    assert running(first, 2) and {p["spec"]["nodeName"] for p in first} == {NODE_NAME}
+    def two_running() -> list[dict[str, Any]] | None:
+        live = running(pods(cluster, ns, TRAINER))
+        return live if len(live) == 2 else None
+
+    first = wait_for(two_running, timeout=120, what="two trainer pods Running")
+    assert {p["spec"]["nodeName"] for p in first} == {NODE_NAME}
 
     # The operator pod goes; the Deployment's next one takes over the Lease and the reports.
     [operator] = pods(cluster, release.namespace, "app.kubernetes.io/component=operator")
@@ -104,8 +111,8 @@ def test_two_node_job_survives_losing_its_operator_and_its_trainer_pods(
     cluster.kubectl("delete", "pod", "-n", ns, "-l", TRAINER, "--wait=false")
     old = {p["metadata"]["uid"] for p in first}
     wait_for(
-        lambda: running([p for p in pods(cluster, ns, TRAINER)
-                         if p["metadata"]["uid"] not in old], 2),
+        lambda: len(running([p for p in pods(cluster, ns, TRAINER)
+                             if p["metadata"]["uid"] not in old])) == 2,
         timeout=300,
         what="the Job's replacement trainer pods Running",
     )  # fmt: skip
