@@ -666,8 +666,27 @@ def leftovers(layout: NodeLayout) -> list[str]:
     return found
 
 
+def _kill_orphans(layout: NodeLayout) -> None:
+    """What outlives a node whose containerd was killed rather than stopped (a test session
+    killed with SIGKILL): containerd's shims for our socket and the containers' processes
+    in our cgroups. `remove_containers` needs a live containerd; this does not."""
+    socket = str(layout.containerd_socket)
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in argv:
+                os.kill(int(proc.name), 9)
+    for hierarchy in _cgroup_hierarchies():
+        for procs in (hierarchy / CGROUP_ROOT).rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                for pid in procs.read_text().split():
+                    os.kill(int(pid), 9)
+    time.sleep(0.5)
+
+
 def cleanup_host(layout: NodeLayout) -> None:
     """Undo `prepare_host` and what the node's processes left (after they are stopped)."""
+    _kill_orphans(layout)
     _unmount_under(layout.root)
     subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
     _remove_iptables_rules()
