@@ -22,6 +22,8 @@ Needs root: buildah, debootstrap and containerd's socket. Only the standard libr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,15 +272,23 @@ def quiet(argv: Sequence[str]) -> bool:
                           check=False).returncode == 0
 
 
+BUILD_TOOLS = ("buildah", "debootstrap", "runc")
+RUNTIME = "runc"
+"""The OCI runtime buildah's RUN steps use, as the real node's containerd does. Debian's buildah
+depends on crun or runc and apt picks crun on a machine without runc, but crun 1.8 refuses
+hybrid cgroups ("cgroups in hybrid mode not supported"), which this kind of machine has."""
+
+
 def ensure_tools() -> None:
-    missing = [tool for tool in ("buildah", "debootstrap") if shutil.which(tool) is None]
-    if not missing:
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise SystemExit(f"{' and '.join(missing)} missing: installing needs root and apt-get")
-    log(f"installing buildah and debootstrap ({' and '.join(missing)} missing)")
-    run(["apt-get", "update", "-qq"])
-    run(["apt-get", "install", "-y", "-qq", "buildah", "debootstrap"])
+    missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise SystemExit(f"{' and '.join(missing)} missing: installing needs root and apt-get")
+        log(f"installing {', '.join(BUILD_TOOLS)} ({' and '.join(missing)} missing)")
+        run(["apt-get", "update", "-qq"])
+        run(["apt-get", "install", "-y", "-qq", *BUILD_TOOLS])
+    # buildah reads its runtime from the environment, for `run` and `bud` alike.
+    os.environ["BUILDAH_RUNTIME"] = shutil.which(RUNTIME) or RUNTIME
 
 
 def image_size(ref: str) -> str:
@@ -397,12 +407,27 @@ def build_image(spec: Spec, base: Built, images_dir: Path) -> Built:
     return Built(ref, archive, seconds)
 
 
+@contextlib.contextmanager
+def exclusive(images_dir: Path) -> Iterator[None]:
+    """One build at a time per cache: `make test` starts a build in the background while the
+    control plane compiles, and the real-node tier's import, arriving during it, waits for it
+    and then finds the archives (instead of building the same images beside it)."""
+    with open(images_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another build of these images is running: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_all() -> dict[str, Built]:
-    ensure_tools()
     images_dir = cache_dir()
     images_dir.mkdir(parents=True, exist_ok=True)
-    base = build_base(images_dir)
-    built = {spec.name: build_image(spec, base, images_dir) for spec in IMAGES}
+    with exclusive(images_dir):
+        ensure_tools()
+        base = build_base(images_dir)
+        built = {spec.name: build_image(spec, base, images_dir) for spec in IMAGES}
     return {**built, "base": base}
 
 
@@ -447,14 +472,42 @@ def stale_refs(listed: Iterable[str], current: Iterable[str]) -> list[str]:
     )
 
 
+def start_in_background() -> None:
+    """`build` detached from the caller, its output in the cache's build.log: `make test`
+    starts it before the control plane compiles, so the images' downloads (debootstrap, apt,
+    pip) overlap that build instead of the real-node tier. Where this user cannot build them
+    (not root), nothing starts: the tier is skipped there anyway."""
+    if os.geteuid() != 0:
+        log("not root: the images are not built in the background")
+        return
+    images_dir = cache_dir()
+    images_dir.mkdir(parents=True, exist_ok=True)
+    log_path = images_dir / "build.log"
+    with open(log_path, "w") as output:
+        subprocess.Popen(
+            [sys.executable, __file__, "build"], stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    log(f"building in the background (log: {log_path})")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build the operator and trainer images, or reuse them")
+    builder = commands.add_parser(
+        "build", help="build the operator and trainer images, or reuse them"
+    )
+    builder.add_argument(
+        "--background", action="store_true",
+        help="start the build detached (log: build.log in the cache) and return at once",
+    )  # fmt: skip
     importer = commands.add_parser("import", help="build if needed, then import into containerd")
     importer.add_argument("--address", required=True, help="containerd's socket")
     args = parser.parse_args(argv)
 
+    if args.command == "build" and args.background:
+        start_in_background()
+        return
     built = build_all()
     if args.command == "import":
         import_all(args.address, built)

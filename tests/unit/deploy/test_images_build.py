@@ -285,3 +285,38 @@ def test_stale_refs_are_other_tags_of_the_current_repositories() -> None:
     ]
     current = ["docker.io/kubetune/operator:bbb", "docker.io/kubetune/trainer:ccc"]
     assert images.stale_refs(listed, current) == ["docker.io/kubetune/operator:aaa"]
+
+
+# --------------------------------------------------------------------------- one build at a time
+
+
+def test_a_second_build_waits_for_the_one_running(tmp_path: Path) -> None:
+    """`make test`'s background build and the real-node tier's import share the cache: the
+    second to arrive waits for the first instead of building the same images beside it."""
+    import threading
+
+    order: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with images.exclusive(tmp_path):
+            order.append("first in")
+            holding.set()
+            release.wait(10)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert holding.wait(10)
+    def second() -> None:
+        with images.exclusive(tmp_path):
+            order.append("second in")
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and order == ["first in"]
+    release.set()
+    thread.join(10)
+    waiter.join(10)
+    assert order == ["first in", "first out", "second in"]
