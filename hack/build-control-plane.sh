@@ -93,19 +93,44 @@ GO
   go build -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
 }
 
-for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
-  [ -x "$BIN/$b" ] || { log "building kubernetes v$K8S_VERSION"; build_kubernetes; break; }
-done
-[ -x "$BIN/etcd" ] || { log "building etcd"; build_etcd; }
-[ -x "$BIN/kwok" ] || { log "building kwok $KWOK_VERSION"; GOBIN=$BIN go install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"; }
-[ -x "$BIN/helm" ] || {
-  log "building helm $HELM_VERSION"
+build_kwok() {
+  GOBIN=$BIN go install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+}
+
+build_helm() {
   GOBIN=$BIN go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
-[ -x "$BIN/coredns" ] || {
-  log "building coredns $COREDNS_VERSION"
+
+build_coredns() {
   GOBIN=$BIN go install -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
 }
+
+# The builds run side by side: each spends its first minute or more downloading modules, which
+# overlaps the others' compiling (on two cores one after another left the CPUs idle meanwhile).
+# Go's caches take concurrent builds. Each build's output goes to its own log, shown if it fails.
+pids=() names=()
+start() {
+  local name=$1 log=$WORK/$1.log
+  log "building $name"
+  ( "build_$name" ) >"$log" 2>&1 &
+  pids+=($!) names+=("$name")
+}
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
+  [ -x "$BIN/$b" ] || { start kubernetes; break; }
+done
+[ -x "$BIN/etcd" ] || start etcd
+[ -x "$BIN/kwok" ] || start kwok
+[ -x "$BIN/helm" ] || start helm
+[ -x "$BIN/coredns" ] || start coredns
+failed=0
+for i in "${!pids[@]}"; do
+  if wait "${pids[$i]}"; then
+    log "built ${names[$i]}"
+  else
+    log "building ${names[$i]} failed:"; tail -n 40 "$WORK/${names[$i]}.log" >&2; failed=1
+  fi
+done
+[ "$failed" = 0 ] || exit 1
 have_all
 echo "$BIN"
