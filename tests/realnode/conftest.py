@@ -86,6 +86,10 @@ class Images:
 
 @pytest.fixture(scope="session")
 def images(real_cluster: controlplane.Cluster) -> Images:
+    return import_images(real_cluster)
+
+
+def import_images(real_cluster: controlplane.Cluster) -> Images:
     """KubeTune's images, built (or taken from the cache) and imported into the node."""
     layout = realnode.NodeLayout(workdir=real_cluster.workdir, cache=realnode.cache_dir())
     result = subprocess.run(
@@ -145,7 +149,14 @@ class Release:
 
 @pytest.fixture(scope="session")
 def release(real_cluster: controlplane.Cluster, images: Images) -> Iterator[Release]:
-    """The chart installed as a user would, with the images `make images` built."""
+    installed = install_chart(real_cluster, images)
+    yield installed
+    real_cluster.helm("uninstall", "kubetune", "-n", installed.namespace, "--wait", check=False)
+
+
+def install_chart(real_cluster: controlplane.Cluster, images: Images) -> Release:
+    """The chart installed as a user would, with the images `make images` built, in a
+    namespace of its own and watching one other (both `restricted`)."""
     suffix = uuid.uuid4().hex[:6]
     system = create_namespace(real_cluster, f"kubetune-system-{suffix}")
     watched = create_namespace(real_cluster, f"tune-{suffix}")
@@ -162,8 +173,7 @@ def release(real_cluster: controlplane.Cluster, images: Images) -> Iterator[Rele
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
     real_cluster.helm(*args)
-    yield Release("kubetune", system, watched)
-    real_cluster.helm("uninstall", "kubetune", "-n", system, "--wait", check=False)
+    return Release("kubetune", system, watched)
 
 
 def condition(obj: dict[str, Any], kind: str) -> bool:

@@ -1,0 +1,102 @@
+"""A client of a KubeTune inference Service, as the real-node tier and bench/rollout.py use it:
+one chat completion, and a steady load of them from threads (the server batches concurrent
+requests). Only the standard library."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+# The built-in dataset's system message: the fine-tune answers it with one kubectl command.
+SYSTEM = "Answer with one kubectl command."
+PROMPT = "List all pods in the namespace staging."
+
+
+def messages(content: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+
+
+def post_chat(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    # No proxy: the Service's ClusterIP is reached from the host directly.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=timeout) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+def chat(url: str, model: str, content: str, max_tokens: int = 48) -> dict[str, Any]:
+    body = {"model": model, "messages": messages(content), "max_tokens": max_tokens,
+            "temperature": 0}  # fmt: skip
+    return post_chat(url, body, timeout=60)
+
+
+@dataclass
+class Load:
+    """Chat completions sent to the Service without pause from `threads` threads; every
+    answer's `model` is kept and every failure recorded with the time it happened."""
+
+    url: str
+    model: str
+    threads: int = 8
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    models: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def one(self) -> None:
+        body = {"model": self.model, "messages": messages(PROMPT), "max_tokens": 1}
+        try:
+            answer = post_chat(self.url, body, timeout=30)
+            with self._lock:
+                self.ok += 1
+                self.models.add(answer["model"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            with self._lock:
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {exc!r}")
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.one()
+
+    def wait_for_requests(self, ok: int, timeout: float = 120) -> None:
+        """Until `ok` requests have been answered (so a phase is known to have had traffic)."""
+        deadline = time.monotonic() + timeout
+        while self.ok < ok and not self.failures:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.ok} of {ok} requests answered in {timeout:.0f} s")
+            time.sleep(0.1)
+
+    @property
+    def rate(self) -> float:
+        """Requests sent per second (answered or failed) while the load ran."""
+        return (self.ok + len(self.failures)) / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.ok} ok, {len(self.failures)} failed in {self.seconds:.0f} s, "
+                f"{self.rate:.1f} requests/s")  # fmt: skip
+
+    def __enter__(self) -> Load:
+        self._workers = [threading.Thread(target=self.run, daemon=True)
+                         for _ in range(self.threads)]  # fmt: skip
+        self._started = time.monotonic()
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=60)
+        self.seconds = time.monotonic() - self._started
