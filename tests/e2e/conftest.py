@@ -1,8 +1,9 @@
 """Fixtures for the e2e tier: a real control plane on loopback (see hack/cluster.py).
 
-The control plane starts once per test session. Its first start may build the binaries with
-Go (tens of minutes); later runs reuse the cache. Without Go and without cached binaries the
-e2e tests are skipped with the reason.
+The control plane starts once for the tier and stops after its last test (package scope), so
+the tiers after it do not share the two cores with an idle etcd, apiserver and kwok. Its first
+start may build the binaries with Go (tens of minutes); later runs reuse the cache. Without Go
+and without cached binaries the e2e tests are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.Cluster]:
     reason = controlplane.unavailable_reason()
     if reason is not None:

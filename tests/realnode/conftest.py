@@ -1,9 +1,12 @@
 """Fixtures for the real-node tier: real pods on a real kubelet node.
 
-One control plane per test session with one real node beside kwok's fake GPU nodes
+One control plane for the tier with one real node beside kwok's fake GPU nodes
 (`hack/cluster.py up --real-node`): kubelet + containerd + CNI bridge + kube-proxy + CoreDNS.
 KubeTune's images are built without Docker (`hack/images.py`, cached by content) and imported
 into the node's containerd. Nothing on this node is faked: no kwok stage touches its pods.
+
+The cluster is package-scoped: it stops after the tier's last test, so the trainer and unit
+tiers do not share the two cores with its kubelet, containerd and control plane.
 
 Needs root on Linux (containerd, iptables, cgroups); elsewhere the tier is skipped with the
 reason, as the e2e tier is without its binaries.
@@ -47,12 +50,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TIER_DIR in item.path.parents:
             item.add_marker(pytest.mark.realnode)
-            # The first test also waits for the session's fixtures: on a new machine that is
+            # The first test also waits for the tier's fixtures: on a new machine that is
             # the images' first build (minutes) as well as the node.
             item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.Cluster]:
     reason = controlplane.unavailable_reason() or realnode.unavailable_reason()
     if reason is not None:
@@ -62,7 +65,7 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlpl
         workdir, die_with_parent=True, real_node=True, timeout=UP_TIMEOUT
     ) as running_cluster:
         yield running_cluster
-    # `down` has run: the host must be as it was. An error here fails the session.
+    # `down` has run: the host must be as it was. An error here fails the tier.
     layout = realnode.NodeLayout(workdir=workdir, cache=realnode.cache_dir())
     left = realnode.leftovers(layout)
     assert not left, f"the real node's down left {left}"
@@ -84,7 +87,7 @@ class Images:
     trainer: Image
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def images(real_cluster: controlplane.Cluster) -> Images:
     return import_images(real_cluster)
 
@@ -147,7 +150,7 @@ class Release:
     watched: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def release(real_cluster: controlplane.Cluster, images: Images) -> Iterator[Release]:
     installed = install_chart(real_cluster, images)
     yield installed
