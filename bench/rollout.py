@@ -40,6 +40,7 @@ from tests.realnode.conftest import (  # noqa: E402
     host_path_volume,
     import_images,
     install_chart,
+    serves_alone,
 )
 
 JOB = "rollout-bench"
@@ -60,31 +61,12 @@ SPEC: dict[str, Any] = {
 }
 
 
-def served_generation(cluster: controlplane.Cluster, ns: str, generation: int) -> bool:
-    """`generation` serves alone: status says so and the Deployment has one, updated, replica."""
-    job = cluster.get("finetunejob", JOB, ns) or {}
-    deployment = cluster.get("deployment", f"{JOB}-server", ns) or {}
-    replicas = deployment.get("status", {})
-    return (
-        (job.get("status", {}).get("serving") or {}).get("modelGeneration") == generation
-        and condition(job, "Ready")
-        and replicas.get("updatedReplicas") == 1
-        and replicas.get("replicas") == 1
-    )
-
-
-def trained(cluster: controlplane.Cluster, ns: str, generation: int) -> bool:
-    train_job = cluster.get("job", f"{JOB}-g{generation}-train", ns) or {}
-    conditions = train_job.get("status", {}).get("conditions", [])
-    return any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)
-
-
 def measure(cluster: controlplane.Cluster, ns: str, rest_seconds: float) -> dict[str, Any]:
     host_path_volume(cluster, f"{ns}-{JOB}")
     cluster.apply({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
                    "metadata": {"name": JOB, "namespace": ns}, "spec": SPEC})  # fmt: skip
     applied = time.monotonic()
-    controlplane.wait_for(lambda: served_generation(cluster, ns, 1), timeout=1800,
+    controlplane.wait_for(lambda: serves_alone(cluster, ns, JOB, 1), timeout=1800,
                           what="generation 1 served", interval=1)  # fmt: skip
     apply_to_ready = time.monotonic() - applied
     service = cluster.get("service", f"{JOB}-server", ns) or {}
@@ -96,10 +78,13 @@ def measure(cluster: controlplane.Cluster, ns: str, rest_seconds: float) -> dict
         change = {"spec": {"training": {"learningRate": "8e-4"}}}
         cluster.kubectl("patch", "finetunejob", JOB, "-n", ns, "--type=merge",
                         "-p", json.dumps(change))  # fmt: skip
-        controlplane.wait_for(lambda: trained(cluster, ns, 2), timeout=1800,
-                              what="generation 2 trained", interval=1)  # fmt: skip
+        train_job = f"{JOB}-g2-train"
+        controlplane.wait_for(
+            lambda: condition(cluster.get("job", train_job, ns) or {}, "Complete"),
+            timeout=1800, what="generation 2 trained", interval=1,
+        )  # fmt: skip
     with Load(url, JOB) as rollout:
-        controlplane.wait_for(lambda: served_generation(cluster, ns, 2), timeout=1800,
+        controlplane.wait_for(lambda: serves_alone(cluster, ns, JOB, 2), timeout=1800,
                               what="generation 2 served", interval=1)  # fmt: skip
     return {
         "apply_to_ready_s": round(apply_to_ready),

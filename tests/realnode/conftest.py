@@ -186,6 +186,19 @@ def condition(obj: dict[str, Any], kind: str) -> bool:
     )
 
 
+def serves_alone(cluster: controlplane.Cluster, namespace: str, job: str, generation: int) -> bool:
+    """`generation` serves alone: status says so, the job is Ready, and the Deployment has one
+    replica, updated (the previous generation's pod is gone)."""
+    obj = cluster.get("finetunejob", job, namespace) or {}
+    replicas = (cluster.get("deployment", f"{job}-server", namespace) or {}).get("status", {})
+    return (
+        (obj.get("status", {}).get("serving") or {}).get("modelGeneration") == generation
+        and condition(obj, "Ready")
+        and replicas.get("updatedReplicas") == 1
+        and replicas.get("replicas") == 1
+    )
+
+
 def describe(cluster: controlplane.Cluster, release: Release, job_name: str) -> str:
     """What a failing wait prints: the job's status, the pods, the operator's log tail."""
     ns = release.watched

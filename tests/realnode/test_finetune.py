@@ -26,7 +26,15 @@ from cluster import Cluster, wait_for
 from realnode import NODE_NAME
 
 from .client import PROMPT, Load, chat
-from .conftest import STORAGE_CLASS, Release, condition, delete_job, describe, host_path_volume
+from .conftest import (
+    STORAGE_CLASS,
+    Release,
+    condition,
+    delete_job,
+    describe,
+    host_path_volume,
+    serves_alone,
+)
 
 JOB = "kubectl-tuned"
 MAX_STEPS = 30
@@ -91,13 +99,10 @@ class TuneJob:
         """Wait for the generation's training Job to complete; return the Job."""
         name = f"{self.name}-g{generation}-train"
 
-        def complete(train_job: dict[str, Any]) -> bool:
-            conditions = train_job.get("status", {}).get("conditions", [])
-            return any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)
-
         try:
             return self.cluster.wait_for(
-                "job", name, complete, namespace=self.namespace, timeout=timeout,
+                "job", name, lambda train_job: condition(train_job, "Complete"),
+                namespace=self.namespace, timeout=timeout,
                 what=f"Job {name} Complete",
             )  # fmt: skip
         except TimeoutError:
@@ -260,22 +265,12 @@ def test_job_serves_and_rolls_to_a_new_generation_without_downtime(job: TuneJob)
         load.wait_for_requests(10)
         assert deployment_generation() == serving_generation, "the rollout began before the load"
 
-        def rolled() -> dict[str, Any] | None:
-            current = job.get()
-            serving = current.get("status", {}).get("serving") or {}
-            deployment = cluster.get("deployment", f"{JOB}-server", ns) or {}
-            done = (
-                serving.get("modelGeneration") == 2
-                and condition(current, "Ready")
-                and deployment.get("status", {}).get("updatedReplicas") == 1
-                and deployment.get("status", {}).get("replicas") == 1
-            )
-            return current if done else None
-
         try:
-            rolled_job = wait_for(rolled, timeout=1200, what="generation 2 served", interval=1)
+            wait_for(lambda: serves_alone(cluster, ns, JOB, 2), timeout=1200,
+                     what="generation 2 served", interval=1)  # fmt: skip
         except TimeoutError:
             job.fail("generation 2 served")
+        rolled_job = job.get()
         # Requests answered by the new generation's pod alone, after the old one went.
         load.wait_for_requests(load.ok + 10)
     # The request rate is a figure, not a check (bench/rollout.py reports it): a slower or

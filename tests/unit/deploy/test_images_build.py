@@ -320,3 +320,14 @@ def test_a_second_build_waits_for_the_one_running(tmp_path: Path) -> None:
     thread.join(10)
     waiter.join(10)
     assert order == ["first in", "first out", "second in"]
+
+
+def test_buildah_runs_steps_with_runc_not_crun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's buildah pulls in crun on a machine without runc, and crun 1.8 refuses hybrid
+    cgroups: the base's first RUN failed on a new machine. runc is installed with buildah and
+    named as buildah's runtime."""
+    monkeypatch.setattr(images.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.delenv("BUILDAH_RUNTIME", raising=False)
+    images.ensure_tools()
+    assert images.os.environ["BUILDAH_RUNTIME"] == "/usr/bin/runc"
+    assert "runc" in images.BUILD_TOOLS
