@@ -35,16 +35,30 @@ def make_spec(model: str = "builtin://smollm2-135m-instruct", **fields: Any) -> 
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("hf://meta-llama/Llama-2-7b-hf", 7e9),
-        ("hf://meta-llama/Llama-3.3-70B-Instruct", 70e9),
-        ("hf://Qwen/Qwen2.5-0.5B", 0.5e9),
-        ("pvc://models/SmolLM2-135M", 135e6),
-        ("hf://meta-llama/Llama-3.1-8B", 8e9),
-        ("builtin://smollm2-135m-instruct", 134_515_008),
+        ("hf://example/Foo-7b-hf", 7e9),
+        ("hf://example/Foo-70B-Instruct", 70e9),
+        ("hf://example/bar-0.5B", 0.5e9),
+        ("pvc://models/Tiny-135M", 135e6),
     ],
 )
 def test_parameter_count_from_name(source: str, expected: float) -> None:
     assert parameter_count(make_spec(source)) == int(expected)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        # A published model's name: its config's exact count, not the name's rounded size.
+        ("hf://meta-llama/Llama-2-7b-hf", 6_738_415_616),
+        ("hf://meta-llama/Llama-3.3-70B-Instruct", 70_553_706_496),
+        ("hf://Qwen/Qwen2.5-0.5B", 494_032_768),
+        ("pvc://models/SmolLM2-135M", 134_515_008),
+        ("hf://meta-llama/Llama-3.1-8B", 8_030_261_248),
+        ("builtin://smollm2-135m-instruct", 134_515_008),
+    ],
+)
+def test_parameter_count_of_a_published_model(source: str, expected: int) -> None:
+    assert parameter_count(make_spec(source)) == expected
 
 
 def test_parameter_count_field_wins_and_unknown_size_is_refused() -> None:
@@ -160,7 +174,7 @@ def test_70b_lora_on_one_gpu_is_refused_saying_what_fits() -> None:
     with pytest.raises(PlanError) as error:
         plan(spec)
     message = str(error.value)
-    assert message.startswith("70B LoRA on 1 node(s) x 1 GPU(s) of 80 GiB does not fit")
+    assert message.startswith("70.6B LoRA on 1 node(s) x 1 GPU(s) of 80 GiB does not fit")
     assert "method: QLoRA" in message
     assert "x 4 GPUs" in message  # bf16 base of 140 GB sharded over 4 x 80 GB
     assert "deepspeed.offload: CPU" in message
@@ -243,23 +257,24 @@ def test_cpu_plan() -> None:
 def test_estimate_terms() -> None:
     """Each term of the memory model, checked on its own."""
     shape = model_shape(make_spec("hf://meta-llama/Llama-2-7b-hf"))
+    params = shape.parameters  # 6.74e9, Llama-2-7b's published count
     common: dict[str, Any] = {"micro_batch": 1, "seq_length": 16, "gradient_checkpointing": True}
     full = estimate_memory_gib(shape, method=Method.FULL, trainable=shape.parameters,
                                zero_stage=0, offload=False, world_size=1, **common)
     # Mixed-precision Adam: 16 B per parameter.
-    assert full == pytest.approx(16 * 7e9 / 2**30, rel=0.01, abs=1.5)
+    assert full == pytest.approx(16 * params / 2**30, rel=0.01, abs=1.5)
     zero1 = estimate_memory_gib(shape, method=Method.FULL, trainable=shape.parameters,
                                 zero_stage=1, offload=False, world_size=8, **common)
-    assert zero1 == pytest.approx((4 + 12 / 8) * 7e9 / 2**30, rel=0.01, abs=1.5)
+    assert zero1 == pytest.approx((4 + 12 / 8) * params / 2**30, rel=0.01, abs=1.5)
     zero2 = estimate_memory_gib(shape, method=Method.FULL, trainable=shape.parameters,
                                 zero_stage=2, offload=False, world_size=8, **common)
-    assert zero2 == pytest.approx((2 + 14 / 8) * 7e9 / 2**30, rel=0.01, abs=1.5)
+    assert zero2 == pytest.approx((2 + 14 / 8) * params / 2**30, rel=0.01, abs=1.5)
     zero3 = estimate_memory_gib(shape, method=Method.FULL, trainable=shape.parameters,
                                 zero_stage=3, offload=False, world_size=8, **common)
-    assert zero3 == pytest.approx(16 / 8 * 7e9 / 2**30, rel=0.01, abs=2.5)
+    assert zero3 == pytest.approx(16 / 8 * params / 2**30, rel=0.01, abs=2.5)
     qlora = estimate_memory_gib(shape, method=Method.QLORA, trainable=0,
                                 zero_stage=0, offload=False, world_size=1, **common)
-    assert qlora == pytest.approx(0.56 * 7e9 / 2**30, rel=0.01, abs=1.5)
+    assert qlora == pytest.approx(0.56 * params / 2**30, rel=0.01, abs=1.5)
     without = estimate_memory_gib(shape, method=Method.LORA, trainable=0, zero_stage=0,
                                   offload=False, world_size=1, micro_batch=1, seq_length=2048,
                                   gradient_checkpointing=False)

@@ -68,8 +68,10 @@ class ModelSpec(ApiModel):
     trust_remote_code: bool = False
     """Run custom modelling code shipped with the model. Only for models you trust."""
     parameter_count: Annotated[int, Field(ge=1)] | None = None
-    """Parameters of the base model, for the planner's memory estimate when the source's
-    name does not tell (names such as `Llama-3.1-8B` and built-in models are recognised)."""
+    """Parameters of the base model, for the planner's memory estimate when it cannot tell:
+    `kubetune run` reads the model's config.json (`file://`, `pvc://`, `builtin://`); the
+    operator recognises published models by name (`hf://microsoft/Phi-3-mini-4k-instruct`,
+    Llama, Mistral, Qwen, Gemma) and else reads a size in the name (`-7B`)."""
 
     rules = (_scheme_rule("source", MODEL_SCHEMES, BUILTIN_MODELS),)
 

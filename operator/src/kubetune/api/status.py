@@ -78,6 +78,13 @@ class PlanStatus(ApiModel):
     """Parameters of the base model."""
     trainable_parameters: int | None = None
     """Parameters that are trained (adapter or all)."""
+    hidden_size: int | None = None
+    """Hidden size of the model the plan was made for: from its config.json (`kubetune
+    run`), a published model's shape recognised by name, or estimated from the size. The
+    trainer checks it, `layers` and `parameters` against config.json when it starts and
+    reports a difference in the Trained condition."""
+    layers: int | None = None
+    """Decoder layers of the model the plan was made for (see `hiddenSize`)."""
     reason: Message = ""
     """Why this plan was chosen."""
 

@@ -9,6 +9,8 @@ search result into `status.plan`, plans CPU runs, and explains a refusal.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from kubetune.api.spec import FineTuneJobSpec, Method, ZeroOffload
 from kubetune.api.status import PlanStatus
@@ -24,7 +26,7 @@ from kubetune.planner.search import (
     trainable_parameters,
     world_size_of,
 )
-from kubetune.planner.shapes import PlanError, model_shape, parameter_count
+from kubetune.planner.shapes import ModelShape, PlanError, model_shape, parameter_count
 
 # Callers and tests import these from here, as before the model and memory code moved out.
 __all__ = ["PlanError", "estimate_memory_gib", "model_shape", "parameter_count", "plan"]
@@ -46,10 +48,9 @@ def _split(spec: FineTuneJobSpec, micro: int) -> tuple[int, int]:
     return accumulation, micro * accumulation * world
 
 
-def _status(spec: FineTuneJobSpec, choice: Choice, memory: str, reason: str,
+def _status(spec: FineTuneJobSpec, shape: ModelShape, choice: Choice, memory: str, reason: str,
             host_memory: str | None = None) -> PlanStatus:
     accumulation, global_batch = _split(spec, choice.micro_batch)
-    shape = model_shape(spec)
     return PlanStatus(
         world_size=world_size_of(spec),
         zero_stage=choice.zero_stage,
@@ -61,11 +62,13 @@ def _status(spec: FineTuneJobSpec, choice: Choice, memory: str, reason: str,
         estimated_host_memory_gib=host_memory,
         parameters=shape.parameters,
         trainable_parameters=trainable_parameters(spec, shape),
+        hidden_size=shape.hidden,
+        layers=shape.layers,
         reason=reason,
     )
 
 
-def _plan_cpu(spec: FineTuneJobSpec) -> PlanStatus:
+def _plan_cpu(spec: FineTuneJobSpec, shape: ModelShape) -> PlanStatus:
     """CPU training: one process per node (gloo). No GPU check; the micro-batch is the largest
     whose estimated resident memory per process (`estimate_host_memory_gib`, fp32) fits a
     host-memory budget."""
@@ -79,7 +82,6 @@ def _plan_cpu(spec: FineTuneJobSpec) -> PlanStatus:
         stage, why = 2, "ZeRO-2 splits optimizer states and gradients across the processes"
     else:
         stage, why = 0, "adapter optimizer states are small, so plain data parallel (ZeRO-0)"
-    shape = model_shape(spec)
     rows = max(1, CPU_ROW_TOKENS // spec.training.max_seq_length)
     largest = min(max(1, global_batch(spec) // world), rows)
 
@@ -96,29 +98,31 @@ def _plan_cpu(spec: FineTuneJobSpec) -> PlanStatus:
     )
     if spec.deepspeed.offload is ZeroOffload.CPU:
         reason += "; offload ignored (already on the CPU)"
-    return _status(spec, Choice(stage, False, micro, 0.0), "0", reason, f"{host:.1f}")
+    return _status(spec, shape, Choice(stage, False, micro, 0.0), "0", reason, f"{host:.1f}")
 
 
-def plan(spec: FineTuneJobSpec) -> PlanStatus:
-    """Resolve world size, ZeRO stage, offload and batch split, or raise PlanError."""
+def plan(spec: FineTuneJobSpec, model_config: Mapping[str, Any] | None = None) -> PlanStatus:
+    """Resolve world size, ZeRO stage, offload and batch split, or raise PlanError.
+    `model_config` is the model's parsed config.json, when the caller could read it."""
+    shape = model_shape(spec, model_config)
     if spec.resources.gpus_per_node == 0:
-        return _plan_cpu(spec)
+        return _plan_cpu(spec, shape)
     budget = USABLE_FRACTION * spec.resources.gpu_memory_gib
-    choice = search(spec, budget)
+    choice = search(spec, budget, shape)
     if choice is None:
-        raise PlanError(_refusal(spec, budget))
+        raise PlanError(_refusal(spec, budget, shape))
     how = "the lowest ZeRO stage" if spec.deepspeed.zero_stage == "Auto" else "ZeRO stage"
     reason = (
-        f"{_describe(spec)}: {how} {choice.zero_stage}"
+        f"{_describe(spec, shape)}: {how} {choice.zero_stage}"
         f"{' with CPU offload (nothing fits without it)' if choice.offload else ''} fits with "
         f"micro-batch {choice.micro_batch} at ~{choice.memory_gib:.1f} GiB per GPU "
         f"(usable {budget:.1f} of {spec.resources.gpu_memory_gib} GiB)"
     )
-    return _status(spec, choice, f"{choice.memory_gib:.1f}", reason)
+    return _status(spec, shape, choice, f"{choice.memory_gib:.1f}", reason)
 
 
-def _describe(spec: FineTuneJobSpec) -> str:
-    params = parameter_count(spec)
+def _describe(spec: FineTuneJobSpec, shape: ModelShape) -> str:
+    params = shape.parameters
     size = f"{params / 1e9:.3g}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
     res = spec.resources
     return (
@@ -127,7 +131,7 @@ def _describe(spec: FineTuneJobSpec) -> str:
     )
 
 
-def _alternatives(spec: FineTuneJobSpec) -> list[tuple[str, FineTuneJobSpec]]:
+def _alternatives(spec: FineTuneJobSpec, shape: ModelShape) -> list[tuple[str, FineTuneJobSpec]]:
     """Changes a user could make, least disruptive first."""
     training = spec.training
     ckpt = spec.model_copy(
@@ -156,7 +160,7 @@ def _alternatives(spec: FineTuneJobSpec) -> list[tuple[str, FineTuneJobSpec]]:
                 )
             }
         )
-        if search(more, USABLE_FRACTION * res.gpu_memory_gib):
+        if search(more, USABLE_FRACTION * res.gpu_memory_gib, shape):
             out.append((f"{prefix}{more.resources.nodes} node(s) x {per_node} GPUs", more))
             break
     out.append(
@@ -170,21 +174,20 @@ def _alternatives(spec: FineTuneJobSpec) -> list[tuple[str, FineTuneJobSpec]]:
     return out
 
 
-def _refusal(spec: FineTuneJobSpec, budget: float) -> str:
-    shape = model_shape(spec)
+def _refusal(spec: FineTuneJobSpec, budget: float, shape: ModelShape) -> str:
     floor = min(
         estimate_gib(spec, shape, stage, offload, 1) for stage, offload in stage_options(spec)
     )
     stage = spec.deepspeed.zero_stage
     what = "any ZeRO stage" if stage == "Auto" else f"ZeRO stage {stage}"
     lines = [
-        f"{_describe(spec)} does not fit with {what}: at least {floor:.1f} GiB per GPU at "
+        f"{_describe(spec, shape)} does not fit with {what}: at least {floor:.1f} GiB per GPU at "
         f"micro-batch 1 and maxSeqLength {spec.training.max_seq_length}, "
         f"{budget:.1f} GiB usable (90% of gpuMemoryGiB)."
     ]
     fits = []
-    for change, candidate in _alternatives(spec):
-        choice = search(candidate, budget)
+    for change, candidate in _alternatives(spec, shape):
+        choice = search(candidate, budget, shape)
         if choice is not None:
             fits.append(
                 f"{change} (ZeRO-{choice.zero_stage}{' + CPU offload' if choice.offload else ''}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kubetune.api.spec import FineTuneJobSpec, Method, ZeroOffload
 from kubetune.planner.memory import estimate_host_memory_gib, estimate_memory_gib
-from kubetune.planner.shapes import ModelShape, model_shape
+from kubetune.planner.shapes import ModelShape
 
 AUTO_GLOBAL_BATCH = 16
 
@@ -86,9 +86,8 @@ def stage_options(spec: FineTuneJobSpec) -> list[tuple[int, bool]]:
     return options
 
 
-def search(spec: FineTuneJobSpec, budget_gib: float) -> Choice | None:
+def search(spec: FineTuneJobSpec, budget_gib: float, shape: ModelShape) -> Choice | None:
     """The first option that fits, with the largest micro-batch that fits it."""
-    shape = model_shape(spec)
     largest = max(1, global_batch(spec) // world_size_of(spec))
     for stage, offload in stage_options(spec):
         for micro in powers_of_two_down(largest):
