@@ -184,6 +184,10 @@ class TrainingReport(Report):
     deepspeed: bool = False
     resumed_from_step: int | None = None
     runtime_seconds: float = 0.0
+    plan_mismatch: str | None = None
+    """What differs between the model the plan was made for (`status.plan`: parameters,
+    hiddenSize, layers) and the model's config.json, field by field, as the trainer found at
+    start (`kubetune.api.modelconfig.plan_mismatch`); None when they agree."""
     test_split: str | None = None
     """The held-out test file shipped beside a built-in dataset, if any."""
     gate: GateVerdict | None = None

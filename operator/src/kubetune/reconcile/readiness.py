@@ -25,6 +25,8 @@ def training_condition(run: RunStatus) -> Cond:
                     "evalLoss": report.eval_loss}
         details = [f"{key} {value}" for key, value in measured.items() if value is not None]
         message = "training finished" + (f": {', '.join(details)}" if details else "")
+        if report.plan_mismatch:
+            message += f"; {report.plan_mismatch}"
         return Cond(T.TRAINED, "True", "Succeeded", message)
     if run.state is RunState.FAILED:
         return Cond(T.TRAINED, "False", run.reason, run.message)

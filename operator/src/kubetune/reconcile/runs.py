@@ -57,12 +57,15 @@ def _shorten(text: str) -> str:
 
 
 def failure_message(pod: Mapping[str, Any]) -> str:
-    """What a failed pod said: the report's `error`, else its termination message or reason."""
+    """What a failed pod said: the report's `error` (and a plan made for another model, which
+    may be why), else its termination message or reason."""
     terminated = _terminated(pod) or {}
     message = terminated.get("message") or ""
     report = TrainingReport.parse(message)
     if report is not None and report.error:
         message = report.error
+        if report.plan_mismatch:
+            message += f" ({report.plan_mismatch})"
     detail = f"exit code {terminated.get('exitCode', '?')}"
     return _shorten(f"{detail}: {message}" if message else detail)
 

@@ -1,6 +1,7 @@
 """`python -m kubetune_trainer train`: fine-tune with LoRA, QLoRA, DoRA or full fine-tuning.
 
-`run` is the command; `prepare`, `data`, `encoding` and `microbatches` turn records into packed
+`run` is the command; `plancheck` checks at start that the plan was made for the model's
+config.json; `prepare`, `data`, `encoding` and `microbatches` turn records into packed
 micro-batches, `model`, `attention`, `lean_lora` and `outputs` load and save the model,
 `stepper` does the optimizer step (PyTorch or DeepSpeed) with `chunked_loss` (the output
 head and loss a chunk of rows at a time), `loop` runs the steps,

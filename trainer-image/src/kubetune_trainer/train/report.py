@@ -35,6 +35,7 @@ TERMINATION_LIMIT = 4096
 SHORT_FIELDS = {
     "status", "error", "steps", "total_steps", "train_loss", "eval_loss", "base_eval_loss",
     "accuracy", "base_accuracy", "tokens_per_second", "truncated_records", "adapter", "merged",
+    "plan_mismatch",
 }
 
 

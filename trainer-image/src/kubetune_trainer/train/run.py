@@ -35,7 +35,7 @@ from kubetune.api.spec import Method
 from kubetune_trainer import allocator, runconfig, sources
 from kubetune_trainer.errors import ConfigError, Stopped
 from kubetune_trainer.heldout import Calibration, HeldOut, HeldOutRecord
-from kubetune_trainer.train import checkpoint, distributed, outputs
+from kubetune_trainer.train import checkpoint, distributed, outputs, plancheck
 from kubetune_trainer.train import deepspeed as dsconfig
 from kubetune_trainer.train import model as models
 from kubetune_trainer.train.encoding import encode_prompt
@@ -72,6 +72,7 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
     report.test_split = str(test_split) if test_split is not None else None
     fmt, train_examples, validation_examples = load_datasets(run)
     location = sources.resolve_model(spec.model.source, spec.model.revision)
+    report.plan_mismatch = plancheck.check(run, location)
     tokenizer = models.load_tokenizer(location, spec)
     data = prepare(run, tokenizer, fmt, train_examples, validation_examples, ranks.world)
     report.format, report.total_steps = fmt, data.schedule.total_steps
