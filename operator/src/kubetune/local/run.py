@@ -16,6 +16,7 @@ from typing import Any
 
 from kubetune.api import FineTuneJob, ManifestError, RunConfig, load_manifest
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, GateVerdict, TrainingReport
+from kubetune.local.modelconfig import read_model_config
 from kubetune.local.processes import (
     Child,
     Interrupted,
@@ -85,11 +86,12 @@ def run_main(args: argparse.Namespace) -> int:
 
 
 def build_run_config(job: FineTuneJob) -> RunConfig:
-    """Spec + plan + DeepSpeed config, exactly what the operator puts into the ConfigMap."""
+    """Spec + plan + DeepSpeed config, exactly what the operator puts into the ConfigMap;
+    the plan is made for the model's config.json where this machine can read it."""
     from kubetune.planner.deepspeed import deepspeed_config
     from kubetune.planner.plan import plan
 
-    resolved = plan(job.spec)
+    resolved = plan(job.spec, read_model_config(job.spec.model.source))
     return RunConfig(
         name=job.metadata.name,
         namespace=None,
@@ -179,8 +181,10 @@ def train(config: RunConfig, run_dir: Path) -> int:
         return fail(f"the trainer refused the configuration or dataset:\n  {error}",
                     CONFIG_ERROR_EXIT_CODE)
     if code != 0:
+        mismatch = read_report(run_dir).plan_mismatch
         return fail(f"training failed (exit code {code}); last log lines:\n{child.log_tail()}"
-                    f"\nFull log: {child.log_path}. Re-run to resume.", code)
+                    f"\nFull log: {child.log_path}. Re-run to resume."
+                    + (f"\nNote: {mismatch}" if mismatch else ""), code)
     return 0
 
 
@@ -208,4 +212,6 @@ def print_training_report(report: TrainingReport, run_dir: Path) -> None:
             lines.append(f"  {label:26} {value:.4f}")
     if (run_dir / "loss.png").is_file():
         lines.append(f"  loss curve                 {run_dir / 'loss.png'}")
+    if report.plan_mismatch:
+        lines.append(f"  note: {report.plan_mismatch}")
     print("\n".join(lines), file=sys.stderr)
