@@ -52,6 +52,7 @@ class Family:
     end_of_turn: tuple[str, ...] = ()  # generation_config's eos ids, by token
     added_tokens: tuple[str, ...] = ()  # special tokens the stand-in tokenizer lacks
     tokenizer_note: str = ""
+    drops_system: bool = False  # its template leaves a system message out of the rendered text
     traits: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -128,6 +129,7 @@ def _gemma3(vocab: int) -> Any:
 GEMMA_NOTE = ("llama.cpp's Gemma vocab (gemma-4) does not load in transformers; Llama 2's "
               "SentencePiece tokenizer (byte fallback, as Gemma's) stands in, with Gemma's turn "
               "tokens added")
+GEMMA_TURNS = ("<start_of_turn>", "<end_of_turn>")
 PHI4_NOTE = ("Phi-4-mini's 200k tiktoken-style vocabulary is not in llama.cpp's vocab files; "
              "Phi-3's tokenizer, which has the same <|user|>/<|assistant|>/<|end|> markup, "
              "stands in")
@@ -136,12 +138,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama3", "llama-bpe", _llama, "llama3", eos_token="<|eot_id|>",
            end_of_turn=("<|end_of_text|>", "<|eot_id|>"), traits=("tiktoken-style BPE",)),
     Family("llama2", "llama-spm", _llama, "llama2", traits=("SentencePiece",)),
+    # v0.3's template writes the system message into the last user turn only, so a record
+    # that ends with the answer trains without it.
     Family("mistral", "llama-spm", _mistral, "mistral", traits=("sliding window",),
+           drops_system=True,
            tokenizer_note="Mistral 7B v0.1's vocab is Llama 2's SentencePiece (32000)"),
     Family("phi3", "phi-3", _phi3, end_of_turn=("<|endoftext|>", "<|assistant|>", "<|end|>"),
+           drops_system=True,
            traits=("packed qkv_proj", "packed gate_up_proj", "no system turn")),
     Family("phi3-128k", "phi-3", _phi3_128k,
-           end_of_turn=("<|endoftext|>", "<|assistant|>", "<|end|>"), traits=("LongRoPE",)),
+           end_of_turn=("<|endoftext|>", "<|assistant|>", "<|end|>"), drops_system=True,
+           traits=("LongRoPE",)),
     Family("phi4-mini", "phi-3", _phi4_mini, "phi4", eos_token="<|endoftext|>",
            end_of_turn=("<|endoftext|>", "<|end|>"), tokenizer_note=PHI4_NOTE,
            traits=("partial rotary", "tied embeddings")),
@@ -151,10 +158,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            end_of_turn=("<|im_end|>", "<|endoftext|>"), traits=("q/k norm", "thinking template"),
            tokenizer_note="llama.cpp's qwen35 vocab: Qwen's 151,936-token BPE"),
     Family("gemma2", "llama-spm", _gemma2, "gemma", eos_token="<end_of_turn>",
-           end_of_turn=("</s>", "<end_of_turn>"), added_tokens=("<start_of_turn>", "<end_of_turn>"),
-           tokenizer_note=GEMMA_NOTE, traits=("soft-capping", "sliding window", "scaled embeddings")),
+           end_of_turn=("</s>", "<end_of_turn>"), added_tokens=GEMMA_TURNS,
+           tokenizer_note=GEMMA_NOTE,
+           traits=("soft-capping", "sliding window", "scaled embeddings")),
     Family("gemma3", "llama-spm", _gemma3, "gemma", eos_token="<end_of_turn>",
-           end_of_turn=("</s>", "<end_of_turn>"), added_tokens=("<start_of_turn>", "<end_of_turn>"),
+           end_of_turn=("</s>", "<end_of_turn>"), added_tokens=GEMMA_TURNS,
            tokenizer_note=GEMMA_NOTE, traits=("q/k norm", "sliding window", "scaled embeddings")),
 )}
 

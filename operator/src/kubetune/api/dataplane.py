@@ -174,6 +174,9 @@ class TrainingReport(Report):
     train_records: int = 0
     truncated_records: int = 0
     dropped_records: int = 0
+    system_dropped_records: int = 0
+    """Records whose system message the model's chat template leaves out (Phi-3's template
+    has no system turn): the model trains, and is served, without it."""
     adapter: str | None = None
     """`adapter` when an adapter was saved (relative to the output directory)."""
     merged: str | None = None

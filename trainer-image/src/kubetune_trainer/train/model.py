@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from kubetune.api.dataplane import MODEL_TOKEN_ENV
 from kubetune.api.spec import FineTuneJobSpec, Method
+from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.sources import ModelLocation
 from kubetune_trainer.train import attention, lean_lora
 
@@ -65,6 +66,40 @@ def load_base(
     return model
 
 
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The names LoRA can target in this model: each linear layer's own name (`qkv_proj`,
+    `gate_proj`, ...), read from its modules, without the output head (as `all-linear`)."""
+    output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if _is_linear(module) and module is not output
+    }
+    return sorted(names)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    # bitsandbytes' Linear4bit subclasses nn.Linear; PEFT's wrappers are not leaves.
+    return isinstance(module, torch.nn.Linear)
+
+
+def check_target_modules(model: torch.nn.Module, spec: FineTuneJobSpec) -> None:
+    """Refuse `lora.targetModules` names the model lacks before anything trains, naming the
+    ones it has (PEFT's own error names neither the field nor the choices)."""
+    if spec.method is Method.FULL:
+        return
+    wanted = spec.lora_or_default.target_modules
+    if wanted == ["all-linear"]:
+        return
+    available = linear_module_names(model)
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise ConfigError(
+            f"spec.lora.targetModules: {', '.join(missing)} not in this model; its linear "
+            f"layers are {', '.join(available)} (or use all-linear)"
+        )
+
+
 def lora_config(spec: FineTuneJobSpec) -> Any:
     from peft import LoraConfig
 
@@ -91,6 +126,8 @@ def prepare(model: PreTrainedModel, spec: FineTuneJobSpec) -> torch.nn.Module:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, spec)
 
     if spec.method is Method.QLORA:
         model = prepare_model_for_kbit_training(

@@ -57,7 +57,8 @@ def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
 
 def save_merged(location: ModelLocation, spec: FineTuneJobSpec, tokenizer: Any,
                 trained: Any, adapter: Path | None, target: Path) -> None:
-    """Save the full model with SDPA attention in its config.
+    """Save the full model with SDPA attention in its config, or eager attention where the
+    architecture has no SDPA path (Gemma 2 soft-caps its attention scores).
 
     LoRA and DoRA merge in place into the trained model (no second copy in memory); QLoRA
     reloads the base in full precision and merges the saved `adapter` into it."""
@@ -68,13 +69,12 @@ def save_merged(location: ModelLocation, spec: FineTuneJobSpec, tokenizer: Any,
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(
-            location.name_or_path, dtype=torch.float32, attn_implementation="sdpa",
-            **models.hub_kwargs(location, spec),
+            location.name_or_path, dtype=torch.float32, **models.hub_kwargs(location, spec),
         )
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     else:
         merged = trained.merge_and_unload()
     merged.config.use_cache = True
-    merged.config._attn_implementation = "sdpa"
+    merged.config._attn_implementation = "sdpa" if merged._supports_sdpa else "eager"
     merged.save_pretrained(target)
     tokenizer.save_pretrained(target)

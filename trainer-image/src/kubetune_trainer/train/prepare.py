@@ -7,9 +7,9 @@ from typing import Any
 
 from kubetune.api import RunConfig
 from kubetune_trainer import sources
-from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.errors import ConfigError, DatasetError
 from kubetune_trainer.train.data import Example, load_examples, split_validation
-from kubetune_trainer.train.encoding import Encoded, encode
+from kubetune_trainer.train.encoding import Encoded, UnlabelledTurn, encode
 from kubetune_trainer.train.microbatches import Schedule, schedule
 
 
@@ -21,6 +21,7 @@ class PreparedData:
     validation_examples: list[Example]
     truncated: int
     dropped: int
+    system_dropped: int
     schedule: Schedule
 
 
@@ -42,11 +43,30 @@ def load_datasets(run: RunConfig) -> tuple[str, list[Example], list[Example]]:
     return fmt, train, validation
 
 
+def encode_all(tokenizer: Any, examples: list[Example], limit: int, source: str,
+               ) -> list[Encoded]:
+    """Encode every example; a turn the chat template rewrites fails with its line."""
+    encoded = []
+    for example in examples:
+        try:
+            encoded.append(encode(tokenizer, example, limit))
+        except UnlabelledTurn as error:
+            raise DatasetError(source, example.line, str(error)) from None
+    return encoded
+
+
+def validation_source(run: RunConfig) -> str:
+    validation = run.spec.dataset.validation
+    if validation is not None and validation.source:
+        return validation.source
+    return run.spec.dataset.source
+
+
 def prepare(run: RunConfig, tokenizer: Any, fmt: str, train: list[Example],
             validation: list[Example], world: int) -> PreparedData:
     """Tokenise; drop records with nothing to learn after truncation; plan the steps."""
     limit = run.spec.training.max_seq_length
-    encoded = [encode(tokenizer, e, limit) for e in train]
+    encoded = encode_all(tokenizer, train, limit, run.spec.dataset.source)
     kept = [r for r in encoded if r.targets > 0]
     if len(kept) < world:
         raise ConfigError(
@@ -61,9 +81,10 @@ def prepare(run: RunConfig, tokenizer: Any, fmt: str, train: list[Example],
     return PreparedData(
         format=fmt,
         train=kept,
-        validation=[encode(tokenizer, e, limit) for e in validation],
+        validation=encode_all(tokenizer, validation, limit, validation_source(run)),
         validation_examples=validation,
         truncated=sum(r.truncated for r in encoded),
         dropped=len(encoded) - len(kept),
+        system_dropped=sum(r.system_dropped for r in encoded),
         schedule=steps,
     )

@@ -78,6 +78,11 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
     report.format, report.total_steps = fmt, data.schedule.total_steps
     report.train_records, report.world_size = len(data.train), ranks.world
     report.truncated_records, report.dropped_records = data.truncated, data.dropped
+    report.system_dropped_records = data.system_dropped
+    if data.system_dropped and ranks.is_main:
+        log.warning("the model's chat template leaves out the system message of %d of %d "
+                    "records: the model trains and is served without it",
+                    data.system_dropped, len(train_examples))
 
     device = distributed.device_for(ranks)
     use_ds = dsconfig.uses_deepspeed(run, ranks.world)
