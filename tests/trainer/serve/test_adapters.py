@@ -309,12 +309,13 @@ def test_a_graph_without_the_builders_matmul_for_a_changed_projection_is_refused
     model_dir = exported_model("FP32")
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    renamed = "/model/layers.0/attn/qkv_proj/MatMul/output_0"
-    for node in model.graph.node:  # another exporter's name for the same tensor
+    renamed = "/model/layers.0/attn/qkv_proj/MatMul"
+    for node in model.graph.node:  # another exporter's names for the same node and tensor
+        node.name = node.name.replace(renamed, "qkv")
         node.output[:] = [o.replace(renamed, "qkv") for o in node.output]
         node.input[:] = [i.replace(renamed, "qkv") for i in node.input]
     adapter = read_adapter("q", write_adapter(tmp_path / "q", {}, q_proj()), 576)
-    # Without the packed MatMul the builder's unpacked q_proj is looked for: not there either.
-    unpacked = "/model/layers.0/attn/q_proj/MatMul/output_0"
-    with pytest.raises(AdapterError, match=f"no MatMul writing {unpacked} for layer 0's q_proj"):
+    # Neither the packed MatMul nor the builder's unpacked q_proj computes layer 0's q_proj.
+    with pytest.raises(AdapterError, match="adapter 'q': the exported graph has no MatMul "
+                       "computing layer 0's q_proj"):
         add_branches(model, [adapter], config)

@@ -20,8 +20,26 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""Linear layers that hold several projections, their outputs side by side in this order (Phi-3's
+`qkv_proj` and `gate_up_proj`; the GenAI builder's own packed MatMuls use the same names)."""
+
+PROJECTIONS = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+    "down_proj",
+)  # fmt: skip
 """The decoder's linear layers an adapter may change (the names PEFT and transformers use)."""
+
+READ_HIDDEN = frozenset(PROJECTIONS) - {"o_proj", "down_proj"}
+"""The layers whose input is the hidden state (`hidden_size` wide). `o_proj` reads the attention
+heads (heads x head size: not the hidden size in Qwen3 or Gemma) and `down_proj` the MLP's
+intermediate features; their widths are checked against the exported graph (`engines.batch.
+lora`)."""
+
+
+def parts(projection: str) -> tuple[str, ...]:
+    """The projections a linear layer computes, in its output's order."""
+    return PACKED.get(projection, (projection,))
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
@@ -158,14 +176,14 @@ def read_adapter(name: str, path: Path, hidden_size: int | None = None) -> LoraA
         pairs.setdefault((layer, projection), {})[part] = tensor.astype(np.float32)
         modules[(layer, projection)] = key.split(".lora_")[0]
     layers: dict[tuple[int, str], LowRank] = {}
-    for (layer, projection), parts in sorted(pairs.items()):
+    for (layer, projection), found in sorted(pairs.items()):
         where = f"layers.{layer}.{projection}"
-        if set(parts) != {"A", "B"}:
-            raise _refuse(name, f"{where} has lora_{''.join(parts)} but not both A and B")
-        a, b = parts["A"], parts["B"]
+        if set(found) != {"A", "B"}:
+            raise _refuse(name, f"{where} has lora_{''.join(found)} but not both A and B")
+        a, b = found["A"], found["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise _refuse(name, f"{where}: lora_A {a.shape} and lora_B {b.shape} do not pair")
-        if hidden_size is not None and projection != "down_proj" and a.shape[1] != hidden_size:
+        if hidden_size is not None and projection in READ_HIDDEN and a.shape[1] != hidden_size:
             raise _refuse(
                 name,
                 f"{where}: lora_A takes {a.shape[1]} features but the base model's hidden "
@@ -176,5 +194,13 @@ def read_adapter(name: str, path: Path, hidden_size: int | None = None) -> LoraA
         )
     if not layers:
         raise _refuse(name, f"{weights_file} holds no LoRA weights")
+    covered: dict[tuple[int, str], str] = {}  # (layer, projection) -> the module changing it
+    for layer, module in layers:
+        for projection in parts(module):
+            other = covered.setdefault((layer, projection), module)
+            if other != module:
+                raise _refuse(
+                    name, f"layers.{layer}: {other} and {module} both change its {projection}"
+                )
     rank = max(u.a.shape[0] for u in layers.values())
     return LoraAdapter(name, path, rank, layers)

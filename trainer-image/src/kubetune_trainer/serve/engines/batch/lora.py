@@ -9,10 +9,18 @@ A is every adapter's lora_A side by side (in features x R, R the sum of the adap
 and B their lora_B stacked (R x out features, PEFT's scaling folded in). `mask` is a graph
 input, (rows, 1, R): for a row serving adapter i it is 1 on adapter i's R columns and 0
 elsewhere, so the row gets exactly its own adapter's update and a base row gets none (its
-logits are the base graph's, bit for bit). The builder packs q, k and v into one `qkv_proj`
-MatMul, whose output is q, k and v side by side; its branch has a block of R columns per
-projection (the mask repeated three times), and each block's B writes only its projection's
-output columns.
+logits are the base graph's, bit for bit).
+
+The layout comes from the graph, not from the model's family: each of the builder's MatMuls
+(`/model/layers.N/attn|mlp/NAME/MatMul`) computes the projections its NAME says
+(`adapters.parts`: `qkv_proj` is q, k and v side by side, `gate_up_proj` gate then up), as wide
+as its weight says. An adapter's layer may be packed the same way or not, independently of the
+graph: a LoRA on Phi-3's packed `qkv_proj` has B rows for q, k and v, and feeds the builder's
+packed MatMul as one branch block, or each of separate q/k/v MatMuls with its B's rows for that
+projection; LoRAs on separate q, k and v feeding the builder's packed MatMul take one block of
+R columns each (the mask repeated once per block), each block's B writing only its projection's
+output columns. A projection that no MatMul computes, or widths that disagree with the graph's,
+are refused by name.
 
 This is what S-LoRA and Punica do on GPUs: requests for different adapters share a decode
 step, so the weights of the base are read once per step for all of them. ONNX Runtime's own
@@ -28,96 +36,147 @@ bench/RESULTS.md), so a server should load the adapters it serves, not a library
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter
+from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter, LowRank, parts
 
 MASK = "lora_mask"
 """The graph input that selects each row's adapter: (rows, 1, total rank)."""
 
-_PACKED = ("q_proj", "k_proj", "v_proj")
+_MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(\w+)/MatMul[^/]*$")
+"""The builder's node names for a decoder layer's linear layers (`MatMul`, `MatMul_Q4`, ...)."""
 
 
 @dataclass(frozen=True)
 class Target:
-    """A base MatMul an adapter may change: its output tensor and the projections it holds,
-    each as (projection, first output column, output columns)."""
+    """A base MatMul an adapter may change: its node, input width, and the projections it
+    computes, each as (projection, first output column, output columns)."""
 
-    output: str
+    node: Any  # the onnx NodeProto (MatMul or MatMulNBits)
+    features: int
     parts: tuple[tuple[str, int, int], ...]
+
+    @property
+    def output(self) -> str:
+        return str(self.node.output[0])
+
+
+def _shape(node: Any, weights: dict[str, Any]) -> tuple[int, int] | None:
+    """A MatMul's (in, out) features: MatMulNBits' K and N, a MatMul's weight's dims."""
+    if node.op_type == "MatMulNBits":
+        attributes = {a.name: a.i for a in node.attribute}
+        return int(attributes["K"]), int(attributes["N"])
+    weight = weights.get(node.input[1])
+    if node.op_type == "MatMul" and weight is not None and len(weight.dims) == 2:
+        return int(weight.dims[0]), int(weight.dims[1])
+    return None
 
 
 def targets(graph: Any, layers: int, config: dict[str, Any]) -> dict[int, list[Target]]:
-    """Per layer, the builder's MatMuls for the projections PEFT names (by output tensor)."""
-    outputs = {o for node in graph.node for o in node.output}
-    heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
-    size, hidden = int(config["head_size"]), int(config["hidden_size"])
-    q, kv = heads * size, kv_heads * size
-    found: dict[int, list[Target]] = {}
-    for layer in range(layers):
-        prefix = f"/model/layers.{layer}"
-        packed = f"{prefix}/attn/qkv_proj/MatMul/output_0"
-        attention = (
-            [Target(packed, (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)))]
-            if packed in outputs
-            else [
-                Target(f"{prefix}/attn/{p}/MatMul/output_0", ((p, 0, width),))
-                for p, width in zip(_PACKED, (q, kv, kv), strict=True)
-            ]
+    """Per layer, the builder's MatMuls and the projections each computes (from the graph)."""
+    weights = {w.name: w for w in graph.initializer}
+    kv = int(config["num_key_value_heads"]) * int(config["head_size"])
+    found: dict[int, list[Target]] = {layer: [] for layer in range(layers)}
+    for node in graph.node:
+        match = _MATMUL.match(node.name)
+        if match is None or int(match[1]) not in found:
+            continue
+        shape = _shape(node, weights)
+        if shape is None:
+            continue
+        features, width = shape
+        names = parts(match[2])
+        widths: tuple[int, ...]
+        if names == ("q_proj", "k_proj", "v_proj"):
+            widths = (width - 2 * kv, kv, kv)
+        else:
+            widths = tuple(width // len(names) for _ in names)
+        starts = np.cumsum((0, *widths[:-1]))
+        found[int(match[1])].append(
+            Target(node, features, tuple(zip(names, map(int, starts), widths, strict=True)))
         )
-        mlp = [
-            Target(f"{prefix}/mlp/{p}/MatMul/output_0", ((p, 0, -1),))
-            for p in ("gate_proj", "up_proj", "down_proj")
-        ]
-        found[layer] = [
-            *attention,
-            Target(f"{prefix}/attn/o_proj/MatMul/output_0", (("o_proj", 0, hidden),)),
-            *mlp,
-        ]
     return found
+
+
+def _covering(adapter: LoraAdapter, layer: int, projection: str) -> str | None:
+    """The adapter's linear layer (in `layer`) that computes `projection`, if it has one."""
+    return next(
+        (m for (at, m) in adapter.layers if at == layer and projection in parts(m)), None
+    )
+
+
+def _check_covered(adapters: Sequence[LoraAdapter], found: dict[int, list[Target]]) -> None:
+    """Every projection an adapter changes must be computed by one of the graph's MatMuls."""
+    for adapter in adapters:
+        for layer, module in adapter.layers:
+            computed = {p for t in found.get(layer, []) for p, _, _ in t.parts}
+            for projection in parts(module):
+                if projection not in computed:
+                    raise AdapterError(
+                        f"adapter {adapter.name!r}: the exported graph has no MatMul computing "
+                        f"layer {layer}'s {projection} (the builder's /model/layers.{layer}/"
+                        f"attn|mlp/<projection>/MatMul): not the builder's layout this server "
+                        "knows"
+                    )
 
 
 def _branch_weights(
     target: Target,
     layer: int,
+    widths: dict[str, int],
     adapters: Sequence[LoraAdapter],
     offsets: list[int],
     total: int,
     dtype: type[np.generic],
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The branch's (A, B) for one base MatMul, or None when no adapter changes it."""
-    updates = [
-        (part, index, adapter.layers[(layer, part[0])])
-        for part in target.parts
-        for index, adapter in enumerate(adapters)
-        if (layer, part[0]) in adapter.layers
-    ]
-    if not updates:
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The branch's (A, B, blocks) for one base MatMul, or None when no adapter changes it.
+
+    The branch has one block of `total` columns per adapter linear layer that feeds it at once
+    (a packed LoRA on a packed MatMul: one; separate q, k, v LoRAs on a packed MatMul: three);
+    `widths` are the graph's widths of this layer's projections (for a packed LoRA's B rows).
+    """
+    columns = sum(width for _, _, width in target.parts)
+    blocks = len(target.parts)
+    a = np.zeros((target.features, total * blocks), np.float32)
+    b = np.zeros((total * blocks, columns), np.float32)
+    used: set[int] = set()
+    for index, adapter in enumerate(adapters):
+        for projection, start, width in target.parts:
+            module = _covering(adapter, layer, projection)
+            if module is None:
+                continue
+            update: LowRank = adapter.layers[(layer, module)]
+            packed = parts(module)
+            # The module's block sits at its first projection in this MatMul.
+            block = next(i for i, (p, _, _) in enumerate(target.parts) if p in packed)
+            name = f"adapter {adapter.name!r}: layers.{layer}.{module}"
+            expected = sum(widths[p] for p in packed)
+            if update.b.shape[0] != expected:
+                raise AdapterError(
+                    f"{name} writes {update.b.shape[0]} features, the base model's {expected}"
+                )
+            if update.a.shape[1] != target.features:
+                raise AdapterError(
+                    f"{name} takes {update.a.shape[1]} features, the base model's "
+                    f"{target.features}"
+                )
+            rank = update.a.shape[0]
+            first = block * total + offsets[index]
+            row = sum(widths[p] for p in packed[: packed.index(projection)])
+            a[:, first : first + rank] = update.a.T
+            b[first : first + rank, start : start + width] = (
+                update.scale * update.b[row : row + width].T
+            )
+            used.add(block)
+    if not used:
         return None
-    features = updates[0][2].a.shape[1]
-    width = (
-        sum(columns for _, _, columns in target.parts)
-        if all(columns > 0 for _, _, columns in target.parts)
-        else updates[0][2].b.shape[0]  # an MLP projection: one part, as wide as its B
-    )
-    a = np.zeros((features, total * len(target.parts)), np.float32)
-    b = np.zeros((total * len(target.parts), width), np.float32)
-    for (projection, start, columns), index, update in updates:
-        block = [p[0] for p in target.parts].index(projection) * total + offsets[index]
-        rank = update.a.shape[0]
-        out = update.b.shape[0]
-        name = f"adapter {adapters[index].name!r}: layers.{layer}.{projection}"
-        if update.a.shape[1] != features:
-            raise AdapterError(f"{name} takes {update.a.shape[1]} features, not {features}")
-        if columns > 0 and out != columns:
-            raise AdapterError(f"{name} writes {out} features, the base model's {columns}")
-        a[:, block : block + rank] = update.a.T
-        b[block : block + rank, start : start + out] = update.scale * update.b.T
-    return a.astype(dtype), b.astype(dtype)
+    keep = np.concatenate([np.arange(k * total, (k + 1) * total) for k in sorted(used)])
+    return a[:, keep].astype(dtype), b[keep].astype(dtype), len(used)
 
 
 def add_branches(
@@ -145,33 +204,34 @@ def add_branches(
             MASK, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["batch_size", 1, total]
         )
     )
-    repeated = f"{MASK}/x3"
-    inputs = {o: n.input[0] for n in graph.node if n.input for o in n.output}  # activations
+    found = targets(graph, layers, config)
+    _check_covered(adapters, found)
     new_nodes: dict[str, list[Any]] = {}  # base MatMul output -> the nodes that follow it
-    for layer, layer_targets in targets(graph, layers, config).items():
+    masks: dict[int, str] = {1: MASK}  # blocks -> the mask repeated that many times
+    for layer, layer_targets in found.items():
+        widths = {p: width for t in layer_targets for p, _, width in t.parts}
         for target in layer_targets:
-            weights = _branch_weights(target, layer, adapters, offsets, total, dtype)
+            weights = _branch_weights(target, layer, widths, adapters, offsets, total, dtype)
             if weights is None:
                 continue
-            if target.output not in inputs:
-                raise AdapterError(
-                    f"the exported graph has no MatMul writing {target.output} for layer "
-                    f"{layer}'s {', '.join(p for p, _, _ in target.parts)}: not the builder's "
-                    "layout this server knows"
-                )
             name = target.output.removesuffix("/output_0") + "/lora"
-            a, b = weights
+            a, b, blocks = weights
             graph.initializer.extend(
                 [numpy_helper.from_array(a, f"{name}.A"), numpy_helper.from_array(b, f"{name}.B")]
             )
-            mask = MASK if len(target.parts) == 1 else repeated
+            mask = masks.setdefault(blocks, f"{MASK}/x{blocks}")
             new_nodes[target.output] = [
-                helper.make_node("MatMul", [inputs[target.output], f"{name}.A"], [f"{name}/xA"]),
+                helper.make_node("MatMul", [target.node.input[0], f"{name}.A"], [f"{name}/xA"]),
                 helper.make_node("Mul", [f"{name}/xA", mask], [f"{name}/masked"]),
                 helper.make_node("MatMul", [f"{name}/masked", f"{name}.B"], [f"{name}/delta"]),
                 helper.make_node("Add", [target.output, f"{name}/delta"], [f"{name}/output_0"]),
             ]
-    _splice(graph, new_nodes, repeated)
+    repeats = [
+        helper.make_node("Concat", [MASK] * blocks, [mask], axis=2)
+        for blocks, mask in masks.items()
+        if blocks > 1
+    ]
+    _splice(graph, new_nodes, repeats)
     rows = [np.zeros(total, dtype)]
     for index, adapter in enumerate(adapters):
         row = np.zeros(total, dtype)
@@ -180,16 +240,13 @@ def add_branches(
     return rows
 
 
-def _splice(graph: Any, new_nodes: dict[str, list[Any]], repeated: str) -> None:
+def _splice(graph: Any, new_nodes: dict[str, list[Any]], first: list[Any]) -> None:
     """Insert each branch after its base MatMul and point the MatMul's consumers at the sum
-    (the branch's own Add keeps reading the base MatMul's output)."""
-    from onnx import helper
-
+    (the branch's own Add keeps reading the base MatMul's output); `first` (the repeated
+    masks) goes before every other node."""
     nodes = list(graph.node)
     renamed = {out: branch[-1].output[0] for out, branch in new_nodes.items()}
-    ordered: list[Any] = []
-    if any(len(b) and b[1].input[1] == repeated for b in new_nodes.values()):
-        ordered.append(helper.make_node("Concat", [MASK] * 3, [repeated], axis=2))
+    ordered: list[Any] = list(first)
     for node in nodes:
         for i, name in enumerate(node.input):
             if name in renamed:
