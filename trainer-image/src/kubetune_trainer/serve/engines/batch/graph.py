@@ -27,15 +27,42 @@ POSITIONS = "logits_positions"
 element of row r the index (within the run's tokens) of the position whose logits it wants."""
 
 
+ELEMENTWISE = frozenset({"Mul", "Div", "Tanh", "Add", "Sub", "Cast"})
+"""Ops the builder may put between the output head and `logits` that work on each position's
+logits alone (Gemma 2's soft-capping: Div, Tanh, Mul by constants; a head's bias: Add), so
+gathering before them is gathering after them."""
+
+
+def output_head(graph: Any) -> Any:
+    """The output head: the MatMul (or quantized MatMulNBits) that `logits` is computed from,
+    through per-position element-wise ops only."""
+    producers = {output: node for node in graph.node for output in node.output}
+    constants = {w.name for w in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output
+    }
+    node = producers.get("logits")
+    seen = []
+    while node is not None and node.op_type not in ("MatMul", "MatMulNBits"):
+        seen.append(node.op_type)
+        activations = [i for i in node.input if i and i not in constants]
+        if node.op_type not in ELEMENTWISE or len(activations) != 1:
+            break
+        node = producers.get(activations[0])
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
+        raise ValueError(
+            f"logits come from {' <- '.join(seen) or 'nothing'}, not from the builder's output "
+            "head (a MatMul, then per-position element-wise ops only)"
+        )
+    return node
+
+
 def gather_positions(model: Any, hidden: int) -> None:
     """Make `model` (an onnx ModelProto, changed in place) compute logits at one position per
     row, chosen by the `POSITIONS` input."""
     from onnx import TensorProto, helper
 
     graph = model.graph
-    head = next(node for node in graph.node if "logits" in node.output)
-    if head.op_type not in ("MatMul", "MatMulNBits"):
-        raise ValueError(f"the output head is a {head.op_type}, not the builder's MatMul")
+    head = output_head(graph)
     graph.input.append(
         helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch_size", 1, hidden])
     )
