@@ -33,7 +33,7 @@ from kubetune.api.dataplane import cache_root
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 TEMPLATES = Path(__file__).parent / "templates"
 # Bumped when the conversion below changes what it writes.
-TOKENIZER_FORMAT = 1
+TOKENIZER_FORMAT = 2
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -115,7 +115,7 @@ def _gemma2(vocab: int) -> Any:
 
     return Gemma2Config(vocab_size=vocab, sliding_window=4096, query_pre_attn_scalar=16,
                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2, **TINY)
+                        **TINY)
 
 
 def _gemma3(vocab: int) -> Any:
@@ -123,12 +123,13 @@ def _gemma3(vocab: int) -> Any:
 
     return Gemma3TextConfig(vocab_size=vocab, sliding_window=512, query_pre_attn_scalar=16,
                             layer_types=["sliding_attention", "full_attention"],
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2, **TINY)
+                            **TINY)
 
 
-GEMMA_NOTE = ("llama.cpp's Gemma vocab (gemma-4) does not load in transformers; Llama 2's "
-              "SentencePiece tokenizer (byte fallback, as Gemma's) stands in, with Gemma's turn "
-              "tokens added")
+GEMMA_NOTE = ("llama.cpp's Gemma vocab is Gemma 4's (262,144 tokens, the SentencePiece-style BPE "
+              "with byte fallback of Gemma 2 and 3); transformers cannot read that file, so it "
+              "is rebuilt from the GGUF's tokens and merges (matching all of llama.cpp's test "
+              "vectors), with Gemma 2/3's turn tokens added")
 GEMMA_TURNS = ("<start_of_turn>", "<end_of_turn>")
 PHI4_NOTE = ("Phi-4-mini's 200k tiktoken-style vocabulary is not in llama.cpp's vocab files; "
              "Phi-3's tokenizer, which has the same <|user|>/<|assistant|>/<|end|> markup, "
@@ -157,11 +158,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3", "qwen35", _qwen3, "qwen3", eos_token="<|im_end|>",
            end_of_turn=("<|im_end|>", "<|endoftext|>"), traits=("q/k norm", "thinking template"),
            tokenizer_note="llama.cpp's qwen35 vocab: Qwen's 151,936-token BPE"),
-    Family("gemma2", "llama-spm", _gemma2, "gemma", eos_token="<end_of_turn>",
+    Family("gemma2", "gemma-4", _gemma2, "gemma", eos_token="<end_of_turn>",
            end_of_turn=("</s>", "<end_of_turn>"), added_tokens=GEMMA_TURNS,
            tokenizer_note=GEMMA_NOTE,
            traits=("soft-capping", "sliding window", "scaled embeddings")),
-    Family("gemma3", "llama-spm", _gemma3, "gemma", eos_token="<end_of_turn>",
+    Family("gemma3", "gemma-4", _gemma3, "gemma", eos_token="<end_of_turn>",
            end_of_turn=("</s>", "<end_of_turn>"), added_tokens=GEMMA_TURNS,
            tokenizer_note=GEMMA_NOTE, traits=("q/k norm", "sliding window", "scaled embeddings")),
 )}
@@ -208,6 +209,40 @@ def test_vectors(vocab: str) -> list[tuple[str, list[int]]]:
     return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, ids, strict=False)]
 
 
+SENTENCEPIECE_BPE = ("gemma-4",)
+"""Vocab files transformers cannot load (it reads Gemma 4's as a model config and fails) that
+are SentencePiece-style BPE: tokens and merges in the GGUF, spaces as `▁`, bytes as fallback."""
+
+
+def sentencepiece_bpe(path: Path) -> Any:
+    """A fast tokenizer from a GGUF's `tokenizer.ggml.*` fields, built as SentencePiece's BPE
+    models tokenize: no pre-tokenizer, spaces replaced by `▁`, unknown bytes as <0xNN>."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(path).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    kinds = fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(merge.split(" ", 1)) for merge in fields["tokenizer.ggml.merges"].contents()]
+
+    def token(key: str) -> str:
+        return str(tokens[fields[f"tokenizer.ggml.{key}_token_id"].contents()])
+
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   byte_fallback=True, fuse_unk=True, unk_token=token("unknown")))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    control, user_defined = 3, 4  # llama.cpp's token types
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, kinds, strict=True)
+                                if kind in (control, user_defined)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=token("bos"), eos_token=token("eos"),
+        unk_token=token("unknown"), pad_token=token("padding"))
+
+
 def tokenizer_dir(family: Family) -> Path:
     """The family's tokenizer as tokenizer.json + tokenizer_config.json (converted once)."""
     target = cache_root() / "vocab" / "tokenizers" / f"{family.name}-{TOKENIZER_FORMAT}"
@@ -216,8 +251,11 @@ def tokenizer_dir(family: Family) -> Path:
             return target
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(vocab_dir()), gguf_file=f"ggml-vocab-{family.vocab}.gguf")
+        gguf = f"ggml-vocab-{family.vocab}.gguf"
+        if family.vocab in SENTENCEPIECE_BPE:
+            tokenizer = sentencepiece_bpe(vocab_dir() / gguf)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir()), gguf_file=gguf)
         if family.added_tokens:
             tokenizer.add_special_tokens({"additional_special_tokens": list(family.added_tokens)})
         if family.eos_token:
@@ -238,6 +276,8 @@ def build_tiny_model(family: Family, directory: Path, seed: int = 0) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(family)))
     config = family.config(len(tokenizer))
+    config.bos_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     ends = [tokenizer.convert_tokens_to_ids(token) for token in family.end_of_turn]
