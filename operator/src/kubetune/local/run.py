@@ -214,4 +214,8 @@ def print_training_report(report: TrainingReport, run_dir: Path) -> None:
         lines.append(f"  loss curve                 {run_dir / 'loss.png'}")
     if report.plan_mismatch:
         lines.append(f"  note: {report.plan_mismatch}")
+    if report.system_dropped_records:
+        lines.append(f"  note: the model's chat template left out the system message of "
+                     f"{report.system_dropped_records} of {report.train_records} training "
+                     "records; it trained, and serves, without them")
     print("\n".join(lines), file=sys.stderr)
