@@ -91,10 +91,14 @@ def _phi3_128k(vocab: int) -> Any:
 
 
 def _phi4_mini(vocab: int) -> Any:
+    """Partial rotary (0.75) and tied embeddings. Heads 64 wide, as ONNX Runtime's attention
+    needs the rotary part to be a multiple of 16 (released Phi-4-mini: 96 of 128)."""
     from transformers import Phi3Config
 
-    tiny = {k: v for k, v in TINY.items() if k != "head_dim"}
+    tiny = {k: v for k, v in TINY.items()
+            if k not in ("head_dim", "hidden_size", "num_attention_heads", "num_key_value_heads")}
     return Phi3Config(vocab_size=vocab, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                      hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
                       pad_token_id=32000, bos_token_id=1, eos_token_id=32000, **tiny)
 
 
