@@ -35,7 +35,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 # Bumped when the conversion below changes what it writes.
 TOKENIZER_FORMAT = 2
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+TINY: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "max_position_embeddings": 4096}
 
