@@ -1,5 +1,6 @@
 """What the server needs from an engine: the `Engine` protocol, the `Event`s an engine reports,
-the `Heartbeat` its threads keep, and `encode_prompt`, the prompt checks both engines apply.
+the `Heartbeat` its threads keep, `encode_prompt`, the prompt checks both engines apply, and
+`stop_token_ids`, the tokens that end an answer in both.
 
 Both `genai.GenAIEngine` and `batch.scheduler.BatchEngine` implement `Engine` structurally; they
 share no base class, only the functions and types here and in `text`.
@@ -8,10 +9,12 @@ share no base class, only the functions and types here and in `text`.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from kubetune_trainer.serve.protocol import GenerationRequest, RequestError, TokenLogprob
@@ -126,3 +129,22 @@ def encode_prompt(
             code="context_length_exceeded",
         )
     return ids
+
+
+def stop_token_ids(model_dir: Path, tokenizer: ServingTokenizer) -> frozenset[int]:
+    """The tokens that end an answer: every id in genai_config.json's `eos_token_id`, and the
+    tokenizer's `eos_token`.
+
+    A chat model ends its turn with a token of its own that is often not the tokenizer's
+    `eos_token` alone: generation_config.json lists them all (Llama 3: <|end_of_text|> and
+    <|eot_id|>; Phi-3: <|endoftext|>, <|assistant|> and <|end|>; Qwen: <|im_end|> and
+    <|endoftext|>; Gemma: </s> and <end_of_turn>), and the builder writes that list, with the
+    tokenizer's `eos_token`, into genai_config.json. Stopping on one of them only would let the
+    model write the next turns itself.
+    """
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    listed = config.get("eos_token_id")
+    ids = set(listed if isinstance(listed, list) else [] if listed is None else [listed])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)

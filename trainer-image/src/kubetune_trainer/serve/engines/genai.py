@@ -19,7 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
+from kubetune_trainer.serve.engines.base import (
+    Event,
+    Heartbeat,
+    encode_prompt,
+    stop_token_ids,
+)
 from kubetune_trainer.serve.engines.logprobs import describe, log_softmax
 from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest, Limits, TokenLogprob
@@ -37,6 +42,7 @@ class GenAIEngine:
         self.limits = limits
         self.tokenizer = ServingTokenizer.load(model_dir)
         self.eos = self.tokenizer.eos_token_id
+        self.stops = stop_token_ids(model_dir, self.tokenizer)  # every end-of-turn token
         self.grammars = Grammars.of_model(model_dir, self.eos)
         self.running = 0
         self.positions: dict[int, int] = {}  # per worker thread: its sequence's length
@@ -133,7 +139,7 @@ class GenAIEngine:
             generated += 1
             with self.positions_lock:
                 self.positions[threading.get_ident()] = len(ids) + generated
-            if token == self.eos:
+            if token in self.stops:
                 finish = "stop"
                 break
             if raw is not None and wanted is not None:

@@ -32,7 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune_trainer.serve.engines.base import Event, Heartbeat, encode_prompt
+from kubetune_trainer.serve.engines.base import (
+    Event,
+    Heartbeat,
+    encode_prompt,
+    stop_token_ids,
+)
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW
 from kubetune_trainer.serve.engines.batch.sequences import (
@@ -85,6 +90,7 @@ class BatchEngine:
         self.adapter_index = {name: i for i, name in enumerate(adapters or {}, start=1)}
         self.tokenizer = ServingTokenizer.load(model_dir)
         self.eos = self.tokenizer.eos_token_id
+        self.stops = stop_token_ids(model_dir, self.tokenizer)  # every end-of-turn token
         self.grammars = Grammars.of_model(model_dir, self.eos)
         self.running = 0  # the batch size, set by the scheduler thread each step
         self.positions = 0  # KV cache positions the batch holds, set with `running`
@@ -195,7 +201,7 @@ class BatchEngine:
         greedy = logits.argmax(axis=1).tolist()  # one call for the whole batch
         for row, sequence in enumerate(batch):
             sequence.length += 1
-            accept(sequence, choose(sequence, logits[row], greedy[row]), self.eos, self.outbox)
+            accept(sequence, choose(sequence, logits[row], greedy[row]), self.stops, self.outbox)
 
     def _admit(self, batch: list[Sequence], block: bool) -> int:
         """Take waiting requests while there is room, prefill them and add them to the batch;
@@ -246,7 +252,7 @@ class BatchEngine:
                 self.cache.store(len(batch), present, index, sequence.length, sequence.adapter)
                 batch.append(sequence)
                 joined += 1
-                accept(sequence, choose(sequence, last[index]), self.eos, self.outbox)
+                accept(sequence, choose(sequence, last[index]), self.stops, self.outbox)
         except Exception as error:
             log.exception("prefill failed")
             for sequence in group[joined:]:

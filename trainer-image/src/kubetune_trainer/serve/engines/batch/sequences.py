@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,14 +115,16 @@ def _delta(sequence: Sequence, text: str) -> Event:
     return Event("delta", text=text, completion_tokens=sequence.generated, logprobs=entries)
 
 
-def accept(sequence: Sequence, token: int | None, eos: int | None, outbox: Outbox) -> None:
+def accept(
+    sequence: Sequence, token: int | None, stops: Collection[int], outbox: Outbox
+) -> None:
     """Record one generated token (None: `choose` failed); set `finish` when the sequence is
-    over."""
+    over (`stops`: the tokens that end an answer, `base.stop_token_ids`)."""
     if token is None:
         return
     sequence.generated += 1
     sequence.last = token
-    if token == eos:
+    if token in stops:
         sequence.finish = "stop"
         if sequence.pending:
             sequence.pending.pop()  # the end of sequence is not part of the answer
