@@ -85,6 +85,7 @@ EXPORTS = {
     "test_fp32_chat_in_the_familys_template_and_adapters": "FP32",
     "test_every_end_of_turn_token_ends_the_answer_in_both_engines": "FP32",
     "test_int4_by_both_engines_and_an_adapter_on_it": "INT4",
+    "test_long_rope_factors_follow_each_rows_own_length_in_the_batch": "FP32",
 }
 
 
@@ -385,3 +386,74 @@ def test_int4_by_both_engines_and_an_adapter_on_it(name: str) -> None:
         for (text, count, finish), want in zip(answers[: len(prompts)], expected, strict=True):
             assert (text, count) == (text_of(tokenizer, want, stops), len(want)), type(engine)
             assert finish == ("stop" if want[-1] in stops else "length")
+
+
+def logprob_reference(model: Path, prompt: list[int], tokens: int) -> list[tuple[int, float]]:
+    """Greedy tokens and their log-probabilities from the exported graph as it is, one
+    sequence, past and present as separate tensors (the attention mask as long as the
+    sequence: onnxruntime-genai's and transformers' choice of rotary factors)."""
+    import onnxruntime as ort
+
+    from kubetune_trainer.serve.engines.logprobs import log_softmax
+
+    config = json.loads((model / "genai_config.json").read_text())["model"]["decoder"]
+    session = ort.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [f"past_key_values.{layer}.{part}" for layer in range(config["num_hidden_layers"])
+             for part in ("key", "value")]
+    shape = (1, config["num_key_value_heads"], 0, config["head_size"])
+    kv = {name: np.zeros(shape, np.float32) for name in names}
+    ids, found = np.array([prompt]), []
+    for _ in range(tokens):
+        mask = np.ones((1, kv[names[0]].shape[2] + ids.shape[1]), np.int64)
+        logits, *present = session.run(
+            ["logits"] + [n.replace("past_key_values", "present") for n in names],
+            {"input_ids": ids, "attention_mask": mask, **kv})
+        kv = dict(zip(names, present, strict=True))
+        row = log_softmax(logits[0, -1])
+        found.append((int(row.argmax()), float(row.max())))
+        ids = np.array([[found[-1][0]]])
+    return found
+
+
+LONG_ROPE = [name for name in NAMES if "LongRoPE" in FAMILIES[name].traits]
+
+
+@pytest.mark.parametrize("name", LONG_ROPE)
+def test_long_rope_factors_follow_each_rows_own_length_in_the_batch(name: str) -> None:
+    """Two rotary caches (short factors up to the original context, long beyond): in one
+    batch, a short answer beside one whose cache runs past the switch (the batch's cache buffer
+    is then wider than the switch), an answer that crosses it while decoding, and a prompt
+    longer than it (prefilled in chunks, with the long factors throughout), each with the
+    log-probabilities of decoding it alone."""
+    from kubetune_trainer.serve.engines.batch.scheduler import BatchEngine
+
+    model = exported(name, "FP32")
+    switch = int(json.loads((tiny_model(name) / "config.json").read_text())
+                 ["original_max_position_embeddings"])
+    text = completion_ids(name)
+    prompts = [text, (text * switch)[: switch - 3], (text * switch)[: switch + 5]]
+    expected = [logprob_reference(model, ids, TOKENS) for ids in prompts]
+    engine = BatchEngine(model, Limits(max_concurrency=4, context_length=2 * switch))
+    try:
+
+        async def run() -> list[list[tuple[int, float]]]:
+            loop = asyncio.get_running_loop()
+            queues = [engine.start(dataclasses.replace(request("", TOKENS), logprobs=0), ids,
+                                   loop)[0] for ids in prompts]
+            found = []
+            for events in queues:
+                chosen = []
+                while (event := await events.get()).kind == "delta":
+                    chosen += [(entry.chosen.bytes, entry.chosen.logprob)
+                               for entry in event.logprobs]
+                assert event.kind == "done", event.text
+                found.append(chosen)
+            return found
+
+        answers = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    for ids, answer, want in zip(prompts, answers, expected, strict=True):
+        assert [list(engine.grammars.spell(t)) for t, _ in want] == [b for b, _ in answer]
+        np.testing.assert_allclose([p for _, p in answer], [p for _, p in want], atol=1e-4,
+                                   err_msg=f"a {len(ids)}-token prompt")

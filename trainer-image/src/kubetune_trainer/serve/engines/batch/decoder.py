@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
-from kubetune_trainer.serve.engines.batch.graph import POSITIONS, positions, serving_session
+from kubetune_trainer.serve.engines.batch.graph import (
+    POSITIONS,
+    ROPE_LONG,
+    positions,
+    serving_session,
+)
 from kubetune_trainer.serve.engines.batch.kv import KVCache
 from kubetune_trainer.serve.engines.batch.lora import MASK
 
@@ -28,7 +33,12 @@ class Decoder:
         self.hidden = int(config["hidden_size"])
         # Logits at one position per row (`graph`); with adapters, their branches and a mask
         # input (`lora`), and each adapter's mask row, base first.
-        self.session, self.adapter_masks = serving_session(layout, config, adapters)
+        # `rope_switch`: where a LongRoPE graph's rotary caches switch to the long factors
+        # (None: one cache); a prompt longer than that is prefilled alone
+        # (`scheduler.prefill_groups`), with the long factors throughout (`graph.rope_switch`).
+        self.session, self.adapter_masks, self.rope_switch = serving_session(
+            layout, config, adapters
+        )
         self.kv_shape = layout.kv_shape
         self.kv_dtype = kv_dtype(self.session)
         self.kv_names = layout.kv_names
@@ -47,6 +57,7 @@ class Decoder:
             self.hidden,
             context_length,
             self.adapter_masks,
+            self.rope_switch is not None,
         )
 
     def prefill(
@@ -80,6 +91,11 @@ class Decoder:
             if self.adapter_masks
             else {}
         )
+        if self.rope_switch is not None:
+            long = {len(prompt) > self.rope_switch for prompt in prompts}
+            if len(long) > 1:
+                raise ValueError("a prefill group mixes prompts on both sides of the RoPE switch")
+            selected[ROPE_LONG] = np.array(long.pop())
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
             # Each row's logits at its last prompt token if it is in this chunk (else unused).

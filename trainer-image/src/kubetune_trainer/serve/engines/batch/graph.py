@@ -9,6 +9,9 @@ last token's are sampled from. Gathering each row's last position before the hea
 prompt's head cost one position's (measured on the quickstart's INT4 export: a 200-token
 prefill 148 -> 124 ms, a 12-token one 12.4 -> 11.4 ms) and its logits one row's memory.
 The exporter's own checks run the builder's graph as it is (`genai_model.DecoderLayout`).
+
+A model with two rotary caches (LongRoPE: Phi-3 128k, Phi-3.5) gets its choice between them
+made per position instead of per run (`rope_switch`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from kubetune_trainer.serve.engines.batch.lora import add_branches
 POSITIONS = "logits_positions"
 """The graph input that picks each row's position for its logits: (rows, 1, hidden), every
 element of row r the index (within the run's tokens) of the position whose logits it wants."""
+
+
+ROPE_LONG = "rope_long_factors"
+"""With two rotary caches (`rope_switch`): the boolean graph input that gives every position of
+a run the long factors (a prompt longer than the original context)."""
 
 
 ELEMENTWISE = frozenset({"Mul", "Div", "Tanh", "Add", "Sub", "Cast"})
@@ -77,19 +85,107 @@ def gather_positions(model: Any, hidden: int) -> None:
     graph.node.extend(nodes)
 
 
+def _branch_constants(branch: Any) -> list[tuple[Any, np.ndarray]] | None:
+    """An If branch that only outputs constants: (its Constant node, the value) per output."""
+    from onnx import numpy_helper
+
+    producers = {o: n for n in branch.node for o in n.output}
+    found = []
+    for output in branch.output:
+        node = producers.get(output.name)
+        if node is None or node.op_type != "Constant" or node.attribute[0].name != "value":
+            return None
+        found.append((node, numpy_helper.to_array(node.attribute[0].t)))
+    return found
+
+
+def _scalar(graph: Any, name: str) -> int | None:
+    from onnx import numpy_helper
+
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return int(numpy_helper.to_array(tensor))
+    for node in graph.node:
+        if node.op_type == "Constant" and name in node.output:
+            return int(numpy_helper.to_array(node.attribute[0].t))
+    return None
+
+
+def rope_switch(model: Any) -> int | None:
+    """Make the rotary caches of a LongRoPE graph follow each sequence's own length; the
+    original context length it switches at, or None for a graph with one rotary cache.
+
+    The builder's graph picks one of two caches for a whole run: the long factors when the
+    attention mask is wider than the original context (its `If`), as onnxruntime-genai and
+    transformers decode one sequence: a token at position p < that length is rotated with the
+    short factors, one at p >= it with the long ones, and a prompt longer than it with the long
+    ones throughout. The batching engine's mask is as wide as its cache buffer for every row, so
+    the choice followed the buffer's size (other requests' max_tokens), one for all rows.
+    Rewritten: the If's condition is the `ROPE_LONG` input, and its short branch a cache whose
+    positions below the switch hold the short factors and the rest the long ones; decode steps
+    feed False (each position gets its sequence's own choice), a prompt longer than the switch
+    True (`Decoder.prefill`)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    caches = {i for n in graph.node if n.op_type == "GroupQueryAttention" for i in n.input[7:9]}
+    switch = next((n for n in graph.node if n.op_type == "If" and set(n.output) & caches), None)
+    if switch is None:
+        return None
+    producers = {o: n for n in graph.node for o in n.output}
+    condition = producers.get(switch.input[0])
+    branches = {a.name: a.g for a in switch.attribute}
+    threshold = (
+        _scalar(graph, condition.input[1])
+        if condition is not None and condition.op_type == "Greater"
+        else None
+    )
+    long = _branch_constants(branches["then_branch"])
+    short = _branch_constants(branches["else_branch"])
+    if (
+        threshold is None
+        or long is None
+        or short is None
+        or len(long) != len(short)
+        or any(
+            s.shape[0] < threshold or s.shape[1:] != lv.shape[1:] or lv.shape[0] < threshold
+            for (_, lv), (_, s) in zip(long, short, strict=True)
+        )
+    ):
+        raise ValueError(
+            f"the rotary caches come from an If ({switch.name}) this server does not know: "
+            "not the builder's two caches chosen by the attention mask's width"
+        )
+    for (_, long_cache), (node, short_cache) in zip(long, short, strict=True):
+        merged = np.concatenate([short_cache[:threshold], long_cache[threshold:]])
+        node.attribute[0].t.CopyFrom(numpy_helper.from_array(merged, node.attribute[0].t.name))
+    graph.input.append(helper.make_tensor_value_info(ROPE_LONG, TensorProto.BOOL, []))
+    switch.input[0] = ROPE_LONG
+    assert condition is not None
+    if not any(condition.output[0] in n.input for n in graph.node):
+        graph.node.remove(condition)
+        used = {i for n in graph.node for i in n.input}
+        for tensor in [t for t in graph.initializer if t.name in condition.input]:
+            if tensor.name not in used:
+                graph.initializer.remove(tensor)
+    return threshold
+
+
 def serving_session(
     layout: DecoderLayout, config: dict[str, Any], adapters: dict[str, Path] | None
-) -> tuple[Any, list[np.ndarray]]:
+) -> tuple[Any, list[np.ndarray], int | None]:
     """An ONNX Runtime session of the served graph (`config`: genai_config.json's decoder),
-    with branches for the LoRA adapters (by name: their PEFT directories), and each adapter's
-    mask row, the base's first (none without adapters). The base's external weights are read
-    from where they are."""
+    with branches for the LoRA adapters (by name: their PEFT directories), each adapter's mask
+    row, the base's first (none without adapters), and where the rotary caches switch to the
+    long factors (`rope_switch`; None: one cache). The base's external weights are read from
+    where they are."""
     import onnx
     import onnxruntime as ort
 
     hidden = int(config["hidden_size"])
     model = onnx.load(str(layout.model_file), load_external_data=False)
     gather_positions(model, hidden)
+    switch = rope_switch(model)
     masks: list[np.ndarray] = []
     if adapters:
         # Read here, so their weights are gone before the session allocates (see below).
@@ -105,7 +201,8 @@ def serving_session(
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(layout.model_file.parent)
     )
-    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"]), masks
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    return session, masks, switch
 
 
 def positions(rows: int, hidden: int, chosen: list[int]) -> np.ndarray:

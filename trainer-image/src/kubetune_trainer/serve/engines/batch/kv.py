@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kubetune_trainer.serve.engines.batch.graph import POSITIONS
+from kubetune_trainer.serve.engines.batch.graph import POSITIONS, ROPE_LONG
 from kubetune_trainer.serve.engines.batch.lora import MASK
 
 GROW = 256  # capacity grows in steps of this many positions (each growth copies the cache)
@@ -38,6 +38,7 @@ class KVCache:
         hidden: int,
         limit: int,
         adapter_masks: list[np.ndarray],
+        rope_switch: bool = False,
     ) -> None:
         self.session = session
         self.past_names = past_names
@@ -56,6 +57,9 @@ class KVCache:
         width = len(adapter_masks[0]) if adapter_masks else 0
         self.adapters = np.zeros((rows, 1, width), self.logits_dtype)
         self.logits = np.zeros((rows, 1, self.vocab), self.logits_dtype)
+        # A LongRoPE graph's `ROPE_LONG`: False in a decode step, where each position's rotary
+        # factors follow its own sequence's length (`graph.rope_switch`).
+        self.rope_long = np.zeros((), np.bool_) if rope_switch else None
         self.capacity = 0
         self.buffers: list[np.ndarray] = []
         self.mask = np.zeros((rows, 0), np.int64)
@@ -127,6 +131,8 @@ class KVCache:
                 (n, 1, self.adapters.shape[2]),
                 self.adapters.ctypes.data,
             )
+        if self.rope_long is not None:
+            binding.bind_input(ROPE_LONG, "cpu", 0, np.bool_, (), self.rope_long.ctypes.data)
         binding.bind_output(
             "logits", "cpu", 0, self.logits_dtype, (n, 1, self.vocab), self.logits.ctypes.data
         )

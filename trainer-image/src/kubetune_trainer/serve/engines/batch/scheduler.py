@@ -66,12 +66,20 @@ PREFILL_TOKENS = 1024
 FIRST_TOKEN_HANDOFF = 0.005
 
 
-def prefill_groups(joined: list[Sequence]) -> list[list[Sequence]]:
-    """Split newly admitted sequences into prefill batches of similar prompt length."""
+def prefill_groups(
+    joined: list[Sequence], alone_above: int | None = None
+) -> list[list[Sequence]]:
+    """Split newly admitted sequences into prefill batches of similar prompt length; a prompt
+    longer than `alone_above` (a LongRoPE model's switch, `Decoder.rope_switch`) alone."""
     groups: list[list[Sequence]] = []
     for sequence in sorted(joined, key=lambda s: len(s.prompt)):
+        alone = alone_above is not None and len(sequence.prompt) > alone_above
         # Sorted, so this prompt is the group's widest: the group would pad every row to it.
-        if groups and (len(groups[-1]) + 1) * len(sequence.prompt) <= PREFILL_TOKENS:
+        if (
+            groups
+            and not alone
+            and (len(groups[-1]) + 1) * len(sequence.prompt) <= PREFILL_TOKENS
+        ):
             groups[-1].append(sequence)
         else:
             groups.append([sequence])
@@ -229,7 +237,7 @@ class BatchEngine:
                 self.outbox.report(sequence, Event("error", text=f"grammar: {error}"))
                 continue
             joined.append(sequence)
-        for group in prefill_groups(joined):
+        for group in prefill_groups(joined, self.decoder.rope_switch):
             self._prefill(group, batch)
         return len(joined)
 
