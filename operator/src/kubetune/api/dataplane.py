@@ -265,6 +265,9 @@ class ExportReport(Report):
     """GPTQ: the training records it calibrated on."""
     output_error_vs_rtn: float | None = None
     """GPTQ: the layers' summed output error on the calibration tokens, relative to RTN's."""
+    builder_config_changes: list[str] | None = None
+    """What the exporter rewrote in a staging copy of config.json so the ONNX builder reads the
+    model right (per-layer-type RoPE, a sliding window on every layer); None: nothing."""
     device: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     sizes: dict[str, int] = Field(default_factory=dict)
@@ -281,7 +284,8 @@ class ExportReport(Report):
         """The export pod's termination message (at most 4096 bytes): what the operator puts
         in `status.evaluation`; the candidates' reasons are dropped, export.json keeps them."""
         short = self.model_copy(update={"tokenizer_parity": None, "genai_tokenizer": None,
-                                        "output_parity": None, "timings": {}, "sizes": {}})
+                                        "output_parity": None, "timings": {}, "sizes": {},
+                                        "builder_config_changes": None})
         if short.auto is not None:
             short.auto = short.auto.model_copy(update={"candidates": [
                 c.model_copy(update={"reason": ""}) for c in short.auto.candidates]})

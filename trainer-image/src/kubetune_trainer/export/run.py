@@ -40,6 +40,9 @@ from kubetune.api.dataplane import (
 )
 from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.export.builder_input import UnsupportedConfig
+from kubetune_trainer.export.builder_input import extra_options as builder_extra_options
+from kubetune_trainer.export.builder_input import prepare as prepare_builder_input
 from kubetune_trainer.heldout import Calibration, HeldOut
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -100,6 +103,7 @@ def builder_command(
     device: str,
     cache: Path,
     quantization: Quantization | None = None,
+    structural: tuple[str, ...] = (),
 ) -> list[str]:
     command = [
         sys.executable,
@@ -116,7 +120,7 @@ def builder_command(
         "-c",
         str(cache),
     ]
-    options = builder_options(precision, device, quantization)
+    options = [*builder_options(precision, device, quantization), *structural]
     if options:
         command += ["--extra_options", *options]
     return command
@@ -250,10 +254,16 @@ def build(model_dir: Path, staging: Path, precision: str, device: str, scratch: 
     tokenizer beside the model; the failure (the builder's log tail), or None."""
     if method is Quantization.GPTQ and (calibration is None or not calibration.sequences):
         return "GPTQ needs calibration tokens: the run directory has no calibration.json"
+    try:
+        builder_input, changes = prepare_builder_input(model_dir, scratch)
+    except UnsupportedConfig as unsupported:
+        return f"config.json: {unsupported}"
+    report.builder_config_changes = changes or None
     log = scratch / f"builder-{staging.name}.log"
     with log.open("w") as sink:
         built = subprocess.run(
-            builder_command(model_dir, staging, precision, device, scratch / "cache", method),
+            builder_command(builder_input, staging, precision, device, scratch / "cache", method,
+                            tuple(builder_extra_options(builder_input))),
             stdout=sink,
             stderr=subprocess.STDOUT,
             check=False,
