@@ -10,76 +10,206 @@ activations correlate them, so each layer's output on those activations moves as
 can. Calibration is the first training records
 (`kubetune_trainer.heldout.Calibration`), never the held-out ones `precision: Auto` scores on.
 
-Each node's FP32 weight is found by name in the merged transformers model and checked against
-the RTN export's own (dequantized RTN lies within one scale step of it), so a builder layout
-this does not know fails loudly instead of serving a scrambled model.
+Each node's FP32 weight is found by structure, not by a family's module names
+(`WeightFinder`): the builder names a node after its decoder layer (`/model/layers.3/...`), and
+the weight is the run of rows, among that layer's linear layers taken in the model's own order,
+that the node's RTN weight is a rounding of (dequantized RTN lies within one scale step of the
+FP32 weight). That finds Llama's q/k/v stacked into one qkv_proj node, Phi-3's packed qkv_proj
+whole and its gate_up_proj split into gate and up nodes, and a head tied to the embedding; and
+the check is the one that keeps a layout this does not know from serving a scrambled model:
+a node whose weight is nobody's rounding fails loudly. The calibration activations of a node
+are the input of the linear layer(s) it came from; rows stacked from several must read one input.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 BLOCK = 32
+LAYER_INDEX = re.compile(r"/layers\.(\d+)/")
+"""The builder's name for a node inside decoder layer N: `/model/layers.N/attn/.../MatMul`."""
+TIED_EMBEDDING = {"MatMulNBits", "Reshape", "GatherBlockQuantized"}
+"""What may read a node's weights besides itself: the embedding lookup of a head tied to the
+embedding, which the builder points at the head's 4-bit table. Re-rounding the head re-rounds
+that table too: GPTQ's values are a rounding of the same FP32 weights, chosen for the head's
+outputs (as every GPTQ export of the built-in SmolLM2, whose head is tied, has been)."""
+SCAN_ROWS = 4096
+"""Rows compared at a time when a node's weight starts inside a linear layer (a split pack)."""
 
 
-def torch_weights(model: Any) -> dict[str, np.ndarray]:
-    """Each MatMulNBits node name of the builder's Llama-family graph -> its FP32 weight
-    (out_features, in_features), from a loaded transformers model."""
-    weights: dict[str, np.ndarray] = {}
-
-    def array(linear: Any) -> np.ndarray:
-        return linear.weight.detach().float().numpy()
-
-    for index, layer in enumerate(model.model.layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        prefix = f"/model/layers.{index}"
-        weights[f"{prefix}/attn/qkv_proj/MatMul"] = np.concatenate(
-            [array(attention.q_proj), array(attention.k_proj), array(attention.v_proj)])
-        weights[f"{prefix}/attn/o_proj/MatMul"] = array(attention.o_proj)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            weights[f"{prefix}/mlp/{name}/MatMul"] = array(getattr(mlp, name))
-    weights["/lm_head/MatMul"] = array(model.lm_head)
-    return weights
+@dataclass(frozen=True)
+class Part:
+    module: str
+    """The linear layer's name in the model (`named_modules`)."""
+    rows: tuple[int, int]
+    """The rows of its weight [start, stop)."""
 
 
-def hessians(model: Any, sequences: Iterable[list[int]]) -> dict[str, Any]:
-    """Per MatMul, the mean outer product X^T X / n (a torch tensor, K x K) of the activations
-    that reach it over `sequences`: GPTQ's proxy for how each input direction matters."""
+@dataclass(frozen=True)
+class Source:
+    """Where a MatMulNBits node's weight lies in the transformers model: rows of one or more
+    linear layers, stacked in order."""
+
+    parts: tuple[Part, ...]
+
+    @property
+    def reads(self) -> str:
+        """The module whose input the node reads (every part's must be the same)."""
+        return self.parts[0].module
+
+
+def _decoder_layers(model: Any) -> tuple[str, int]:
+    """The name and length of the model's stack of decoder layers: the ModuleList as long as
+    the config's `num_hidden_layers`."""
     import torch
 
-    inputs: dict[str, Any] = {}
-    for index, layer in enumerate(model.model.layers):
-        prefix = f"/model/layers.{index}"
-        inputs[f"{prefix}/attn/qkv_proj/MatMul"] = layer.self_attn.q_proj
-        inputs[f"{prefix}/attn/o_proj/MatMul"] = layer.self_attn.o_proj
-        inputs[f"{prefix}/mlp/gate_proj/MatMul"] = layer.mlp.gate_proj
-        inputs[f"{prefix}/mlp/down_proj/MatMul"] = layer.mlp.down_proj
-    inputs["/lm_head/MatMul"] = model.lm_head
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else (
+        model.config)
+    count = int(config.num_hidden_layers)
+    stacks = [name for name, module in model.named_modules()
+              if isinstance(module, torch.nn.ModuleList) and len(module) == count]
+    if len(stacks) != 1:
+        raise ValueError(f"cannot tell the decoder layers apart: ModuleLists of {count} "
+                         f"layers: {stacks}")
+    return stacks[0], count
+
+
+class WeightFinder:
+    """Each MatMulNBits node's FP32 weight in a loaded transformers model, found by structure."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self.modules: dict[str, Any] = dict(model.named_modules())
+        stack, count = _decoder_layers(model)
+        self.pools: dict[int | None, list[tuple[str, np.ndarray]]] = {
+            index: [] for index in range(count)}
+        self.pools[None] = []
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            weight = self.arrays[name] = module.weight.detach().float().numpy()
+            inside = name.removeprefix(f"{stack}.") if name.startswith(f"{stack}.") else None
+            index = None if inside is None else int(inside.split(".", 1)[0])
+            self.pools[index].append((name, weight))
+
+    def weight(self, source: Source) -> np.ndarray:
+        return np.concatenate([self.arrays[p.module][p.rows[0]:p.rows[1]]
+                               for p in source.parts])
+
+    def find(self, node: str, rtn: np.ndarray, scales: np.ndarray) -> Source:
+        """The rows whose rounding `rtn` (N, K) is, each element within its block's scale
+        (`scales`, (N, K/32)), among the linear layers of the node's decoder layer (or, for a
+        node outside them such as the head, those outside). Runs that start where a linear
+        layer starts are tried first; a node that starts inside one (the second half of a
+        packed gate_up_proj) is found by scanning its rows."""
+        match = LAYER_INDEX.search(node)
+        index = int(match.group(1)) if match else None
+        if index not in self.pools:
+            raise ValueError(f"{node}: the model has no decoder layer {index}")
+        columns = rtn.shape[1]
+        pool = [(name, w) for name, w in self.pools[index] if w.shape[1] == columns]
+        bound = np.abs(scales).repeat(BLOCK, axis=1)[:, :columns] + 1e-6
+        found: list[tuple[Part, ...]] = []
+        for scan in (False, True):
+            for position, (_, weight) in enumerate(pool):
+                for start in self._starts(weight, rtn[0], bound[0], scan):
+                    parts = self._run(pool, position, start, rtn, bound)
+                    if parts is not None and parts not in found:
+                        found.append(parts)
+            if found:
+                break
+        if not found:
+            raise ValueError(f"{node}: its weights are not a rounding of any of the model's "
+                             f"linear weights of {columns} inputs in that layer")
+        if len(found) > 1:
+            raise ValueError(f"{node}: more than one of the model's weights rounds to it: "
+                             f"{found}")
+        return Source(found[0])
+
+    @staticmethod
+    def _starts(weight: np.ndarray, first: np.ndarray, bound: np.ndarray,
+                scan: bool) -> list[int]:
+        """The rows of `weight` that `first` (the node's first row) is a rounding of: row 0
+        alone, or (`scan`) every other row."""
+        if not scan:
+            return [0] if np.all(np.abs(weight[0] - first) <= bound) else []
+        starts: list[int] = []
+        for offset in range(0, weight.shape[0], SCAN_ROWS):
+            block = weight[offset:offset + SCAN_ROWS]
+            hits = np.flatnonzero(np.all(np.abs(block - first) <= bound, axis=1))
+            starts.extend(int(offset + h) for h in hits if offset + h > 0)
+        return starts
+
+    @staticmethod
+    def _run(pool: list[tuple[str, np.ndarray]], position: int, start: int, rtn: np.ndarray,
+             bound: np.ndarray) -> tuple[Part, ...] | None:
+        """The parts, from row `start` of pool[position] on through the next linear layers,
+        that `rtn` is a rounding of; None when it is not."""
+        parts: list[Part] = []
+        done = 0
+        while done < rtn.shape[0]:
+            if position >= len(pool):
+                return None
+            name, weight = pool[position]
+            take = min(weight.shape[0] - start, rtn.shape[0] - done)
+            if np.any(np.abs(weight[start:start + take] - rtn[done:done + take])
+                      > bound[done:done + take]):
+                return None
+            parts.append(Part(name, (start, start + take)))
+            done += take
+            position, start = position + 1, 0
+        return tuple(parts)
+
+
+def hessians(model: Any, sources: Iterable[Source], sequences: Iterable[list[int]],
+             modules: dict[str, Any]) -> dict[str, Any]:
+    """Per module a node reads (`Source.reads`), the mean outer product X^T X / n (a torch
+    tensor, K x K) of the activations that reach it over `sequences`: GPTQ's proxy for how
+    each input direction matters. Rows stacked from several modules must see one input."""
+    import torch
+
+    sources = list(sources)
+    read = {source.reads for source in sources}
+    siblings = {(source.reads, part.module) for source in sources for part in source.parts
+                if part.module != source.reads}
     sums: dict[str, Any] = {}
     counts: dict[str, int] = {}
+    seen: dict[str, Any] = {}
     handles = []
-    for name, module in inputs.items():
-        def hook(_: Any, args: tuple[Any, ...], name: str = name) -> None:
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        handles.append(module.register_forward_pre_hook(hook))
+
+    def hook(name: str) -> Any:
+        def record(_: Any, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            seen[name] = x
+            if name in read:
+                flat = x.double().reshape(-1, x.shape[-1])
+                sums[name] = sums.get(name, 0) + flat.T @ flat
+                counts[name] = counts.get(name, 0) + flat.shape[0]
+        return record
+
+    for name in read | {module for _, module in siblings}:
+        handles.append(modules[name].register_forward_pre_hook(hook(name)))
     try:
         with torch.inference_mode():
             for ids in sequences:
+                seen.clear()
                 model(input_ids=torch.tensor([ids]))
+                for reads, sibling in siblings:
+                    if not torch.equal(seen[reads], seen[sibling]):
+                        raise ValueError(f"rows stacked from {reads} and {sibling} into one "
+                                         "MatMul, but the two read different inputs")
     finally:
         for handle in handles:
             handle.remove()
-    result = {name: sums[name] / counts[name] for name in sums}
-    for index in range(len(model.model.layers)):  # up_proj reads what gate_proj reads
-        prefix = f"/model/layers.{index}/mlp"
-        result[f"{prefix}/up_proj/MatMul"] = result[f"{prefix}/gate_proj/MatMul"]
-    return result
+    return {name: sums[name] / counts[name] for name in sums}
 
 
 DAMPING = 0.01
@@ -159,33 +289,38 @@ def requantize(onnx_dir: Path, model: Any, sequences: list[list[int]]) -> float:
     graph_model = onnx.load(str(path), load_external_data=True)
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
-    floats = torch_weights(model)
-    correlations = hessians(model, sequences)
-    rtn_error = gptq_error = 0.0
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    finder = WeightFinder(model)
+    found: list[tuple[Any, Source, np.ndarray]] = []  # (node, source, its RTN weight)
     for node in graph.node:
         if node.op_type != "MatMulNBits":
             continue
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (attributes.get("bits"), attributes.get("block_size"), len(node.input)) != (4, BLOCK, 3):
             raise ValueError(f"{node.name}: not a symmetric 4-bit block-32 MatMulNBits")
-        name = node.name.removesuffix("_Q4")  # the builder's name for the quantized MatMul
-        weight = floats.get(name)
-        if weight is None:
-            raise ValueError(f"{node.name}: no weight of that name in the transformers model")
-        packed_init, scale_init = initializers[node.input[1]], initializers[node.input[2]]
-        packed = numpy_helper.to_array(packed_init)
-        scales = numpy_helper.to_array(scale_init).reshape(packed.shape[0], -1)
+        if attributes.get("K", 0) % BLOCK:
+            raise ValueError(f"{node.name}: {attributes.get('K')} inputs are not whole blocks")
+        if any(readers[name] - TIED_EMBEDDING for name in node.input[1:]):
+            raise ValueError(f"{node.name}: its weights are shared with another node")
+        packed = numpy_helper.to_array(initializers[node.input[1]])
+        scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(packed.shape[0], -1)
         rtn = dequantize(packed, scales)
-        if rtn.shape != weight.shape or np.any(
-            np.abs(rtn - weight) > np.abs(scales).repeat(BLOCK, axis=1) + 1e-6
-        ):
-            raise ValueError(f"{node.name}: the builder's weights are not this weight rounded")
-        hessian = correlations[name]
+        found.append((node, finder.find(node.name, rtn, scales), rtn))
+    correlations = hessians(model, [source for _, source, _ in found], sequences,
+                            finder.modules)
+    rtn_error = gptq_error = 0.0
+    for node, source, rtn in found:
+        packed_init, scale_init = initializers[node.input[1]], initializers[node.input[2]]
+        weight = finder.weight(source)
+        hessian = correlations[source.reads]
         new_packed, new_scales = gptq(weight, hessian)
         rtn_error += output_error(rtn - weight, hessian)
         gptq_error += output_error(dequantize(new_packed, new_scales) - weight, hessian)
-        packed_init.CopyFrom(numpy_helper.from_array(new_packed.reshape(packed.shape),
-                                                     packed_init.name))
+        shape = numpy_helper.to_array(packed_init).shape
+        packed_init.CopyFrom(numpy_helper.from_array(new_packed.reshape(shape), packed_init.name))
         scale_init.CopyFrom(numpy_helper.from_array(
             new_scales.reshape(numpy_helper.to_array(scale_init).shape), scale_init.name))
     data = path.with_name("model.onnx.data")
