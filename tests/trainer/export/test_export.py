@@ -272,3 +272,30 @@ def test_lora_adapter_is_merged_and_exported(tmp_path: Path) -> None:
     assert data["ok"] and data["adapter"] == str(run / "adapter") and data["base"] == str(base)
     assert data["outputParity"]["exactMatches"] == data["outputParity"]["prompts"]
     assert "mergeSeconds" in data["timings"]
+
+
+def test_served_tokenizer_is_the_one_training_ran_whatever_the_architecture(
+    tmp_path: Path,
+) -> None:
+    """transformers 5 picks the tokenizer class by config.json's model_type when
+    tokenizer_config.json names only TokenizersBackend, and Qwen2Tokenizer builds Qwen's
+    pre-tokenizer in code: SmolLM2's tokenizer files beside a Qwen2 config train on a,Ġ,Ġ,1
+    for "a  1" where the file's own pipeline gives a,ĠĠ,1. The export serves what training ran."""
+    from tests.trainer.families.catalog import FAMILIES
+
+    source = builtin_model_dir("smollm2-135m-instruct")
+    model = tmp_path / "qwen2-with-smollm-tokenizer"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(source / name, model / name)
+    (model / "config.json").write_text(FAMILIES["qwen2"].config(49152).to_json_string())
+    served = tmp_path / "served"
+    served.mkdir()
+    export_module.copy_tokenizer(model, served)
+    serving = ServingTokenizer.load(served)
+    assert serving.encode("a  1", add_special_tokens=False) == [81, 216, 216, 33]
+    result = check_parity(model, serving)
+    assert result["ok"], result["mismatches"]
+    # the file's pipeline is the training one for the built-in model itself: copied as it is
+    export_module.copy_tokenizer(source, served)
+    assert (served / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()

@@ -199,10 +199,17 @@ def merge_adapter(adapter: Path, base: Path, target: Path) -> None:
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:
-    """The training tokenizer files, byte for byte (the builder's re-saved copy is replaced)."""
+    """The training tokenizer files, byte for byte (the builder's re-saved copy is replaced),
+    except a tokenizer.json whose pipeline is not the one transformers runs on it for this
+    model (`tokenizer_parity.training_pipeline`): the one training ran replaces it."""
+    from kubetune_trainer.export.tokenizer_parity import training_pipeline
+
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
+    pipeline = training_pipeline(source)
+    if pipeline is not None:
+        (target / "tokenizer.json").write_text(pipeline, encoding="utf-8")
 
 
 def directory_bytes(path: Path) -> int:
@@ -220,6 +227,9 @@ def verify(model_dir: Path, output: Path, precision: str, report: ExportReport) 
     started = time.monotonic()
     tokens = check_parity(model_dir, serving)
     tokens["seconds"] = round(time.monotonic() - started, 2)
+    if _differs(model_dir / "tokenizer.json", output / "tokenizer.json"):
+        tokens["tokenizerJson"] = ("the pipeline transformers runs for this model, which is "
+                                   "not the training tokenizer.json's own")
     report.tokenizer_parity = tokens
     report.genai_tokenizer = check_genai_tokenizer(output, serving)
     if not tokens["ok"]:
@@ -245,6 +255,10 @@ def verify(model_dir: Path, output: Path, precision: str, report: ExportReport) 
             f"output parity: {output_parity['required']} not met: {json.dumps(output_parity)}"
         )
     return failures
+
+
+def _differs(first: Path, second: Path) -> bool:
+    return first.is_file() and second.is_file() and first.read_bytes() != second.read_bytes()
 
 
 def build(model_dir: Path, staging: Path, precision: str, device: str, scratch: Path,

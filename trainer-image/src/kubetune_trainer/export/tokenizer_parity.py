@@ -7,6 +7,7 @@ success only when every case agrees.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,34 @@ CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
 )
 
 
-def check_parity(training_dir: str | Path, serving: ServingTokenizer) -> dict[str, Any]:
-    """Compare the training tokenizer (transformers) with the serving one on every case.
+def training_pipeline(directory: str | Path) -> str | None:
+    """The tokenizer.json that transformers actually runs for the model in `directory`, when it
+    is not the file's own; None when they are the same (or there is no tokenizer.json).
+
+    transformers 5 takes the tokenizer class from tokenizer_config.json, or, when that names
+    only the generic `TokenizersBackend`, from config.json's `model_type`; and some classes
+    (`Qwen2Tokenizer`) build their normalizer and pre-tokenizer in code rather than read the
+    file's. The same tokenizer files then tokenize differently by architecture: SmolLM2's,
+    beside a Qwen2 config, split "a  1" as Qwen's regex does (a,Ġ,Ġ,1) where the file's
+    pipeline says a,ĠĠ,1. Training ran the class's pipeline, so that is what must be served.
+    """
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    backend = getattr(AutoTokenizer.from_pretrained(str(directory)), "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: the parity check says whether it agrees
+        return None
+    ran = str(backend.to_str())
+    return None if ran == Tokenizer.from_file(str(path)).to_str() else ran
+
+
+def check_parity(training_dir: str | Path, serving: ServingTokenizer,
+                 texts: Iterable[str] = ()) -> dict[str, Any]:
+    """Compare the training tokenizer (transformers) with the serving one on every case
+    (`PLAIN_TEXTS` and `texts`, such as llama.cpp's test vectors for the tokenizer).
 
     Returns {"ok", "cases", "mismatches": [...]}; the first mismatches carry both id lists so a
     failure says exactly where the tokenizers part.
@@ -72,7 +99,7 @@ def check_parity(training_dir: str | Path, serving: ServingTokenizer) -> dict[st
                 {"kind": kind, "input": source, "training": expected, "serving": actual}
             )
 
-    for text in PLAIN_TEXTS:
+    for text in (*PLAIN_TEXTS, *texts):
         for special in (True, False):
             expected = list(training(text, add_special_tokens=special)["input_ids"])
             compare(f"encode(special={special})", text, expected, serving.encode(text, special))
