@@ -299,3 +299,24 @@ def test_served_tokenizer_is_the_one_training_ran_whatever_the_architecture(
     # the file's pipeline is the training one for the built-in model itself: copied as it is
     export_module.copy_tokenizer(source, served)
     assert (served / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+
+def test_a_model_onnx_runtime_refuses_fails_verification_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ONNX Runtime refusing the graph (as it refused 12-wide rotary heads: "cos_cache
+    dimension 1 must be <= head_size / 2 and a multiple of 8") is a failed check with the
+    reason, not a traceback without export.json."""
+    from kubetune.api.dataplane import ExportReport
+    from kubetune_trainer.export import parity
+
+    def refuse(*_: object) -> None:
+        raise RuntimeError("cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8")
+
+    monkeypatch.setattr(parity, "_ort_continuations", refuse)
+    source = builtin_model_dir("smollm2-135m-instruct")
+    report = ExportReport()
+    failures = export_module.verify(source, exported_model("FP32"), "fp32", report)
+    assert report.tokenizer_parity is not None and report.tokenizer_parity["ok"]
+    assert failures == ["output parity: ONNX Runtime could not run the model: cos_cache "
+                        "dimension 1 must be <= head_size / 2 and a multiple of 8"]

@@ -232,12 +232,22 @@ def score_report(candidate: Candidate, score: Score, passed: bool, reason: str,
     )
 
 
-def failed_build(candidate: Candidate, failure: str, seconds: float) -> CandidateScore:
-    """A candidate the builder could not build: tried, not passed, the failure's tail kept."""
+def failed_build(candidate: Candidate, failure: str, seconds: float,
+                 stage: str = "build failed") -> CandidateScore:
+    """A candidate the builder could not build (or ONNX Runtime could not run: `stage`):
+    tried, not passed, the failure's tail kept."""
     return CandidateScore(
         **candidate.names(),
-        passed=False, reason=f"build failed: {failure[-300:]}", seconds=round(seconds, 1),
+        passed=False, reason=f"{stage}: {failure[-300:]}", seconds=round(seconds, 1),
     )
+
+
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises when it will not load or run a graph (no common base)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(value for value in vars(state).values()
+                 if isinstance(value, type) and issubclass(value, Exception))
 
 
 def try_candidate(candidate: Candidate, onnx_dir: Path, reference: Reference,

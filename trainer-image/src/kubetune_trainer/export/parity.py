@@ -83,10 +83,23 @@ def torch_greedy(model_dir: Path, prompts: list[list[int]], tokens: int) -> list
     return outputs
 
 
+class OnnxRuntimeRefused(Exception):
+    """ONNX Runtime GenAI would not load or run the exported model (its message says why)."""
+
+
 def ort_continuations(
     onnx_dir: Path, prompts: list[list[int]], references: list[list[int]]
 ) -> tuple[list[list[int]], list[int]]:
     """Free-running greedy continuations and teacher-forced hits, from ONNX Runtime GenAI."""
+    try:
+        return _ort_continuations(onnx_dir, prompts, references)
+    except RuntimeError as error:  # onnxruntime-genai raises its errors as RuntimeError
+        raise OnnxRuntimeRefused(str(error)) from error
+
+
+def _ort_continuations(
+    onnx_dir: Path, prompts: list[list[int]], references: list[list[int]]
+) -> tuple[list[list[int]], list[int]]:
     import numpy as np
     import onnxruntime_genai as og
 

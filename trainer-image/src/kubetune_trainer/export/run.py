@@ -240,7 +240,11 @@ def verify(model_dir: Path, output: Path, precision: str, report: ExportReport) 
             f"!= serving {first['serving']!r}"
         )
         return failures  # output parity through a wrong tokenizer would say nothing new
-    result = parity.measure(model_dir, output, serving, PARITY_TOKENS)
+    try:
+        result = parity.measure(model_dir, output, serving, PARITY_TOKENS)
+    except parity.OnnxRuntimeRefused as error:  # the graph, or the inputs it was given
+        failures.append(f"output parity: ONNX Runtime could not run the model: {error}")
+        return failures
     output_parity = result.to_json()
     if precision == "fp32":
         output_parity["required"] = "exact match of every continuation"
@@ -340,8 +344,12 @@ def choose_automatically(
         failure = build(model_dir, staging, precision, "CPU", scratch, candidate.quantization,
                         calibration, report)
         if failure is None:
-            tried = auto.try_candidate(candidate, staging, reference, serving.eos_token_id,
-                                       time.monotonic() - started)
+            try:
+                tried = auto.try_candidate(candidate, staging, reference, serving.eos_token_id,
+                                           time.monotonic() - started)
+            except auto.onnxruntime_errors() as error:  # it refused the graph or its inputs
+                tried = auto.failed_build(candidate, f"ONNX Runtime could not run it: {error}",
+                                          time.monotonic() - started, stage="scoring failed")
         else:
             tried = auto.failed_build(candidate, failure, time.monotonic() - started)
         report.auto.candidates.append(tried)
