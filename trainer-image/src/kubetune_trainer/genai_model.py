@@ -52,3 +52,16 @@ def kv_dtype(session: Any) -> type[np.generic]:
     """The key/value cache's element type, as the session's inputs declare it."""
     kv_type = next(i.type for i in session.get_inputs() if i.name.startswith("past"))
     return np.float16 if "float16" in kv_type else np.float32
+
+
+def end_of_turn_ids(model_dir: Path) -> frozenset[int]:
+    """The ids genai_config.json ends a generation with (`eos_token_id`, one or a list): the
+    builder writes generation_config.json's, which for a chat model are all its end-of-turn
+    tokens (Llama 3: <|end_of_text|> and <|eot_id|>; Phi-3: <|endoftext|>, <|assistant|> and
+    <|end|>), with the tokenizer's `eos_token` added when they lack it."""
+    listed = json.loads((model_dir / "genai_config.json").read_text())["model"].get(
+        "eos_token_id"
+    )
+    if listed is None:
+        return frozenset()
+    return frozenset(int(i) for i in (listed if isinstance(listed, list) else [listed]))

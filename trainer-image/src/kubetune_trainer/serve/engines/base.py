@@ -9,7 +9,6 @@ share no base class, only the functions and types here and in `text`.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from kubetune_trainer.genai_model import end_of_turn_ids
 from kubetune_trainer.serve.protocol import GenerationRequest, RequestError, TokenLogprob
 from kubetune_trainer.tokenizer import ServingTokenizer
 
@@ -132,19 +132,16 @@ def encode_prompt(
 
 
 def stop_token_ids(model_dir: Path, tokenizer: ServingTokenizer) -> frozenset[int]:
-    """The tokens that end an answer: every id in genai_config.json's `eos_token_id`, and the
+    """The tokens that end an answer: genai_config.json's `eos_token_id` (every end-of-turn
+    token the model's generation_config.json lists: `genai_model.end_of_turn_ids`) and the
     tokenizer's `eos_token`.
 
-    A chat model ends its turn with a token of its own that is often not the tokenizer's
-    `eos_token` alone: generation_config.json lists them all (Llama 3: <|end_of_text|> and
-    <|eot_id|>; Phi-3: <|endoftext|>, <|assistant|> and <|end|>; Qwen: <|im_end|> and
-    <|endoftext|>; Gemma: </s> and <end_of_turn>), and the builder writes that list, with the
-    tokenizer's `eos_token`, into genai_config.json. Stopping on one of them only would let the
-    model write the next turns itself.
+    A chat model ends its turn with a token that is often not the tokenizer's `eos_token`
+    alone (Llama 3: <|end_of_text|> and <|eot_id|>; Phi-3: <|endoftext|>, <|assistant|> and
+    <|end|>; Qwen: <|im_end|> and <|endoftext|>; Gemma: </s> and <end_of_turn>). Stopping on
+    one of them only would let the model write the next turns itself.
     """
-    config = json.loads((model_dir / "genai_config.json").read_text())["model"]
-    listed = config.get("eos_token_id")
-    ids = set(listed if isinstance(listed, list) else [] if listed is None else [listed])
+    ids = set(end_of_turn_ids(model_dir))
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    return frozenset(int(i) for i in ids)
+    return frozenset(ids)
