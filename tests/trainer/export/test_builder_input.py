@@ -81,3 +81,26 @@ def test_staging_copy_links_the_rest_and_sliding_layers_get_full_caches(tmp_path
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps(config_of("llama3")))
     assert prepare(llama, tmp_path / "scratch2") == (llama, [])
+
+
+def test_a_config_in_transformers_4_form_is_read_as_the_builder_will_read_it(
+    tmp_path: Path,
+) -> None:
+    """Gemma 3 and 2 configs as published before transformers 5 (`rope_theta` and
+    `rope_local_base_freq`; no `layer_types`): transformers 5 reads them into the nested RoPE
+    and the per-layer window the builder misreads, so the rewrite and the full-length caches
+    follow what transformers reads, not the file's spelling."""
+    gemma3 = config_of("gemma3")
+    nested = gemma3.pop("rope_parameters")
+    gemma3.update(rope_theta=nested["full_attention"]["rope_theta"],
+                  rope_local_base_freq=nested["sliding_attention"]["rope_theta"])
+    (tmp_path / "gemma3").mkdir()
+    (tmp_path / "gemma3" / "config.json").write_text(json.dumps(gemma3))
+    staged, changes = prepare(tmp_path / "gemma3", tmp_path / "scratch")
+    rope = json.loads((staged / "config.json").read_text())["rope_parameters"]
+    assert changes and (rope["rope_theta"], rope["rope_local_base_freq"]) == (1e6, 1e4)
+    gemma2 = config_of("gemma2")
+    gemma2.pop("layer_types")
+    (tmp_path / "gemma2").mkdir()
+    (tmp_path / "gemma2" / "config.json").write_text(json.dumps(gemma2))
+    assert extra_options(tmp_path / "gemma2") == ["windowed_kv_cache=false"]

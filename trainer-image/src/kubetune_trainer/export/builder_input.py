@@ -84,16 +84,23 @@ def has_sliding_layers(config: dict[str, Any]) -> bool:
     return bool(window) and "sliding_attention" in (config.get("layer_types") or [])
 
 
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json as transformers reads it, which is what the builder is handed: a file in
+    transformers 4's form (Gemma 3's `rope_theta` and `rope_local_base_freq`, Gemma 2 without
+    `layer_types`) reads as transformers 5's."""
+    from transformers import AutoConfig
+
+    return dict(AutoConfig.from_pretrained(str(model_dir)).to_dict())
+
+
 def extra_options(model_dir: Path) -> list[str]:
     """The builder options the model's structure asks for (see the module's docstring)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    return ["windowed_kv_cache=false"] if has_sliding_layers(config) else []
+    return ["windowed_kv_cache=false"] if has_sliding_layers(read_config(model_dir)) else []
 
 
 def prepare(model_dir: Path, scratch: Path) -> tuple[Path, list[str]]:
     """The directory to hand the builder, and the changes made to its config.json."""
-    config = json.loads((model_dir / "config.json").read_text())
-    rewritten, changes = builder_config(config)
+    rewritten, changes = builder_config(read_config(model_dir))
     if not changes:
         return model_dir, []
     staging = scratch / BUILDER_INPUT
