@@ -20,12 +20,19 @@ class Step:
     label: str
     test: str  # file::function
     variant: str = ""
+    families: tuple[str, ...] | None = None  # None: every family
+    elsewhere: str = ""  # what proves the step for the other families
+
+    def covers(self, family: str) -> bool:
+        return self.families is None or family in self.families
 
     def node(self, family: str) -> str:
         suffix = f"-{self.variant}" if self.variant else ""
         return f"{HERE}/{self.test}[{family}{suffix}]"
 
     def cell(self, family: str) -> str:
+        if not self.covers(family):
+            return "see below"
         return f"`[{family}{'-' + self.variant if self.variant else ''}]`"
 
 
@@ -50,12 +57,16 @@ TABLES: dict[str, tuple[Step, ...]] = {
         Step("INT4 GPTQ", "test_export.py::test_int4_gptq_export_rerounds_every_weight"),
     ),
     "Serve": (
-        Step("FP32 + adapter, batch engine",
+        Step("FP32, batch engine + adapter",
              "test_serve.py::test_fp32_chat_in_the_familys_template_and_adapters", "batch"),
-        Step("FP32 + adapter, genai engine",
+        Step("FP32, genai engine (no adapters)",
              "test_serve.py::test_fp32_chat_in_the_familys_template_and_adapters", "genai"),
         Step("INT4, both engines + adapter",
-             "test_serve.py::test_int4_by_both_engines_and_an_adapter_on_it"),
+             "test_serve.py::test_int4_by_both_engines_and_an_adapter_on_it",
+             families=("gemma2", "phi3", "qwen2", "qwen3"),
+             elsewhere="the other families' structures are served at FP32 above and exported "
+             "at INT4 GPTQ in the Export table; their INT4 serving is not tested (the random "
+             "tiny Gemma 3 fails the exporter's INT4 RTN quality bar, 0.48 < 0.55)"),
         Step("Stops on every end-of-turn token",
              "test_serve.py::test_every_end_of_turn_token_ends_the_answer_in_both_engines"),
     ),
@@ -106,13 +117,16 @@ def _step_table(title: str, steps: tuple[Step, ...]) -> list[str]:
     for name in FAMILIES:
         lines.append(f"| {name} | " + " | ".join(s.cell(name) for s in steps) + " |")
     lines += ["", "Each cell is the parameter of the test that proves it:", ""]
-    lines += [f"- {s.label}: `{HERE}/{s.test}`" for s in steps]
+    for s in steps:
+        lines.append(f"- {s.label}: `{HERE}/{s.test}`"
+                     + (f"; other families: {s.elsewhere}" if s.elsewhere else ""))
     return lines
 
 
 def nodes() -> list[str]:
     """Every test node id a cell names."""
-    return [step.node(name) for steps in TABLES.values() for step in steps for name in FAMILIES]
+    return [step.node(name) for steps in TABLES.values() for step in steps for name in FAMILIES
+            if step.covers(name)]
 
 
 def render() -> str:

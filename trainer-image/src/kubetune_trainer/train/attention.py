@@ -48,7 +48,7 @@ def varlen_attention_forward(
     if boundaries is None or query.shape[0] != 1:
         if softcap is not None:
             eager = sys.modules[type(module).__module__].eager_attention_forward
-            return eager(module, query, key, value, attention_mask, dropout=dropout,  # type: ignore[no-any-return]
+            return eager(module, query, key, value, attention_mask, dropout=dropout,
                          scaling=scaling, **kwargs)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
