@@ -2,7 +2,7 @@
 with PyTorch, at INT4 re-rounded by GPTQ, and the serving tokenizer held to the training one on
 llama.cpp's own test vectors.
 
-Exports run once per test process, two at a time in this process (`exported`). Three models
+Exports run once per test process, two processes at a time (`exported`). Three models
 differ from the catalog's, each for a trait its sizes or random weights hide (VARIANTS, and
 each change's docstring): Mistral's and Gemma 3's sliding windows and Phi-3 128k's LongRoPE
 switch are moved inside the parity sequences, and Gemma 3 starts with small residual branches
@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kubetune_trainer.export import run as export_module
+from kubetune.local.processes import export_command
 from kubetune_trainer.export.auto import OnnxDecoder
 from kubetune_trainer.export.requantize import BLOCK, dequantize
 from kubetune_trainer.export.tokenizer_parity import PLAIN_TEXTS, check_parity
@@ -145,16 +146,19 @@ def run_dir(name: str) -> Path:
 
 
 def export(name: str, precision: str, quantization: str | None) -> dict[str, Any]:
+    """`python -m kubetune_trainer export` of `name`'s run, in a process of its own: exports
+    run two at a time, and transformers' model loading is not safe in threads (it patches
+    torch's initialisers and the default device process-wide while it loads)."""
     output = SCRATCH / "onnx" / f"{name}-{precision}-{quantization}"
-    options = ["--quantization", quantization] if quantization else []
-    code = export_module.main(["--input", str(run_dir(name)), "--output", str(output),
-                               "--precision", precision, *options])
+    command = export_command(run_dir(name), output, precision, "CPU", quantization)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert (output / "export.json").is_file(), result.stderr[-3000:]
     report: dict[str, Any] = json.loads((output / "export.json").read_text())
-    assert code == 0, report["failures"]
+    assert result.returncode == 0, report["failures"] or result.stderr[-3000:]
     return {**report, "output": output}
 
 
-EXPORTS = ThreadPoolExecutor(max_workers=2)  # the builder runs in a subprocess: two at a time
+EXPORTS = ThreadPoolExecutor(max_workers=2)  # each waits on its export's process
 atexit.register(EXPORTS.shutdown, wait=True, cancel_futures=True)
 
 
@@ -180,7 +184,8 @@ NEEDS = {  # test -> the exports it reads, per family
 @pytest.fixture(scope="module", autouse=True)
 def exports_ahead(request: pytest.FixtureRequest) -> None:
     """The exports the selected tests read, queued FP32 first as the tests read them, two at
-    a time; the models and run directories are made first, in this thread."""
+    a time. Every model and run directory is made first: building a model while another
+    loads one in this process is not safe either."""
     wanted: set[tuple[str, str, str | None]] = set()
     for item in request.session.items:
         if getattr(item, "module", None) is not request.module:
@@ -190,8 +195,10 @@ def exports_ahead(request: pytest.FixtureRequest) -> None:
         name = params.params.get("name", "mistral") if params else "mistral"
         if need is not None:
             wanted.add((name, *need))
-    for name, precision, quantization in sorted(wanted, key=lambda w: (w[1] != "FP32", w[0])):
+    ordered = sorted(wanted, key=lambda w: (w[1] != "FP32", w[0]))
+    for name, _, _ in ordered:
         run_dir(name)
+    for name, precision, quantization in ordered:
         scheduled(name, precision, quantization)
 
 
