@@ -2,7 +2,7 @@
 with PyTorch, at INT4 re-rounded by GPTQ, and the serving tokenizer held to the training one on
 llama.cpp's own test vectors.
 
-Exports run once per test process, two processes at a time (`exported`). Three models
+Exports run once per test process, in two exporter processes (`EXPORTS`). Three models
 differ from the catalog's, each for a trait its sizes or random weights hide (VARIANTS, and
 each change's docstring): Mistral's and Gemma 3's sliding windows and Phi-3 128k's LongRoPE
 switch are moved inside the parity sequences, and Gemma 3 starts with small residual branches
@@ -18,11 +18,11 @@ import atexit
 import dataclasses
 import functools
 import json
+import multiprocessing
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kubetune.local.processes import export_command
+from kubetune_trainer.export import run as export_module
 from kubetune_trainer.export.auto import OnnxDecoder
 from kubetune_trainer.export.requantize import BLOCK, dequantize
 from kubetune_trainer.export.tokenizer_parity import PLAIN_TEXTS, check_parity
@@ -145,32 +145,34 @@ def run_dir(name: str) -> Path:
     return run
 
 
-def export(name: str, precision: str, quantization: str | None) -> dict[str, Any]:
-    """`python -m kubetune_trainer export` of `name`'s run, in a process of its own: exports
-    run two at a time, and transformers' model loading is not safe in threads (it patches
-    torch's initialisers and the default device process-wide while it loads)."""
-    output = SCRATCH / "onnx" / f"{name}-{precision}-{quantization}"
-    command = export_command(run_dir(name), output, precision, "CPU", quantization)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-    assert (output / "export.json").is_file(), result.stderr[-3000:]
-    report: dict[str, Any] = json.loads((output / "export.json").read_text())
-    assert result.returncode == 0, report["failures"] or result.stderr[-3000:]
-    return {**report, "output": output}
-
-
-EXPORTS = ThreadPoolExecutor(max_workers=2)  # each waits on its export's process
+EXPORTS = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+"""Two exporters, each exporting in its own process, one export after another: transformers'
+model loading is not safe beside another load or a model's construction in the same process
+(it patches torch's initialisers and default device process-wide), and a worker imports torch
+and transformers once for all its exports."""
 atexit.register(EXPORTS.shutdown, wait=True, cancel_futures=True)
 
 
+def output_of(name: str, precision: str, quantization: str | None) -> Path:
+    return SCRATCH / "onnx" / f"{name}-{precision}-{quantization}"
+
+
 @functools.cache
-def scheduled(name: str, precision: str, quantization: str | None = None) -> Future[Any]:
-    return EXPORTS.submit(export, name, precision, quantization)
+def scheduled(name: str, precision: str, quantization: str | None = None) -> Future[int]:
+    argv = ["--input", str(run_dir(name)), "--output",
+            str(output_of(name, precision, quantization)), "--precision", precision]
+    return EXPORTS.submit(export_module.main,
+                          argv + (["--quantization", quantization] if quantization else []))
 
 
 def exported(name: str, precision: str, quantization: str | None = None) -> dict[str, Any]:
     """export.json of `name`'s run exported at `precision` (once per process), with the
     model's directory as `report["output"]`."""
-    return dict(scheduled(name, precision, quantization).result())
+    code = scheduled(name, precision, quantization).result()
+    output = output_of(name, precision, quantization)
+    report: dict[str, Any] = json.loads((output / "export.json").read_text())
+    assert code == 0, report["failures"]
+    return {**report, "output": output}
 
 
 NEEDS = {  # test -> the exports it reads, per family
@@ -183,9 +185,9 @@ NEEDS = {  # test -> the exports it reads, per family
 
 @pytest.fixture(scope="module", autouse=True)
 def exports_ahead(request: pytest.FixtureRequest) -> None:
-    """The exports the selected tests read, queued FP32 first as the tests read them, two at
-    a time. Every model and run directory is made first: building a model while another
-    loads one in this process is not safe either."""
+    """The exports the selected tests read, queued FP32 first as the tests read them; each
+    model is built (here, while the exporters work on those before it) just before its first
+    export is queued."""
     wanted: set[tuple[str, str, str | None]] = set()
     for item in request.session.items:
         if getattr(item, "module", None) is not request.module:
@@ -195,10 +197,8 @@ def exports_ahead(request: pytest.FixtureRequest) -> None:
         name = params.params.get("name", "mistral") if params else "mistral"
         if need is not None:
             wanted.add((name, *need))
-    ordered = sorted(wanted, key=lambda w: (w[1] != "FP32", w[0]))
-    for name, _, _ in ordered:
+    for name, precision, quantization in sorted(wanted, key=lambda w: (w[1] != "FP32", w[0])):
         run_dir(name)
-    for name, precision, quantization in ordered:
         scheduled(name, precision, quantization)
 
 
