@@ -91,9 +91,15 @@ def applied(outcome: Outcome, kind: str) -> list[dict[str, Any]]:
     return [m for m in outcome.apply if m["kind"] == kind]
 
 
+def uid_of(name: str) -> str:
+    """The uid the API server gave the child `name` in these tests (pods' owners use it)."""
+    return f"uid-{name}"
+
+
 def as_observed(manifest: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
     """A manifest as the index would hold it after the API server stored it."""
     observed = json.loads(json.dumps(manifest))
+    observed["metadata"].setdefault("uid", uid_of(observed["metadata"]["name"]))
     observed["metadata"]["resourceVersion"] = "1"
     observed["metadata"]["generation"] = 1
     observed["status"] = status or {}
@@ -109,7 +115,10 @@ def pod(
     exit_code: int = 0,
     generation: int = 1,
     unschedulable: str | None = None,
+    owner_uid: str | None = "",
 ) -> dict[str, Any]:
+    """A pod of Job `job_name`, its controller reference set as the Job controller sets it
+    (`owner_uid` "" is that Job's uid as `as_observed` gives it; None: no owner at all)."""
     status: dict[str, Any] = {"phase": phase}
     if phase in ("Succeeded", "Failed"):
         terminated: dict[str, Any] = {"exitCode": exit_code, "finishedAt": NOW}
@@ -140,9 +149,14 @@ def pod(
                 "kubetune.io/generation": str(generation),
             },
             "annotations": {"batch.kubernetes.io/job-completion-index": index},
+            "ownerReferences": [] if owner_uid is None else [{
+                "apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                "uid": owner_uid or uid_of(job_name), "controller": True,
+                "blockOwnerDeletion": True,
+            }],
         },
         "status": status,
-    }
+    }  # fmt: skip
 
 
 def job_status(condition: str | None = None, reason: str = "", **counts: int) -> dict[str, Any]:

@@ -66,12 +66,33 @@ def current_generation(
     return max(found) if found else spec_generation
 
 
-def pods_of_job(children: Sequence[Mapping[str, Any]], job_name: str) -> list[Mapping[str, Any]]:
-    return [
-        c
-        for c in children
-        if c.get("kind") == "Pod" and labels_of(c).get("batch.kubernetes.io/job-name") == job_name
-    ]
+def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ownerReference with `controller: true`, if any (there is at most one)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
+        if ref.get("controller") is True:
+            return ref
+    return None
+
+
+def pods_of_job(
+    children: Sequence[Mapping[str, Any]], job: Mapping[str, Any] | None
+) -> list[Mapping[str, Any]]:
+    """The pods the Job controller made for `job`: their controller reference names the Job's
+    uid. Labels decide nothing: anyone who may create pods in the namespace can copy the
+    `batch.kubernetes.io/job-name` label and a termination message, but the controller
+    reference is the Job controller's, and a uid belongs to one Job (not to one created again
+    under the same name)."""
+    uid = ((job or {}).get("metadata") or {}).get("uid")
+    if not uid:
+        return []
+    pods = []
+    for child in children:
+        owner = controller_of(child) if child.get("kind") == "Pod" else None
+        if owner and (owner.get("apiVersion"), owner.get("kind"), owner.get("uid")) == (
+            "batch/v1", "Job", uid
+        ):
+            pods.append(child)
+    return pods
 
 
 def stale_children(children: Sequence[Mapping[str, Any]], generation: int) -> list[ChildRef]:

@@ -135,7 +135,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         outcome.apply.append(training_job(owner, generation, spec, config, spec_hash))
         job_name = naming.training_job_name(owner.name, generation)
         job = named(of_component(obs.children, "Job", naming.COMPONENT_TRAINER), job_name)
-        training = run_status(job, pods_of_job(obs.children, job_name), "training")
+        training = run_status(job, pods_of_job(obs.children, job), "training")
         conds[T.TRAINED] = training_condition(training)
         report = _report(training, previous, generation)
         if training.state is RunState.SUCCEEDED and spec.serving.enabled:
@@ -143,7 +143,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             export_name = naming.export_job_name(owner.name, generation)
             exporters = of_component(obs.children, "Job", naming.COMPONENT_EXPORTER)
             exporter = named(exporters, export_name)
-            export_pods = pods_of_job(obs.children, export_name)
+            export_pods = pods_of_job(obs.children, exporter)
             export = run_status(exporter, export_pods, "export")
             exported = export_report(export_pods) if export.state is RunState.SUCCEEDED else None
         if export is not None and export.state is RunState.SUCCEEDED:

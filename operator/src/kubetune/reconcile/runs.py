@@ -215,8 +215,14 @@ def run_status(
 def slim(obj: Mapping[str, Any], kind: str, api_version: str) -> dict[str, Any]:
     """What reconcile reads of a child; the rest (pod specs, managedFields) is dropped, so the
     indexes stay small and an apply response can stand in for the child until the watch
-    delivers it."""
+    delivers it. Of the ownerReferences only the controller's is kept: it ties a pod to the
+    Job that made it (see `kubetune.reconcile.children.pods_of_job`)."""
     meta = obj.get("metadata") or {}
+    controller = [
+        {key: ref.get(key) for key in ("apiVersion", "kind", "name", "uid", "controller")}
+        for ref in meta.get("ownerReferences") or ()
+        if ref.get("controller") is True
+    ]
     spec = obj.get("spec") or {}
     kept = ("suspend", "parallelism", "completions", "replicas")
     slim_spec: dict[str, Any] = {key: spec[key] for key in kept if key in spec}
@@ -234,6 +240,7 @@ def slim(obj: Mapping[str, Any], kind: str, api_version: str) -> dict[str, Any]:
             "resourceVersion": meta.get("resourceVersion"),
             "labels": dict(meta.get("labels") or {}),
             "annotations": dict(meta.get("annotations") or {}),
+            "ownerReferences": controller,
         },
         "spec": slim_spec,
         "status": dict(obj.get("status") or {}),
