@@ -176,6 +176,21 @@ def deployment_status(replicas: int = 1, available: int = 1, updated: int = 1) -
     }
 
 
+def merge_patched(target: Any, patch: Any) -> Any:
+    """`target` after the JSON merge patch `patch` (RFC 7386, section 2), as the API server
+    applies a status patch: objects merge key by key, at every depth; null removes a key;
+    anything else (lists included) replaces the value whole. `target` is not changed."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patched(result.get(key), value)
+    return result
+
+
 def condition(outcome_or_status: Any, kind: str) -> dict[str, Any]:
     status = (
         outcome_or_status.status_patch

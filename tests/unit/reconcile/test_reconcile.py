@@ -16,6 +16,7 @@ from tests.unit.operator_fixtures import (
     condition,
     deployment_status,
     job_status,
+    merge_patched,
     observe,
     pod,
     spec_dict,
@@ -31,17 +32,46 @@ REPORT = {
 
 
 def _status_after(job_body: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run reconcile and return the resulting status (previous status + patch)."""
+    """Run reconcile and return the resulting status: the previous status with the pass's
+    patch applied as the API server applies a merge patch."""
     outcome = observe(job_body, children)
-    return {**(job_body.get("status") or {}), **outcome.status_patch}
+    return dict(merge_patched(job_body.get("status") or {}, outcome.status_patch))
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "result"),
+    [  # RFC 7386, Appendix A
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        (["a", "b"], ["c", "d"], ["c", "d"]),
+        ({"a": "b"}, ["c"], ["c"]),
+        ({"a": "foo"}, None, None),
+        ({"a": "foo"}, "bar", "bar"),
+        ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+        ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ],
+)
+def test_the_status_helper_merges_as_rfc_7386_says(target: Any, patch: Any, result: Any) -> None:
+    assert merge_patched(target, patch) == result
 
 
 def _trained_world(
-    gate: dict[str, Any] | None = None, report: dict[str, Any] | None = None, generation: int = 1
+    gate: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+    generation: int = 1,
+    training: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A FineTuneJob whose training and export Jobs of `generation` have succeeded."""
     serving = {"gate": gate} if gate else {}
-    job_body = body(spec_dict(serving=serving), generation=generation)
+    spec = spec_dict(serving=serving, **({"training": training} if training else {}))
+    job_body = body(spec, generation=generation)
     first = observe(job_body)
     train = as_observed(applied(first, "Job")[0], job_status("Complete", succeeded=1))
     name = train["metadata"]["name"]
@@ -239,7 +269,7 @@ def test_serving_switches_only_after_the_new_generation_is_rolled_out() -> None:
     assert (
         rolled["spec"]["template"]["metadata"]["annotations"]["kubetune.io/model-generation"] == "2"
     )
-    assert outcome.status_patch["serving"]["modelGeneration"] == 1
+    assert merge_patched(previous, outcome.status_patch)["serving"]["modelGeneration"] == 1
     assert condition(outcome, "Ready")["reason"] == "Deploying"
     # Mid-rollout: old and new pods, not every replica updated yet.
     mid = as_observed(rolled, deployment_status(replicas=2, available=1, updated=1))
@@ -325,3 +355,83 @@ def test_a_named_precision_is_reported_without_a_choice() -> None:
                                                      message=plain)])
     assert status["evaluation"]["exportedWeights"] == "INT8"
     assert "exportMessage" not in status["evaluation"]
+
+
+# Two generations, each pass's status patch applied as the API server applies it.
+
+GATE = {"minAccuracy": "0.8"}
+
+
+def _serving_generation_1() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Generation 1 trained (accuracy 0.85), passed `GATE` and serves: its status, after
+    every pass, its children, and the rolled-out Deployment."""
+    job_body, children = _trained_world(gate=GATE, report={**REPORT, "accuracy": 0.85})
+    status = _status_after(job_body, children)
+    deployment = applied(observe({**job_body, "status": status}, children), "Deployment")[0]
+    served = as_observed(deployment, deployment_status())
+    status = _status_after({**job_body, "status": status}, [*children, served])
+    assert status["evaluation"]["accuracy"] == "0.85" and status["evaluation"]["passed"] is True
+    assert status["serving"]["modelGeneration"] == 1
+    return status, children, served
+
+
+def _model_generation(outcome: Any) -> set[str]:
+    return {
+        d["spec"]["template"]["metadata"]["annotations"]["kubetune.io/model-generation"]
+        for d in applied(outcome, "Deployment")
+    }
+
+
+def test_a_generation_that_measured_no_accuracy_never_passes_on_the_one_before() -> None:
+    status, g1_children, served = _serving_generation_1()
+    g2_body, g2_children = _trained_world(
+        gate=GATE, report=REPORT, generation=2, training={"epochs": 1}
+    )
+    # The edit is seen: generation 2 starts, generation 1's children are still there.
+    status = _status_after({**g2_body, "status": status}, [*g1_children, served])
+    assert "evaluation" not in status  # generation 1's numbers say nothing of generation 2
+    # Generation 2 trained; its report has no accuracy (its validation had no answers).
+    g2_train, g2_pod, g2_export = g2_children
+    status = _status_after({**g2_body, "status": status}, [g2_train, g2_pod, served])
+    assert status["evaluation"]["generation"] == 2
+    assert "accuracy" not in status["evaluation"]
+    assert "passed" not in status["evaluation"]  # no export yet: no verdict
+    # The trainer pod is gone (garbage-collected) when the export finishes: the report is
+    # rebuilt from status, which must hold only what generation 2 measured.
+    last = observe({**g2_body, "status": status}, [g2_train, g2_export, served])
+    status = dict(merge_patched(status, last.status_patch))
+    assert "accuracy" not in status["evaluation"]
+    assert status["evaluation"]["passed"] is False
+    assert "accuracy was not measured" in status["evaluation"]["message"]
+    assert condition(status, "Ready")["reason"] == "GateFailed"
+    assert _model_generation(last) == {"1"}  # generation 1 keeps serving
+
+
+def test_a_finished_job_is_not_patched_again_for_what_the_progress_endpoint_left() -> None:
+    """The progress endpoint writes `epoch` and `updateTime`, which the final progress does not
+    have: they are removed once, not compared (and patched) on every later pass."""
+    job_body = body()
+    train = as_observed(applied(observe(job_body), "Job")[0], job_status(active=1))
+    running = {**job_body, "status": _status_after(job_body, [train])}
+    running["status"]["progress"] = {"step": 10, "totalSteps": 20, "epoch": "0.5",
+                                     "percent": 50, "updateTime": "2026-01-01T00:10:00Z"}
+    done = as_observed(train, job_status("Complete", succeeded=1))
+    children = [done, pod("demo-g1-train", "Succeeded", message=json.dumps(REPORT))]
+    status = _status_after(running, children)
+    assert "epoch" not in status["progress"] and "updateTime" not in status["progress"]
+    assert status["progress"]["percent"] == 100
+    again = observe({**job_body, "status": status}, children, now="2026-01-01T02:00:00Z")
+    assert again.status_patch == {}
+
+
+def test_the_trainer_pod_going_away_changes_nothing_in_status() -> None:
+    """Once the pod is gone, the report is what status kept of it: every number stays, and
+    the pass sends no patch."""
+    measured = {**REPORT, "accuracy": 0.85, "baseAccuracy": 0.4, "tokensPerSecond": 900.0}
+    job_body, children = _trained_world(gate=GATE, report=measured)
+    status = _status_after(job_body, children)
+    assert status["evaluation"]["baseAccuracy"] == "0.4"
+    assert status["progress"]["trainLoss"] == "1.2"
+    without_pod = [c for c in children if c["kind"] != "Pod"]
+    again = observe({**job_body, "status": status}, without_pod, now="2026-01-01T02:00:00Z")
+    assert again.status_patch == {}

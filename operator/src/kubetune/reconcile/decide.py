@@ -43,7 +43,7 @@ from kubetune.reconcile.readiness import (
     training_condition,
 )
 from kubetune.reconcile.runs import RunState, RunStatus, export_report, run_status
-from kubetune.reconcile.status import ServingView, build_status, serving_view
+from kubetune.reconcile.status import ServingView, build_status, serving_view, status_patch
 
 # ChildRef and current_generation are imported from here by callers and tests too.
 __all__ = [
@@ -136,8 +136,8 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         job_name = naming.training_job_name(owner.name, generation)
         job = named(of_component(obs.children, "Job", naming.COMPONENT_TRAINER), job_name)
         training = run_status(job, pods_of_job(obs.children, job), "training")
-        conds[T.TRAINED] = training_condition(training)
         report = _report(training, previous, generation)
+        conds[T.TRAINED] = training_condition(training, report)
         if training.state is RunState.SUCCEEDED and spec.serving.enabled:
             outcome.apply.append(export_job(owner, generation, spec, config))
             export_name = naming.export_job_name(owner.name, generation)
@@ -192,7 +192,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         endpoint=endpoint,
         previous=previous,
     )
-    outcome.status_patch = _diff(previous, status)
+    outcome.status_patch = status_patch(previous, status)
     outcome.events = transitions(previous.get("conditions"), merged)
     return outcome
 
@@ -200,7 +200,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
 def _report(
     training: RunStatus, previous: Mapping[str, Any], generation: int
 ) -> TrainingReport | None:
-    """The final report: from the pod while it exists, else what status kept of it."""
+    """The final report: from the pod while it exists, else what status kept of it.
+
+    Status holds only what this training generation measured (`build_status` removes the
+    numbers of an earlier one), so a number missing there was not measured, and the gate
+    fails on it rather than reading an earlier generation's."""
     if training.state is not RunState.SUCCEEDED:
         return None
     if training.report is not None:
@@ -208,25 +212,31 @@ def _report(
     evaluation = previous.get("evaluation") or {}
     if evaluation.get("generation") != generation:
         return None
-    # status keeps the evaluation as decimal strings; the report model reads them as floats
-    kept = ("evalLoss", "baseEvalLoss", "accuracy")
+    # Written from the pod's report in the same pass as the evaluation.
+    progress = previous.get("progress") or {}
+    steps = progress.get("step")
+    kept = {
+        "evalLoss": evaluation.get("evalLoss"),
+        "baseEvalLoss": evaluation.get("baseEvalLoss"),
+        "accuracy": evaluation.get("accuracy"),
+        "baseAccuracy": evaluation.get("baseAccuracy"),
+        "trainLoss": progress.get("trainLoss"),
+        "tokensPerSecond": progress.get("tokensPerSecond"),
+    }
+    # status keeps the numbers as decimal strings; the report model reads them as floats
+    numbers = {key: _float(value) for key, value in kept.items()}
     return TrainingReport.model_validate(
-        {key: evaluation[key] for key in kept if evaluation.get(key) is not None}
+        {key: number for key, number in numbers.items() if number is not None}
+        | ({"steps": steps} if isinstance(steps, int) and steps >= 0 else {})
         | {"status": "Succeeded"}
     )
 
 
-def _float(value: str | None) -> float | None:
+def _float(value: Any) -> float | None:
     try:
         return None if value is None else float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         return None
-
-
-def _diff(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch that turns `previous` into `status` (top-level keys), or {}."""
-    patch = {key: value for key, value in status.items() if previous.get(key) != value}
-    return patch
 
 
 def invalid_spec_status(

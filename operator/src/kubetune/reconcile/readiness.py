@@ -18,9 +18,10 @@ from kubetune.reconcile.status import ServingView
 T = ConditionType
 
 
-def training_condition(run: RunStatus) -> Cond:
+def training_condition(run: RunStatus, report: TrainingReport | None = None) -> Cond:
+    """`report`: the final report when the pod that wrote it is gone (rebuilt from status)."""
     if run.state is RunState.SUCCEEDED:
-        report = run.report or TrainingReport()
+        report = run.report or report or TrainingReport()
         measured = {"steps": report.steps, "trainLoss": report.train_loss,
                     "evalLoss": report.eval_loss}
         details = [f"{key} {value}" for key, value in measured.items() if value is not None]

@@ -83,11 +83,13 @@ def decimal(value: Any) -> str | None:
         return None
 
 
-def _progress(training: RunStatus | None, report: TrainingReport | None) -> Any:
-    """None clears progress (a new generation starts); a dict sets it; `...` leaves it to the
-    progress endpoint, which patches it while training runs."""
+def _progress(training: RunStatus | None) -> Any:
+    """None clears progress (a new generation starts); a dict sets it, from the succeeded
+    trainer pod's final report; `...` leaves it as it is: to the progress endpoint, which
+    patches it while training runs, and, once the pod is gone, as the final report set it."""
     if training is None or training.state is RunState.MISSING:
         return None
+    report = training.report
     if training.state is RunState.SUCCEEDED and report:
         steps = report.steps or None
         progress = {
@@ -173,7 +175,9 @@ def build_status(
     endpoint: str,
     previous: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The status keys reconcile owns; a key missing here is left as it is."""
+    """The status keys reconcile owns, each exactly as this pass observed it (a key missing
+    here is left as it is; a None is removed). Within a key nothing is kept from before but
+    what this training generation measured: `status_patch` removes the rest."""
     trained = training is not None and training.state is RunState.SUCCEEDED
     exported = any(c["type"] == "Exported" and c["status"] == "True" for c in conditions)
     status: dict[str, Any] = {
@@ -183,13 +187,17 @@ def build_status(
         "plan": plan.to_wire() if plan is not None else None,
         "artifacts": _artifacts(owner, spec, training_generation, trained, exported),
     }
-    progress = _progress(training, report)
+    progress = _progress(training)
     if progress is not ...:
         status["progress"] = progress
     evaluation = _evaluation(training_generation, report, gate,
                              _exported(export_result, previous, training_generation))
     if evaluation is not None:
         status["evaluation"] = evaluation
+    elif (previous.get("evaluation") or {}).get("generation") != training_generation:
+        # An earlier generation's numbers: they say nothing of this one, and a report
+        # rebuilt from status must not find them.
+        status["evaluation"] = None
     if not view.exists or not spec.serving.enabled:
         status["serving"] = None
     else:
@@ -204,3 +212,34 @@ def build_status(
         }
         status["serving"] = {k: v for k, v in serving.items() if v is not None}
     return status
+
+
+def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that makes each key of `status` exactly so, or {}.
+
+    A merge patch merges objects key by key, at every depth, so a nested key that `status`
+    no longer has (an earlier generation's `accuracy`, the progress endpoint's `updateTime`)
+    would stay for ever unless the patch sets it to null. Top-level keys `status` leaves out
+    are not reconcile's to write (`progress` while training runs) and stay as they are."""
+    patch: dict[str, Any] = {}
+    for key, wanted in status.items():
+        now = previous.get(key)
+        if wanted is None:
+            if now is not None:
+                patch[key] = None
+        elif isinstance(wanted, Mapping) and isinstance(now, Mapping):
+            nested = _exactly(now, wanted)
+            if nested:
+                patch[key] = nested
+        elif now != wanted:
+            patch[key] = wanted
+    return patch
+
+
+def _exactly(now: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that turns the object `now` into `wanted`: its keys that `wanted`
+    does not have are set to null."""
+    patch = status_patch(now, wanted)
+    patch.update({key: None for key, value in now.items()
+                  if key not in wanted and value is not None})
+    return patch
