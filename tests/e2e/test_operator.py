@@ -227,6 +227,51 @@ def test_failing_gate_keeps_the_old_model(cluster: Cluster, ns: str) -> None:
         "kubetune.io/model-generation"] == "1"  # fmt: skip
 
 
+def test_a_generation_that_measures_nothing_is_not_passed_on_the_last_ones_numbers(
+    cluster: Cluster, ns: str
+) -> None:
+    """Generation 1 passes `minAccuracy`; generation 2's trainer measures nothing, and its pod
+    is gone (garbage-collected, a drained node) before the export ends, so the report is
+    rebuilt from status. Status must hold only what generation 2 measured: the gate fails
+    and generation 1 keeps serving."""
+    gate = {"minAccuracy": "0.5"}
+    cluster.apply(finetunejob("unmeasured", ns, serving={"gate": gate}))
+    first = _ready(cluster, ns, "unmeasured")
+    assert first["status"]["evaluation"]["accuracy"] == "0.8"
+
+    nothing = {"status": "Succeeded", "steps": 20, "trainLoss": 1.3}
+    patch = {
+        "metadata": {"annotations": {"kubetune.io/pod-metadata": pod_metadata(
+            train=succeed("1s", nothing), export=succeed("15s"))}},
+        "spec": {"training": {"epochs": 2}},
+    }  # fmt: skip
+    cluster.kubectl("patch", "ftj", "unmeasured", "-n", ns, "--type=merge", "-p", json.dumps(patch))
+
+    def trained_2(obj: dict[str, Any]) -> bool:
+        evaluation = (obj.get("status") or {}).get("evaluation") or {}
+        return evaluation.get("generation") == 2
+
+    trained = wait_ftj(cluster, ns, "unmeasured", trained_2, what="generation 2 trained")
+    evaluation = trained["status"]["evaluation"]
+    assert {"accuracy", "evalLoss", "baseEvalLoss", "baseAccuracy", "passed"}.isdisjoint(
+        evaluation
+    ), evaluation
+    trainers = "batch.kubernetes.io/job-name=unmeasured-g2-train"
+    cluster.kubectl("delete", "pods", "-n", ns, "-l", trainers, "--wait=true", "--timeout=30s")
+
+    failed = wait_ftj(cluster, ns, "unmeasured", has_condition("Ready", "False", "GateFailed"),
+                      timeout=60)  # fmt: skip
+    evaluation = failed["status"]["evaluation"]
+    assert evaluation["generation"] == 2 and evaluation["passed"] is False
+    assert "accuracy was not measured" in evaluation["message"], evaluation
+    assert "accuracy" not in evaluation
+    assert failed["status"]["serving"]["modelGeneration"] == 1
+    deployment = cluster.get("deployment", "unmeasured-server", ns)
+    assert deployment is not None
+    assert deployment["spec"]["template"]["metadata"]["annotations"][
+        "kubetune.io/model-generation"] == "1"  # fmt: skip
+
+
 def test_deleting_the_job_garbage_collects_every_child(cluster: Cluster, ns: str) -> None:
     cluster.apply(finetunejob("doomed", ns, storage={"size": "1Gi"}))
     make_claim(cluster, ns, claim="doomed-artifacts")
