@@ -686,3 +686,36 @@ def test_a_pod_that_posted_to_the_wrong_job_is_not_shut_out_of_its_own() -> None
     assert right[0].status == 202
     # The wrong job's refusal was remembered (one review for it), the right one reviewed.
     assert endpoint.cluster.requests["POST tokenreviews"] == 2
+
+
+class RecordedPatches:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def patch_status(self, _ns: str, _name: str, patch: dict[str, Any]) -> None:
+        self.sent.append(patch)
+
+
+def test_the_sinks_patch_is_the_whole_progress_of_the_reporting_generation() -> None:
+    """Status is merge-patched: each key the report lacks is set to null (not left from an
+    earlier report, or an earlier generation), and the progress names the generation of the
+    trainer that reported it, so reconcile can tell it from an earlier generation's."""
+    binding = Binding(namespace="ns", name="job", finetunejob_uid="u", job="job-g2-train",
+                      job_uid="j", generation=2, training_hash="h", pod_uid="p")
+
+    async def scenario() -> list[dict[str, Any]]:
+        client = RecordedPatches()
+        sink = ProgressSink(client, 0.0, lambda: "now")  # type: ignore[arg-type]
+        sink.submit(("ns", "job"), ProgressReport(step=3, total_steps=10), binding)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if client.sent:
+                break
+        return client.sent
+
+    (patch,) = asyncio.run(scenario())
+    assert patch == {"progress": {
+        "generation": 2, "step": 3, "totalSteps": 10, "percent": 30, "updateTime": "now",
+        "epoch": None, "trainLoss": None, "evalLoss": None, "tokensPerSecond": None,
+        "etaSeconds": None,
+    }}  # fmt: skip

@@ -435,3 +435,22 @@ def test_the_trainer_pod_going_away_changes_nothing_in_status() -> None:
     without_pod = [c for c in children if c["kind"] != "Pod"]
     again = observe({**job_body, "status": status}, without_pod, now="2026-01-01T02:00:00Z")
     assert again.status_patch == {}
+
+
+def test_a_new_generation_does_not_show_the_last_ones_progress() -> None:
+    """The controller decides the pass that creates generation 2's Job again with that Job as
+    the API server answered (Pending): generation 1's final progress (100 %) must not stay
+    as generation 2's; generation 2's own, once its trainer reports, stays."""
+    status, g1_children, served = _serving_generation_1()
+    assert status["progress"]["percent"] == 100
+    g2_body = body(spec_dict(serving={"gate": GATE}, training={"epochs": 1}), generation=2)
+    first = observe({**g2_body, "status": status}, [*g1_children, served])
+    (g2_job,) = applied(first, "Job")
+    children = [*g1_children, served, as_observed(g2_job)]
+    status = _status_after({**g2_body, "status": status}, children)
+    assert condition(status, "Trained")["reason"] == "Pending"
+    assert "progress" not in status
+    reported = {"step": 1, "totalSteps": 40, "percent": 2, "generation": 2,
+                "updateTime": "2026-01-01T00:01:00Z"}
+    again = observe({**g2_body, "status": {**status, "progress": reported}}, children)
+    assert "progress" not in again.status_patch

@@ -92,6 +92,8 @@ class PlanStatus(ApiModel):
 class ProgressStatus(ApiModel):
     """Live training progress reported by the trainer."""
 
+    generation: int | None = None
+    """The training generation this progress is of (see `evaluation.generation`)."""
     step: int = 0
     """Optimizer steps done."""
     total_steps: int | None = None

@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from kubetune.api import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.api.dataplane import ProgressReport
+from kubetune.api.status import ProgressStatus
 from kubetune.builders import naming
 from kubetune.builders.meta import legacy_training_hash, training_hash
 from kubetune.operator.client import ApiError, KubeClient
@@ -74,6 +75,17 @@ def progress_status(report: ProgressReport, now: str) -> dict[str, Any]:
         "updateTime": now,
     }
     return {k: v for k, v in progress.items() if v is not None}
+
+
+PROGRESS_KEYS = tuple(field.alias or name for name, field in ProgressStatus.model_fields.items())
+
+
+def progress_patch(report: ProgressReport, now: str, generation: int | None) -> dict[str, Any]:
+    """The `status` merge patch of a report: the whole progress of training `generation`.
+    A key the report lacks is set to null, since a merge patch would otherwise leave it from
+    an earlier report, or an earlier generation. Pure."""
+    progress = {**progress_status(report, now), "generation": generation}
+    return {"progress": {key: progress.get(key) for key in PROGRESS_KEYS}}
 
 
 class Refused(Exception):
@@ -394,8 +406,9 @@ class ProgressSink:
                     log.info("progress of %s/%s dropped: %s", *key, refused)
                     return
             self._last[key] = time.monotonic()
+            generation = binding.generation if binding is not None else None
             result = await self.client.patch_status(
-                key[0], key[1], {"progress": progress_status(report, self.clock())}
+                key[0], key[1], progress_patch(report, self.clock(), generation)
             )
             self.patches += 1
             if self.on_patched is not None and result is not None:

@@ -43,7 +43,13 @@ from kubetune.reconcile.readiness import (
     training_condition,
 )
 from kubetune.reconcile.runs import RunState, RunStatus, export_report, run_status
-from kubetune.reconcile.status import ServingView, build_status, serving_view, status_patch
+from kubetune.reconcile.status import (
+    ServingView,
+    build_status,
+    of_generation,
+    serving_view,
+    status_patch,
+)
 
 # ChildRef and current_generation are imported from here by callers and tests too.
 __all__ = [
@@ -213,7 +219,10 @@ def _report(
     if evaluation.get("generation") != generation:
         return None
     # Written from the pod's report in the same pass as the evaluation.
-    progress = previous.get("progress") or {}
+    kept_progress = previous.get("progress")
+    progress: Mapping[str, Any] = {}
+    if isinstance(kept_progress, Mapping) and of_generation(kept_progress, generation):
+        progress = kept_progress
     steps = progress.get("step")
     kept = {
         "evalLoss": evaluation.get("evalLoss"),

@@ -83,16 +83,19 @@ def decimal(value: Any) -> str | None:
         return None
 
 
-def _progress(training: RunStatus | None) -> Any:
+def _progress(training: RunStatus | None, generation: int, previous: Mapping[str, Any]) -> Any:
     """None clears progress (a new generation starts); a dict sets it, from the succeeded
     trainer pod's final report; `...` leaves it as it is: to the progress endpoint, which
-    patches it while training runs, and, once the pod is gone, as the final report set it."""
+    patches it while training runs, and, once the pod is gone, as the final report set it.
+    Progress of another training `generation` is cleared: the pass that creates a new
+    generation's Job sees it Pending, and the old progress says nothing of it."""
     if training is None or training.state is RunState.MISSING:
         return None
     report = training.report
     if training.state is RunState.SUCCEEDED and report:
         steps = report.steps or None
         progress = {
+            "generation": generation,
             "step": report.steps,
             "totalSteps": steps,
             "percent": 100,
@@ -102,7 +105,17 @@ def _progress(training: RunStatus | None) -> Any:
             "etaSeconds": 0,
         }
         return {k: v for k, v in progress.items() if v is not None}
+    if not of_generation(previous.get("progress"), generation):
+        return None
     return ...
+
+
+def of_generation(progress: Any, generation: int) -> bool:
+    """Whether `status.progress` may be of training `generation`: it says so, or it names no
+    generation (written by an operator before progress named one)."""
+    if not isinstance(progress, Mapping):
+        return False
+    return progress.get("generation") in (None, generation)
 
 
 def _artifacts(
@@ -187,7 +200,7 @@ def build_status(
         "plan": plan.to_wire() if plan is not None else None,
         "artifacts": _artifacts(owner, spec, training_generation, trained, exported),
     }
-    progress = _progress(training)
+    progress = _progress(training, training_generation, previous)
     if progress is not ...:
         status["progress"] = progress
     evaluation = _evaluation(training_generation, report, gate,
