@@ -21,6 +21,13 @@ from kubetune.api.names import (
     LABEL_VALUE_PATTERN,
     QUALIFIED_NAME,
 )
+from tests.cases.names import (
+    EXTENDED_BAD,
+    EXTENDED_GOOD,
+    LABEL_VALUES,
+    QUALIFIED_BAD,
+    QUALIFIED_GOOD,
+)
 
 # --- The reference: Kubernetes' Go code, line by line --------------------------------------
 
@@ -60,33 +67,6 @@ def k8s_is_extended_resource_name(value: str) -> bool:
     if native or value.startswith("requests."):
         return False
     return k8s_is_qualified_name("requests." + value)
-
-
-# --- Kubernetes' own test values ------------------------------------------------------------
-
-QUALIFIED_GOOD = [
-    "simple", "now-with-dashes", "1-starts-with-num", "1234", "simple/simple",
-    "now-with-dashes/simple", "now-with-dashes/now-with-dashes", "now.with.dots/now-with-dashes",
-    "now-with.dashes-and.dots/now-with-dashes", "now.with.dots/now-with-dashes-and.dots",
-    "1-num.2-num/3-num", "1234/5678", "1.2.3.4/5678", "Uppercase_Is_OK_123",
-    "example.com/Uppercase_Is_OK_123", "requests.storage-foo", "a" * 63,
-    "a" * 253 + "/" + "b" * 63, "node.kubernetes.io/instance-type",
-]
-QUALIFIED_BAD = [
-    "", "nospecialchars%^=@", "cantendwithadash-", "-cantstartwithadash-", "only/one/slash",
-    "Example.com/abc", "example_com/abc", "example.com/", "/simple", "a" * 64,
-    "a" * 254 + "/abc", "bad key!", "key\n", "a..b/c", "-a.com/b", "a.com-/b",
-]
-EXTENDED_GOOD = [
-    "nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915", "a/b", "example.com/Big_GPU.v2",
-    "a" * 244 + "/" + "b" * 63,
-]
-EXTENDED_BAD = [
-    "GPU Cards!", "gpu", "cpu", "kubernetes.io/gpu", "example.kubernetes.io/gpu",
-    "requests.example.com/gpu", "a" * 245 + "/b", "example.com/" + "b" * 64, "Example.com/gpu",
-    "example.com/gpu/x", "example.com/-gpu", "/gpu", "example.com/",
-]
-LABEL_VALUES = ["", "a", "A-b_c.d", "a" * 63, "a" * 64, "a b", "-a", "a-", "x\n", "ü"]
 
 
 @pytest.mark.parametrize("value", QUALIFIED_GOOD + QUALIFIED_BAD)
