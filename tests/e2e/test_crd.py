@@ -11,6 +11,14 @@ import pytest
 
 from kubetune.api.codegen.crd import dump_yaml, render_crd
 from tests.cases.manifests import INVALID_CASES, InvalidCase, base_manifest
+from tests.cases.names import (
+    EXTENDED_BAD,
+    EXTENDED_GOOD,
+    LABEL_VALUES,
+    NATIVE_RESOURCES,
+    QUALIFIED_BAD,
+    QUALIFIED_GOOD,
+)
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -83,3 +91,57 @@ def test_printer_columns(cluster: Any, crd: None, namespace: str) -> None:
     assert row.split()[1:5] == ["Training", "40", "1.23", "http://columns.ns.svc:8000/v1"]
     wide = cluster.kubectl("get", "finetunejobs.kubetune.io", "-n", namespace, "-o", "wide")
     assert "METHOD" in wide.stdout and "builtin://smollm2-135m-instruct" in wide.stdout
+
+
+def _verdicts(cluster: Any, namespace: str, objects: list[dict[str, Any]]) -> list[bool]:
+    """Whether the API server accepts each object (one server-side dry run for all of them)."""
+    result = cluster.kubectl(
+        "apply", "--server-side", "--dry-run=server", "-n", namespace, "-f", "-",
+        input="\n---\n".join(json.dumps(obj) for obj in objects), check=False,
+    )
+    return [f'"{obj["metadata"]["name"]}"' not in result.stderr for obj in objects]
+
+
+def _pod(name: str, node_selector: dict[str, str], limits: dict[str, str]) -> dict[str, Any]:
+    container = {"name": "c", "image": "example.invalid/x", "resources": {"limits": limits}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": [container], "nodeSelector": node_selector},
+    }
+
+
+def _job(name: str, resources: dict[str, Any]) -> dict[str, Any]:
+    manifest = base_manifest(name)
+    manifest["spec"]["resources"] = resources
+    return manifest
+
+
+def test_crd_and_pods_agree_on_label_keys_values_and_extended_resources(
+    cluster: Any, crd: None, namespace: str
+) -> None:
+    """Whatever the CRD accepts in nodeSelector and gpuResource, the API server accepts in the
+    trainer pods, and the CRD refuses only what Kubernetes refuses (Kubernetes' own test values
+    around every bound, tests/cases/names.py)."""
+    cases = [("key", key, key in QUALIFIED_GOOD) for key in QUALIFIED_GOOD + QUALIFIED_BAD]
+    cases += [("value", value, None) for value in LABEL_VALUES]  # None: as the pods say
+    cases += [("gpu", name, name in EXTENDED_GOOD) for name in EXTENDED_GOOD + EXTENDED_BAD]
+    jobs, pods = [], []
+    for i, (what, value, _) in enumerate(cases):
+        selector = {value: "x"} if what == "key" else {"example.com/k": value}
+        if what == "gpu":
+            jobs.append(_job(f"case-{i}", {"gpuResource": value}))
+            pods.append(_pod(f"case-{i}", {}, {value: "1"}))
+        else:
+            jobs.append(_job(f"case-{i}", {"nodeSelector": selector}))
+            pods.append(_pod(f"case-{i}", selector, {}))
+    crd_says = _verdicts(cluster, namespace, jobs)
+    pod_says = _verdicts(cluster, namespace, pods)
+    for (what, value, expected), crd_ok, pod_ok in zip(cases, crd_says, pod_says, strict=True):
+        if expected is not None:
+            assert crd_ok is expected, (what, value)
+        # The pods agree wherever the rule is Kubernetes' (native resources such as `cpu` are
+        # valid in a pod but are not a GPU's extended resource).
+        if value not in NATIVE_RESOURCES:
+            assert pod_ok is crd_ok, (what, value, "pod accepted" if pod_ok else "pod refused")

@@ -8,6 +8,7 @@ from typing import Any
 from kubetune.api import FineTuneJobSpec, PlanStatus
 from kubetune.builders.config import OperatorConfig
 from kubetune.reconcile.decide import Observed, Outcome, reconcile
+from kubetune.reconcile.refusals import Refusal
 
 NOW = "2026-01-01T00:00:00Z"
 CONFIG = OperatorConfig(allow_pod_metadata=True)
@@ -67,6 +68,7 @@ def observe(
     missing: list[str] | None = None,
     plan_error: str | None = None,
     now: str = NOW,
+    refused: list[Refusal] | None = None,
 ) -> Outcome:
     spec = FineTuneJobSpec.model_validate(job_body["spec"])
     resolved = (
@@ -82,6 +84,7 @@ def observe(
             missing=missing or [],
             children=children or [],
             now=now,
+            refused=refused or [],
         ),
         CONFIG,
     )

@@ -12,10 +12,13 @@ import asyncio
 import copy
 from typing import Any
 
+from kubetune.builders import naming
 from kubetune.builders.meta import Owner
 from kubetune.builders.serving import serving_service
 from kubetune.operator.applier import Applier
+from kubetune.operator.client import ApiError
 from kubetune.operator.lanes import Lanes
+from kubetune.reconcile.refusals import Refusal
 from tests.unit.operator_fixtures import body
 
 KEY = ("team", "demo")
@@ -68,3 +71,37 @@ def test_deleted_edited_and_lagging_children() -> None:
     normalised["spec"]["ports"][0]["targetPort"] = 8000
     _run(applier, service, [normalised])
     assert client.applied == ["demo-server"] * 3
+
+
+class RefusingClient(RecordingClient):
+    """Answers every apply as the API server answers an invalid object."""
+
+    async def apply(self, manifest: dict[str, Any], metadata_only: bool = False) -> Any:
+        self.applied.append(manifest["metadata"]["name"])
+        raise ApiError(
+            422, "PATCH", "/api/v1/namespaces/team/services/demo-server",
+            {"kind": "Status", "message": 'Service "demo-server" is invalid: spec.ports: Required'},
+        )
+
+
+def test_a_refused_child_is_remembered_with_the_servers_message_and_not_resent() -> None:
+    client = RefusingClient()
+    applier = Applier(client, Lanes())  # type: ignore[arg-type]
+    service = serving_service(Owner.from_body(body()))
+    _run(applier, service, [])
+    _run(applier, service, [])
+    assert client.applied == ["demo-server"]
+    assert applier.refusals(KEY) == [
+        Refusal(
+            kind="Service",
+            name="demo-server",
+            digest=service["metadata"]["annotations"][naming.ANNOTATION_HASH],
+            message='Service "demo-server" is invalid: spec.ports: Required',
+        )
+    ]
+    changed = copy.deepcopy(service)
+    changed["metadata"]["annotations"][naming.ANNOTATION_HASH] = "another"
+    _run(applier, changed, [])  # an edited spec renders another manifest: sent again
+    assert client.applied == ["demo-server"] * 2
+    applier.forget(KEY)
+    assert applier.refusals(KEY) == []

@@ -13,6 +13,18 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from kubetune.api.names import (
+    DNS1123_SUBDOMAIN_MAX,
+    DNS1123_SUBDOMAIN_PATTERN,
+    EXTENDED_RESOURCE_NAME,
+    EXTENDED_RESOURCE_NAME_MAX,
+    LABEL_VALUE,
+    LABEL_VALUE_MAX,
+    LABEL_VALUE_PATTERN,
+    QUALIFIED_NAME,
+    QUALIFIED_NAME_MAX,
+    NameRule,
+)
 from kubetune.api.rules import ApiModel, Rule
 
 MODEL_SCHEMES = ("hf", "pvc", "builtin", "file")
@@ -29,18 +41,53 @@ ShortString = Annotated[str, Field(max_length=253)]
 Uri = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
-def _scheme_rule(field: str, schemes: tuple[str, ...], builtins: tuple[str, ...]) -> Rule:
-    """`field` must be `<scheme>://...` or `builtin://<one of builtins>`."""
+PVC_SOURCE = NameRule(
+    (
+        f"pvc://{DNS1123_SUBDOMAIN_PATTERN}(/.*)?",
+        f"pvc://[^/]{{1,{DNS1123_SUBDOMAIN_MAX}}}(/.*)?",
+    )
+)
+"""`pvc://<claim>[/path]`: the claim must be a PersistentVolumeClaim name. `pvc:///path` (an
+empty claim) would mount no claim, make the existence check read the collection, and let the
+trainer read another path."""
+
+
+def _scheme_rule(
+    field: str, schemes: tuple[str, ...], builtins: tuple[str, ...], optional: bool = False
+) -> Rule:
+    """`field` must be `<scheme>://...`, `pvc://<claim>[/path]` or `builtin://<one of builtins>`;
+    an `optional` field may be left out."""
     # Names are plain [a-z0-9-] so the regex needs no escaping inside a CEL string literal.
     other = "|".join(scheme for scheme in schemes if scheme != "builtin")
-    pattern = rf"^(({other})://.+|builtin://({'|'.join(builtins)}))$"
+    pattern = rf"(({other})://.+|builtin://({'|'.join(builtins)}))"
     listed = ", ".join(f"{scheme}://" for scheme in schemes)
+    value = f"self.{field}"
+    cel = (
+        f"{value}.matches('^{pattern}$') && "
+        f"(!{value}.startsWith('pvc://') || {PVC_SOURCE.cel(value)})"
+    )
+
+    def check(obj: object) -> bool:
+        source = getattr(obj, field)
+        if source is None:
+            return optional
+        if re.fullmatch(pattern, source) is None:
+            return False
+        return not source.startswith("pvc://") or PVC_SOURCE.holds(source)
+
     return Rule(
-        cel=f"self.{field}.matches('{pattern}')",
-        message=f"{field} must start with one of {listed} (built-in: {', '.join(builtins)})",
-        check=lambda obj: re.match(pattern, getattr(obj, field)) is not None,
+        cel=f"!has({value}) || ({cel})" if optional else cel,
+        message=f"{field} must start with one of {listed} (built-in: {', '.join(builtins)}; "
+        "pvc://<claim>/<path> names a PersistentVolumeClaim: lowercase letters, digits, '-' "
+        "and '.')",
+        check=check,
         field_path=f".{field}",
     )
+
+
+def _dataset_source_rule(optional: bool) -> Rule:
+    """The rule of `dataset.source`, also for `dataset.validation.source` (optional there)."""
+    return _scheme_rule("source", DATASET_SCHEMES, BUILTIN_DATASETS, optional=optional)
 
 
 class SecretKeyRef(ApiModel):
@@ -98,6 +145,7 @@ class ValidationSpec(ApiModel):
             message="dataset.validation needs exactly one of source or splitPercent",
             check=lambda v: (v.source is None) != (v.split_percent is None),
         ),
+        _dataset_source_rule(optional=True),
     )
 
 
@@ -117,7 +165,7 @@ class DatasetSpec(ApiModel):
     secret_ref: SecretKeyRef | None = None
     """Secret holding a token for a private `hf://` dataset."""
 
-    rules = (_scheme_rule("source", DATASET_SCHEMES, BUILTIN_DATASETS),)
+    rules = (_dataset_source_rule(optional=False),)
 
 
 class Method(StrEnum):
@@ -222,8 +270,8 @@ class TrainingSpec(ApiModel):
 class Toleration(ApiModel):
     """A Kubernetes toleration, copied onto trainer pods."""
 
-    key: ShortString | None = None
-    """Taint key to tolerate; empty with `Exists` tolerates everything."""
+    key: Annotated[str, Field(max_length=QUALIFIED_NAME_MAX)] | None = None
+    """Taint key to tolerate (a label key); empty with `Exists` tolerates everything."""
     operator: Literal["Exists", "Equal"] = "Equal"
     """`Equal` matches `value`; `Exists` matches any value."""
     value: ShortString | None = None
@@ -232,6 +280,47 @@ class Toleration(ApiModel):
     """Taint effect to tolerate; empty tolerates all effects."""
     toleration_seconds: int | None = None
     """How long a `NoExecute` taint is tolerated."""
+
+    # What the API server checks in a pod's tolerations (ValidateTolerations): the trainer
+    # Job would be refused and the FineTuneJob wait forever.
+    rules = (
+        Rule(
+            cel=f"!has(self.key) || self.key == '' || {QUALIFIED_NAME.cel('self.key')}",
+            message="toleration key must be a label key: an optional DNS subdomain prefix and "
+            "'/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+            "letter or digit",
+            check=lambda t: not t.key or QUALIFIED_NAME.holds(t.key),
+            field_path=".key",
+        ),
+        Rule(
+            cel="(has(self.key) && self.key != '') || self.operator == 'Exists'",
+            message="a toleration without a key must have operator Exists",
+            check=lambda t: bool(t.key) or t.operator == "Exists",
+            field_path=".operator",
+        ),
+        Rule(
+            cel="self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            message="a toleration with operator Exists must not have a value",
+            check=lambda t: t.operator != "Exists" or not t.value,
+            field_path=".value",
+        ),
+        Rule(
+            cel=f"self.operator != 'Equal' || !has(self.value) || {LABEL_VALUE.cel('self.value')}",
+            message=f"toleration value must be a label value: at most {LABEL_VALUE_MAX} "
+            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+            check=lambda t: t.operator != "Equal" or t.value is None or LABEL_VALUE.holds(t.value),
+            field_path=".value",
+        ),
+        Rule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message="toleration tolerationSeconds needs effect NoExecute",
+            check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+            field_path=".tolerationSeconds",
+        ),
+    )
+
+
+LabelValue = Annotated[str, Field(max_length=LABEL_VALUE_MAX, pattern=LABEL_VALUE_PATTERN)]
 
 
 class ResourcesSpec(ApiModel):
@@ -242,12 +331,13 @@ class ResourcesSpec(ApiModel):
     gpus_per_node: Annotated[int, Field(ge=0, le=16)] = 1
     """GPUs per node, one training process each. 0 trains on CPUs (gloo), for laptops and
     CPU-only clusters."""
-    gpu_resource: ShortString = "nvidia.com/gpu"
-    """Extended resource name of the GPUs."""
+    gpu_resource: Annotated[str, Field(max_length=EXTENDED_RESOURCE_NAME_MAX)] = "nvidia.com/gpu"
+    """Extended resource name of the GPUs (`<domain>/<name>`, outside `kubernetes.io`)."""
     gpu_memory_gib: Annotated[int, Field(ge=1, le=1024, alias="gpuMemoryGiB")] = 80
     """Memory of one GPU, used by the planner to choose the ZeRO stage and micro-batch."""
-    node_selector: dict[str, str] | None = None
-    """Labels the trainer pods' nodes must carry."""
+    node_selector: Annotated[dict[str, LabelValue], Field(max_length=64)] | None = None
+    """Labels the trainer pods' nodes must carry (keys and values as Kubernetes labels; at
+    most 64, which bounds the admission rule's cost)."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
     """Extra tolerations for trainer pods (the GPU taint `<gpuResource>` is tolerated
     already)."""
@@ -258,6 +348,28 @@ class ResourcesSpec(ApiModel):
     shared_memory: Quantity = "8Gi"
     """Size of the in-memory `/dev/shm` volume (NCCL and data loaders need more than the
     container default of 64Mi)."""
+
+    # Pods carrying these would be refused by the API server and the job wait forever.
+    rules = (
+        Rule(
+            cel=EXTENDED_RESOURCE_NAME.cel("self.gpuResource"),
+            message="resources.gpuResource must be an extended resource name such as "
+            "nvidia.com/gpu: a DNS subdomain (not requests.*, not in kubernetes.io), '/', "
+            "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter "
+            "or digit",
+            check=lambda r: EXTENDED_RESOURCE_NAME.holds(r.gpu_resource),
+            field_path=".gpuResource",
+        ),
+        Rule(
+            cel=f"!has(self.nodeSelector) || "
+            f"self.nodeSelector.all(key, {QUALIFIED_NAME.cel('key')})",
+            message="resources.nodeSelector keys must be label keys: an optional DNS subdomain "
+            "prefix and '/', then at most 63 letters, digits, '-', '_' or '.', starting and "
+            "ending with a letter or digit",
+            check=lambda r: all(QUALIFIED_NAME.holds(key) for key in r.node_selector or {}),
+            field_path=".nodeSelector",
+        ),
+    )
 
 
 class ZeroOffload(StrEnum):

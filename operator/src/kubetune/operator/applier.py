@@ -19,6 +19,7 @@ from kubetune.builders import naming
 from kubetune.operator.client import ApiError, KubeClient
 from kubetune.operator.lanes import Lanes
 from kubetune.reconcile.drift import should_apply
+from kubetune.reconcile.refusals import Refusal
 from kubetune.reconcile.runs import slim
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Sent:
     seen: bool = False
     """The index has shown this version (or a newer one) since: if the child is missing
     now, someone deleted it, and it is sent again."""
+    refused: str | None = None
+    """The API server's message when it refused this manifest (400/422)."""
 
 
 @dataclass
@@ -82,6 +85,15 @@ class Applier:
         if applied is not None:
             applied.sent.pop((kind, name), None)
             applied.deleting.discard((kind, name))
+
+    def refusals(self, key: Key) -> list[Refusal]:
+        """The children of this FineTuneJob that the API server refused, with its message."""
+        applied = self._records.get(key)
+        return [
+            Refusal(kind=kind, name=name, digest=sent.digest, message=sent.refused)
+            for (kind, name), sent in (applied.sent.items() if applied else ())
+            if sent.refused is not None
+        ]
 
     def needs_apply(
         self, key: Key, manifest: Mapping[str, Any], observed: Mapping[tuple[str, str], Any]
@@ -160,8 +172,9 @@ class Applier:
             if error.status not in (400, 422):
                 raise
             # Invalid or immutable (e.g. a Job's pod template): retrying cannot help.
+            # The refusal is kept for the status (`refusals`): the job must say why it waits.
             log.warning("%s/%s: cannot apply %s %s: %s", *key, *ref, error)
-            self._records[key].sent[ref] = Sent(digest, UNSENDABLE)
+            self._records[key].sent[ref] = Sent(digest, UNSENDABLE, refused=error.message)
             return None
         self._records[key].sent[ref] = Sent(digest, resource_version(result))
         self._records[key].deleting.discard(ref)

@@ -48,6 +48,8 @@ class ApiError(RuntimeError):
     def __init__(self, status: int, method: str, path: str, body: Any) -> None:
         self.status = status
         message = body.get("message") if isinstance(body, dict) else str(body)[:300]
+        self.message = str(message)
+        """The API server's own words (its Status `message`), for conditions users read."""
         super().__init__(f"{method} {path}: HTTP {status}: {message}")
 
 

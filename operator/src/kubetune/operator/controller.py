@@ -146,14 +146,19 @@ class Controller:
             missing=missing,
             children=children,
             now=self.clock(),
+            refused=self._applier.refusals(key),
         )
         outcome = reconcile(observed, self.config)
         applied = await self._applier.apply(key, outcome.apply, children)
-        if applied:
+        refused = self._applier.refusals(key)
+        if applied or refused != list(observed.refused):
             # Decide the status again with what the apply responses say (a new Job is already
-            # Queued or Pending): one status patch now instead of a second one when the
-            # watch delivers the Job. What else this pass would apply waits for that event.
-            observed = dataclasses.replace(observed, children=updated_children(children, applied))
+            # Queued or Pending; a child the API server refused is reported with its message):
+            # one status patch now instead of a second one when the watch delivers the Job.
+            # What else this pass would apply waits for that event.
+            observed = dataclasses.replace(
+                observed, children=updated_children(children, applied), refused=refused
+            )
             outcome = reconcile(observed, self.config)
         await self._applier.delete(key, outcome.delete)
         if outcome.status_patch:

@@ -42,6 +42,7 @@ from kubetune.reconcile.readiness import (
     serving_condition,
     training_condition,
 )
+from kubetune.reconcile.refusals import Refusal, refusal_conditions
 from kubetune.reconcile.runs import RunState, RunStatus, export_report, run_status
 from kubetune.reconcile.status import (
     ServingView,
@@ -80,6 +81,8 @@ class Observed:
     """Objects labelled `kubetune.io/job=<name>` (Jobs, Pods, Deployments, ...), with `kind`."""
     now: str
     """RFC 3339 time, for condition transitions."""
+    refused: Sequence[Refusal] = ()
+    """Children the API server refused to store, as the applier remembers them."""
 
 
 @dataclass
@@ -179,6 +182,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             ]
         view = ServingView()
     conds[T.SERVING] = serving_condition(view, spec.serving.enabled, endpoint)
+    conds.update(refusal_conditions(outcome.apply, obs.refused))
     conds[T.READY] = ready_condition(conds, generation, spec.serving.enabled, gate, view)
 
     merged = merge(previous.get("conditions"), conds.values(), spec_generation, obs.now)

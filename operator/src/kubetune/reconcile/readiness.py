@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from kubetune.api import ConditionType
 from kubetune.api.dataplane import TrainingReport
 from kubetune.reconcile.conditions import Cond
+from kubetune.reconcile.refusals import REASON as REFUSED
 from kubetune.reconcile.runs import RunState, RunStatus
 from kubetune.reconcile.status import ServingView
 
@@ -96,6 +97,10 @@ def ready_condition(
         return Cond(T.READY, "False", "Exporting", exported.message)
     if gate is not None and not gate[0]:
         return Cond(T.READY, "False", "GateFailed", f"generation {generation}: {gate[1]}{keeps}")
+    serving = conds.get(T.SERVING)
+    if serving is not None and serving.status == "False" and serving.reason == REFUSED:
+        message = f"generation {generation}: {serving.message}"
+        return Cond(T.READY, "False", "ServingFailed", message)
     if view.serving_generation == generation and view.rolled_out:
         return Cond(T.READY, "True", "Serving", f"generation {generation} is serving")
     return Cond(T.READY, "False", "Deploying", f"rolling out generation {generation}")
