@@ -99,6 +99,25 @@ def test_bad_dataset_line_is_named(tmp_path: Path) -> None:
     assert "assistant" in result.stderr
 
 
+def test_bad_test_split_line_is_named_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--test` is read only after training and export: a bad line once cost the whole run
+    # and then ended in a traceback (exit 1) instead of file:line.
+    from kubetune.local import run as local_run
+
+    monkeypatch.setattr(local_run, "execute", lambda *a: pytest.fail("the run started"))
+    data = {"train": tmp_path / "t.jsonl", "validation": tmp_path / "v.jsonl"}
+    test_split = tmp_path / "test.jsonl"
+    test_split.write_text('{"messages": [{"role": "user", "content": "a\u2028b"},'
+                          ' {"role": "assistant", "content": "c"}]}\n{"messages": 3}\n')
+    manifest = _manifest(tmp_path, data, 2, True)
+    code = kubetune_main(["run", str(manifest), "--output", str(tmp_path / "run"),
+                          "--test", str(test_split)])
+    assert code == 2
+    assert f"{test_split}:2: " in capsys.readouterr().err
+
+
 def test_a_run_dir_of_another_spec_is_refused(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from kubetune.api import load_manifest

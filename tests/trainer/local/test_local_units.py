@@ -173,3 +173,28 @@ def test_test_split_scores_without_a_base_are_measured_again() -> None:
     measured = scores.model_copy(update={"base": Score(accuracy=0.0, correct=0, total=100)})
     assert still_valid(measured, Path("t.jsonl"), "INT4-GPTQ") is measured
     assert still_valid(measured, Path("t.jsonl"), "FP32") is None
+
+
+def test_test_split_lines_end_at_newline_only_and_bad_ones_are_named(tmp_path: Path) -> None:
+    from kubetune.local.evaluate import load_chat_examples
+
+    def record(user: str, assistant: object) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": user},
+                                        {"role": "assistant", "content": assistant}]},
+                          ensure_ascii=False)
+
+    path = tmp_path / "test.jsonl"
+    path.write_text(record("a\u2028b", "x") + "\n" + record("c\u0085d", "y") + "\n",
+                    encoding="utf-8")
+    assert load_chat_examples(path) == [([{"role": "user", "content": "a\u2028b"}], "x"),
+                                        ([{"role": "user", "content": "c\u0085d"}], "y")]
+    for bad, problem in [('{"messages": [1]}', "messages[0]"),
+                         ('{"messages": [{"role": "user"}]}', "content"),
+                         (record("q", 5), "content"),
+                         ('{"n": ' + "9" * 4400 + "}", "4300"),
+                         ("[]", "object")]:
+        path.write_text(record("q", "a") + "\n\n" + bad + "\n", encoding="utf-8")
+        with pytest.raises(ValueError) as caught:
+            load_chat_examples(path)
+        assert str(caught.value).startswith(f"{path}:3: "), bad
+        assert problem in str(caught.value), (bad, str(caught.value))

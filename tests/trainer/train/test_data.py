@@ -94,3 +94,52 @@ def test_first_record_of_unknown_shape_cannot_be_detected(tmp_path: Path) -> Non
     path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(DatasetError, match=r"data\.jsonl:1: cannot detect the format"):
         load_examples(path)
+
+
+def _chat_record(content: str) -> str:
+    """A Chat record written as many tools write JSONL: raw non-ASCII characters."""
+    return json.dumps({"messages": [{"role": "user", "content": content},
+                                    {"role": "assistant", "content": "ok"}]},
+                      ensure_ascii=False)
+
+
+def test_line_and_paragraph_separators_inside_strings_do_not_end_a_line(
+        tmp_path: Path) -> None:
+    # U+2028, U+2029 and U+0085 are legal raw inside JSON strings (json.dumps with
+    # ensure_ascii=False writes them so); only "\n" ends a JSONL line.
+    path = tmp_path / "t.jsonl"
+    separators = ["a\u2028b", "c\u2029d", "e\u0085f"]
+    path.write_text("".join(_chat_record(text) + "\n" for text in separators)
+                    + '{"messages": "late"}\n', encoding="utf-8")
+    with pytest.raises(DatasetError) as caught:
+        load_examples(path)
+    assert str(caught.value).startswith(f"{path}:4: ")  # the line number has not shifted
+    path.write_text("".join(_chat_record(text) + "\r\n" for text in separators),
+                    encoding="utf-8")
+    fmt, examples = load_examples(path)
+    assert fmt == "Chat" and [e.line for e in examples] == [1, 2, 3]
+    assert [e.messages[0][1] for e in examples] == separators
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    # Python refuses to turn more than 4300 digits into an int (a ValueError, not a
+    # JSONDecodeError): once a bare ValueError, exit code 1, retried.
+    ('{"text": "x", "n": ' + "1" * 4301 + "}", "4300"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (b'{"text": "caf\xe9"}', "not UTF-8"),
+])
+def test_lines_json_cannot_decode_name_file_and_line(tmp_path: Path, line: str | bytes,
+                                                     problem: str) -> None:
+    path = tmp_path / "t.jsonl"
+    raw = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(_chat_record("fine").encode() + b"\n\n" + raw + b"\n")
+    with pytest.raises(DatasetError) as caught:
+        load_examples(path)
+    assert caught.value.line == 3
+    assert str(caught.value).startswith(f"{path}:3: ") and problem in str(caught.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _chat_record("hi").encode() + b"\n")
+    assert load_examples(path)[0] == "Chat"

@@ -122,3 +122,16 @@ def test_bad_dataset_line_exits_2_before_the_model_loads(tmp_path: Path,
     assert report["error"] == f"{train_file}:5: no assistant message: nothing to learn from " \
                               "(format Chat)"
     assert json.loads((tmp_path / "termination-log").read_text())["status"] == "Failed"
+
+
+def test_undecodable_dataset_line_exits_2_naming_file_and_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        tiny_dataset: tuple[Path, Path]) -> None:
+    # json.loads raises a plain ValueError (not JSONDecodeError) for an integer of more than
+    # 4300 digits: once exit code 1, retried as a crash, with no file:line.
+    train_file, validation = tiny_dataset
+    with train_file.open("a") as handle:
+        handle.write('{"text": "x", "tokens": ' + "7" * 5000 + "}\n")
+    code, report = _main(tmp_path, run_config(train_file, validation), monkeypatch)
+    assert code == CONFIG_ERROR_EXIT_CODE
+    assert report["error"].startswith(f"{train_file}:5: ")

@@ -1,7 +1,8 @@
 """KubeTune's data plane: `python -m kubetune_trainer train|export|serve`, in pods and locally.
 
 Shared leaves: `errors`, `allocator` (the trainer's malloc), `runconfig` (reading `run.json`),
-`sources` and `builtin` (where a model or dataset comes from), `tokenizer` (the serving
+`sources` and `builtin` (where a model or dataset comes from), `hub` (which Hub failures are
+worth retrying), `tokenizer` (the serving
 tokenizer), `heldout` (the held-out and calibration tokens the trainer leaves the exporter),
 `genai_model` (an exported decoder's layout as plain ONNX Runtime runs it) and
 the shipped `datasets/`.

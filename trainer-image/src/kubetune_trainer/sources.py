@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.api.dataplane import DATASET_TOKEN_ENV, MODEL_TOKEN_ENV
+from kubetune_trainer import hub
 from kubetune_trainer.errors import ConfigError
 
 DATASETS_DIR = Path(__file__).parent / "datasets"
@@ -68,8 +69,9 @@ def resolve_model(uri: str, revision: str | None = None) -> ModelLocation:
     raise ConfigError(f"spec.model.source: unsupported scheme {scheme!r} in {uri!r}")
 
 
-def resolve_dataset(uri: str) -> Path:
-    """Map a dataset URI to a local JSONL file (builtin: `datasets/<name>/train.jsonl`)."""
+def resolve_dataset(uri: str, field: str = "spec.dataset.source") -> Path:
+    """Map a dataset URI to a local JSONL file (builtin: `datasets/<name>/train.jsonl`);
+    errors name `field`, the spec field the URI came from."""
     scheme, rest = _split(uri)
     if scheme == "builtin":
         path = DATASETS_DIR / rest / "train.jsonl"
@@ -78,7 +80,7 @@ def resolve_dataset(uri: str) -> Path:
     elif scheme == "pvc":
         path = pvc_path(rest)
     elif scheme == "hf":
-        path = _hub_dataset_file(rest)
+        path = _hub_dataset_file(rest, field)
     else:
         raise ConfigError(f"dataset source: unsupported scheme {scheme!r} in {uri!r}")
     if not path.is_file():
@@ -100,18 +102,14 @@ def dataset_token() -> str | None:
     return os.environ.get(DATASET_TOKEN_ENV) or os.environ.get(MODEL_TOKEN_ENV) or None
 
 
-def _hub_dataset_file(repo_and_file: str) -> Path:
+def _hub_dataset_file(repo_and_file: str, field: str) -> Path:
     """`hf://org/name[/file.jsonl]` -> a JSONL file of that dataset repo, from the local cache
     when offline (the default file is `train.jsonl`)."""
     parts = repo_and_file.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "train.jsonl"
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        return Path(
-            hf_hub_download(
-                repo, filename, repo_type="dataset", token=dataset_token()
-            )
-        )
-    except Exception as error:  # the hub raises many types; all mean "not available"
-        raise ConfigError(f"dataset hf://{repo_and_file}: {error}") from error
+    # A repository that does not exist or refuses the token is a configuration error; the
+    # network failing is not, and propagates to be retried (`hub.classify`).
+    with hub.configuration_errors(f"{field} hf://{repo_and_file}"):
+        return Path(hf_hub_download(repo, filename, repo_type="dataset", token=dataset_token()))

@@ -16,14 +16,18 @@ code and every rule they both apply:
 - `exact_match`: when a generated answer counts as the reference answer.
 - `cache_root`: where converted models are cached on a machine.
 - `write_termination_message`: how a data-plane pod hands its short report to the operator.
+- `read_jsonl`: how a JSONL dataset splits into numbered records (the trainer's datasets and
+  `kubetune run`'s test split), with `JsonlError` naming the file and line of a bad one.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -368,3 +372,65 @@ def cache_root() -> Path:
     `kubetune` under `$XDG_CACHE_HOME` (default `~/.cache`)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
     return Path(os.environ.get("KUBETUNE_CACHE", default))
+
+
+class JsonlError(ValueError):
+    """A JSONL file cannot be read, or one of its lines is not a JSON value. The message is
+    `file:line: problem` (`file: problem` when no line is to blame)."""
+
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {problem}")
+        self.path = path
+        self.line = line
+        self.problem = problem
+
+
+_JSON_WHITESPACE = b" \t\r"
+"""What may surround a JSON value on a line (RFC 8259; "\n" ends the line). A line of only
+this is blank and skipped; a "\r\n" line end leaves a "\r" that JSON ignores."""
+
+
+def _decode_json_line(raw: bytes) -> object:
+    """One line's JSON value; raises ValueError with what is wrong, in a reader's words."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8: byte 0x{raw[error.start]:02x} at byte "
+                         f"{error.start + 1} of the line") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply to read") from None
+    except ValueError as error:
+        # Python refuses integers of more than sys.get_int_max_str_digits() (4300) digits:
+        # a plain ValueError, not a JSONDecodeError. The hint to raise the limit is for
+        # programmers, not for whoever wrote the dataset.
+        raise ValueError(f"invalid JSON: {str(error).split(';')[0]}") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """The JSON value of each non-blank line of a JSONL file, with its 1-based line number.
+
+    Lines end at "\n" only: `str.splitlines()` also ends them at U+2028, U+2029, U+0085 and
+    other characters that are legal raw inside JSON strings (`json.dumps(...,
+    ensure_ascii=False)` writes them so), which would cut a valid record in two and shift
+    every later line number. A UTF-8 byte order mark before the first line is ignored.
+    Raises `JsonlError` naming the file and the line of the first line that cannot be read.
+    """
+    name = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise JsonlError(name, None, f"cannot read: {error.strerror or error}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip(_JSON_WHITESPACE):
+            continue
+        try:
+            value = _decode_json_line(raw)
+        except ValueError as error:
+            raise JsonlError(name, number, str(error)) from None
+        yield number, value

@@ -12,21 +12,36 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.dataplane import AutoChoice, Score, exact_match
+from kubetune.api.dataplane import AutoChoice, JsonlError, Score, exact_match, read_jsonl
+
+
+def _chat_turns(record: object) -> list[dict[str, str]]:
+    """A Chat record's messages, each with a string role and content (raises ValueError)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError('not a Chat record: "messages" must be a list')
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f'messages[{index}] needs a string "{key}"')
+    return messages
 
 
 def load_chat_examples(path: Path) -> list[tuple[list[dict[str, str]], str]]:
-    """(prompt messages, reference answer) for every Chat record ending in an assistant turn."""
+    """(prompt messages, reference answer) for every Chat record ending in an assistant turn.
+    A bad line raises `JsonlError` (a ValueError): `file:line: problem`."""
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path):
         try:
-            messages = json.loads(line)["messages"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: not a Chat record ({error})") from None
-        if messages and messages[-1].get("role") == "assistant":
-            examples.append((messages[:-1], str(messages[-1]["content"])))
+            messages = _chat_turns(record)
+        except ValueError as error:
+            raise JsonlError(str(path), number, str(error)) from None
+        if messages and messages[-1]["role"] == "assistant":
+            examples.append((messages[:-1], messages[-1]["content"]))
     return examples
 
 

@@ -4,6 +4,9 @@ The commands are built by pure functions (tested without running anything). Chil
 their own process group, so a Ctrl-C in the terminal reaches only `kubetune run`, which
 forwards it to the child and waits: the trainer stops after writing its checkpoint atomically,
 torchrun passes the signal on to its ranks, and nothing is killed half-way through a write.
+Each further Ctrl-C sends the next, harder signal (SIGTERM, then SIGKILL), also while
+`Child.stop` waits, which never returns before the child has ended: a child left running would
+go on writing the run directory with no terminal to stop it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -72,6 +76,33 @@ class Interrupted(Exception):
     """The user pressed Ctrl-C; the child has stopped."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+"""What stops a child, politest first: the trainer checkpoints on SIGINT or SIGTERM."""
+POLL_SECONDS = 0.1
+"""How often `Child.stop` looks whether a Ctrl-C asked it to hurry."""
+
+
+@contextlib.contextmanager
+def _signals_call(handler: Callable[[], None], signums: tuple[int, ...]) -> Iterator[None]:
+    """While the block runs, `signums` call `handler` instead of what they did before.
+
+    Signal handlers can only be set from the main thread; elsewhere (a test's helper thread)
+    the handlers stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def call(signum: int, frame: FrameType | None) -> None:
+        handler()
+
+    previous = {signum: signal.signal(signum, call) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, restored in previous.items():
+            signal.signal(signum, restored)
+
+
 class Child:
     """A data-plane process whose output goes to a log file, stopped politely on Ctrl-C."""
 
@@ -88,22 +119,39 @@ class Child:
             start_new_session=True,  # the terminal's Ctrl-C reaches us, not the child directly
             preexec_fn=_default_sigint,
         )
-        self.interrupts = 0
+        self.stop_signals_sent = 0
 
     def signal(self, signum: int) -> None:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 os.killpg(self.process.pid, signum)
 
+    def escalate(self) -> None:
+        """Send the next of `STOP_SIGNALS` (SIGKILL again once all were sent)."""
+        signum = STOP_SIGNALS[min(self.stop_signals_sent, len(STOP_SIGNALS) - 1)]
+        self.stop_signals_sent += 1
+        self.signal(signum)
+
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGINT, then SIGTERM, then SIGKILL if the child will not end."""
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            self.signal(signum)
-            try:
-                return self.wait(timeout)
-            except subprocess.TimeoutExpired:
-                continue
-        return self.wait(None)
+        """End the child: SIGINT, then SIGTERM, then SIGKILL, each after `timeout` s in which
+        it did not end (a signal `run_child` already forwarded counts as sent).
+
+        A Ctrl-C (or SIGTERM) while this waits sends the next signal at once and waits on: the
+        child runs in a session of its own, so raising KeyboardInterrupt out of the wait, as
+        Python's default handler would, leaves it running and writing the run directory."""
+        with _signals_call(self.escalate, (signal.SIGINT, signal.SIGTERM)):
+            if self.stop_signals_sent == 0:
+                self.escalate()
+            sent, deadline = self.stop_signals_sent, time.monotonic() + timeout
+            while True:
+                try:
+                    return self.wait(POLL_SECONDS)
+                except subprocess.TimeoutExpired:
+                    pass
+                if self.stop_signals_sent == sent and time.monotonic() >= deadline:
+                    self.escalate()
+                if self.stop_signals_sent != sent:  # a Ctrl-C, or the deadline
+                    sent, deadline = self.stop_signals_sent, time.monotonic() + timeout
 
     def wait(self, timeout: float | None) -> int:
         code = self.process.wait(timeout)
@@ -124,32 +172,33 @@ def run_child(
     """Wait for `child`, calling `on_tick` periodically (progress). Ctrl-C is forwarded.
 
     The first Ctrl-C sends SIGINT to the child and keeps waiting; a second one sends SIGTERM;
-    a third kills it. Raises Interrupted once the child has ended after an interrupt.
+    a third kills it. Raises Interrupted once the child has ended after an interrupt. Left
+    early by an exception (SIGTERM, an error), it stops the child before returning.
     """
+    interrupted = False
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        child.interrupts += 1
-        escalation = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
-        child.signal(escalation[min(child.interrupts, 3) - 1])
+    def forward() -> None:
+        nonlocal interrupted
+        interrupted = True
+        child.escalate()
 
-    previous = signal.signal(signal.SIGINT, forward)
     try:
-        while True:
-            try:
-                code = child.process.wait(tick_seconds)
-                break
-            except subprocess.TimeoutExpired:
-                if on_tick:
-                    on_tick()
-        if on_tick:
-            on_tick()
+        with _signals_call(forward, (signal.SIGINT,)):
+            while True:
+                try:
+                    code = child.process.wait(tick_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_tick:
+                        on_tick()
+            if on_tick:
+                on_tick()
     finally:
-        signal.signal(signal.SIGINT, previous)
         if child.process.poll() is None:  # left early by an exception (SIGTERM, an error)
             child.stop()
         if not child._log.closed:
             child._log.close()
-    if child.interrupts:
+    if interrupted:
         raise Interrupted(f"interrupted; the child exited with code {code}")
     return code
 

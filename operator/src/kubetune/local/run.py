@@ -16,6 +16,7 @@ from typing import Any
 
 from kubetune.api import FineTuneJob, ManifestError, RunConfig, load_manifest
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, GateVerdict, TrainingReport
+from kubetune.local.evaluate import load_chat_examples
 from kubetune.local.modelconfig import read_model_config
 from kubetune.local.processes import (
     Child,
@@ -71,6 +72,11 @@ def run_main(args: argparse.Namespace) -> int:
         return fail(str(error), CONFIG_ERROR_EXIT_CODE)
     except OSError as error:
         return fail(f"cannot read {args.file}: {error}", CONFIG_ERROR_EXIT_CODE)
+    if args.test is not None:
+        # Read now, not after training and export: a bad line must not cost the run.
+        problem = test_split_problem(args.test)
+        if problem is not None:
+            return fail(problem, CONFIG_ERROR_EXIT_CODE)
     run_dir: Path = args.output or Path("runs") / job.metadata.name
     terminate_like_ctrl_c()
     try:
@@ -83,6 +89,17 @@ def run_main(args: argparse.Namespace) -> int:
         print("\nStopped. Run the same command again to resume from the newest checkpoint.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def test_split_problem(path: Path) -> str | None:
+    """What is wrong with a `--test` file (`file:line: problem`), or None."""
+    try:
+        examples = load_chat_examples(path)
+    except ValueError as error:  # JsonlError
+        return f"--test {error}"
+    if not examples:
+        return f"--test {path}: no Chat record ends in an assistant turn to compare with"
+    return None
 
 
 def build_run_config(job: FineTuneJob) -> RunConfig:

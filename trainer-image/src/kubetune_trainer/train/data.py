@@ -15,12 +15,12 @@ Every problem raises `DatasetError` naming the file, the 1-based line number and
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.dataplane import JsonlError, read_jsonl
 from kubetune_trainer.errors import DatasetError
 
 FORMATS = ("Chat", "Instruction", "Completion", "Text")
@@ -131,34 +131,28 @@ def parse_record(record: Any, fmt: str, line: int) -> Example:
 
 
 def load_examples(path: Path, fmt: str = "Auto") -> tuple[str, list[Example]]:
-    """All records of a JSONL file, checked; returns the (detected) format and the examples."""
+    """All records of a JSONL file, checked; returns the (detected) format and the examples.
+    Lines are split and decoded by `kubetune.api.dataplane.read_jsonl` (at "\n" only)."""
     name = str(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(name, None, f"cannot read: {error}") from error
     examples: list[Example] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise DatasetError(name, number, f"invalid JSON: {error.msg}") from error
-        if fmt == "Auto":
-            detected = detect_format(record) if isinstance(record, dict) else None
-            if detected is None:
-                raise DatasetError(
-                    name,
-                    number,
-                    "cannot detect the format: expected a messages, instruction/output, "
-                    "prompt/completion or text key",
-                )
-            fmt = detected
-        try:
-            examples.append(parse_record(record, fmt, number))
-        except ValueError as error:
-            raise DatasetError(name, number, f"{error} (format {fmt})") from error
+    try:
+        for number, record in read_jsonl(path):
+            if fmt == "Auto":
+                detected = detect_format(record) if isinstance(record, dict) else None
+                if detected is None:
+                    raise DatasetError(
+                        name,
+                        number,
+                        "cannot detect the format: expected a messages, instruction/output, "
+                        "prompt/completion or text key",
+                    )
+                fmt = detected
+            try:
+                examples.append(parse_record(record, fmt, number))
+            except ValueError as error:
+                raise DatasetError(name, number, f"{error} (format {fmt})") from error
+    except JsonlError as error:
+        raise DatasetError(error.path, error.line, error.problem) from None
     if not examples:
         raise DatasetError(name, None, "contains no records")
     return fmt, examples

@@ -31,7 +31,9 @@ def load_datasets(run: RunConfig) -> tuple[str, list[Example], list[Example]]:
     fmt, train = load_examples(sources.resolve_dataset(dataset.source), dataset.format.value)
     validation: list[Example] = []
     if dataset.validation and dataset.validation.source:
-        _, validation = load_examples(sources.resolve_dataset(dataset.validation.source), fmt)
+        validation_file = sources.resolve_dataset(dataset.validation.source,
+                                                  "spec.dataset.validation.source")
+        _, validation = load_examples(validation_file, fmt)
     elif dataset.validation and dataset.validation.split_percent:
         if len(train) < 2:
             raise ConfigError(f"{dataset.source}: too few records to split off a validation set")

@@ -8,10 +8,11 @@ always checkpointed), write `adapter/`, evaluate the result, write `merged/`,
 The adapter is saved before the greedy evaluation and the final checkpoint before both, so
 a crash in either costs no training.
 
-Exit codes: 0 success, 2 configuration error (bad run config, dataset or model source: not
-retryable), 143 stopped by SIGTERM or SIGINT after checkpointing at a step boundary
-(`STOPPED_EXIT_CODE`, `stop.py`; retryable), 1 any other failure (retryable: a restart
-resumes from the newest usable checkpoint).
+Exit codes: 0 success, 2 configuration error (bad run config, dataset or model source, a Hub
+repository that does not exist or refuses the token (`hub.py`): not retryable), 143 stopped
+by SIGTERM or SIGINT after checkpointing at a step boundary (`STOPPED_EXIT_CODE`, `stop.py`;
+retryable), 1 any other failure (retryable: a restart resumes from the newest usable
+checkpoint; the network or the Hub failing is one).
 Under `torchrun` every rank runs this; rank 0 writes the outputs and reports. See
 `distributed.py` for how the node rank reaches torchrun, `report.py` for the report schema.
 """
@@ -32,7 +33,7 @@ import torch
 from kubetune.api import RunConfig
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, TrainingReport
 from kubetune.api.spec import Method
-from kubetune_trainer import allocator, runconfig, sources
+from kubetune_trainer import allocator, hub, runconfig, sources
 from kubetune_trainer.errors import ConfigError, Stopped
 from kubetune_trainer.heldout import Calibration, HeldOut, HeldOutRecord
 from kubetune_trainer.train import checkpoint, distributed, outputs, plancheck
@@ -72,8 +73,11 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
     report.test_split = str(test_split) if test_split is not None else None
     fmt, train_examples, validation_examples = load_datasets(run)
     location = sources.resolve_model(spec.model.source, spec.model.revision)
+    model_source = f"spec.model.source {spec.model.source}" + (
+        f" (revision {spec.model.revision})" if spec.model.revision else "")
     report.plan_mismatch = plancheck.check(run, location)
-    tokenizer = models.load_tokenizer(location, spec)
+    with hub.configuration_errors(model_source):  # a missing repository is not retried
+        tokenizer = models.load_tokenizer(location, spec)
     data = prepare(run, tokenizer, fmt, train_examples, validation_examples, ranks.world)
     report.format, report.total_steps = fmt, data.schedule.total_steps
     report.train_records, report.world_size = len(data.train), ranks.world
@@ -88,7 +92,9 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
     use_ds = dsconfig.uses_deepspeed(run, ranks.world)
     distributed.init(ranks, use_ds)
     _seed(spec.training.seed)
-    base = models.load_base(location, spec, quantized=spec.method is Method.QLORA, device=device)
+    with hub.configuration_errors(model_source):
+        base = models.load_base(location, spec, quantized=spec.method is Method.QLORA,
+                                device=device)
     model = models.prepare(base, spec)
     if spec.method is not Method.QLORA:
         model = model.to(device)
