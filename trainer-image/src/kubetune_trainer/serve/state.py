@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +78,27 @@ class ServerState:
     def served(self) -> tuple[str, ...]:
         """The model names requests may ask for: the base, then its adapters."""
         return (self.name, *self.adapters)
+
+    def refuse_if_closed(self) -> None:
+        """503 once the drain window is over: the pod is leaving, a retry goes elsewhere."""
+        if self.closed:
+            raise RequestError(
+                503, "the server is shutting down", kind="server_error", code="shutting_down"
+            )
+
+    @contextmanager
+    def admitted(self, places: int = 1) -> Iterator[None]:
+        """Hold `places` in admission (429 when they do not fit) and count the request in
+        flight, for as long as the block runs. Every endpoint whose work runs in the worker
+        threads goes through here (completions, `/tokenize`, `/detokenize`): they share the
+        thread pool, so work admitted nowhere would queue there ahead of admitted prompts."""
+        self.admission.admit(places)
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
+            self.admission.release(places)
 
     def begin(self) -> None:
         """Count a request in flight, so that draining waits for it."""
