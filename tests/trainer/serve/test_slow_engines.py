@@ -5,10 +5,12 @@ client as an error, and `/healthz` fails while the engine has work it does not a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +18,8 @@ import openai
 import pytest
 
 from kubetune_trainer.serve.http import liveness
-from kubetune_trainer.serve.protocol import GenerationRequest, Limits
-from kubetune_trainer.serve.state import STATE
+from kubetune_trainer.serve.protocol import GenerationRequest, Limits, RequestError
+from kubetune_trainer.serve.state import STATE, ServerState
 from kubetune_trainer.tokenizer import ServingTokenizer
 from tests.trainer.serve.fakes import (
     EchoEngine,
@@ -216,6 +218,32 @@ def test_token_endpoints_are_admitted_as_completions_are(path: str, body: dict[s
         closed = httpx.post(url + path, json=body, timeout=WAIT)
         assert closed.status_code == 503, closed.text
         assert closed.json()["error"]["code"] == "shutting_down"
+
+
+def test_token_work_holds_its_place_until_its_thread_ends_even_when_the_client_leaves() -> None:
+    """A client that sends a 1 MiB prompt and disconnects cancels its handler, but not the
+    thread tokenizing it: the place must stay taken until that thread ends, or such clients
+    queue unbounded work on the pool behind an admission that counts none of it."""
+
+    async def scenario() -> None:
+        state = ServerState("m", Path("/nonexistent"), Limits(max_concurrency=1, max_queue=0),
+                            "batch")
+        release = threading.Event()
+        handler = asyncio.create_task(state.run_admitted(lambda: release.wait(WAIT)))
+        await asyncio.sleep(0.1)  # the handler takes its place and starts its thread
+        handler.cancel()  # what aiohttp does when the client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        assert (state.admission.admitted, state.inflight) == (1, 1)  # the thread still runs
+        with pytest.raises(RequestError) as refused:
+            await state.run_admitted(lambda: True)
+        assert refused.value.status == 429
+        release.set()
+        await asyncio.wait_for(state.idle.wait(), WAIT)  # the thread ended: place freed
+        assert (state.admission.admitted, state.inflight) == (0, 0)
+        assert await state.run_admitted(lambda: True) is True
+
+    asyncio.run(scenario())
 
 
 def test_a_failure_mid_stream_ends_with_an_error_event_not_a_normal_end() -> None:

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import Limits, RequestError
+
+T = TypeVar("T")
 
 
 class Admission:
@@ -99,6 +102,23 @@ class ServerState:
         finally:
             self.end()
             self.admission.release(places)
+
+    async def run_admitted(self, work: Callable[[], T]) -> T:
+        """`work` in a worker thread, holding one place in admission (429 when none is left)
+        and counted in flight until the thread ends, even when the caller is cancelled first
+        (its client went away): a thread cannot be stopped, and a place freed while its work
+        still runs would let clients that send and disconnect queue unbounded work on the pool.
+        """
+        self.admission.admit()
+        self.begin()
+
+        def release(_: object) -> None:
+            self.end()
+            self.admission.release()
+
+        work_done = asyncio.ensure_future(asyncio.to_thread(work))
+        work_done.add_done_callback(release)
+        return await asyncio.shield(work_done)
 
     def begin(self) -> None:
         """Count a request in flight, so that draining waits for it."""

@@ -7,12 +7,13 @@ completion request's `usage.prompt_tokens` will say. The work runs in a worker t
 prompt or a slow template would otherwise stall every stream on the event loop. That thread pool
 is the one completions tokenize on, so these requests take a place in the same admission
 (429 beyond capacity, 503 once the server is closed): parallel 1 MiB bodies cannot queue there
-ahead of admitted prompts.
+ahead of admitted prompts, and a place is held until the thread ends, even if the client
+has gone.
 """
 
 from __future__ import annotations
 
-import asyncio
+from functools import partial
 
 from aiohttp import web
 
@@ -50,8 +51,7 @@ async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = _ready(request)
     parsed = parse_tokenize(await read_body(request, state.limits), state.served)
-    with state.admitted():
-        ids = await asyncio.to_thread(token_ids, engine.tokenizer, parsed)
+    ids = await state.run_admitted(partial(token_ids, engine.tokenizer, parsed))
     return web.json_response(
         {"count": len(ids), "max_model_len": state.limits.context_length, "tokens": ids}
     )
@@ -63,6 +63,5 @@ async def detokenize(request: web.Request) -> web.Response:
     ids = parse_detokenize(
         await read_body(request, state.limits), state.served, tokenizer.vocab_size
     )
-    with state.admitted():
-        text = await asyncio.to_thread(tokenizer.decode, ids)
+    text = await state.run_admitted(partial(tokenizer.decode, ids))
     return web.json_response({"prompt": text})
