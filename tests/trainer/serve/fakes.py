@@ -140,6 +140,19 @@ class SilentEngine(ThreadEngine):
         report(Event("done", finish="stop", prompt_tokens=len(ids)))
 
 
+class FailingEngine(ThreadEngine):
+    """Two tokens of JSON, then the generation fails (a grammar or ONNX Runtime error)."""
+
+    failure = "grammar: the model's next token fits no continuation"
+
+    def generate(
+        self, request: GenerationRequest, ids: list[int], report: Report, cancel: threading.Event
+    ) -> None:
+        report(Event("delta", '{"a"', completion_tokens=1))
+        report(Event("delta", ": ", completion_tokens=2))
+        report(Event("error", text=self.failure))
+
+
 class WedgedEngine(ThreadEngine):
     """A step that does not return until `release` is set; the heartbeat runs on `clock`."""
 

@@ -29,6 +29,7 @@ from kubetune_trainer.serve.protocol import (
     RequestError,
     chunk,
     full_response,
+    generation_failed,
     timeout_error,
     usage,
     usage_chunk,
@@ -46,10 +47,7 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
         started = time.monotonic()
         status = 500
         try:
-            if state.closed:
-                raise RequestError(
-                    503, "the server is shutting down", kind="server_error", code="shutting_down"
-                )
+            state.refuse_if_closed()
             engine = state.engine
             if engine is None:
                 raise RequestError(
@@ -58,16 +56,11 @@ def completion_handler(chat: bool) -> Callable[[web.Request], Awaitable[web.Stre
             parsed = parse_request(
                 await read_body(request, state.limits), chat, state.served, state.limits
             )
-            state.admission.admit(parsed.n)
-            state.begin()
-            try:
+            with state.admitted(parsed.n):
                 ids = await prompt_ids(engine, parsed, started, state.limits)
                 response = await generate(
                     request, engine, parsed, ids, metrics, started, state.limits
                 )
-            finally:
-                state.end()
-                state.admission.release(parsed.n)
             status = response.status
             return response
         except RequestError as error:
@@ -158,7 +151,7 @@ async def generate(
     ]
     stream: web.StreamResponse | None = None
     unfinished = len(answers)
-    failed = False
+    failure: RequestError | None = None  # a generation failed after the stream had begun
     try:
         while unfinished:
             try:
@@ -186,12 +179,11 @@ async def generate(
             for index, event in arrivals:
                 answer = answers[index]
                 if event.kind == "error":
+                    if stream is None:  # nothing sent yet: a 500 (the handler counts it)
+                        raise generation_failed(event.text)
                     metrics.error("generation_failed")
-                    if stream is None:
-                        raise RequestError(
-                            500, f"generation failed: {event.text}", kind="server_error"
-                        )
-                    failed, unfinished = True, 0  # the stream ends here, as for one answer
+                    failure = generation_failed(event.text)
+                    unfinished = 0  # the stream ends here, as for one answer
                     break
                 if event.kind == "delta":
                     now = time.monotonic()
@@ -240,7 +232,12 @@ async def generate(
         if stream is None:
             choices = [answer.choice for answer in answers]
             return web.json_response(full_response(parsed, choices, counts))
-        if parsed.include_usage and not failed:
+        if failure is not None:
+            # The 200 is long sent, so the failure goes in the stream, as vLLM sends it:
+            # an event in OpenAI's error shape, which OpenAI's clients raise on, so the text
+            # so far is not taken for a complete answer (no finish_reason, no usage follow).
+            await send(stream, failure.body())
+        elif parsed.include_usage:
             await send(stream, usage_chunk(parsed, counts))
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()

@@ -255,3 +255,11 @@ def usage_chunk(request: GenerationRequest, counts: dict[str, int]) -> dict[str,
     body = _envelope(request, chunk=True)
     body.update(choices=[], usage=counts)
     return body
+
+
+def generation_failed(reason: str) -> RequestError:
+    """The engine failed mid-generation (ONNX Runtime raised, the grammar admits no token): the
+    server's fault. A 500 before anything was sent; after, the error event that ends a stream."""
+    return RequestError(
+        500, f"generation failed: {reason}", kind="server_error", code="generation_failed"
+    )

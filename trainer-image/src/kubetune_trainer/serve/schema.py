@@ -294,7 +294,9 @@ def _generation(schema: str, summary: str, answer: str) -> dict[str, Any]:
             "requestBody": {"required": True, **_json(schema, "The request")},
             "responses": {
                 "200": {
-                    "description": f"{answer}, or with `stream` a text/event-stream of chunks",
+                    "description": f"{answer}, or with `stream` a text/event-stream of chunks; "
+                    "a generation that fails once the stream has begun ends it with an "
+                    '`{"error": ...}` event (ErrorResponse) before `[DONE]`',
                     "content": {
                         "application/json": {"schema": {"type": "object"}},
                         "text/event-stream": {"schema": {"type": "string"}},

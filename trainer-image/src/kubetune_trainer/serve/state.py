@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.metrics import Metrics
 from kubetune_trainer.serve.protocol import Limits, RequestError
+
+T = TypeVar("T")
 
 
 class Admission:
@@ -76,6 +81,44 @@ class ServerState:
     def served(self) -> tuple[str, ...]:
         """The model names requests may ask for: the base, then its adapters."""
         return (self.name, *self.adapters)
+
+    def refuse_if_closed(self) -> None:
+        """503 once the drain window is over: the pod is leaving, a retry goes elsewhere."""
+        if self.closed:
+            raise RequestError(
+                503, "the server is shutting down", kind="server_error", code="shutting_down"
+            )
+
+    @contextmanager
+    def admitted(self, places: int = 1) -> Iterator[None]:
+        """Hold `places` in admission (429 when they do not fit) and count the request in
+        flight, for as long as the block runs. Every endpoint whose work runs in the worker
+        threads goes through here (completions, `/tokenize`, `/detokenize`): they share the
+        thread pool, so work admitted nowhere would queue there ahead of admitted prompts."""
+        self.admission.admit(places)
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
+            self.admission.release(places)
+
+    async def run_admitted(self, work: Callable[[], T]) -> T:
+        """`work` in a worker thread, holding one place in admission (429 when none is left)
+        and counted in flight until the thread ends, even when the caller is cancelled first
+        (its client went away): a thread cannot be stopped, and a place freed while its work
+        still runs would let clients that send and disconnect queue unbounded work on the pool.
+        """
+        self.admission.admit()
+        self.begin()
+
+        def release(_: object) -> None:
+            self.end()
+            self.admission.release()
+
+        work_done = asyncio.ensure_future(asyncio.to_thread(work))
+        work_done.add_done_callback(release)
+        return await asyncio.shield(work_done)
 
     def begin(self) -> None:
         """Count a request in flight, so that draining waits for it."""

@@ -4,12 +4,16 @@ can count a prompt's tokens against the context before sending it, or read ids b
 A prompt is tokenized as `/v1/completions` tokenizes it and a conversation as
 `/v1/chat/completions` renders it (chat template, generation prompt), so `count` is what a
 completion request's `usage.prompt_tokens` will say. The work runs in a worker thread: a big
-prompt or a slow template would otherwise stall every stream on the event loop.
+prompt or a slow template would otherwise stall every stream on the event loop. That thread pool
+is the one completions tokenize on, so these requests take a place in the same admission
+(429 beyond capacity, 503 once the server is closed): parallel 1 MiB bodies cannot queue there
+ahead of admitted prompts, and a place is held until the thread ends, even if the client
+has gone.
 """
 
 from __future__ import annotations
 
-import asyncio
+from functools import partial
 
 from aiohttp import web
 
@@ -34,17 +38,20 @@ def token_ids(tokenizer: ServingTokenizer, request: TokenizeRequest) -> list[int
 
 
 def _ready(request: web.Request) -> Engine:
-    engine = request.app[STATE].engine
-    if engine is None:
+    """The engine, once the server is open and the model loaded; 503 otherwise, as for
+    completions."""
+    state = request.app[STATE]
+    state.refuse_if_closed()
+    if state.engine is None:
         raise RequestError(503, "the model is still loading", kind="server_error", code="not_ready")
-    return engine
+    return state.engine
 
 
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = _ready(request)
     parsed = parse_tokenize(await read_body(request, state.limits), state.served)
-    ids = await asyncio.to_thread(token_ids, engine.tokenizer, parsed)
+    ids = await state.run_admitted(partial(token_ids, engine.tokenizer, parsed))
     return web.json_response(
         {"count": len(ids), "max_model_len": state.limits.context_length, "tokens": ids}
     )
@@ -56,4 +63,5 @@ async def detokenize(request: web.Request) -> web.Response:
     ids = parse_detokenize(
         await read_body(request, state.limits), state.served, tokenizer.vocab_size
     )
-    return web.json_response({"prompt": await asyncio.to_thread(tokenizer.decode, ids)})
+    text = await state.run_admitted(partial(tokenizer.decode, ids))
+    return web.json_response({"prompt": text})
