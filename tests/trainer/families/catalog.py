@@ -108,10 +108,16 @@ def _qwen2(vocab: int) -> Any:
     return Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **TINY)
 
 
+WIDE_HEADS = {**TINY, "head_dim": 32}
+"""Attention wider than the hidden size (4 heads x 32 = 128 > 64), as the released Qwen3 and
+Gemma models have it (Qwen3-0.6B: 16 x 128 = 2048 over 1024; Gemma 3 1B: 4 x 256 = 1024 over
+1152, narrower): q_proj's output and o_proj's input are not hidden_size wide."""
+
+
 def _qwen3(vocab: int) -> Any:
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=vocab, tie_word_embeddings=True, **TINY)
+    return Qwen3Config(vocab_size=vocab, tie_word_embeddings=True, **WIDE_HEADS)
 
 
 def _gemma2(vocab: int) -> Any:
@@ -125,9 +131,9 @@ def _gemma2(vocab: int) -> Any:
 def _gemma3(vocab: int) -> Any:
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(vocab_size=vocab, sliding_window=512, query_pre_attn_scalar=16,
+    return Gemma3TextConfig(vocab_size=vocab, sliding_window=512, query_pre_attn_scalar=32,
                             layer_types=["sliding_attention", "full_attention"],
-                            **TINY)
+                            **WIDE_HEADS)
 
 
 GEMMA_NOTE = ("llama.cpp's Gemma vocab is Gemma 4's (262,144 tokens, the SentencePiece-style BPE "
@@ -160,7 +166,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2", "qwen2", _qwen2, eos_token="<|im_end|>",
            end_of_turn=("<|im_end|>", "<|endoftext|>"), traits=("q/k/v bias", "ChatML")),
     Family("qwen3", "qwen35", _qwen3, "qwen3", eos_token="<|im_end|>",
-           end_of_turn=("<|im_end|>", "<|endoftext|>"), traits=("q/k norm", "thinking template"),
+           end_of_turn=("<|im_end|>", "<|endoftext|>"),
+           traits=("q/k norm", "thinking template", "heads wider than hidden"),
            tokenizer_note="llama.cpp's qwen35 vocab: Qwen's 151,936-token BPE"),
     Family("gemma2", "gemma-4", _gemma2, "gemma", eos_token="<end_of_turn>",
            end_of_turn=("</s>", "<end_of_turn>"), added_tokens=GEMMA_TURNS,
@@ -168,7 +175,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            traits=("soft-capping", "sliding window", "scaled embeddings")),
     Family("gemma3", "gemma-4", _gemma3, "gemma", eos_token="<end_of_turn>",
            end_of_turn=("</s>", "<end_of_turn>"), added_tokens=GEMMA_TURNS,
-           tokenizer_note=GEMMA_NOTE, traits=("q/k norm", "sliding window", "scaled embeddings")),
+           tokenizer_note=GEMMA_NOTE,
+           traits=("q/k norm", "sliding window", "scaled embeddings", "heads wider than hidden")),
 )}
 
 

@@ -25,3 +25,11 @@ def tiny_model(name: str) -> Path:
 @pytest.fixture(params=sorted(FAMILIES), ids=str)
 def family(request: pytest.FixtureRequest) -> Family:
     return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def family_exports_ahead(request: pytest.FixtureRequest) -> None:
+    """The exports the selected family tests read, queued before the first of them runs."""
+    from tests.trainer.families.exports import queue_ahead
+
+    queue_ahead(request.session.items)

@@ -61,12 +61,8 @@ TABLES: dict[str, tuple[Step, ...]] = {
              "test_serve.py::test_fp32_chat_in_the_familys_template_and_adapters", "batch"),
         Step("FP32, genai engine (no adapters)",
              "test_serve.py::test_fp32_chat_in_the_familys_template_and_adapters", "genai"),
-        Step("INT4, both engines + adapter",
-             "test_serve.py::test_int4_by_both_engines_and_an_adapter_on_it",
-             families=("gemma2", "phi3", "qwen2", "qwen3"),
-             elsewhere="the other families' structures are served at FP32 above and exported "
-             "at INT4 GPTQ in the Export table; their INT4 serving is not tested (the random "
-             "tiny Gemma 3 fails the exporter's INT4 RTN quality bar, 0.48 < 0.55)"),
+        Step("INT4 GPTQ, both engines + adapter",
+             "test_serve.py::test_int4_by_both_engines_and_an_adapter_on_it"),
         Step("Stops on every end-of-turn token",
              "test_serve.py::test_every_end_of_turn_token_ends_the_answer_in_both_engines"),
     ),

@@ -1,5 +1,6 @@
-"""Serving every model family (`catalog.FAMILIES`): the tiny model of each exported at FP32 and
-INT4 by `python -m kubetune_trainer export`, served by both engines.
+"""Serving every model family (`catalog.FAMILIES`): the tiny model of each (or its variant,
+`exports.VARIANTS`) exported at FP32 and INT4 GPTQ by test_export.py's exporters (`exports.py`),
+served by both engines.
 
 - FP32, one server per family and engine: a chat is rendered with the family's own chat
   template (the ids transformers' `apply_chat_template` gives) and answered as PyTorch answers
@@ -19,12 +20,10 @@ import asyncio
 import dataclasses
 import functools
 import json
-import os
 import re
 import shutil
-import subprocess
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,12 @@ import httpx
 import numpy as np
 import pytest
 
-from kubetune.local.processes import export_command
-from kubetune_trainer.serve.engines.base import stop_token_ids
+from kubetune_trainer.genai_model import stop_token_ids
 from kubetune_trainer.serve.protocol import Limits
 from kubetune_trainer.tokenizer import ServingTokenizer
 from tests.trainer.families.catalog import FAMILIES
-from tests.trainer.families.conftest import SCRATCH, tiny_model
+from tests.trainer.families.conftest import SCRATCH
+from tests.trainer.families.exports import exported, model_dir
 from tests.trainer.serve.test_serve import Server, post
 from tests.trainer.serve.test_serve_batch import reference_ids, request
 
@@ -48,56 +47,17 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 ADAPTER = "tuned"
 
 
-EXPORTER = ThreadPoolExecutor(2, thread_name_prefix="export")
-"""Exports run here, two at a time (each is a subprocess), in the order the selected tests need
-them, while the tests serve the exports already made: the 20 exports are most of this module's
-work, so they keep both cores busy from the start."""
-
-
-@functools.cache
-def _export(name: str, precision: str) -> Future[tuple[Path, str]]:
-    model = tiny_model(name)  # built here, on the tests' thread, not beside it
-
-    def run() -> tuple[Path, str]:
-        output = SCRATCH / "exports" / f"{name}-{precision.lower()}"
-        result = subprocess.run(
-            export_command(model, output, precision, "CPU"),
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        return output, "" if result.returncode == 0 else result.stderr[-2000:]
-
-    return EXPORTER.submit(run)
-
-
-def exported(name: str, precision: str) -> Path:
-    """The family's tiny model exported at `precision` (once per process, failures too)."""
-    output, failure = _export(name, precision).result()
-    if failure:
-        pytest.fail(f"the {precision} export of {name} failed (not a serving failure):\n{failure}")
-    return output
-
-
-EXPORTS = {
-    "test_fp32_chat_in_the_familys_template_and_adapters": "FP32",
-    "test_every_end_of_turn_token_ends_the_answer_in_both_engines": "FP32",
-    "test_int4_by_both_engines_and_an_adapter_on_it": "INT4",
-    "test_long_rope_factors_follow_each_rows_own_length_in_the_batch": "FP32",
+EXPORT_NEEDS = {  # test -> the exports it reads, per family (exports.queue_ahead)
+    "test_fp32_chat_in_the_familys_template_and_adapters": ("FP32", None),
+    "test_every_end_of_turn_token_ends_the_answer_in_both_engines": ("FP32", None),
+    "test_int4_by_both_engines_and_an_adapter_on_it": ("INT4", "GPTQ"),
+    "test_long_rope_factors_follow_each_rows_own_length_in_the_batch": ("FP32", None),
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _export_ahead(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Queue the exports the selected tests of this module need, in their order; those not
-    started when the module ends (a stopped run) are dropped."""
-    for item in request.session.items:
-        if isinstance(item, pytest.Function) and item.module is request.module:
-            _export(item.callspec.params["name"], EXPORTS[item.originalname])
-    yield
-    EXPORTER.shutdown(wait=False, cancel_futures=True)
+def export_of(name: str, precision: str, quantization: str | None = None) -> Path:
+    """The model's export (test_export.py's, shared: `exports.py`), as the server loads it."""
+    return Path(exported(name, precision, quantization)["output"])
 
 
 @functools.cache
@@ -108,7 +68,7 @@ def adapter(name: str) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model(name)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir(name)), dtype=torch.float32)
     torch.manual_seed(1)
     adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
@@ -122,7 +82,7 @@ def adapter(name: str) -> Path:
 
 def end_of_turn(name: str) -> list[int]:
     """The ids the family's generation_config.json ends a turn with."""
-    config = json.loads((tiny_model(name) / "generation_config.json").read_text())
+    config = json.loads((model_dir(name) / "generation_config.json").read_text())
     ids = config["eos_token_id"]
     return ids if isinstance(ids, list) else [ids]
 
@@ -136,7 +96,7 @@ def chat_ids(name: str) -> list[int]:
 def _chat_ids(name: str) -> tuple[int, ...]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model(name)))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir(name)))
     rendered: Any = tokenizer.apply_chat_template(
         CHAT, add_generation_prompt=True, tokenize=True, return_dict=True
     )
@@ -144,7 +104,7 @@ def _chat_ids(name: str) -> tuple[int, ...]:
 
 
 def completion_ids(name: str) -> list[int]:
-    return ServingTokenizer.load(tiny_model(name)).encode(PROMPT)
+    return ServingTokenizer.load(model_dir(name)).encode(PROMPT)
 
 
 def until_stop(tokens: Iterable[int], stops: Iterable[int]) -> list[int]:
@@ -169,7 +129,7 @@ def references(name: str) -> dict[tuple[str, str], list[int]]:
     stops = end_of_turn(name)
     found = {}
     for model_name in ("base", ADAPTER):
-        model = AutoModelForCausalLM.from_pretrained(str(tiny_model(name)), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir(name)), dtype=torch.float32)
         if model_name == ADAPTER:
             model = PeftModel.from_pretrained(model, str(adapter(name))).merge_and_unload()
         model.eval()
@@ -191,7 +151,7 @@ def text_of(tokenizer: ServingTokenizer, tokens: list[int], stops: Iterable[int]
 @pytest.mark.parametrize("engine", ["batch", "genai"])
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_chat_in_the_familys_template_and_adapters(name: str, engine: str) -> None:
-    model = exported(name, "FP32")
+    model = export_of(name, "FP32")
     tokenizer = ServingTokenizer.load(model)
     stops = stop_token_ids(model, tokenizer)
     expected = references(name)
@@ -349,7 +309,7 @@ def chain_model(export: Path, target: Path, chain: dict[int, int]) -> Path:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_end_of_turn_token_ends_the_answer_in_both_engines(name: str) -> None:
-    export = exported(name, "FP32")
+    export = export_of(name, "FP32")
     tokenizer = ServingTokenizer.load(export)
     listed = end_of_turn(name)
     written = json.loads((export / "genai_config.json").read_text())["model"]["eos_token_id"]
@@ -372,16 +332,9 @@ def test_every_end_of_turn_token_ends_the_answer_in_both_engines(name: str) -> N
                                                             for s in stops])
 
 
-# INT4 serving on the families whose structures differ most (packed projections, biases, q/k
-# norms, soft-capping); FP32 serves every family. Ten more INT4 exports would add minutes to
-# `make test`, and the exporter's INT4 bar refuses RTN on the random tiny Gemma 3 (agreement
-# 0.48 < 0.55; its GPTQ export passes, test_export.py). Listed in docs/models.md.
-INT4_FAMILIES = ("gemma2", "phi3", "qwen2", "qwen3")
-
-
-@pytest.mark.parametrize("name", INT4_FAMILIES)
+@pytest.mark.parametrize("name", NAMES)
 def test_int4_by_both_engines_and_an_adapter_on_it(name: str) -> None:
-    model = exported(name, "INT4")
+    model = export_of(name, "INT4", "GPTQ")
     tokenizer = ServingTokenizer.load(model)
     stops = stop_token_ids(model, tokenizer)
     prompts = [chat_ids(name), completion_ids(name)]
@@ -439,8 +392,8 @@ def test_long_rope_factors_follow_each_rows_own_length_in_the_batch(name: str) -
     log-probabilities of decoding it alone."""
     from kubetune_trainer.serve.engines.batch.scheduler import BatchEngine
 
-    model = exported(name, "FP32")
-    switch = int(json.loads((tiny_model(name) / "config.json").read_text())
+    model = export_of(name, "FP32")
+    switch = int(json.loads((model_dir(name) / "config.json").read_text())
                  ["original_max_position_embeddings"])
     text = completion_ids(name)
     prompts = [text, (text * switch)[: switch - 3], (text * switch)[: switch + 5]]

@@ -1,16 +1,20 @@
 """How onnxruntime-genai's builder lays out an exported decoder, as plain ONNX Runtime sees it:
 the model file, the key/value inputs and outputs, their shape and type, the vocabulary. Read
-from `genai_config.json`; shared by the server's batching engine and the exporter's scoring,
-which both run the graph without onnxruntime-genai."""
+from `genai_config.json`; shared by the server's engines and the exporter's scoring, which must
+run the graph and end an answer alike (the batching engine and the scoring run it without
+onnxruntime-genai)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kubetune_trainer.tokenizer import ServingTokenizer
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,18 @@ def end_of_turn_ids(model_dir: Path) -> frozenset[int]:
     if listed is None:
         return frozenset()
     return frozenset(int(i) for i in (listed if isinstance(listed, list) else [listed]))
+
+
+def stop_token_ids(model_dir: Path, tokenizer: ServingTokenizer) -> frozenset[int]:
+    """The tokens that end an answer: genai_config.json's `eos_token_id` (`end_of_turn_ids`)
+    and the tokenizer's `eos_token`.
+
+    A chat model ends its turn with a token that is often not the tokenizer's `eos_token`
+    alone (Llama 3: <|end_of_text|> and <|eot_id|>; Phi-3: <|endoftext|>, <|assistant|> and
+    <|end|>; Qwen: <|im_end|> and <|endoftext|>; Gemma: </s> and <end_of_turn>). Stopping on
+    one of them only would let the model write the next turns itself.
+    """
+    ids = set(end_of_turn_ids(model_dir))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

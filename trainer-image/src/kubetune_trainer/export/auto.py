@@ -27,7 +27,7 @@ import numpy as np
 
 from kubetune.api.dataplane import CandidateScore, exact_match
 from kubetune.api.spec import Precision, Quantization
-from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
+from kubetune_trainer.genai_model import DecoderLayout, kv_dtype, stop_token_ids
 from kubetune_trainer.heldout import IGNORE, HeldOut, HeldOutRecord
 
 ACCURACY_TOLERANCE = 0.01
@@ -122,6 +122,20 @@ def _loss(logits: np.ndarray, positions: list[int], targets: list[int]) -> float
     return float((log_norm - rows[np.arange(len(targets)), targets]).sum())
 
 
+def pytorch_stop_ids(model_dir: Path) -> list[int]:
+    """The tokens PyTorch's greedy answers end on: generation_config.json's `eos_token_id`
+    (one or a list) and the tokenizer's `eos_token`: what the builder writes into
+    genai_config.json and the exported model stops on (`genai_model.stop_token_ids`)."""
+    from transformers import GenerationConfig
+
+    from kubetune_trainer.tokenizer import ServingTokenizer
+
+    listed = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    ids = set(listed if isinstance(listed, list) else [] if listed is None else [listed])
+    eos = ServingTokenizer.load(model_dir).eos_token_id
+    return sorted(ids | ({eos} if eos is not None else set()))
+
+
 def torch_reference(model_dir: Path, held_out: HeldOut) -> Reference:
     """Score the FP32 model in PyTorch: greedy answers, argmax and loss at each target."""
     import torch
@@ -129,7 +143,7 @@ def torch_reference(model_dir: Path, held_out: HeldOut) -> Reference:
 
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
-    eos = model.generation_config.eos_token_id
+    stops = pytorch_stop_ids(model_dir)
     argmax, loss, count = [], 0.0, 0
     with torch.inference_mode():
         for record in held_out.records:
@@ -142,7 +156,7 @@ def torch_reference(model_dir: Path, held_out: HeldOut) -> Reference:
         def greedy(prompt: list[int], budget: int) -> list[int]:
             output = model.generate(
                 input_ids=torch.tensor([prompt]), max_new_tokens=budget, do_sample=False,
-                eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else None,
+                eos_token_id=stops or None, pad_token_id=stops[0] if stops else None,
             )
             return [int(t) for t in output[0, len(prompt):]]
 
@@ -168,16 +182,18 @@ def _accuracy(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> float | No
 
 class OnnxDecoder:
     """An exported model in plain ONNX Runtime: all-position logits of a whole sequence, and
-    greedy decoding with its key/value cache."""
+    greedy decoding with its key/value cache, ending an answer where the server does."""
 
-    def __init__(self, onnx_dir: Path, eos: int | None) -> None:
+    def __init__(self, onnx_dir: Path) -> None:
+        from kubetune_trainer.tokenizer import ServingTokenizer
+
         layout = DecoderLayout.read(onnx_dir)
         self.session = layout.session()
         self.kv_names = layout.kv_names
         self.kv_shape = layout.kv_shape
         self.kv_dtype = kv_dtype(self.session)
         self.outputs = layout.output_names
-        self.eos = eos
+        self.stops = stop_token_ids(onnx_dir, ServingTokenizer.load(onnx_dir))
 
     def run(self, ids: list[int], past: list[np.ndarray] | None,
             length: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -194,15 +210,15 @@ class OnnxDecoder:
         generated: list[int] = []
         while len(generated) < budget:
             token = int(logits[-1].argmax())
-            if token == self.eos:
+            if token in self.stops:
                 break
             generated.append(token)
             logits, past = self.run([token], past, len(prompt) + len(generated))
         return generated
 
 
-def onnx_score(onnx_dir: Path, reference: Reference, eos: int | None) -> Score:
-    decoder = OnnxDecoder(onnx_dir, eos)
+def onnx_score(onnx_dir: Path, reference: Reference) -> Score:
+    decoder = OnnxDecoder(onnx_dir)
     hits, loss, count = 0, 0.0, 0
     for record, wanted in zip(reference.held_out.records, reference.argmax, strict=True):
         positions, targets = _targets(record)
@@ -251,10 +267,10 @@ def onnxruntime_errors() -> tuple[type[Exception], ...]:
 
 
 def try_candidate(candidate: Candidate, onnx_dir: Path, reference: Reference,
-                  eos: int | None, build_seconds: float) -> CandidateScore:
+                  build_seconds: float) -> CandidateScore:
     """Score a built candidate and judge it (`decide`)."""
     started = time.monotonic()
-    score = onnx_score(onnx_dir, reference, eos)
+    score = onnx_score(onnx_dir, reference)
     passed, reason = decide(score, reference.score)
     if math.isnan(score.loss):
         passed, reason = False, "loss is NaN"

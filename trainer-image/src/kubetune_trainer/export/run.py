@@ -345,7 +345,7 @@ def choose_automatically(
                         calibration, report)
         if failure is None:
             try:
-                tried = auto.try_candidate(candidate, staging, reference, serving.eos_token_id,
+                tried = auto.try_candidate(candidate, staging, reference,
                                            time.monotonic() - started)
             except auto.onnxruntime_errors() as error:  # it refused the graph or its inputs
                 tried = auto.failed_build(candidate, f"ONNX Runtime could not run it: {error}",

@@ -1,6 +1,6 @@
 """What the server needs from an engine: the `Engine` protocol, the `Event`s an engine reports,
-the `Heartbeat` its threads keep, `encode_prompt`, the prompt checks both engines apply, and
-`stop_token_ids`, the tokens that end an answer in both.
+the `Heartbeat` its threads keep, `encode_prompt`, the prompt checks both engines apply.
+Both end an answer on `genai_model.stop_token_ids`.
 
 Both `genai.GenAIEngine` and `batch.scheduler.BatchEngine` implement `Engine` structurally; they
 share no base class, only the functions and types here and in `text`.
@@ -13,10 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
-from kubetune_trainer.genai_model import end_of_turn_ids
 from kubetune_trainer.serve.protocol import GenerationRequest, RequestError, TokenLogprob
 from kubetune_trainer.tokenizer import ServingTokenizer
 
@@ -129,19 +127,3 @@ def encode_prompt(
             code="context_length_exceeded",
         )
     return ids
-
-
-def stop_token_ids(model_dir: Path, tokenizer: ServingTokenizer) -> frozenset[int]:
-    """The tokens that end an answer: genai_config.json's `eos_token_id` (every end-of-turn
-    token the model's generation_config.json lists: `genai_model.end_of_turn_ids`) and the
-    tokenizer's `eos_token`.
-
-    A chat model ends its turn with a token that is often not the tokenizer's `eos_token`
-    alone (Llama 3: <|end_of_text|> and <|eot_id|>; Phi-3: <|endoftext|>, <|assistant|> and
-    <|end|>; Qwen: <|im_end|> and <|endoftext|>; Gemma: </s> and <end_of_turn>). Stopping on
-    one of them only would let the model write the next turns itself.
-    """
-    ids = set(end_of_turn_ids(model_dir))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)

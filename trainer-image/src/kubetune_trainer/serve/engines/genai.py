@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.genai_model import stop_token_ids
 from kubetune_trainer.serve.engines.base import (
     Event,
     Heartbeat,
     encode_prompt,
-    stop_token_ids,
 )
 from kubetune_trainer.serve.engines.logprobs import describe, log_softmax
 from kubetune_trainer.serve.engines.text import TextAssembler

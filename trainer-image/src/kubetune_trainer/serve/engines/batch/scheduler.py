@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune_trainer.genai_model import stop_token_ids
 from kubetune_trainer.serve.engines.base import (
     Event,
     Heartbeat,
     encode_prompt,
-    stop_token_ids,
 )
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW

@@ -119,7 +119,7 @@ def accept(
     sequence: Sequence, token: int | None, stops: Collection[int], outbox: Outbox
 ) -> None:
     """Record one generated token (None: `choose` failed); set `finish` when the sequence is
-    over (`stops`: the tokens that end an answer, `base.stop_token_ids`)."""
+    over (`stops`: the tokens that end an answer, `genai_model.stop_token_ids`)."""
     if token is None:
         return
     sequence.generated += 1
