@@ -46,7 +46,8 @@ def run_quickstart(name: str, source: str, output: Path, precision: str) -> dict
     path.write_text(yaml.safe_dump(manifest))
     run_dir = output / name
     result = subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", "run", str(path), "--output", str(run_dir)],
+        [sys.executable, "-m", "kubetune.cli", "run", str(path), "--output", str(run_dir),
+         "--no-serve"],
         cwd=REPO, text=True, capture_output=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{name}: kubetune run failed\n{result.stdout[-3000:]}"
