@@ -9,6 +9,7 @@ import pytest
 
 from kubetune.api.dataplane import AutoChoice, CandidateScore, ExportReport
 from kubetune.reconcile.decide import ChildRef, needs_reference_check
+from kubetune.reconcile.runs import slim
 from tests.unit.operator_fixtures import (
     applied,
     as_observed,
@@ -454,3 +455,22 @@ def test_a_new_generation_does_not_show_the_last_ones_progress() -> None:
                 "updateTime": "2026-01-01T00:01:00Z"}
     again = observe({**g2_body, "status": {**status, "progress": reported}}, children)
     assert "progress" not in again.status_patch
+
+
+def test_the_artifact_claim_keeps_the_access_modes_it_was_created_with() -> None:
+    """A claim's access modes are immutable. A two-node job's claim is ReadWriteMany; when an
+    edit makes the job single-node (ReadWriteOnce for a new claim), KubeTune must not ask the
+    API server to change the existing claim: it refuses (422, "spec is immutable"), and the
+    refusal fails the new generation (seen on the real-node tier's generation 2)."""
+    two_nodes = spec_dict(resources={"nodes": 2, "gpusPerNode": 0})
+    [created] = applied(observe(body(two_nodes)), "PersistentVolumeClaim")
+    assert created["spec"]["accessModes"] == ["ReadWriteMany"]
+    one_node = spec_dict(resources={"nodes": 1, "gpusPerNode": 0})
+    stored = as_observed(created, {"phase": "Bound"})
+    indexed = slim(stored, "PersistentVolumeClaim", "v1")  # what the operator's index keeps
+    outcome = observe(body(one_node, generation=2), [indexed])
+    for claim in applied(outcome, "PersistentVolumeClaim"):
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # A new claim for a single-node job is still ReadWriteOnce.
+    [fresh] = applied(observe(body(one_node)), "PersistentVolumeClaim")
+    assert fresh["spec"]["accessModes"] == ["ReadWriteOnce"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec, PlanStatus, RunConfig
@@ -28,15 +29,22 @@ TORCHRUN_SHUTDOWN_SECONDS = STOP_GRACE_SECONDS - 15
 kubelet's SIGKILL."""
 
 
-def artifacts_claim(owner: Owner, spec: FineTuneJobSpec, config: OperatorConfig) -> Manifest:
+def artifacts_claim(
+    owner: Owner,
+    spec: FineTuneJobSpec,
+    config: OperatorConfig,
+    existing_access_modes: Sequence[str] | None = None,
+) -> Manifest:
     """The artifact PVC KubeTune creates when `spec.storage.claimName` is not set.
 
     ReadWriteMany only for multi-node jobs (every rank writes checkpoints); single-node jobs
-    work with the ReadWriteOnce volumes every cluster (kind included) can provision.
+    work with the ReadWriteOnce volumes every cluster (kind included) can provision. A claim
+    that exists keeps its `existing_access_modes`: the API server refuses to change them, so a
+    job edited from two nodes to one goes on with its ReadWriteMany claim.
     """
-    access = "ReadWriteMany" if spec.resources.nodes > 1 else "ReadWriteOnce"
+    access = ["ReadWriteMany" if spec.resources.nodes > 1 else "ReadWriteOnce"]
     claim_spec: dict[str, Any] = {
-        "accessModes": [access],
+        "accessModes": list(existing_access_modes or access),
         "resources": {"requests": {"storage": spec.storage.size or config.default_storage_size}},
     }
     if spec.storage.storage_class_name:

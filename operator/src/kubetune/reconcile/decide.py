@@ -136,7 +136,10 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     else:
         conds[T.VALIDATED] = Cond(T.VALIDATED, "True", "Valid", obs.plan.reason or "the job fits")
         if not spec.storage.claim_name:
-            outcome.apply.append(artifacts_claim(owner, spec, config))
+            claims = of_component(obs.children, "PersistentVolumeClaim", naming.COMPONENT_STORAGE)
+            existing = named(claims, naming.artifacts_claim_name(owner.name)) or {}
+            modes = (existing.get("spec") or {}).get("accessModes")
+            outcome.apply.append(artifacts_claim(owner, spec, config, modes))
         outcome.apply.append(
             run_config_map(owner, generation, spec, obs.plan, obs.deepspeed)
         )

@@ -224,7 +224,7 @@ def slim(obj: Mapping[str, Any], kind: str, api_version: str) -> dict[str, Any]:
         if ref.get("controller") is True
     ]
     spec = obj.get("spec") or {}
-    kept = ("suspend", "parallelism", "completions", "replicas")
+    kept = ("suspend", "parallelism", "completions", "replicas", "accessModes")
     slim_spec: dict[str, Any] = {key: spec[key] for key in kept if key in spec}
     template_meta = (spec.get("template") or {}).get("metadata")
     if template_meta:
