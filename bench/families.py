@@ -2,7 +2,7 @@
 Mistral's layouts (tests/trainer/families/repack.py): held-out accuracy and training speed per
 family, in one run on one machine.
 
-    python bench/families.py [--output runs/families] [--precision FP32]
+    python bench/families.py [--output runs/families] [--precision FP32] [--layouts phi3 ...]
 
 Each layout computes the built-in model's function with another family's modules (packed
 `qkv_proj`/`gate_up_proj`, q/k/v biases, a sliding window), so the same quickstart
@@ -59,6 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "families")
     parser.add_argument("--precision", default="FP32")
+    parser.add_argument("--layouts", nargs="+", default=None,
+                        help="the repacked layouts to run beside the built-in model (default: all)")
     args = parser.parse_args()
 
     from kubetune_trainer.builtin import builtin_model_dir
@@ -66,7 +68,7 @@ def main() -> None:
 
     builtin = builtin_model_dir("smollm2-135m-instruct")
     sources = {"builtin (llama)": "builtin://smollm2-135m-instruct"}
-    for layout in LAYOUTS:
+    for layout in args.layouts or LAYOUTS:
         sources[layout] = f"file://{repack(builtin, layout, args.output / 'models' / layout)}"
     reports = {name: run_quickstart(name.split()[0], source, args.output, args.precision)
                for name, source in sources.items()}
