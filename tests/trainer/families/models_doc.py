@@ -20,19 +20,12 @@ class Step:
     label: str
     test: str  # file::function
     variant: str = ""
-    families: tuple[str, ...] | None = None  # None: every family
-    elsewhere: str = ""  # what proves the step for the other families
-
-    def covers(self, family: str) -> bool:
-        return self.families is None or family in self.families
 
     def node(self, family: str) -> str:
         suffix = f"-{self.variant}" if self.variant else ""
         return f"{HERE}/{self.test}[{family}{suffix}]"
 
     def cell(self, family: str) -> str:
-        if not self.covers(family):
-            return "see below"
         return f"`[{family}{'-' + self.variant if self.variant else ''}]`"
 
 
@@ -114,15 +107,13 @@ def _step_table(title: str, steps: tuple[Step, ...]) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(s.cell(name) for s in steps) + " |")
     lines += ["", "Each cell is the parameter of the test that proves it:", ""]
     for s in steps:
-        lines.append(f"- {s.label}: `{HERE}/{s.test}`"
-                     + (f"; other families: {s.elsewhere}" if s.elsewhere else ""))
+        lines.append(f"- {s.label}: `{HERE}/{s.test}`")
     return lines
 
 
 def nodes() -> list[str]:
     """Every test node id a cell names."""
-    return [step.node(name) for steps in TABLES.values() for step in steps for name in FAMILIES
-            if step.covers(name)]
+    return [step.node(name) for steps in TABLES.values() for step in steps for name in FAMILIES]
 
 
 def render() -> str:
