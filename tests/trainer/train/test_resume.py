@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.train import checkpoint
+from kubetune_trainer.train import checkpoint, evaluate
 from kubetune_trainer.train.loop import CRASH_ENV
 from tests.trainer.conftest import metrics, report, run_config, start_training, succeeded
 
@@ -106,3 +107,50 @@ def test_training_goes_on_when_metrics_cannot_be_appended(tmp_path: Path,
     succeeded(result)
     assert result.stderr.count("cannot append to") == 1
     assert report(output)["status"] == "Succeeded" and report(output)["steps"] == 2
+
+
+def test_a_resumed_run_reads_the_base_evaluation_its_first_attempt_saved(
+        tmp_path: Path) -> None:
+    """The base model's greedy evaluation ran again at the start of every attempt: on a pod
+    limited to 800m CPU each retry spent minutes re-measuring what the first one had measured.
+    The saved figures are altered before the retry, so only reading them back can report them."""
+    from tests.trainer.conftest import write_tiny_dataset
+
+    train, validation = write_tiny_dataset(tmp_path / "data")
+    config = run_config(train, validation, steps=4)
+    config["spec"]["checkpoint"] = {"everySteps": 2, "keep": 1}
+    output = tmp_path / "out"
+    crashed = start_training(config, output, env={CRASH_ENV: "3"})
+    assert crashed.returncode == 3, crashed.stderr[-2000:]
+    saved_path = output / evaluate.BASE_EVALUATION
+    saved = json.loads(saved_path.read_text())
+    assert saved["evaluation"]["records"] == 2
+    saved["evaluation"].update(loss=12.5, accuracy=0.25)
+    saved_path.write_text(json.dumps(saved))
+
+    succeeded(start_training(config, output))
+    final = report(output)
+    assert final["resumedFromStep"] == 2
+    assert (final["baseEvalLoss"], final["baseAccuracy"]) == (12.5, 0.25)
+
+
+def test_a_base_evaluation_of_other_inputs_is_not_reused(tmp_path: Path) -> None:
+    from kubetune_trainer.train.data import Example
+    from kubetune_trainer.train.encoding import Encoded
+
+    records = [Encoded(input_ids=[1, 2, 3], labels=[-100, 2, 3], truncated=False)]
+    examples = [Example(line=1, messages=(("user", "q"), ("assistant", "a")))]
+    fingerprint = evaluate.base_fingerprint("model a", records, examples)
+    path = tmp_path / evaluate.BASE_EVALUATION
+    evaluate.save_base(path, fingerprint, evaluate.Evaluation(loss=1.5, accuracy=0.5, records=1))
+    assert evaluate.saved_base(path, fingerprint) == evaluate.Evaluation(1.5, 0.5, 1)
+
+    other_answer = [Example(line=1, messages=(("user", "q"), ("assistant", "b")))]
+    other_tokens = [Encoded(input_ids=[1, 2, 4], labels=[-100, 2, 4], truncated=False)]
+    for changed in (evaluate.base_fingerprint("model b", records, examples),
+                    evaluate.base_fingerprint("model a", other_tokens, examples),
+                    evaluate.base_fingerprint("model a", records, other_answer)):
+        assert changed != fingerprint
+        assert evaluate.saved_base(path, changed) is None
+    path.write_text("{torn")
+    assert evaluate.saved_base(path, fingerprint) is None

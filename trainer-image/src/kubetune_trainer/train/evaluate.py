@@ -6,13 +6,20 @@ the last assistant turn; Instruction: `output`; Completion: `completion`): the m
 the prompt greedily and the answer counts when `kubetune.api.dataplane.exact_match` says so
 (whitespace and code fences aside, the definition `kubetune run` also uses). At most
 `$KUBETUNE_EVAL_MAX_RECORDS` records (default 50) are generated for.
+
+The base model's evaluation is saved beside the checkpoints (`base-evaluation.json`) with a
+fingerprint of what it measured: a resumed attempt reads it back instead of generating the
+same greedy answers again, which on a CPU-limited pod costs as long as the training itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +31,7 @@ from kubetune_trainer.train.microbatches import collate, split_micro_batches
 from kubetune_trainer.train.stepper import token_loss_sum
 
 DEFAULT_MAX_RECORDS = 50
+BASE_EVALUATION = "base-evaluation.json"
 
 
 @dataclass
@@ -98,3 +106,37 @@ def evaluate(model: Any, tokenizer: Any, encoded: Sequence[Encoded], examples: S
             model, tokenizer, examples, device
         )
     return result
+
+
+def base_fingerprint(base: str, encoded: Sequence[Encoded], examples: Sequence[Example]) -> str:
+    """What the base model's evaluation depends on: `base` (the model source, revision and how
+    it was loaded), the validation tokens and references, and how many records are generated
+    for. Equal fingerprints measure the same thing."""
+    digest = hashlib.sha256(json.dumps([base, max_records()]).encode())
+    for record in encoded:
+        digest.update(json.dumps([record.input_ids, record.labels]).encode())
+    for example in examples:
+        digest.update(json.dumps(example.reference).encode())
+    return digest.hexdigest()
+
+
+def saved_base(path: Path, fingerprint: str) -> Evaluation | None:
+    """The base evaluation an earlier attempt saved at `path`, if it measured `fingerprint`."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("fingerprint") != fingerprint:
+        return None
+    try:
+        return Evaluation(**document["evaluation"])
+    except (KeyError, TypeError):
+        return None
+
+
+def save_base(path: Path, fingerprint: str, evaluation: Evaluation) -> None:
+    """Write the base evaluation atomically (a torn file would only cost a re-evaluation, but a
+    rename keeps it from ever being half read)."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps({"fingerprint": fingerprint, "evaluation": asdict(evaluation)}))
+    staging.replace(path)

@@ -40,7 +40,15 @@ from kubetune_trainer.train import checkpoint, distributed, outputs, plancheck
 from kubetune_trainer.train import deepspeed as dsconfig
 from kubetune_trainer.train import model as models
 from kubetune_trainer.train.encoding import encode_prompt
-from kubetune_trainer.train.evaluate import Evaluation, evaluate, max_records
+from kubetune_trainer.train.evaluate import (
+    BASE_EVALUATION,
+    Evaluation,
+    base_fingerprint,
+    evaluate,
+    max_records,
+    save_base,
+    saved_base,
+)
 from kubetune_trainer.train.loop import run_steps, token_budget
 from kubetune_trainer.train.prepare import PreparedData, load_datasets, prepare
 from kubetune_trainer.train.report import write_final
@@ -102,10 +110,8 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
 
     before = Evaluation()
     if ranks.is_main and data.validation:
-        # Fresh adapters are zero (LoRA B = 0; DoRA's magnitude equals the weight norm), so
-        # this is the base model's score.
-        before = evaluate(model, tokenizer, data.validation, data.validation_examples, budget,
-                          device)
+        base_loaded = f"{model_source}, {'4-bit' if spec.method is Method.QLORA else 'full'}"
+        before = _base_evaluation(model, tokenizer, data, budget, device, output, base_loaded)
     distributed.barrier()
 
     if use_ds:
@@ -143,6 +149,23 @@ def train(run: RunConfig, output: Path, ranks: distributed.Ranks, report: Traini
         final = stepper.model if not use_ds else outputs.rebuild(location, spec, trained, device)
         _finish(run, data, final, tokenizer, location, output, before, device, report)
     distributed.barrier()
+
+
+def _base_evaluation(model: Any, tokenizer: Any, data: PreparedData, budget: int,
+                     device: torch.device, output: Path, base_loaded: str) -> Evaluation:
+    """The base model's score, measured once per run: a resumed attempt reads the first one's.
+
+    Fresh adapters are zero (LoRA B = 0; DoRA's magnitude equals the weight norm), so the
+    prepared model scores as the base does."""
+    path = output / BASE_EVALUATION
+    fingerprint = base_fingerprint(base_loaded, data.validation, data.validation_examples)
+    saved = saved_base(path, fingerprint)
+    if saved is not None:
+        log.info("the base model's evaluation is the one an earlier attempt saved in %s", path)
+        return saved
+    before = evaluate(model, tokenizer, data.validation, data.validation_examples, budget, device)
+    save_base(path, fingerprint, before)
+    return before
 
 
 def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
