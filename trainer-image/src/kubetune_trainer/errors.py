@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kubetune.api.dataplane import JsonlError
+
 # Exit code of a ConfigError: kubetune.api.dataplane.CONFIG_ERROR_EXIT_CODE (shared with the
 # operator's podFailurePolicy and `kubetune run`).
 
@@ -10,15 +12,9 @@ class ConfigError(Exception):
     """The run config, a dataset or a model source is wrong; retrying cannot help."""
 
 
-class DatasetError(ConfigError):
-    """A dataset record is malformed. The message names the file, the line and the problem."""
-
-    def __init__(self, path: str, line: int | None, problem: str) -> None:
-        where = f"{path}:{line}" if line is not None else path
-        super().__init__(f"{where}: {problem}")
-        self.path = path
-        self.line = line
-        self.problem = problem
+class DatasetError(ConfigError, JsonlError):
+    """A dataset record is malformed: `file:line: problem`, as `JsonlError` (the line reader's
+    error, whose message and fields it shares) words it, and not worth retrying."""
 
 
 class Stopped(Exception):
