@@ -65,6 +65,24 @@ def test_a_window_on_every_layer_is_spelled_out_for_the_builder(name: str) -> No
     assert changes == ["sliding_window 8 applied to every layer (layer_types)"]
 
 
+def test_an_unscaled_rope_with_two_context_lengths_is_not_given_as_long_rope() -> None:
+    """The built-in weights repacked into Phi-3's layout keep their 8192-token context beside
+    Phi3Config's default `original_max_position_embeddings` (4096) and plain RoPE: transformers
+    never reads the shorter length, but the builder chose its LongRoPE Phi-3 from the two
+    lengths and failed (`KeyError: 'multi_cache'`) exporting the quickstart's Phi-3 run."""
+    config = config_of("phi3")
+    config.update(max_position_embeddings=8192, original_max_position_embeddings=4096)
+    assert config["rope_parameters"]["rope_type"] == "default"
+    rewritten, changes = builder_config(config)
+    assert rewritten["original_max_position_embeddings"] == 8192
+    assert changes == ["original_max_position_embeddings 4096 set to max_position_embeddings "
+                       "8192 (RoPE is unscaled)"]
+    long_rope = config_of("phi3-128k")
+    assert long_rope["rope_parameters"]["rope_type"] == "longrope"
+    assert long_rope["original_max_position_embeddings"] < long_rope["max_position_embeddings"]
+    assert builder_config(long_rope) == (long_rope, [])
+
+
 def test_staging_copy_links_the_rest_and_sliding_layers_get_full_caches(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()

@@ -9,7 +9,12 @@ then its own attribute names. Two things transformers 5 writes it misreads:
   local layers' theta as `rope_local_base_freq`);
 - a sliding window that applies to every layer with no `layer_types` to say so (Mistral, Phi-3):
   the builder gives a layer a window only when `layer_types` marks it `sliding_attention`, so it
-  silently attended to the whole context where PyTorch attends to the window.
+  silently attended to the whole context where PyTorch attends to the window;
+- an `original_max_position_embeddings` below `max_position_embeddings` with RoPE unscaled
+  (a Phi-3 whose context was lengthened without LongRoPE; the built-in weights repacked into
+  Phi-3's layout): transformers reads it only for LongRoPE, but the builder picks its LongRoPE
+  Phi-3 class from the two lengths alone and fails looking for the long factors
+  (`KeyError: 'multi_cache'`). Its copy gets the two lengths equal.
 
 `prepare` returns the model directory itself when its config needs neither, else a staging copy
 (the other files linked, not copied) whose `config.json` is rewritten; the exporter still loads
@@ -76,6 +81,13 @@ def builder_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         # (Mistral, Phi-3 and Mixtral's modeling code: one sliding mask for the whole model).
         rewritten["layer_types"] = ["sliding_attention"] * layers
         changes.append(f"sliding_window {window} applied to every layer (layer_types)")
+    original, longest = (config.get("original_max_position_embeddings"),
+                         config.get("max_position_embeddings"))
+    rope_type = (rewritten.get("rope_parameters") or {}).get("rope_type", "default")
+    if original and longest and original != longest and rope_type == "default":
+        rewritten["original_max_position_embeddings"] = longest
+        changes.append(f"original_max_position_embeddings {original} set to "
+                       f"max_position_embeddings {longest} (RoPE is unscaled)")
     return rewritten, changes
 
 
