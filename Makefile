@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup malloc controlplane images run test test-unit test-trainer test-e2e lint crd docs clean
+.PHONY: setup malloc controlplane images run test test-unit test-trainer test-families test-e2e lint crd docs clean
 
 setup: $(STAMP) malloc
 
@@ -51,13 +51,18 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest tests -p no:cacheprovider --durations=25
+	$(PY) -m pytest tests -p no:cacheprovider --durations=25 -m "not exhaustive"
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -p no:cacheprovider
 
 test-trainer: setup
 	$(PY) -m pytest tests/trainer -p no:cacheprovider
+
+# Every model family at every export precision (tests/trainer/families/matrix.py): about 20
+# minutes more than the rotation `make test` runs.
+test-families: setup
+	$(PY) -m pytest tests/trainer/families -p no:cacheprovider
 
 test-e2e: setup controlplane
 	$(PY) -m pytest tests/e2e -p no:cacheprovider

@@ -4,15 +4,16 @@ process by two exporter processes, the exports every selected test needs queued 
 (`queue_ahead`, FP32 first) so that the exporters work while the tests read what is done.
 
 A test module says what it reads in `EXPORT_NEEDS` (test -> precision and quantization, for
-each family it is parametrized with) and `EXPORT_FAMILY` (test -> the one model a test with
-no `name` parameter reads). Three variants differ from the catalog's models, each for a trait
-its sizes or random weights hide (each change's docstring): Mistral's and Gemma 3's sliding
-windows and Phi-3 128k's LongRoPE switch are moved inside the parity sequences, and Gemma 3
-starts with small residual branches so that its logits are not flat; `phi3-ends-turn` is a
-Phi-3 that ends its answer with `<|end|>`. GPTQ is calibrated on a varied set, as a run's
-would be (llama.cpp's test texts, the parity texts, chat records; a few hundred tokens): on
-four short records it fits those and moves the other outputs more than RTN does (Llama 3:
-twice RTN's logit error on the parity prompts, agreement 0.52 < 0.55).
+each family it is parametrized with; `PARAMETRIZED` when they are the test's parameters) and
+`EXPORT_FAMILY` (test -> the one model a test with no `name` parameter reads). Three variants
+differ from the catalog's models, each for a trait its sizes or random weights hide (each
+change's docstring): Mistral's and Gemma 3's sliding windows and Phi-3 128k's LongRoPE switch
+are moved inside the parity sequences, and Gemma 3 starts with small residual branches so that
+its logits are not flat; `phi3-ends-turn` is a Phi-3 that ends its answer with `<|end|>`. GPTQ
+is calibrated on a varied set, as a run's would be (llama.cpp's test texts, the parity texts,
+chat records; a few hundred tokens): on four short records it fits those and moves the other
+outputs more than RTN does (Llama 3: twice RTN's logit error on the parity prompts, agreement
+0.52 < 0.55).
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def exported(name: str, precision: str, quantization: str | None = None) -> dict
     return {**report, "output": output}
 
 
+PARAMETRIZED = ("from the test's parameters", None)
+"""An `EXPORT_NEEDS` value: the test's `precision` and `quantization` parameters say."""
+
+
 def queue_ahead(items: Iterable[pytest.Item]) -> None:
     """Queue the exports the selected tests read (their modules' `EXPORT_NEEDS`), FP32 first
     as the tests read them; each model is built (here, while the exporters work on those
@@ -233,6 +238,9 @@ def queue_ahead(items: Iterable[pytest.Item]) -> None:
         params = getattr(item, "callspec", None)
         name = (params.params["name"] if params and "name" in params.params
                 else module.EXPORT_FAMILY[test])
+        if need is PARAMETRIZED:
+            assert params is not None
+            need = (params.params["precision"], params.params["quantization"])
         wanted.add((name, *need))
     for name, precision, quantization in sorted(
             wanted, key=lambda w: (w[1] != "FP32", w[0], w[2] or "")):

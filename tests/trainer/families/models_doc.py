@@ -5,9 +5,11 @@ the file is stale, when a cell is empty, or when a cell names a test pytest does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.trainer.families.catalog import FAMILIES
+from tests.trainer.families.matrix import QUANTIZED, in_every_run, variant
 
 HERE = "tests/trainer/families"
 
@@ -20,15 +22,22 @@ class Step:
     label: str
     test: str  # file::function
     variant: str = ""
+    every_run: Callable[[str], bool] = lambda family: True
+    """Whether `make test` runs the family's cell (else `make test-families` does: `*`)."""
 
     def node(self, family: str) -> str:
         suffix = f"-{self.variant}" if self.variant else ""
         return f"{HERE}/{self.test}[{family}{suffix}]"
 
     def cell(self, family: str) -> str:
-        return f"`[{family}{'-' + self.variant if self.variant else ''}]`"
+        mark = "" if self.every_run(family) else " *"
+        return f"`[{family}{'-' + self.variant if self.variant else ''}]`{mark}"
 
 
+LABELS = {"INT8": "INT8", "INT4-RTN": "INT4 RTN", "INT4-RTNLast": "INT4 RTN, 8-bit head",
+          "INT4-KQuant": "INT4 k-quant", "INT4-KQuantMixed": "INT4 k-quant mixed",
+          "Auto": "Auto"}
+EACH_PRECISION = "test_each_precision_exports_each_family_within_its_parity_bar"
 TABLES: dict[str, tuple[Step, ...]] = {
     "Tokenizer, chat template and plan": (
         Step("Tokenizer = serving (llama.cpp vectors)",
@@ -48,6 +57,9 @@ TABLES: dict[str, tuple[Step, ...]] = {
         Step("FP32",
              "test_export.py::test_fp32_export_is_pytorch_token_for_token_and_logit_for_logit"),
         Step("INT4 GPTQ", "test_export.py::test_int4_gptq_export_rerounds_every_weight"),
+        *(Step(LABELS[variant(*precision)], f"test_export.py::{EACH_PRECISION}",
+               variant(*precision), every_run=lambda name, p=precision: in_every_run(name, *p))
+          for precision in QUANTIZED),
     ),
     "Serve": (
         Step("FP32, batch engine + adapter",
@@ -108,6 +120,9 @@ def _step_table(title: str, steps: tuple[Step, ...]) -> list[str]:
     lines += ["", "Each cell is the parameter of the test that proves it:", ""]
     for s in steps:
         lines.append(f"- {s.label}: `{HERE}/{s.test}`")
+    if any(not s.every_run(name) for s in steps for name in FAMILIES):
+        lines += ["", "`*`: run by `make test-families` (the whole matrix); `make test` runs "
+                  "the other cells (tests/trainer/families/matrix.py)."]
     return lines
 
 

@@ -19,9 +19,15 @@ from kubetune_trainer.export.requantize import BLOCK, dequantize
 from kubetune_trainer.export.tokenizer_parity import check_parity
 from kubetune_trainer.tokenizer import ServingTokenizer
 from tests.trainer.export.test_requantize import builder_nodes, rtn_with_scales
-from tests.trainer.families import catalog
+from tests.trainer.families import catalog, matrix
 from tests.trainer.families.catalog import FAMILIES
-from tests.trainer.families.exports import ends_turn_prompt, exported, greedy_tokens, model_dir
+from tests.trainer.families.exports import (
+    PARAMETRIZED,
+    ends_turn_prompt,
+    exported,
+    greedy_tokens,
+    model_dir,
+)
 
 NAMES = sorted(FAMILIES)
 EXPORT_NEEDS = {  # test -> the exports it reads, per family (exports.queue_ahead)
@@ -30,6 +36,7 @@ EXPORT_NEEDS = {  # test -> the exports it reads, per family (exports.queue_ahea
     "test_int4_gptq_export_rerounds_every_weight": ("INT4", "GPTQ"),
     "test_a_sliding_window_on_every_layer_reaches_the_onnx_model": ("FP32", None),
     "test_auto_scores_an_answer_where_the_server_ends_it": ("FP32", None),
+    "test_each_precision_exports_each_family_within_its_parity_bar": PARAMETRIZED,
 }
 EXPORT_FAMILY = {
     "test_a_sliding_window_on_every_layer_reaches_the_onnx_model": "mistral",
@@ -107,6 +114,38 @@ def test_int4_gptq_export_rerounds_every_weight(name: str) -> None:
         # still a 4-bit rounding of this weight: within a few of RTN's steps of it
         steps = np.abs(gptq - weight) / (np.abs(scales).repeat(BLOCK, axis=1) + 1e-12)
         assert np.median(steps) < 1, node.name
+
+
+def each_precision() -> list[Any]:
+    """(name, precision, quantization) for every family and CPU precision, `exhaustive` where
+    `matrix.in_every_run` leaves it to the full matrix."""
+    return [pytest.param(name, precision, quantization,
+                         id=f"{name}-{matrix.variant(precision, quantization)}",
+                         marks=() if matrix.in_every_run(name, precision, quantization)
+                         else pytest.mark.exhaustive)
+            for name in NAMES for precision, quantization in matrix.QUANTIZED]
+
+
+@pytest.mark.parametrize(("name", "precision", "quantization"), each_precision())
+def test_each_precision_exports_each_family_within_its_parity_bar(
+        name: str, precision: str, quantization: str | None) -> None:
+    """The builder's INT8 and INT4 roundings (the head in 8 bits for RTNLast and KQuantMixed)
+    find each family's weights, and the export passes its tokenizer and output parity checks.
+    `Auto` builds and scores every candidate: none fails to build (Phi-3's GPTQ once did, and
+    Auto fell back to slower ones), and it serves one of them or FP32."""
+    report = exported(name, precision, quantization)
+    assert report["ok"], report["failures"]
+    assert report["tokenizerParity"]["ok"] and report["outputParity"]["ok"]
+    if precision != "Auto":
+        assert (report["precision"], report["quantization"]) == (precision, quantization)
+        return
+    auto = report["auto"]
+    assert auto["candidates"], "Auto tried no candidate"
+    unbuilt = [c for c in auto["candidates"] if c["agreement"] is None]
+    assert not unbuilt, unbuilt
+    chosen = (report["precision"], report["quantization"])
+    assert chosen in {(c["precision"], c["quantization"]) for c in auto["candidates"]
+                      if c["passed"]} | {("FP32", None)}
 
 
 @pytest.mark.parametrize("name", NAMES)
