@@ -30,3 +30,8 @@ EXTENDED_BAD = [
     "example.com/",
 ]
 LABEL_VALUES = ["", "a", "A-b_c.d", "a" * 63, "a" * 64, "a b", "-a", "a-", "x\n", "ü"]
+SECRET_KEYS_GOOD = ["token", "api-key", "API_KEY", ".hidden", "a.b", "-", "_", "a" * 253,
+                    ".a..b", "x.."]
+"""Keys of a Secret's data (validation.IsConfigMapKey): letters, digits, `-`, `_`, `.`."""
+SECRET_KEYS_BAD = ["", ".", "..", "..token", "...", "a/b", "a b", "key\n", "ü", "a" * 254,
+                   "a:b"]

@@ -62,3 +62,33 @@ def test_a_terminating_pod_drains_within_its_grace_period() -> None:
     # all before the kubelet's SIGKILL.
     assert options.drain_seconds > 0
     assert options.drain_seconds + options.grace_seconds < pod["terminationGracePeriodSeconds"]
+
+
+def test_the_api_key_reaches_the_server_from_its_secret_and_never_through_the_args() -> None:
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "builtin://smollm2-135m-instruct"},
+        "dataset": {"source": "builtin://kubectl-commands"},
+        "serving": {"apiKeySecretRef": {"name": "inference-key", "key": "api-key"}},
+    })
+    owner = Owner(name="secured", namespace="team", uid="uid-1")
+    [container] = serving_deployment(owner, 1, None, spec, OperatorConfig())["spec"]["template"][
+        "spec"
+    ]["containers"]
+    secrets = {("inference-key", "api-key"): "s3cret-value"}  # what the kubelet would read
+
+    def value(item: dict) -> str:
+        if "value" in item:
+            return str(item["value"])
+        ref = item["valueFrom"]["secretKeyRef"]
+        return secrets[(ref["name"], ref["key"])]
+
+    env = {item["name"]: value(item) for item in container["env"]}
+
+    assert parse_options(container["args"][3:], env).api_key == "s3cret-value"
+    assert "s3cret-value" not in str(container["args"])
+    unsecured = serving_deployment(owner, 1, None, spec.model_copy(update={
+        "serving": spec.serving.model_copy(update={"api_key_secret_ref": None})
+    }), OperatorConfig())
+    [plain] = unsecured["spec"]["template"]["spec"]["containers"]
+    assert parse_options(plain["args"][3:], {i["name"]: i["value"] for i in plain["env"]}).api_key \
+        is None

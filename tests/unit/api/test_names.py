@@ -20,6 +20,7 @@ from kubetune.api.names import (
     LABEL_VALUE,
     LABEL_VALUE_PATTERN,
     QUALIFIED_NAME,
+    SECRET_KEY,
 )
 from tests.cases.names import (
     EXTENDED_BAD,
@@ -27,6 +28,8 @@ from tests.cases.names import (
     LABEL_VALUES,
     QUALIFIED_BAD,
     QUALIFIED_GOOD,
+    SECRET_KEYS_BAD,
+    SECRET_KEYS_GOOD,
 )
 
 # --- The reference: Kubernetes' Go code, line by line --------------------------------------
@@ -60,6 +63,19 @@ def k8s_is_label_value(value: str) -> bool:
     return len(value) <= 63 and (value == "" or _QUALIFIED_NAME_RE.fullmatch(value) is not None)
 
 
+_CONFIG_MAP_KEY_RE = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def k8s_is_config_map_key(value: str) -> bool:
+    """validation.IsConfigMapKey: what a Secret's or ConfigMap's data keys must be."""
+    return (
+        len(value) <= 253
+        and _CONFIG_MAP_KEY_RE.fullmatch(value) is not None
+        and value not in (".", "..")
+        and not value.startswith("..")
+    )
+
+
 def k8s_is_extended_resource_name(value: str) -> bool:
     """helper.IsExtendedResourceName: not native (has a `/`, outside `kubernetes.io/`), no
     `requests.` prefix, and `requests.<name>` is a qualified name (for quota)."""
@@ -89,6 +105,12 @@ def test_label_value_pattern_matches_kubernetes(value: str) -> None:
     assert LABEL_VALUE.holds(value) is k8s_is_label_value(value)
 
 
+@pytest.mark.parametrize("value", SECRET_KEYS_GOOD + SECRET_KEYS_BAD)
+def test_secret_key_matches_kubernetes(value: str) -> None:
+    assert SECRET_KEY.holds(value) is k8s_is_config_map_key(value)
+    assert k8s_is_config_map_key(value) is (value in SECRET_KEYS_GOOD)
+
+
 # Names built from the characters that matter, with lengths around every bound.
 _NAME_CHARS = st.sampled_from([*"aZ9-_./", "kubernetes.io/", "requests.", "\n", " "])
 _PIECES = st.lists(st.one_of(_NAME_CHARS, st.sampled_from(["a" * 62, "b" * 243, "c" * 252])),
@@ -102,6 +124,7 @@ def test_generated_names_match_kubernetes(value: str) -> None:
     assert EXTENDED_RESOURCE_NAME.holds(value) is k8s_is_extended_resource_name(value)
     assert DNS1123_SUBDOMAIN.holds(value) is k8s_is_dns1123_subdomain(value)
     assert LABEL_VALUE.holds(value) is k8s_is_label_value(value)
+    assert SECRET_KEY.holds(value) is k8s_is_config_map_key(value)
 
 
 def test_cel_is_the_same_regexes_without_escapes() -> None:

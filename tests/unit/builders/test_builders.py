@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 
 from kubetune.api import FineTuneJobSpec, RunConfig
+from kubetune.api.dataplane import API_KEY_ENV
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
 from kubetune.builders.meta import Owner, manifest_hash, training_hash
+from kubetune.builders.pod import referenced_secrets
 from kubetune.builders.serving import serving_deployment, serving_service
 from kubetune.builders.training import (
     artifacts_claim,
@@ -210,6 +212,27 @@ def test_secrets_only_as_secret_key_ref_env() -> None:
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
     config_map = run_config_map(_owner(), 3, spec, plan(), {})
     assert "valueFrom" not in json.dumps(config_map)
+
+
+def test_the_api_key_reaches_only_the_server_and_only_as_a_secret_key_ref() -> None:
+    spec = _spec(serving={"apiKeySecretRef": {"name": "inference-key", "key": "api-key"}})
+    deployment = serving_deployment(_owner(), 3, None, spec, CONFIG)
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[API_KEY_ENV] == {
+        "name": API_KEY_ENV,
+        "valueFrom": {"secretKeyRef": {"name": "inference-key", "key": "api-key"}},
+    }
+    assert not any("api-key" in arg for arg in container["args"])  # not in `ps`, not in args
+    # The kubelet's probes send no key: they stay on the routes that need none.
+    assert {container[probe]["httpGet"]["path"] for probe in
+            ("readinessProbe", "livenessProbe", "startupProbe")} <= {"/readyz", "/healthz"}
+    for other in (_job(spec), export_job(_owner(), 3, spec, CONFIG),
+                  run_config_map(_owner(), 3, spec, plan(), {})):
+        assert API_KEY_ENV not in json.dumps(other)  # trainers never hold it
+    assert "inference-key" in referenced_secrets(spec)  # looked up before training starts
+    unsecured = serving_deployment(_owner(), 3, None, _spec(), CONFIG)
+    assert API_KEY_ENV not in json.dumps(unsecured)
 
 
 def test_config_map_holds_a_valid_run_config() -> None:

@@ -50,6 +50,8 @@ TABLE = [
     pytest.param({"serving": {"replicas": 3}}, False, id="serving.replicas"),
     pytest.param({"serving": {"maxTokensLimit": 64}}, False, id="serving.maxTokensLimit"),
     pytest.param({"serving": {"gate": {"maxEvalLoss": "2"}}}, False, id="serving.gate"),
+    pytest.param({"serving": {"apiKeySecretRef": {"name": "api-key"}}}, False,
+                 id="serving.apiKeySecretRef"),
     pytest.param({"lora": {"rank": 16, "alpha": 32}}, False, id="lora defaults spelled out"),
     # a different model
     pytest.param({"training": {"learningRate": "1e-3"}}, True, id="learningRate"),

@@ -10,7 +10,8 @@ code and every rule they both apply:
   `AutoChoice` and its `CandidateScore`s when `precision: Auto` chose by measurement.
 - `CONFIG_ERROR_EXIT_CODE`: the exit code of a run that retrying cannot fix.
 - `STOPPED_EXIT_CODE`: the exit code of a trainer stopped by a signal after its checkpoint.
-- `MODEL_TOKEN_ENV`, `DATASET_TOKEN_ENV`: the env vars the spec's Secrets reach pods as.
+- `MODEL_TOKEN_ENV`, `DATASET_TOKEN_ENV`, `API_KEY_ENV`: the env vars the spec's Secrets reach
+  pods as.
 - `resolve_precision`: what `precision: Auto` means on a device; `resolve_quantization`:
   INT4's rounding method.
 - `exact_match`: when a generated answer counts as the reference answer.
@@ -50,6 +51,11 @@ name the Hugging Face libraries read on their own."""
 DATASET_TOKEN_ENV = "KUBETUNE_DATASET_TOKEN"
 """The dataset's own Secret (`spec.dataset.secretRef`) when the model has another one: the
 trainer reads a dataset with it, falling back to `MODEL_TOKEN_ENV`."""
+
+API_KEY_ENV = "KUBETUNE_API_KEY"
+"""The inference server's API key (`spec.serving.apiKeySecretRef`; `serve --api-key` locally):
+from a Secret through the environment, so it is in neither the pod's args nor the process
+list."""
 
 STOPPED_EXIT_CODE = 143
 """The trainer got SIGTERM or SIGINT (eviction, preemption, `kubetune run`'s Ctrl-C), wrote a

@@ -64,6 +64,13 @@ DNS1123_SUBDOMAIN = NameRule(
 )
 """Names of most objects (a PersistentVolumeClaim's included): lowercase, at most 253."""
 
+SECRET_KEY = NameRule(
+    ("[-._a-zA-Z0-9]{1,253}", "([^.]|[.].).*"),  # the second: not `.` alone
+    forbidden_prefixes=("..",),
+)
+"""A key of a Secret's (or ConfigMap's) data: at most 253 letters, digits, `-`, `_` and `.`,
+neither `.` nor starting with `..` (IsConfigMapKey)."""
+
 QUALIFIED_NAME = NameRule(
     (
         f"({DNS1123_SUBDOMAIN_PATTERN}/)?{NAME_PART_PATTERN}",

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from kubetune.api.names import (
+    DNS1123_SUBDOMAIN,
     DNS1123_SUBDOMAIN_MAX,
     DNS1123_SUBDOMAIN_PATTERN,
     EXTENDED_RESOURCE_NAME,
@@ -23,6 +24,7 @@ from kubetune.api.names import (
     LABEL_VALUE_PATTERN,
     QUALIFIED_NAME,
     QUALIFIED_NAME_MAX,
+    SECRET_KEY,
     NameRule,
 )
 from kubetune.api.rules import ApiModel, Rule
@@ -97,6 +99,25 @@ class SecretKeyRef(ApiModel):
     """Name of the Secret."""
     key: ShortString = "token"
     """Key inside the Secret that holds the value."""
+
+    # What the API server checks in a pod's secretKeyRef: a name it refuses would leave the
+    # pod in CreateContainerConfigError, the job waiting with no error of its own.
+    rules = (
+        Rule(
+            cel=DNS1123_SUBDOMAIN.cel("self.name"),
+            message="secret name must be a Secret's name: at most 253 lowercase letters, "
+            "digits, '-' and '.', starting and ending with a letter or digit",
+            check=lambda r: DNS1123_SUBDOMAIN.holds(r.name),
+            field_path=".name",
+        ),
+        Rule(
+            cel=f"!has(self.key) || {SECRET_KEY.cel('self.key')}",
+            message="secret key must be a key of a Secret's data: at most 253 letters, "
+            "digits, '-', '_' and '.', not '.' and not starting with '..'",
+            check=lambda r: SECRET_KEY.holds(r.key),
+            field_path=".key",
+        ),
+    )
 
 
 class ModelSpec(ApiModel):
@@ -523,6 +544,12 @@ class ServingSpec(ApiModel):
     """Resources of each inference pod."""
     max_tokens_limit: Annotated[int, Field(ge=1, le=131072)] = 1024
     """Largest `max_tokens` a request may ask for."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """Secret holding the API key clients must send (`Authorization: Bearer <key>`, as
+    OpenAI clients do with `api_key`). It reaches the inference pods only as the environment
+    variable `KUBETUNE_API_KEY` from the Secret. Unset: the endpoint asks for no key, and
+    anyone who reaches the Service can generate. `/healthz`, `/readyz` and `/metrics` never
+    ask for one (probes and scrapers send none); a change rolls the pods, not the training."""
 
     rules = (
         Rule(

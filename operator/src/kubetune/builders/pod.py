@@ -93,8 +93,10 @@ def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
 
 
 def referenced_secrets(spec: FineTuneJobSpec) -> list[str]:
-    names = {ref.name for ref in (spec.model.secret_ref, spec.dataset.secret_ref) if ref}
-    return sorted(names)
+    """Every Secret the job's pods read. The serving API key's too, though only inference
+    pods read it: missing, it is reported before hours of training rather than after them."""
+    refs = (spec.model.secret_ref, spec.dataset.secret_ref, spec.serving.api_key_secret_ref)
+    return sorted({ref.name for ref in refs if ref})
 
 
 def gpu_tolerations(spec: FineTuneJobSpec, gpus: int) -> list[dict[str, Any]]:

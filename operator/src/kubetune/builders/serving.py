@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec
+from kubetune.api.dataplane import API_KEY_ENV
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import (
@@ -34,6 +35,16 @@ def serve_args(owner: Owner, model_generation: int) -> list[str]:
         # a rollout keeps working after it (the generation is in status.serving).
         "--served-model-name", naming.served_model_name(owner.name),
     ]  # fmt: skip
+
+
+def api_key_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The server's API key, from its Secret by a `secretKeyRef` (the value never passes
+    through the operator, nor into the pod's args); none when the spec names no Secret."""
+    ref = spec.serving.api_key_secret_ref
+    if ref is None:
+        return []
+    secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+    return [{"name": API_KEY_ENV, "valueFrom": secret}]
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -80,8 +91,10 @@ def serving_deployment(
             # in-flight requests finish within the grace period.
             {"name": "KUBETUNE_SERVE_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
             {"name": "KUBETUNE_SERVE_GRACE_SECONDS", "value": str(GRACE_SECONDS)},
+            *api_key_env(spec),
         ],
         "ports": [{"name": "http", "containerPort": naming.SERVING_PORT}],
+        # The probes send no API key: /readyz and /healthz never ask for one.
         "readinessProbe": _probe("/readyz", 5, 3),
         "livenessProbe": {**_probe("/healthz", 10, 3), "initialDelaySeconds": 30},
         "startupProbe": _probe("/healthz", 5, 60),  # loading a model may take minutes

@@ -46,13 +46,15 @@ def load_chat_examples(path: Path) -> list[tuple[list[dict[str, str]], str]]:
 
 
 def chat(base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int = 48,
-         timeout: float = 120.0) -> str:
-    """One greedy chat completion from an OpenAI-compatible server."""
+         timeout: float = 120.0, api_key: str | None = None) -> str:
+    """One greedy chat completion from an OpenAI-compatible server (sending `api_key` as
+    `Authorization: Bearer`, when the server has one)."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    headers = {"Content-Type": "application/json"}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(
-        f"{base_url.rstrip('/')}/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        f"{base_url.rstrip('/')}/chat/completions", data=json.dumps(body).encode(), headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -66,6 +68,7 @@ def chat(base_url: str, model: str, messages: list[dict[str, str]], max_tokens: 
 
 
 def is_ready(root_url: str) -> bool:
+    """`/readyz` says 200 (it never asks for the API key)."""
     try:
         with urllib.request.urlopen(f"{root_url}/readyz", timeout=2) as response:
             return bool(response.status == 200)
@@ -74,13 +77,14 @@ def is_ready(root_url: str) -> bool:
 
 
 def evaluate(base_url: str, model: str, examples: list[tuple[list[dict[str, str]], str]],
-             keep_samples: int = 5) -> Score:
+             keep_samples: int = 5, api_key: str | None = None) -> Score:
     result = Score()
     for messages, reference in examples:
         # An answer much longer than the reference cannot match it; capping the length (at
         # more tokens than the reference can take) keeps a rambling base model from costing
         # minutes without changing any verdict.
-        answer = chat(base_url, model, messages, max_tokens=len(reference) // 2 + 24)
+        answer = chat(base_url, model, messages, max_tokens=len(reference) // 2 + 24,
+                      api_key=api_key)
         result.total += 1
         result.correct += exact_match(answer, reference)
         result.accuracy = round(result.correct / result.total, 4)

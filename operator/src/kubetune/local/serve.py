@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from kubetune.api import RunConfig
 from kubetune.api.dataplane import (
+    API_KEY_ENV,
     ExportReport,
     Score,
     TestSplitScores,
@@ -56,6 +59,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def inherited_api_key(environ: Mapping[str, str]) -> str | None:
+    """The key a server started with `environ` asks for (it strips it the same way)."""
+    key = environ.get(API_KEY_ENV)
+    return None if key is None else key.strip()
+
+
 def shipped_test_split(report: TrainingReport) -> Path | None:
     """The held-out test file the trainer found beside a built-in dataset (`testSplit` in
     report.json), if any."""
@@ -64,13 +73,17 @@ def shipped_test_split(report: TrainingReport) -> Path | None:
 
 
 class Server:
-    """`python -m kubetune_trainer serve` on a local port, ready when `/readyz` says so."""
+    """`python -m kubetune_trainer serve` on a local port, ready when `/readyz` says so.
+
+    The server inherits this environment, so with `KUBETUNE_API_KEY` set it asks for that key,
+    and every request made here sends it (`api_key`)."""
 
     def __init__(self, model_dir: Path, name: str, port: int, log_path: Path) -> None:
         self.name = name
         self.port = port or free_port()
         self.root = f"http://{HOST}:{self.port}"
         self.base_url = f"{self.root}/v1"
+        self.api_key = inherited_api_key(os.environ)
         self.child = Child(serve_command(model_dir, HOST, self.port, name), log_path)
 
     def wait_ready(self) -> None:
@@ -144,13 +157,14 @@ def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_pat
     examples = load_chat_examples(test_path)
     print(f"Evaluating {len(examples)} held-out test requests (ONNX Runtime, greedy)...",
           file=sys.stderr)
-    fine_tuned = evaluate(tuned.base_url, tuned.name, examples)
+    fine_tuned = evaluate(tuned.base_url, tuned.name, examples, api_key=tuned.api_key)
     base: Score | None = None
     try:
         base_server = Server(base_onnx(config, run_dir, exported), f"{config.name}-base", 0,
                              run_dir / "logs" / "serve-base.log")
         with base_server:
-            base = evaluate(base_server.base_url, base_server.name, examples)
+            base = evaluate(base_server.base_url, base_server.name, examples,
+                            api_key=base_server.api_key)
     except RuntimeError as error:
         print(f"Base model not measured: {error}", file=sys.stderr)
     return TestSplitScores(path=str(test_path), engine=ENGINE, precision=exported.weights,
@@ -185,7 +199,7 @@ def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: TrainingRep
         question = load_chat_examples(test_path)[0][0]
     if exported.auto is not None:
         print(auto_summary(exported.auto, exported.weights))
-    answer = chat(server.base_url, server.name, question)
+    answer = chat(server.base_url, server.name, question, api_key=server.api_key)
     print(f"\nEndpoint (OpenAI-compatible, ONNX Runtime): {server.base_url}")
     print(f"Request: {question[-1]['content']}")
     print(f"Answer:  {answer.strip()}")
@@ -193,8 +207,10 @@ def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: TrainingRep
     if not args.serve:
         return 0
     body = json.dumps({"model": server.name, "messages": question})
+    # The key stays in the environment: the hint names the variable, never the value.
+    key_header = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if server.api_key else ""
     print(f"\nServing until Ctrl-C. Try:\n  curl -s {server.base_url}/chat/completions "
-          f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+          f"-H 'Content-Type: application/json'{key_header} -d {shlex.quote(body)}")
     try:
         code = run_child(server.child)
     except Interrupted:

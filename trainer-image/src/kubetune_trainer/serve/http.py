@@ -1,5 +1,6 @@
-"""The server's HTTP plumbing: errors in OpenAI's shape, the bounded body read, and the small
-endpoints (`/healthz`, `/readyz`, `/v1/models`, `/metrics`, `/openapi.json`).
+"""The server's HTTP plumbing: errors in OpenAI's shape, the API key check, the bounded body
+read, and the small endpoints (`/healthz`, `/readyz`, `/v1/models`, `/metrics`,
+`/openapi.json`).
 
 Kept apart from the completion handlers because none of this touches generation: it is what
 every request goes through, or what probes and scrapers call, and reads only the app state.
@@ -7,15 +8,17 @@ every request goes through, or what probes and scrapers call, and reads only the
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from kubetune_trainer.serve.protocol import Limits, RequestError
 from kubetune_trainer.serve.requests import parse_json
-from kubetune_trainer.serve.schema import openapi_document
+from kubetune_trainer.serve.schema import OPEN_PATHS, openapi_document
 from kubetune_trainer.serve.state import STATE
 
 log = logging.getLogger("kubetune.serve")
@@ -43,6 +46,50 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return error_response(
             RequestError(500, "internal server error", kind="server_error", code="internal_error")
         )
+
+
+def authorized(header: str | None, api_key: str) -> bool:
+    """Whether an `Authorization` header carries `api_key` as its Bearer credential. The
+    scheme is case-insensitive (RFC 9110), the key is compared whole and in constant time, as
+    bytes (a header need not be ASCII; `compare_digest` refuses non-ASCII str)."""
+    scheme, _, credential = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    offered = credential.lstrip(" ").encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(offered, api_key.encode())
+
+
+def unauthorized(header: str | None) -> web.Response:
+    """The 401 OpenAI answers a missing or wrong key with, never echoing what was sent."""
+    message = (
+        "Incorrect API key provided."
+        if header
+        else "No API key provided: send it as the header `Authorization: Bearer <key>`."
+    )
+    response = error_response(
+        RequestError(401, message, code="invalid_api_key", kind="invalid_request_error")
+    )
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def api_key_middleware(api_key: str) -> Middleware:
+    """Every route but `OPEN_PATHS` needs `Authorization: Bearer <api_key>`; unknown paths
+    too, so a client without the key learns not even which routes exist. Decided on the
+    route aiohttp matched, not on the raw path, so no spelling of a path reaches a handler
+    without the check."""
+
+    @web.middleware
+    async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        if resource is not None and resource.canonical in OPEN_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        if not authorized(header, api_key):
+            return unauthorized(header)
+        return await handler(request)
+
+    return check_api_key
 
 
 async def read_body(request: web.Request, limits: Limits) -> dict[str, Any]:
@@ -92,10 +139,10 @@ async def readyz(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     base = {"id": state.name, "object": "model", "created": state.created, "owned_by": "kubetune"}
-    # vLLM's listing: an adapter names its base as `parent` and its directory as `root`.
+    # vLLM's listing: an adapter names its base as `parent`. vLLM's `root` is the adapter's
+    # directory, a path on the server that clients have no use for: here it is the name.
     adapters = [
-        {**base, "id": name, "parent": state.name, "root": str(path)}
-        for name, path in state.adapters.items()
+        {**base, "id": name, "parent": state.name, "root": name} for name in state.adapters
     ]
     return web.json_response({"object": "list", "data": [base, *adapters]})
 
@@ -114,4 +161,6 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response(openapi_document(state.limits, state.name))
+    return web.json_response(
+        openapi_document(state.limits, state.name, api_key=state.api_key_required)
+    )

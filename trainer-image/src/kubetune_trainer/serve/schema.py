@@ -237,6 +237,10 @@ class Model(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = Field(None, description="An adapter's base model (its id).")
+    root: str | None = Field(
+        None, description="An adapter's own name (never a path on the server)."
+    )
 
 
 class ModelList(BaseModel):
@@ -329,8 +333,36 @@ def _get(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {**responses, **ERRORS}}}
 
 
-def openapi_document(limits: Limits, served_model: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every endpoint the server has."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""The endpoints that never ask for the API key: the kubelet's probes and Prometheus send
+none, and none of them reads or returns anything a client sent (`http.api_key_middleware`)."""
+
+
+def _secured(paths: dict[str, Any]) -> dict[str, Any]:
+    """`paths` with the bearer key required and its 401 listed on every endpoint but the
+    open ones."""
+    secured: dict[str, Any] = {}
+    for path, item in paths.items():
+        if path in OPEN_PATHS:
+            secured[path] = item
+            continue
+        secured[path] = {
+            method: {
+                **operation,
+                "security": [{"apiKey": []}],
+                "responses": {
+                    "401": _json("ErrorResponse", "No API key, or a wrong one"),
+                    **operation["responses"],
+                },
+            }
+            for method, operation in item.items()
+        }
+    return secured
+
+
+def openapi_document(limits: Limits, served_model: str, api_key: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every endpoint the server has; with `api_key`, every one
+    but the probes and `/metrics` needs `Authorization: Bearer <key>`."""
     completion, chat = request_models(limits)
     _, schemas = models_json_schema(
         [
@@ -351,7 +383,7 @@ def openapi_document(limits: Limits, served_model: str) -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     status = _json("Status", "The answer")
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "KubeTune inference server",
@@ -392,3 +424,9 @@ def openapi_document(limits: Limits, served_model: str) -> dict[str, Any]:
         },
         "components": {"schemas": schemas.get("$defs", {})},
     }
+    if api_key:
+        document["paths"] = _secured(document["paths"])
+        document["components"]["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "The server's API key"}
+        }
+    return document

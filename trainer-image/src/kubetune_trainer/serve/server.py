@@ -4,7 +4,7 @@
           [--max-tokens N] [--max-concurrency N] [--max-queue N] [--max-body-bytes N]
           [--grace-seconds S] [--drain-seconds S] [--request-timeout-seconds S]
           [--engine-stall-seconds S] [--engine batch|genai]
-          [--lora-modules NAME=DIR [NAME=DIR ...]]
+          [--lora-modules NAME=DIR [NAME=DIR ...]] [--api-key KEY]
 
 `--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
 (continuous batching, `engines/batch`); `--engine genai` runs one onnxruntime-genai generator
@@ -17,6 +17,11 @@ all, and requests for different adapters share the batch (`adapters`, `engines/b
 
 Each limit also reads `KUBETUNE_SERVE_<FLAG>` (e.g. KUBETUNE_SERVE_MAX_QUEUE). `--model` is an
 exported model directory (or a run directory holding `onnx/`).
+
+`--api-key` (vLLM's flag), or else `KUBETUNE_API_KEY` (how a pod gets it, from a Secret, out
+of its args and the process list): every route but `/healthz`, `/readyz` and `/metrics` then
+needs `Authorization: Bearer <key>` (what OpenAI clients send as `api_key`) and answers 401
+in OpenAI's error shape without it. The key is never logged.
 
 Lifecycle: the port opens at once (`/healthz` answers), the model loads and runs one warm-up
 generation in the background, then `/readyz` turns 200. On SIGTERM or SIGINT `/readyz` turns
@@ -45,7 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from kubetune.api.dataplane import API_KEY_ENV
 from kubetune_trainer.serve.adapters import (
     AdapterError,
     check_tokenizer,
@@ -55,6 +62,7 @@ from kubetune_trainer.serve.adapters import (
 from kubetune_trainer.serve.completions import completion_handler
 from kubetune_trainer.serve.engines.base import Engine
 from kubetune_trainer.serve.http import (
+    api_key_middleware,
     errors_middleware,
     healthz,
     metrics_endpoint,
@@ -63,6 +71,7 @@ from kubetune_trainer.serve.http import (
     readyz,
 )
 from kubetune_trainer.serve.protocol import Limits
+from kubetune_trainer.serve.schema import OPEN_PATHS
 from kubetune_trainer.serve.state import STATE, ServerState
 from kubetune_trainer.serve.tokens import detokenize, tokenize
 
@@ -75,9 +84,17 @@ def build_app(
     limits: Limits,
     engine_kind: str = "batch",
     adapters: dict[str, Path] | None = None,
+    api_key: str | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=limits.max_body_bytes)
-    app[STATE] = ServerState(name, model_dir, limits, engine_kind, adapters or {})
+    """The app; with `api_key`, every route but the probes and `/metrics` needs it. Its
+    check runs inside `errors_middleware`, before any handler reads the body."""
+    middlewares: list[Middleware] = [errors_middleware]
+    if api_key is not None:
+        middlewares.append(api_key_middleware(api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=limits.max_body_bytes)
+    app[STATE] = ServerState(
+        name, model_dir, limits, engine_kind, adapters or {}, api_key_required=api_key is not None
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -126,13 +143,18 @@ async def serve(
     limits: Limits,
     engine_kind: str,
     adapters: dict[str, Path],
+    api_key: str | None = None,
 ) -> int:
-    app = build_app(model_dir, name, limits, engine_kind, adapters)
+    app = build_app(model_dir, name, limits, engine_kind, adapters, api_key)
     runner = app_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     log.info("listening on http://%s:%d (model %s)", host, port, name)
+    if api_key is None:
+        log.info("no API key (--api-key, %s): every route is open", API_KEY_ENV)
+    else:
+        log.info("API key required on every route but %s", ", ".join(sorted(OPEN_PATHS)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,6 +201,17 @@ ENV_PREFIX = "KUBETUNE_SERVE_"
 `KUBETUNE_SERVE_MAX_TOKENS` (the inference Deployment sets its limits this way)."""
 
 
+def api_key_problem(key: str) -> str | None:
+    """Why no client could send `key` in an `Authorization: Bearer` header, or None. An empty
+    key (an empty Secret) would turn authentication off without anyone asking for it; an
+    HTTP client sends visible ASCII only (RFC 9110 token68)."""
+    if not key:
+        return "is empty"
+    if not all("!" <= char <= "~" for char in key):
+        return "must be visible ASCII characters, without spaces (it travels in an HTTP header)"
+    return None
+
+
 def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
     """The server's options from its command line, with defaults from `environ`."""
 
@@ -207,6 +240,12 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
         help="PEFT LoRA adapters of the base model to serve beside it, each selected by a "
         "request's `model` NAME (environment: space-separated)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer KEY` on every route but /healthz, /readyz and "
+        f"/metrics (default: ${API_KEY_ENV}, which keeps it out of the process list)",
+    )
     for flag in (
         "max_tokens",
         "default_max_tokens",
@@ -222,7 +261,15 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
         parser.add_argument(
             "--" + flag.replace("_", "-"), type=type(default), default=_env(flag, default)
         )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.api_key is not None:
+        # Surrounding whitespace cannot travel in a header (it is stripped there), and a
+        # Secret written from a file often ends in a newline: it is not part of the key.
+        args.api_key = args.api_key.strip()
+        problem = api_key_problem(args.api_key)
+        if problem is not None:  # the message never repeats the key
+            parser.error(f"the API key (--api-key or ${API_KEY_ENV}) {problem}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or default_served_name(model_dir)
     adapters = load_adapters(args.lora_modules, name, args.engine, model_dir)
     return asyncio.run(
-        serve(model_dir, args.host, args.port, name, limits, args.engine, adapters)
+        serve(model_dir, args.host, args.port, name, limits, args.engine, adapters, args.api_key)
     )
 
 

@@ -64,6 +64,9 @@ class ServerState:
     engine_kind: str  # "batch" | "genai"
     adapters: dict[str, Path] = field(default_factory=dict)
     """LoRA adapters served on the base: name (what requests select) -> PEFT directory."""
+    api_key_required: bool = False
+    """Every route but the probes and `/metrics` needs the API key (the key itself stays in
+    the middleware that checks it, out of this state and its repr)."""
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None  # set once loaded and warmed up: the server is ready
