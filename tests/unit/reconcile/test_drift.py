@@ -44,8 +44,8 @@ def _as_stored(manifest: dict[str, Any]) -> dict[str, Any]:
             if claim is not None and claim.get("readOnly") is False:
                 del claim["readOnly"]  # omitempty
         [container] = pod["containers"]
-        container.update(terminationMessagePath="/dev/termination-log",
-                         terminationMessagePolicy="File")  # fmt: skip
+        container["terminationMessagePath"] = "/dev/termination-log"
+        container.setdefault("terminationMessagePolicy", "File")  # defaulted only when unset
         container["ports"][0]["protocol"] = "TCP"
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             container[probe].update(timeoutSeconds=1, successThreshold=1)

@@ -98,6 +98,9 @@ def serving_deployment(
         "readinessProbe": _probe("/readyz", 5, 3),
         "livenessProbe": {**_probe("/healthz", 10, 3), "initialDelaySeconds": 30},
         "startupProbe": _probe("/healthz", 5, 60),  # loading a model may take minutes
+        # The server writes why its model failed to load; a crash that wrote nothing leaves
+        # the log's tail. Either is the pod's last termination message, in the status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
         "volumeMounts": [
             {"name": pod.ARTIFACTS_VOLUME, "mountPath": naming.ARTIFACTS_MOUNT, "readOnly": True},

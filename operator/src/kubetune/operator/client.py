@@ -15,7 +15,7 @@ import logging
 import ssl
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -53,6 +53,16 @@ class ApiError(RuntimeError):
         super().__init__(f"{method} {path}: HTTP {status}: {message}")
 
 
+class NotLeading(RuntimeError):
+    """A write this process may not send: it does not hold the leader Lease (any more)."""
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(f"{method} {path}: not sent, this operator does not hold the Lease")
+
+
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 def object_path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     scope = f"/namespaces/{namespace}" if namespace else ""
@@ -82,6 +92,7 @@ class KubeClient:
         *,
         connections: int = 64,
         attempts: int = 5,
+        write_gate: Callable[[], bool] | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self._ssl = ssl_context
@@ -95,6 +106,9 @@ class KubeClient:
         self._token_checked_at = -TOKEN_RECHECK_SECONDS
         self.requests: Counter[str] = Counter()
         """Requests sent, by `METHOD resource` (for the benchmark and /metrics)."""
+        self.write_gate = write_gate
+        """Asked before every write (and every retry of one): False refuses it with
+        NotLeading. The operator's is `LeaseLock.leading`; the Lease's own client has none."""
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> KubeClient:
@@ -116,13 +130,17 @@ class KubeClient:
             context.load_cert_chain(configuration.cert_file, configuration.key_file)
         return cls(configuration.host, context, configuration)
 
-    def sibling(self, connections: int, attempts: int) -> KubeClient:
+    def sibling(
+        self, connections: int, attempts: int, write_gate: Any = ...
+    ) -> KubeClient:
         """A second client on the same cluster and credentials with a pool of its own: what
         it sends (the progress endpoint's TokenReviews) never waits for a connection this
-        client's requests hold, nor makes them wait. Its requests are counted separately."""
+        client's requests hold, nor makes them wait. Its requests are counted separately.
+        It shares this client's write gate unless given its own (`None`: ungated)."""
         return KubeClient(
-            self.server, self._ssl, self._auth, connections=connections, attempts=attempts
-        )
+            self.server, self._ssl, self._auth, connections=connections, attempts=attempts,
+            write_gate=self.write_gate if write_gate is ... else write_gate,
+        )  # fmt: skip
 
     def _headers(self) -> dict[str, str]:
         headers = {"User-Agent": "kubetune-operator", "Accept": "application/json"}
@@ -163,9 +181,12 @@ class KubeClient:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self.connections)
             self._session = aiohttp.ClientSession(connector=connector)
-        self.requests[f"{method} {resource_of(path)}"] += 1
         data = None if body is None else json.dumps(body)
         for attempt in range(self.attempts):
+            if method in WRITES and self.write_gate is not None and not self.write_gate():
+                raise NotLeading(method, path)
+            if attempt == 0:
+                self.requests[f"{method} {resource_of(path)}"] += 1
             headers = self._headers()
             headers["Content-Type"] = content_type
             if accept:

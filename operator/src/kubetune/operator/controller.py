@@ -87,6 +87,11 @@ class Controller:
         self._last_pass.pop(key, None)
         self._locks.pop(key, None)
 
+    def cancel_background(self) -> None:
+        """The Lease is lost: drop the Events not yet posted."""
+        for task in list(self._background):
+            task.cancel()
+
     def child_deleted(self, key: Key, kind: str, name: str) -> None:
         self._applier.child_deleted(key, kind, name)
 

@@ -35,9 +35,27 @@ from kubetune.operator.progress import ProgressSink
 RETRY_SECONDS = 5.0
 
 
+def leading(memo: kopf.Memo) -> bool:
+    """The operator's write gate (`memo.leading`, the Lease's `LeaseLock.leading`): a pass,
+    a retry or a resync that could not write anything is not started. Without one (tests
+    that run a Controller alone), always."""
+    gate = memo.get("leading")
+    return gate is None or bool(gate())
+
+
+def stop_delayed_work(memo: kopf.Memo) -> None:
+    """The Lease is lost: cancel every pending retry (each would reconcile and write)."""
+    retries: dict[tuple[str, str], asyncio.Task[None]] = memo.shared.get("retries") or {}
+    for task in retries.values():
+        task.cancel()
+    retries.clear()
+
+
 async def reconcile_pass(
     memo: kopf.Memo, body: Mapping[str, Any], indexes: Mapping[str, Any]
 ) -> None:
+    if not leading(memo):
+        return  # another operator holds the Lease: it reconciles
     if "indexes" not in memo.shared:
         # kopf's indexes are live views: keep them for the resync loop, which no handler
         # calls. kopf gives each object a shallow copy of the memo: `shared` is one dict.
@@ -50,6 +68,10 @@ async def reconcile_pass(
     try:
         await controller.reconcile(body, children_of(key, indexes))
     except Exception as error:
+        if not leading(memo):
+            # The Lease was lost during the pass: the client refused its writes (NotLeading).
+            logging.getLogger(__name__).info("%s/%s: pass dropped, Lease lost", *key)
+            return
         # kopf does not retry event handlers: this module does, from the indexes.
         if metrics is not None:
             metrics.reconcile_errors.inc()
@@ -65,7 +87,7 @@ def retry_later(memo: kopf.Memo, key: tuple[str, str]) -> None:
     """Reconcile `key` again after RETRY_SECONDS with the freshest body and children the
     indexes hold then; one pending retry per FineTuneJob."""
     retries: dict[tuple[str, str], asyncio.Task[None]] = memo.shared.setdefault("retries", {})
-    if key in retries:
+    if key in retries or not leading(memo):
         return
 
     async def retry() -> None:
@@ -91,7 +113,7 @@ async def resync_forever(memo: kopf.Memo, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)  # the resync period itself, not a wait for a condition
         indexes = memo.shared.get("indexes")
-        if indexes is None:
+        if indexes is None or not leading(memo):
             continue
         controller: Controller = memo.controller
         for key, bodies in list(indexes["finetunejobs"].items()):

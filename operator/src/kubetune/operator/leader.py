@@ -6,6 +6,13 @@ it every `renew_seconds`; another instance takes it over only after it went unre
 `duration_seconds` as measured on its own clock (no trust in clock sync). A holder that cannot
 renew in time stops acting (the process exits and its pod restarts as a candidate).
 
+While it leads, every write the operator sends passes one gate, `leading(election, now)`: it
+holds for as long as the last renewal is within `renew_deadline` and no other holder has been
+seen in the Lease. Another identity in the Lease ends leadership at once (that holder acts
+already; waiting out the deadline would make two writers), and the client refuses every
+write from then on (`kubetune.operator.client.NotLeading`), whatever sends it: a handler, a
+delayed retry, the progress sink.
+
 The holder's deadline is `renew_deadline` (2/3 of the lease, client-go's 10 s of 15 s), counted
 from the *start* of its last successful renewal, and every renewal attempt is cut off at that
 deadline: the client's own retries could otherwise hold one renewal for minutes, long after a
@@ -20,6 +27,7 @@ import asyncio
 import datetime
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.operator.client import ApiError, KubeClient
@@ -29,6 +37,28 @@ log = logging.getLogger(__name__)
 
 def _micro_time() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Election:
+    """What this process knows of its leadership."""
+
+    renewed_at: float | None
+    """Monotonic start of the last attempt that took or renewed the Lease (None: never)."""
+    renew_deadline: float
+    """Seconds after `renewed_at` within which the next renewal must have succeeded."""
+    superseded_by: str | None = None
+    """Another identity seen holding the Lease since this process took it."""
+
+
+def leading(election: Election, now: float) -> bool:
+    """Whether this process may write at monotonic time `now`: it took or renewed the Lease
+    less than the renew deadline ago, and has seen nobody else hold it since. Pure."""
+    return (
+        election.superseded_by is None
+        and election.renewed_at is not None
+        and now - election.renewed_at < election.renew_deadline
+    )
 
 
 class LeaseLock:
@@ -50,6 +80,16 @@ class LeaseLock:
         self._seen: tuple[Any, float] | None = None  # (holder's renewTime, when we saw it)
         self.renewed_at: float | None = None
         """Monotonic start time of the last attempt that took or renewed the Lease."""
+        self.superseded_by: str | None = None
+        """Who holds the Lease now, once a renewal found someone else in it."""
+
+    @property
+    def election(self) -> Election:
+        return Election(self.renewed_at, self.renew_deadline, self.superseded_by)
+
+    def leading(self) -> bool:
+        """The write gate: `leading` over this lock's state, now."""
+        return leading(self.election, time.monotonic())
 
     def _manifest(self, current: dict[str, Any] | None, transitions: int) -> dict[str, Any]:
         now = _micro_time()
@@ -100,6 +140,14 @@ class LeaseLock:
             if lease is None:
                 await self.client.create(self._manifest(None, 0))
                 return True
+            holder = (lease.get("spec") or {}).get("holderIdentity")
+            if self.renewed_at is not None and holder and holder != self.identity:
+                # Someone else took it while this process held it: it is theirs from now,
+                # expired or not; taking it back would make two writers in turn.
+                if self.superseded_by is None:
+                    log.error("lease %s/%s is held by %s now", self.namespace, self.name, holder)
+                self.superseded_by = holder
+                return False
             if not self._expired(lease):
                 return False
             transitions = int(lease.get("spec", {}).get("leaseTransitions") or 0)
@@ -138,6 +186,10 @@ class LeaseLock:
                             continue
                 except TimeoutError:
                     log.warning("lease %s/%s: renewal timed out", self.namespace, self.name)
+            if self.superseded_by is not None:
+                log.error("lost lease %s/%s to %s; stopping", self.namespace, self.name,
+                          self.superseded_by)  # fmt: skip
+                return
             if time.monotonic() - last_ok >= self.renew_deadline:
                 log.error("lost lease %s/%s; stopping", self.namespace, self.name)
                 return

@@ -212,8 +212,16 @@ async def serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     client = KubeClient.connect(args.kubeconfig)
     identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    lease = LeaseLock(client, args.lease_namespace, args.lease_name, identity, args.lease_duration)
+    # The Lease's own requests are the election: ungated, and on a pool of their own, so a
+    # renewal never waits for the reconciles' connections.
+    elector = client.sibling(connections=2, attempts=client.attempts, write_gate=None)
+    lease = LeaseLock(
+        elector, args.lease_namespace, args.lease_name, identity, args.lease_duration
+    )
     await lease.acquire()
+    # Every other write passes the gate: once the Lease is lost nothing more is sent, by a
+    # handler, a retry, the progress sink or an Event (see `leader`).
+    client.write_gate = lease.leading
 
     controller = Controller(client, config, check_secrets=args.check_secrets)
     shared: dict[str, Any] = {}
@@ -224,10 +232,10 @@ async def serve(args: argparse.Namespace) -> int:
     finetunejobs = index_lookup(shared, api_lookup(reviewer))
     sink = ProgressSink(
         client, args.progress_min_interval, utc_now,
-        on_patched=controller.remember, finetunejobs=finetunejobs,
+        on_patched=controller.remember, finetunejobs=finetunejobs, leading=lease.leading,
     )  # fmt: skip
     metrics = OperatorMetrics(
-        api_requests=lambda: client.requests + reviewer.requests,
+        api_requests=lambda: client.requests + reviewer.requests + elector.requests,
         progress_patches=lambda: sink.patches,
         finetunejobs=lambda: index_bodies(shared),
     )
@@ -241,7 +249,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     registry = kopf.OperatorRegistry()
     handlers.register(registry)
-    memo = kopf.Memo(controller=controller, sink=sink, shared=shared, metrics=metrics)
+    memo = kopf.Memo(
+        controller=controller, sink=sink, shared=shared, metrics=metrics, leading=lease.leading
+    )
     stop = asyncio.Event()
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     operator = asyncio.create_task(
@@ -263,6 +273,11 @@ async def serve(args: argparse.Namespace) -> int:
     holder = asyncio.create_task(lease.hold())
     done, _ = await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
     lost = holder in done
+    if lost:
+        # The gate already refuses every write; drop the work still waiting to send one.
+        handlers.stop_delayed_work(memo)
+        sink.close()
+        controller.cancel_background()
     stop.set()
     holder.cancel()
     resync.cancel()
@@ -277,5 +292,6 @@ async def serve(args: argparse.Namespace) -> int:
         if not lost:
             await lease.release()
         await reviewer.close()
+        await elector.close()
         await client.close()
     return 1 if lost else 0

@@ -43,7 +43,7 @@ from kubetune.api.dataplane import ProgressReport
 from kubetune.api.status import ProgressStatus
 from kubetune.builders import naming
 from kubetune.builders.meta import legacy_training_hash, training_hash
-from kubetune.operator.client import ApiError, KubeClient
+from kubetune.operator.client import ApiError, KubeClient, NotLeading
 from kubetune.operator.metrics import CONTENT_TYPE, OperatorMetrics
 from kubetune.reconcile.status import decimal
 
@@ -374,8 +374,12 @@ class ProgressSink:
         clock: Callable[[], str],
         on_patched: Callable[[tuple[str, str], Any], None] | None = None,
         finetunejobs: FineTuneJobLookup | None = None,
+        leading: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
+        self.leading = leading or (lambda: True)
+        """The operator's write gate: no report is taken, held or patched while it is shut
+        (another operator holds the Lease)."""
         self.min_interval = min_interval
         self.clock = clock
         self.on_patched = on_patched
@@ -389,6 +393,8 @@ class ProgressSink:
     def submit(
         self, key: tuple[str, str], report: ProgressReport, binding: Binding | None = None
     ) -> None:
+        if not self.leading():
+            return
         self._pending[key] = (report, binding)
         if key not in self._tasks:
             wait = max(0.0, self._last.get(key, 0.0) + self.min_interval - time.monotonic())
@@ -398,6 +404,8 @@ class ProgressSink:
         try:
             await asyncio.sleep(wait)  # the rate limit itself, not a wait for a condition
             report, binding = self._pending.pop(key)
+            if not self.leading():
+                return
             if binding is not None and self.finetunejobs is not None:
                 try:
                     check_current(binding, await self.finetunejobs(*key))
@@ -415,14 +423,22 @@ class ProgressSink:
                 self.on_patched(key, result)
         except ApiError as error:
             log.warning("progress of %s/%s not saved: %s", *key, error)
+        except NotLeading:
+            log.info("progress of %s/%s dropped: the Lease is lost", *key)
         except Exception:  # a task's exception is otherwise lost unseen
             log.exception("progress of %s/%s not saved", *key)
         finally:
             self._tasks.pop(key, None)
-            if key in self._pending:
+            if key in self._pending and self.leading():
                 # A report arrived while this patch was in flight: send it too, after the
                 # interval (the newest report always lands, not only the one before it).
                 self._tasks[key] = asyncio.create_task(self._flush(key, self.min_interval))
+
+    def close(self) -> None:
+        """The Lease is lost: cancel every pending patch, keep nothing to send."""
+        for key in list(self._tasks):
+            self.forget(key)
+        self._pending.clear()
 
     def forget(self, key: tuple[str, str]) -> None:
         task = self._tasks.pop(key, None)
@@ -618,6 +634,10 @@ class ProgressServer:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         header = request.headers.get("Authorization", "")
         try:
+            if not self.sink.leading():
+                # Before any TokenReview: a process that lost the Lease sends nothing.
+                raise Refused(503, "this operator does not hold the leader Lease",
+                              retry_after=5.0)  # fmt: skip
             if not header.startswith("Bearer ") or len(header) < 8:
                 raise Refused(401, "missing bearer token")
             binding = await self.authorize(

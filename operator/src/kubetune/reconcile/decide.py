@@ -125,7 +125,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     gate: tuple[bool, str] | None = None
     report: TrainingReport | None = None
     exported: ExportReport | None = None
-    view = serving_view(of_component(obs.children, "Deployment", naming.COMPONENT_SERVER), previous)
+    view = serving_view(
+        of_component(obs.children, "Deployment", naming.COMPONENT_SERVER),
+        previous,
+        of_component(obs.children, "Pod", naming.COMPONENT_SERVER),
+    )
 
     if problems or obs.plan is None:
         reason = "MissingReference" if obs.missing else "DoesNotFit"

@@ -52,8 +52,12 @@ def serving_condition(view: ServingView, enabled: bool, endpoint: str) -> Cond:
         return Cond(T.SERVING, "False", "Disabled", "serving.enabled is false")
     if not view.exists:
         return Cond(T.SERVING, "Unknown", "NoModel", "no model has passed the gate yet")
+    trouble = view.trouble
     if view.available_replicas > 0 and view.serving_generation is not None:
-        rolling = "" if view.rolled_out else f" (rolling out generation {view.template_generation})"
+        rolling = ""
+        if not view.rolled_out:
+            why = f": {trouble.message}" if trouble else ""
+            rolling = f" (rolling out generation {view.template_generation}{why})"
         return Cond(
             T.SERVING,
             "True",
@@ -62,8 +66,17 @@ def serving_condition(view: ServingView, enabled: bool, endpoint: str) -> Cond:
             f"{view.available_replicas} ready{rolling}",
         )
     if view.serving_generation is None:
+        if trouble is not None:
+            # Stuck before the first pod: the scheduler's, kubelet's or Deployment's reason.
+            if trouble.state is RunState.FAILED:
+                return Cond(T.SERVING, "False", trouble.reason, trouble.message)
+            return Cond(T.SERVING, "Unknown", trouble.reason, trouble.message)
         return Cond(T.SERVING, "Unknown", "Deploying", "waiting for the first inference pod")
+    if trouble is not None:
+        message = f"no inference pod is ready: {trouble.message}"
+        return Cond(T.SERVING, "False", trouble.reason, message)
     return Cond(T.SERVING, "False", "Unavailable", "no inference pod is ready")
+
 
 
 def ready_condition(
@@ -101,6 +114,11 @@ def ready_condition(
     if serving is not None and serving.status == "False" and serving.reason == REFUSED:
         message = f"generation {generation}: {serving.message}"
         return Cond(T.READY, "False", "ServingFailed", message)
+    if view.trouble is not None and view.trouble.state is RunState.FAILED:
+        # The Deployment controller gave up on the rollout until the template changes.
+        message = f"generation {generation}: {view.trouble.message}{keeps}"
+        return Cond(T.READY, "False", "ServingFailed", message)
     if view.serving_generation == generation and view.rolled_out:
         return Cond(T.READY, "True", "Serving", f"generation {generation} is serving")
-    return Cond(T.READY, "False", "Deploying", f"rolling out generation {generation}")
+    why = f": {view.trouble.message}" if view.trouble is not None else ""
+    return Cond(T.READY, "False", "Deploying", f"rolling out generation {generation}{why}")

@@ -59,7 +59,12 @@ def _shorten(text: str) -> str:
 def failure_message(pod: Mapping[str, Any]) -> str:
     """What a failed pod said: the report's `error` (and a plan made for another model, which
     may be why), else its termination message or reason."""
-    terminated = _terminated(pod) or {}
+    return termination_message(_terminated(pod) or {})
+
+
+def termination_message(terminated: Mapping[str, Any]) -> str:
+    """What a container's `terminated` state says: its exit code, and the report's `error`
+    (and a plan made for another model, which may be why) or its termination message."""
     message = terminated.get("message") or ""
     report = TrainingReport.parse(message)
     if report is not None and report.error:
@@ -146,6 +151,66 @@ def _latest_failed(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | Non
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     failed.sort(key=lambda p: (_terminated(p) or {}).get("finishedAt") or "")
     return failed[-1] if failed else None
+
+
+def _restarting(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a long-running container (the inference server) keeps stopping: its waiting
+    reason (CrashLoopBackOff) or restart count, and what its last run said when it ended.
+    With `FallbackToLogsOnError` that is the log's tail; its last line names the error."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or ():
+            last = (container.get("lastState") or {}).get("terminated")
+            if container.get("ready") or not last:
+                continue
+            waiting = ((container.get("state") or {}).get("waiting") or {}).get("reason")
+            restarts = int(container.get("restartCount") or 0)
+            lines = [line for line in str(last.get("message") or "").splitlines() if line.strip()]
+            said = termination_message({**last, "message": lines[-1] if lines else ""})
+            how = waiting or f"restarted {restarts} time{'s' if restarts != 1 else ''}"
+            return _shorten(f"{how}; last run ended with {said}")
+    return None
+
+
+SERVING = "inference"
+
+
+def serving_trouble(
+    deployment: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]
+) -> RunStatus | None:
+    """Why the serving Deployment's pods are not available, or None when nothing says so.
+
+    Read as `run_status` reads a trainer Job's pods (the same scheduler and kubelet reasons),
+    plus what only a long-running container shows: a crash loop with its last termination
+    message. A rollout past the Deployment's `progressDeadlineSeconds` (Progressing=False,
+    ProgressDeadlineExceeded) has failed: the Deployment controller gives up on it until the
+    template changes, so it is FAILED, with the pods' reason when they give one."""
+    said: RunStatus | None = None
+    unschedulable = _unschedulable(pods)
+    cannot_start = _cannot_start(pods)
+    restarting = _restarting(pods)
+    if unschedulable:
+        said = RunStatus(
+            RunState.UNSCHEDULABLE,
+            "Unschedulable",
+            f"{SERVING} pods cannot be scheduled: {unschedulable}",
+        )
+    elif cannot_start:
+        said = RunStatus(
+            RunState.PENDING,
+            "ContainersCannotStart",
+            f"{SERVING} pods cannot start: {cannot_start}",
+        )
+    elif restarting:
+        said = RunStatus(RunState.PENDING, "ServerRestarting", f"{SERVING} server: {restarting}")
+    for cond in ((deployment or {}).get("status") or {}).get("conditions") or ():
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == (
+            "Progressing", "False", "ProgressDeadlineExceeded"
+        ):
+            deadline = cond.get("message") or "the rollout made no progress"
+            because = f"; {said.message}" if said else ""
+            message = _shorten(f"rollout failed: {deadline}{because}")
+            return RunStatus(RunState.FAILED, "ProgressDeadlineExceeded", message)
+    return said
 
 
 FAILURE_REASONS = {

@@ -11,7 +11,8 @@ from kubetune.api import FineTuneJobSpec, PlanStatus
 from kubetune.api.dataplane import ExportReport, TrainingReport
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner
-from kubetune.reconcile.runs import RunState, RunStatus
+from kubetune.reconcile.children import controller_of
+from kubetune.reconcile.runs import RunState, RunStatus, serving_trouble
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,15 @@ class ServingView:
     serving_generation: int | None = None
     """The generation answering requests: the template's once rolled out, else the last one
     that was (kept in status across restarts)."""
+    trouble: RunStatus | None = None
+    """Why the rollout does not complete, as the Deployment and its pods say (the scheduler's
+    reason, a crash loop, a passed progress deadline); None while nothing says so."""
 
     def rolling_to(self, generation: int) -> ServingView:
+        """The view once the template changes to `generation`: what the old template's pods
+        said of themselves no longer applies."""
         return dataclasses.replace(
-            self, exists=True, template_generation=generation, rolled_out=False
+            self, exists=True, template_generation=generation, rolled_out=False, trouble=None
         )
 
 
@@ -43,8 +49,12 @@ def _int(value: Any) -> int | None:
 
 
 def serving_view(
-    deployments: Sequence[Mapping[str, Any]], previous: Mapping[str, Any]
+    deployments: Sequence[Mapping[str, Any]],
+    previous: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> ServingView:
+    """`pods`: the inference pods (component server); only those a ReplicaSet controls count,
+    as only those are the Deployment's."""
     if not deployments:
         return ServingView()
     deployment = deployments[0]
@@ -70,7 +80,16 @@ def serving_view(
         ready_replicas=int(status.get("readyReplicas") or 0),
         rolled_out=rolled_out,
         serving_generation=template_generation if rolled_out else before,
+        trouble=None if rolled_out else serving_trouble(deployment, _replica_pods(pods)),
     )
+
+
+def _replica_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    def controller(pod: Mapping[str, Any]) -> tuple[Any, Any]:
+        ref = controller_of(pod) or {}
+        return ref.get("apiVersion"), ref.get("kind")
+
+    return [pod for pod in pods if controller(pod) == ("apps/v1", "ReplicaSet")]
 
 
 def decimal(value: Any) -> str | None:

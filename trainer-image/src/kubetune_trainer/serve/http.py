@@ -104,10 +104,16 @@ async def read_body(request: web.Request, limits: Limits) -> dict[str, Any]:
     return parse_json(body)
 
 
-def liveness(stalled_seconds: float, limit: float) -> tuple[int, dict[str, Any]]:
-    """`/healthz`'s answer: alive, unless the engine has had work and not advanced for more
-    than `limit` seconds (a wedged step never returns, and only a restart frees its slots).
-    An idle engine, or one still loading, is alive."""
+def liveness(
+    stalled_seconds: float, limit: float, load_error: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """`/healthz`'s answer: alive, unless the model failed to load (`load_error`: nothing
+    will ever serve, and a restart may find the files, memory or node it lacked), or the
+    engine has had work and not advanced for more than `limit` seconds (a wedged step never
+    returns, and only a restart frees its slots). An idle engine, or one still loading, is
+    alive: loading a large model takes minutes, and a restart would only start it again."""
+    if load_error is not None:
+        return 503, {"status": "failed", "error": load_error}
     if stalled_seconds > limit:
         message = (
             "the engine's thread has stopped"
@@ -121,7 +127,7 @@ def liveness(stalled_seconds: float, limit: float) -> tuple[int, dict[str, Any]]
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     stalled = 0.0 if state.engine is None else state.engine.stalled_seconds()
-    status, body = liveness(stalled, state.limits.engine_stall_seconds)
+    status, body = liveness(stalled, state.limits.engine_stall_seconds, state.error)
     return web.json_response(body, status=status)
 
 

@@ -29,7 +29,10 @@ generation in the background, then `/readyz` turns 200. On SIGTERM or SIGINT `/r
 pod), then refused with 503; every in-flight request and stream may finish within
 `--grace-seconds`, then the server exits 0, so a rolling update drops nothing. `/healthz`
 turns 503 when the engine has had work without advancing for `--engine-stall-seconds` (a
-wedged engine: the kubelet restarts the pod). `/openapi.json` describes every endpoint.
+wedged engine: the kubelet restarts the pod), and when the model failed to load: the error
+is then also the container's termination message ($KUBETUNE_TERMINATION_LOG, default
+/dev/termination-log), which the operator puts in the Serving condition. `/openapi.json`
+describes every endpoint.
 
 This module holds the command line, the app wiring and that lifecycle; the endpoints are in
 `http.py` (probes, models, metrics, errors) and `completions.py` (generation); the state they
@@ -52,7 +55,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from kubetune.api.dataplane import API_KEY_ENV
+from kubetune.api.dataplane import API_KEY_ENV, write_termination_message
 from kubetune_trainer.serve.adapters import (
     AdapterError,
     check_tokenizer,
@@ -76,6 +79,8 @@ from kubetune_trainer.serve.state import STATE, ServerState
 from kubetune_trainer.serve.tokens import detokenize, tokenize
 
 log = logging.getLogger("kubetune.serve")
+TERMINATION_LIMIT = 4096
+"""Bytes of a termination message the kubelet keeps (it cuts the rest)."""
 
 
 def build_app(
@@ -133,6 +138,9 @@ async def load_engine(app: web.Application) -> None:
     except Exception as error:
         state.error = f"{type(error).__name__}: {error}"
         log.exception("model failed to load")
+        # /healthz now fails and the kubelet restarts the container; the termination message
+        # is what the pod's lastState (and the FineTuneJob's Serving condition) says of it.
+        write_termination_message(f"model failed to load: {state.error}"[:TERMINATION_LIMIT])
 
 
 async def serve(
@@ -273,6 +281,17 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except SystemExit as error:
+        # A refusal before the port opens (no model, a bad adapter): the pod's termination
+        # message says which, as it does for a model that fails to load later.
+        if isinstance(error.code, str):
+            write_termination_message(error.code[:TERMINATION_LIMIT])
+        raise
+
+
+def _main(argv: list[str] | None) -> int:
     defaults = Limits()
     args = parse_options(argv, os.environ)
     logging.basicConfig(
