@@ -7,6 +7,7 @@ from typing import Any
 
 from kubetune.api import FineTuneJobSpec, PlanStatus
 from kubetune.builders.config import OperatorConfig
+from kubetune.reconcile.attach import PodEvent
 from kubetune.reconcile.decide import Observed, Outcome, reconcile
 from kubetune.reconcile.refusals import Refusal
 
@@ -69,6 +70,7 @@ def observe(
     plan_error: str | None = None,
     now: str = NOW,
     refused: list[Refusal] | None = None,
+    events: list[PodEvent] | None = None,
 ) -> Outcome:
     spec = FineTuneJobSpec.model_validate(job_body["spec"])
     resolved = (
@@ -85,6 +87,7 @@ def observe(
             children=children or [],
             now=now,
             refused=refused or [],
+            events=events or [],
         ),
         CONFIG,
     )

@@ -9,10 +9,11 @@
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
-# Transitions are posted as Events.
+# Transitions are posted as Events; while a pod waits for its volumes, the namespace's
+# FailedAttachVolume Events are listed (Multi-Attach: the Trained/Serving condition says it).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 # Training Jobs, export Jobs and serving Deployments: watched (kopf indexes), applied
 # server-side (create + patch) and deleted when a generation is replaced or serving is off.
 - apiGroups: ["batch"]

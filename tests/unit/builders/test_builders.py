@@ -289,7 +289,8 @@ def test_deployment_rolls_with_zero_unavailable_and_generation_in_template() -> 
     container = template["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert "/artifacts/demo/gen-3/onnx" in container["args"]
+    [copy] = template["spec"]["initContainers"]  # the server loads generation 3's export
+    assert copy["volumeMounts"][0]["subPath"] == "demo/gen-3/onnx"
     service = serving_service(_owner())
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["port"] == 8000

@@ -44,7 +44,7 @@ WATCHED_CHILD = ["list", "watch", "create", "patch", "delete"]
 NAMESPACED_RULES: list[Rule] = [
     *_rule("kubetune.io", ["finetunejobs"], ["list", "watch"]),
     *_rule("kubetune.io", ["finetunejobs/status"], ["patch"]),
-    *_rule("", ["events"], ["create"]),
+    *_rule("", ["events"], ["create", "list"]),
     *_rule("batch", ["jobs"], WATCHED_CHILD),
     *_rule("apps", ["deployments"], WATCHED_CHILD),
     *_rule("", ["configmaps", "services"], WATCHED_CHILD),

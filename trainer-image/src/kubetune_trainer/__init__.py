@@ -1,4 +1,6 @@
-"""KubeTune's data plane: `python -m kubetune_trainer train|export|serve`, in pods and locally.
+"""KubeTune's data plane: `python -m kubetune_trainer train|export|serve`, in pods and locally,
+and `copy-model` (`copy_model`: the inference pods' init container copies the served export
+off the artifact claim).
 
 Shared leaves: `errors`, `allocator` (the trainer's malloc), `runconfig` (reading `run.json`),
 `sources` and `builtin` (where a model or dataset comes from), `hub` (which Hub failures are

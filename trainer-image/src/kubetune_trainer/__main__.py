@@ -1,4 +1,4 @@
-"""`python -m kubetune_trainer <train|export|serve> ...`: one module per subcommand."""
+"""`python -m kubetune_trainer <train|export|serve|copy-model> ...`: one module per subcommand."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ COMMANDS = {
     "train": "kubetune_trainer.train.run",
     "export": "kubetune_trainer.export.run",
     "serve": "kubetune_trainer.serve.server",
+    # The inference pods' init container: the served export off the artifact claim.
+    "copy-model": "kubetune_trainer.copy_model",
 }
 
 

@@ -46,6 +46,8 @@ COMPONENT_RENDEZVOUS = "rendezvous"
 TRAINER_CONTAINER = "trainer"
 EXPORTER_CONTAINER = "exporter"
 SERVER_CONTAINER = "server"
+MODEL_COPY_CONTAINER = "copy-model"
+"""The inference pods' init container: copies the served export into the pod's emptyDir."""
 
 RENDEZVOUS_PORT = 29500
 SERVING_PORT = 8000
@@ -54,6 +56,10 @@ CONFIG_MOUNT = "/etc/kubetune"
 RUN_CONFIG_KEY = "run.json"
 PROGRESS_TOKEN_DIR = "/var/run/secrets/kubetune/progress"
 PVC_MOUNT_ROOT = "/mnt/pvc"
+MODEL_MOUNT = "/model"
+"""Where an inference pod's copy of its model lives (an emptyDir) and the server loads it."""
+MODEL_SOURCE_MOUNT = "/mnt/export"
+"""Where the copy container sees the served export (the artifact claim's `<job>/gen-N/onnx`)."""
 
 MAX_NAME = 63
 
@@ -95,6 +101,11 @@ def serving_name(job: str) -> str:
 def run_path(job: str, generation: int) -> str:
     """A generation's run directory, relative to the artifact volume's root."""
     return f"{job}/gen-{generation}"
+
+
+def export_path(job: str, generation: int) -> str:
+    """A generation's exported (ONNX) model, relative to the artifact volume's root."""
+    return f"{run_path(job, generation)}/onnx"
 
 
 def endpoint_url(service: str, namespace: str) -> str:

@@ -24,11 +24,18 @@ GRACE_SECONDS = 30
 """Seconds it then gives requests already in flight to finish."""
 
 
+MODEL_VOLUME = "model"
+MODEL_COPY_DEFAULT_SIZE = "50Gi"
+"""`sizeLimit` of an inference pod's model copy when the artifact claim's size is not in the
+spec (`storage.claimName`, a claim the user brings)."""
+
+
 def serve_args(owner: Owner, model_generation: int) -> list[str]:
-    model_dir = f"{naming.ARTIFACTS_MOUNT}/{naming.run_path(owner.name, model_generation)}/onnx"
+    """The server loads its own copy (see `model_copy`); the generation is the init
+    container's business."""
     return [
         "-m", "kubetune_trainer", "serve",
-        "--model", model_dir,
+        "--model", naming.MODEL_MOUNT,
         "--host", "0.0.0.0",
         "--port", str(naming.SERVING_PORT),
         # The FineTuneJob's name, the same for every generation: a client that worked before
@@ -45,6 +52,65 @@ def api_key_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         return []
     secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
     return [{"name": API_KEY_ENV, "valueFrom": secret}]
+
+
+def model_copy(
+    owner: Owner,
+    model_generation: int,
+    spec: FineTuneJobSpec,
+    config: OperatorConfig,
+    amounts: dict[str, str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(init container, volumes): the served export, copied off the artifact claim into an
+    emptyDir before the server starts, as KServe's storage initializer copies a model into
+    an emptyDir for its server.
+
+    The server container never mounts the claim: it reads a local copy, so it does not
+    depend on the claim staying reachable, and a trainer writing the next generation shares
+    nothing with it. Only the init container mounts the claim, read-only, and only this
+    generation's export (`subPath`). Kubernetes still attaches a pod's volumes for the
+    pod's whole life, not per container: on ReadWriteOnce storage the claim's node still
+    decides where every pod that uses it can start (docs/storage.md), and a pod left waiting
+    for it is reported (`kubetune.reconcile.attach`).
+
+    The copy is on disk (no `medium: Memory`: a model would count against the pod's memory
+    limit), limited to the claim's size (an export is no larger than the volume holding it),
+    or `MODEL_COPY_DEFAULT_SIZE` for a claim the user brings. It runs in the server's image
+    with the server's CPU and memory (the pod's request, the larger of the two, stays the
+    same; a quota that wants limits admits it) and without its GPUs.
+    """
+    size = MODEL_COPY_DEFAULT_SIZE
+    if not spec.storage.claim_name:
+        size = spec.storage.size or config.default_storage_size
+    copy_amounts = {key: value for key, value in amounts.items() if key in ("cpu", "memory")}
+    container: dict[str, Any] = {
+        "name": naming.MODEL_COPY_CONTAINER,
+        "image": config.serving_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["python"],
+        "args": ["-m", "kubetune_trainer", "copy-model",
+                 "--source", naming.MODEL_SOURCE_MOUNT, "--dest", naming.MODEL_MOUNT],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"}],
+        "resources": {"requests": dict(copy_amounts), "limits": dict(copy_amounts)},
+        "volumeMounts": [
+            {
+                "name": pod.ARTIFACTS_VOLUME,
+                "mountPath": naming.MODEL_SOURCE_MOUNT,
+                "subPath": naming.export_path(owner.name, model_generation),
+                "readOnly": True,
+            },
+            {"name": MODEL_VOLUME, "mountPath": naming.MODEL_MOUNT},
+            pod.tmp_mount(),
+        ],
+        "securityContext": pod.container_security_context(),
+        # A missing export is said in the termination message, which the pod's status shows.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    volumes = [
+        pod.artifacts_volume(pod.artifacts_claim(spec, owner.name), read_only=True),
+        {"name": MODEL_VOLUME, "emptyDir": {"sizeLimit": size}},
+    ]
+    return container, volumes
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -103,19 +169,18 @@ def serving_deployment(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
         "volumeMounts": [
-            {"name": pod.ARTIFACTS_VOLUME, "mountPath": naming.ARTIFACTS_MOUNT, "readOnly": True},
+            {"name": MODEL_VOLUME, "mountPath": naming.MODEL_MOUNT, "readOnly": True},
             pod.tmp_mount(),
         ],
         "securityContext": pod.container_security_context(),
     }
+    copy, copy_volumes = model_copy(owner, model_generation, spec, config, amounts)
     pod_spec: dict[str, Any] = {
         **pod.base_pod_spec(config, config.serving_service_account),
+        "initContainers": [copy],
         "containers": [container],
         "terminationGracePeriodSeconds": DRAIN_SECONDS + GRACE_SECONDS + 5,
-        "volumes": [
-            pod.artifacts_volume(pod.artifacts_claim(spec, owner.name), read_only=True),
-            pod.tmp_volume(),
-        ],
+        "volumes": [*copy_volumes, pod.tmp_volume()],
     }
     tolerations = pod.gpu_tolerations(spec, gpus)
     if tolerations:

@@ -315,6 +315,16 @@ class KubeClient:
         except ApiError as error:  # an event is best effort; the status holds the truth
             log.warning("could not post event %s on %s: %s", reason, meta["name"], error)
 
+    async def list_pod_events(self, namespace: str, reason: str) -> list[dict[str, Any]]:
+        """A namespace's Events about pods with `reason` (a field selector: the API server
+        sends only those)."""
+        found = await self.request(
+            "GET",
+            object_path("v1", "Event", namespace),
+            params={"fieldSelector": f"involvedObject.kind=Pod,reason={reason}"},
+        )
+        return list((found or {}).get("items") or [])
+
     # ------------------------------------------------------------------ auth
 
     async def token_review(self, token: str, audiences: list[str]) -> dict[str, Any]:

@@ -29,6 +29,12 @@ from kubetune.operator.lanes import Lanes
 from kubetune.operator.references import ExistenceCache
 from kubetune.planner.deepspeed import deepspeed_config
 from kubetune.planner.plan import PlanError, plan
+from kubetune.reconcile.attach import (
+    ATTACH_EVENT_REASON,
+    PodEvent,
+    pod_event,
+    waiting_for_volumes,
+)
 from kubetune.reconcile.conditions import Event
 from kubetune.reconcile.decide import (
     Observed,
@@ -152,6 +158,7 @@ class Controller:
             children=children,
             now=self.clock(),
             refused=self._applier.refusals(key),
+            events=await self._attach_events(namespace, children),
         )
         outcome = reconcile(observed, self.config)
         applied = await self._applier.apply(key, outcome.apply, children)
@@ -180,6 +187,22 @@ class Controller:
     async def _post_event(self, body: Mapping[str, Any], event: Event, now: str) -> None:
         async with self._lanes.deferred():
             await self.client.post_event(body, event.type, event.reason, event.message, now)
+
+    async def _attach_events(
+        self, namespace: str, children: Sequence[Mapping[str, Any]]
+    ) -> list[PodEvent]:
+        """The namespace's volume-attach failures, only while a pod of this job waits for its
+        volumes (a pass over work that runs or ended sends no extra request). Best effort:
+        without them (an older chart's RBAC has no `events: list`) status says less."""
+        pods = [child for child in children if child.get("kind") == "Pod"]
+        if not waiting_for_volumes(pods):
+            return []
+        try:
+            listed = await self.client.list_pod_events(namespace, ATTACH_EVENT_REASON)
+        except ApiError as error:
+            log.warning("%s: cannot list attach events: %s", namespace, error)
+            return []
+        return [event for event in map(pod_event, listed) if event is not None]
 
     async def _missing_references(self, namespace: str, spec: FineTuneJobSpec) -> list[str]:
         secrets = pod.referenced_secrets(spec) if self.check_secrets else []

@@ -16,7 +16,8 @@ In short:
 - secrets: get, existence only (read as PartialObjectMetadata, never the data), and only in
   the Roles of watched namespaces; cluster-wide the chart grants none and passes
   `--no-check-secrets`
-- events: create; authentication.k8s.io tokenreviews: create (always cluster-wide)
+- events: create, list (posting transitions; a namespace's FailedAttachVolume Events while
+  a pod waits for its volumes); authentication.k8s.io tokenreviews: create (always cluster-wide)
 - coordination.k8s.io leases in the Lease namespace: create, and get/update of its own
 - namespaces and customresourcedefinitions: list, watch, only with `--namespace` globs
   (kopf's scanning is off otherwise, see `handlers.needs_scanning`; the chart lists exact

@@ -26,6 +26,12 @@ from kubetune.builders.training import (
     run_config_map,
     training_job,
 )
+from kubetune.reconcile.attach import (
+    PodEvent,
+    attach_failure,
+    run_with_attach_failure,
+    serving_with_attach_failure,
+)
 from kubetune.reconcile.children import (
     ChildRef,
     current_generation,
@@ -83,6 +89,9 @@ class Observed:
     """RFC 3339 time, for condition transitions."""
     refused: Sequence[Refusal] = ()
     """Children the API server refused to store, as the applier remembers them."""
+    events: Sequence[PodEvent] = ()
+    """The namespace's volume-attach failures, listed while a pod of this job waits for its
+    volumes (`kubetune.reconcile.attach`)."""
 
 
 @dataclass
@@ -151,7 +160,10 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         outcome.apply.append(training_job(owner, generation, spec, config, spec_hash))
         job_name = naming.training_job_name(owner.name, generation)
         job = named(of_component(obs.children, "Job", naming.COMPONENT_TRAINER), job_name)
-        training = run_status(job, pods_of_job(obs.children, job), "training")
+        trainers = pods_of_job(obs.children, job)
+        training = run_with_attach_failure(
+            run_status(job, trainers, "training"), attach_failure(trainers, obs.events), "training"
+        )
         report = _report(training, previous, generation)
         conds[T.TRAINED] = training_condition(training, report)
         if training.state is RunState.SUCCEEDED and spec.serving.enabled:
@@ -160,7 +172,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             exporters = of_component(obs.children, "Job", naming.COMPONENT_EXPORTER)
             exporter = named(exporters, export_name)
             export_pods = pods_of_job(obs.children, exporter)
-            export = run_status(exporter, export_pods, "export")
+            export = run_with_attach_failure(
+                run_status(exporter, export_pods, "export"),
+                attach_failure(export_pods, obs.events),
+                "export",
+            )
             exported = export_report(export_pods) if export.state is RunState.SUCCEEDED else None
         if export is not None and export.state is RunState.SUCCEEDED:
             serving_loss = view.eval_loss if view.template_generation != generation else None
@@ -188,7 +204,10 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
                 ChildRef("apps/v1", "Deployment", name),
             ]
         view = ServingView()
-    conds[T.SERVING] = serving_condition(view, spec.serving.enabled, endpoint)
+    conds[T.SERVING] = serving_with_attach_failure(
+        serving_condition(view, spec.serving.enabled, endpoint),
+        attach_failure(of_component(obs.children, "Pod", naming.COMPONENT_SERVER), obs.events),
+    )
     conds.update(refusal_conditions(outcome.apply, obs.refused))
     conds[T.READY] = ready_condition(conds, generation, spec.serving.enabled, gate, view)
 
