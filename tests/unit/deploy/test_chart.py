@@ -199,6 +199,12 @@ def images_of(docs: list[dict[str, Any]]) -> list[str]:
 
 
 NAMESPACED = {"watch": {"namespaces": ["team-a", "team-b"]}}
+PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+SERVICE_MONITOR = {
+    "metrics": {"serviceMonitor": {"enabled": True}},
+    # The default NetworkPolicy admits only trainer pods: a scraper must be named.
+    "networkPolicy": {"metricsFrom": [PROMETHEUS_PEER]},
+}
 
 
 # --------------------------------------------------------------------------- lint
@@ -206,7 +212,7 @@ NAMESPACED = {"watch": {"namespaces": ["team-a", "team-b"]}}
 
 @pytest.mark.parametrize(
     "values",
-    [{}, NAMESPACED, {"metrics": {"serviceMonitor": {"enabled": True}}}],
+    [{}, NAMESPACED, SERVICE_MONITOR],
     ids=["defaults", "namespaced", "servicemonitor"],
 )
 def test_helm_lint_is_clean(helm: str, values: dict[str, Any], tmp_path: Any) -> None:
@@ -441,7 +447,7 @@ def test_custom_images_and_digests_reach_the_operator(helm: str) -> None:
 
 @pytest.mark.parametrize(
     "values",
-    [{}, NAMESPACED, {"metrics": {"serviceMonitor": {"enabled": True}}}],
+    [{}, NAMESPACED, SERVICE_MONITOR],
     ids=["defaults", "namespaced", "servicemonitor"],
 )
 def test_nothing_pulls_latest(helm: str, values: dict[str, Any]) -> None:
@@ -457,7 +463,10 @@ def test_service_monitor_is_optional_and_scrapes_the_metrics_service(helm: str) 
     assert by_kind(render(helm), "ServiceMonitor") == []
     docs = render(
         helm,
-        values={"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+        values={
+            **SERVICE_MONITOR,
+            "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        },
     )
     monitor = one(docs, "ServiceMonitor")
     service = one(docs, "Service")
@@ -491,6 +500,19 @@ def test_service_monitor_is_optional_and_scrapes_the_metrics_service(helm: str) 
         ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
         ("serving.image.repository=kt/server", "serving.image.tag must be a pinned version"),
         ("rbac.create=maybe", "/rbac/create"),
+        # Object names are `<fullname>-operator`: a Service name is a DNS-1035 label.
+        ("fullnameOverride=KubeTune_Prod", "/fullnameOverride"),
+        ("fullnameOverride=1st", "/fullnameOverride"),
+        ("nameOverride=Tune.Me", "/nameOverride"),
+        # The chart's own labels: a second key makes the Deployment's selector miss its pods
+        # (the API server refuses it), or the ServiceMonitor's miss the Service.
+        ("operator.podLabels.app\\.kubernetes\\.io/component=x",
+         "/operator/podLabels/app.kubernetes.io~1component"),
+        ("commonLabels.app\\.kubernetes\\.io/instance=x",
+         "/commonLabels/app.kubernetes.io~1instance"),
+        ("commonLabels.helm\\.sh/chart=x", "/commonLabels/helm.sh~1chart"),
+        ("metrics.serviceMonitor.labels.app\\.kubernetes\\.io/name=x",
+         "/metrics/serviceMonitor/labels/app.kubernetes.io~1name"),
     ],
 )
 def test_wrong_values_are_refused_with_a_message_naming_them(
@@ -524,3 +546,132 @@ def test_every_value_in_values_yaml_is_documented() -> None:
         ancestors.append((indent, documented))
         previous = stripped
     assert undocumented == [], f"values without a comment above them: {undocumented}"
+
+
+# --------------------------------------------------------------------------- contradictions
+
+
+def refusal(helm: str, values: dict[str, Any]) -> str:
+    """helm's error for values the chart must refuse (fails the test if they render)."""
+    result = subprocess.run(
+        [helm, "template", RELEASE, str(CHART_DIR), "-n", NAMESPACE,
+         "--kube-version", KUBE_VERSION, "-f", "-"],
+        input=yaml.safe_dump(values), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0, f"rendered {values}:\n{result.stdout}"
+    return result.stderr
+
+
+def workload_accounts(
+    trainer: dict[str, Any], serving: dict[str, Any] | None = None, **values: Any
+) -> dict[str, Any]:
+    """Namespaced values with these trainer (and serving) ServiceAccount settings."""
+    accounts = {"trainer": {"serviceAccount": trainer}}
+    if serving is not None:
+        accounts["serving"] = {"serviceAccount": serving}
+    return {**NAMESPACED, **accounts, **values}
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        pytest.param(
+            workload_accounts({"create": True, "name": ""}),
+            ["trainer.serviceAccount.name", "trainer.serviceAccount.create"],
+            id="trainer-account-created-without-a-name",
+        ),
+        pytest.param(
+            workload_accounts({"create": True, "name": "kubetune-trainer"},
+                              {"create": True, "name": ""}),
+            ["serving.serviceAccount.name", "serving.serviceAccount.create"],
+            id="serving-account-created-without-a-name",
+        ),
+        pytest.param(
+            workload_accounts({"create": True, "name": "kt-pods"},
+                              {"create": True, "name": "kt-pods"}),
+            ["trainer.serviceAccount.name", "serving.serviceAccount.name", '"kt-pods"'],
+            id="one-account-created-twice",
+        ),
+        pytest.param(
+            # The release namespace is watched: trainer pods would run as the operator.
+            {"watch": {"namespaces": ["team-a", NAMESPACE]},
+             "trainer": {"serviceAccount": {"create": False, "name": "kt-kubetune-operator"}}},
+            ["trainer.serviceAccount.name", "operator.serviceAccount.name",
+             '"kt-kubetune-operator"'],
+            id="trainer-runs-as-the-operator",
+        ),
+        pytest.param(
+            {"watch": {"namespaces": [NAMESPACE]},
+             "operator": {"serviceAccount": {"name": "kubetune-serving"}}},
+            ["serving.serviceAccount.name", "operator.serviceAccount.name", '"kubetune-serving"'],
+            id="server-runs-as-the-operator",
+        ),
+        pytest.param(
+            {"metrics": {"serviceMonitor": {"enabled": True}}},
+            ["metrics.serviceMonitor.enabled", "networkPolicy.metricsFrom",
+             "networkPolicy.enabled"],
+            id="service-monitor-behind-the-network-policy",
+        ),
+        pytest.param(
+            {**SERVICE_MONITOR,
+             "metrics": {"serviceMonitor": {"enabled": True, "interval": "30s",
+                                            "scrapeTimeout": "1m"}}},
+            ["metrics.serviceMonitor.scrapeTimeout", '"1m"', "metrics.serviceMonitor.interval",
+             '"30s"'],
+            id="scrape-timeout-longer-than-the-interval",
+        ),
+    ],
+)
+def test_contradictory_values_are_refused_with_a_message_naming_them(
+    helm: str, values: dict[str, Any], named: list[str]
+) -> None:
+    message = refusal(helm, values)
+    assert [name for name in named if name not in message] == [], message
+
+
+def test_an_empty_workload_account_name_means_the_default_account_when_not_created(
+    helm: str,
+) -> None:
+    docs = render(helm, values=workload_accounts({"create": False, "name": ""}))
+    names = {sa["metadata"]["name"] for sa in by_kind(docs, "ServiceAccount")}
+    assert names == {"kt-kubetune-operator", "kubetune-serving"}
+    env = env_of(operator_container(docs))
+    assert "KUBETUNE_TRAINER_SERVICE_ACCOUNT" not in env
+    assert env["KUBETUNE_SERVING_SERVICE_ACCOUNT"] == "kubetune-serving"
+
+
+def test_trainer_and_server_share_an_account_that_is_created_once(helm: str) -> None:
+    docs = render(helm, values=workload_accounts({"create": True, "name": "kt-pods"},
+                                                 {"create": False, "name": "kt-pods"}))
+    placed = sorted((sa["metadata"]["namespace"], sa["metadata"]["name"])
+                    for sa in by_kind(docs, "ServiceAccount"))
+    assert placed == [("kubetune-system", "kt-kubetune-operator"), ("team-a", "kt-pods"),
+                      ("team-b", "kt-pods")]
+    env = env_of(operator_container(docs))
+    assert env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] == env["KUBETUNE_SERVING_SERVICE_ACCOUNT"]
+
+
+def test_cluster_wide_the_workload_account_values_are_unused_and_not_checked(
+    helm: str,
+) -> None:
+    """No workload ServiceAccount is rendered or named without watch.namespaces."""
+    values = {"trainer": {"serviceAccount": {"create": True, "name": ""}},
+              "serving": {"serviceAccount": {"create": True, "name": ""}}}
+    docs = render(helm, values=values)
+    assert [sa["metadata"]["name"] for sa in by_kind(docs, "ServiceAccount")] == [
+        "kt-kubetune-operator"
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"metrics": {"serviceMonitor": {"enabled": True}}, "networkPolicy": {"enabled": False}},
+        {**SERVICE_MONITOR,
+         "metrics": {"serviceMonitor": {"enabled": True, "interval": "1m",
+                                        "scrapeTimeout": "60000ms"}}},
+    ],
+    ids=["no-network-policy", "timeout-equal-to-interval"],
+)
+def test_a_reachable_service_monitor_renders(helm: str, values: dict[str, Any]) -> None:
+    assert one(render(helm, values=values), "ServiceMonitor")
