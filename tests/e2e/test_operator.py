@@ -461,3 +461,63 @@ def test_a_second_operator_waits_for_the_lease(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _job_uids(cluster: Cluster, ns: str, name: str) -> dict[str, str]:
+    return {
+        j["metadata"]["name"]: j["metadata"]["uid"]
+        for j in items(cluster, "jobs", ns, _selector(name, "trainer"))
+    }
+
+
+def test_an_invalid_edit_and_a_deleted_job_keep_the_training_generation(
+    cluster: Cluster, ns: str
+) -> None:
+    """At spec generation > 1 (a serving-only edit first): an invalid edit (the dataset on a
+    claim that does not exist) leaves the running trainer Job and its children in place and
+    says so; reverting it goes on with the same Job. A deleted trainer Job comes back under
+    its own generation (recorded in status.training), not under the spec's."""
+    cluster.apply(finetunejob("kept", ns, train=succeed("120s", REPORT)))
+    wait_ftj(cluster, ns, "kept", has_condition("Trained", "Unknown", "Running"))
+    serving_only = {"spec": {"serving": {"replicas": 2}}}
+    cluster.kubectl("patch", "ftj", "kept", "-n", ns, "--type=merge",
+                    "-p", json.dumps(serving_only))  # fmt: skip
+    at_2 = wait_ftj(cluster, ns, "kept", lambda o: o["status"].get("observedGeneration") == 2)
+    assert at_2["status"]["training"]["generation"] == 1
+    running = _job_uids(cluster, ns, "kept")
+    assert list(running) == ["kept-g1-train"]
+
+    invalid = {"spec": {"dataset": {"source": "pvc://missing/train.jsonl"}}}
+    cluster.kubectl("patch", "ftj", "kept", "-n", ns, "--type=merge", "-p", json.dumps(invalid))
+    refused = wait_ftj(cluster, ns, "kept", has_condition("Validated", "False", "MissingReference"))
+
+    message = condition(refused, "Validated")["message"]
+    assert 'PersistentVolumeClaim "missing" not found' in message
+    assert "generation 1 keeps running" in message, message
+    assert refused["status"]["training"]["generation"] == 1
+    assert _job_uids(cluster, ns, "kept") == running
+    for kind, child in (("configmap", "kept-g1-config"), ("service", "kept-g1-rdzv")):
+        assert cluster.get(kind, child, ns) is not None, child
+
+    cluster.kubectl("patch", "ftj", "kept", "-n", ns, "--type=merge", "-p",
+                    json.dumps({"spec": {"dataset": {"source": "builtin://kubectl-commands"}}}))
+    reverted = wait_ftj(cluster, ns, "kept", lambda o: has_condition("Validated")(o)
+                        and condition(o, "Validated")["observedGeneration"] == 4)  # fmt: skip
+    assert reverted["status"]["training"]["generation"] == 1
+    assert condition(reverted, "Trained")["reason"] == "Running"
+    assert _job_uids(cluster, ns, "kept") == running
+
+    # The Job's next pods end at once; then the trainer Job is deleted.
+    quick = {"metadata": {"annotations": {"kubetune.io/pod-metadata": pod_metadata(
+        train=succeed("1s", REPORT), export=succeed("1s"))}}}  # fmt: skip
+    cluster.kubectl("patch", "ftj", "kept", "-n", ns, "--type=merge", "-p", json.dumps(quick))
+    cluster.kubectl("delete", "job", "kept-g1-train", "-n", ns, "--wait=true", "--timeout=30s")
+    back = wait_items(cluster, "jobs", ns, _selector("kept", "trainer"),
+                      lambda js: bool(js) and js[0]["metadata"]["uid"] != running["kept-g1-train"],
+                      what="the trainer Job to come back")  # fmt: skip
+    assert [j["metadata"]["name"] for j in back] == ["kept-g1-train"]
+    ready = _ready(cluster, ns, "kept", timeout=120)
+    assert ready["status"]["serving"]["modelGeneration"] == 1
+    assert ready["status"]["training"]["generation"] == 1
+    assert sorted(j["metadata"]["name"] for j in items(cluster, "jobs", ns, _selector("kept"))) == [
+        "kept-g1-export", "kept-g1-train"]  # fmt: skip

@@ -250,6 +250,23 @@ def test_a_change_that_trains_no_new_generation_keeps_the_binding() -> None:
     assert refused.value.status == 409
 
 
+def test_the_recorded_generation_stays_current_while_an_invalid_edit_waits() -> None:
+    """An invalid edit (here: a dataset on a claim that does not exist) starts no generation:
+    the recorded one (`status.training`) trains on, and its reports are taken."""
+    ftj = _finetunejob()
+    job = _training_job(ftj)
+    pod = _pod_of(job)
+    binding = bind(_claim(pod), "team", "demo", pod, job, ftj)
+    invalid_edit = _finetunejob(spec={**SPEC, "dataset": {"source": "pvc://missing/t.jsonl"}})
+    recorded = {"generation": 1, "trainingHash": binding.training_hash}
+    check_current(binding, {**invalid_edit, "status": {"training": recorded}})
+    # Another generation's record does not vouch for this pod.
+    other = {"generation": 2, "trainingHash": binding.training_hash}
+    with pytest.raises(Refused) as refused:
+        check_current(binding, {**invalid_edit, "status": {"training": other}})
+    assert refused.value.status == 409
+
+
 def test_a_job_an_older_operator_hashed_is_still_current() -> None:
     ftj = _finetunejob()
     job = _training_job(ftj)

@@ -89,6 +89,24 @@ class PlanStatus(ApiModel):
     """Why this plan was chosen."""
 
 
+class TrainingStatus(ApiModel):
+    """The training generation: which generation trains the model, and what it trains.
+
+    Recorded when the operator starts training a generation, and read back on every pass as
+    the truth: the generation lives on when its Jobs are gone (deleted, garbage-collected)
+    and across an invalid edit. An edit that changes `trainingHash` starts a new generation
+    once the spec is valid; any other edit (serving, cadences, suspend) and a deleted Job go
+    on under this generation, in its run directory, from its newest checkpoint."""
+
+    generation: int
+    """The training generation: the spec generation whose edit started it. It names the
+    training Job (`<name>-g<generation>-train`) and the run directory (`gen-<generation>`)."""
+    training_hash: ShortString
+    """Identity of what this generation trains: a hash of the spec fields that change the
+    trained model (model, dataset, method and hyperparameters, resources, DeepSpeed, the
+    storage claim, the export's precision and device)."""
+
+
 class ProgressStatus(ApiModel):
     """Live training progress reported by the trainer."""
 
@@ -182,6 +200,8 @@ class FineTuneJobStatus(ApiModel):
     """Validated, Trained, Exported, Serving, Ready."""
     plan: PlanStatus | None = None
     """The resolved plan."""
+    training: TrainingStatus | None = None
+    """The training generation and what it trains."""
     progress: ProgressStatus | None = None
     """Live training progress."""
     artifacts: ArtifactsStatus | None = None

@@ -10,9 +10,9 @@ only when
   uid) controls, through the ownerReferences the Job controller and the operator set, never
   through labels anyone who can create pods could copy (`bind`);
 - that Job belongs to the generation the FineTuneJob trains now (its training hash is the
-  spec's): a previous generation's pod, still running out its grace period, is refused with
-  409 and its report is dropped, also when it was accepted earlier and waits in the sink
-  (`check_current`).
+  spec's, or it is the generation `status.training` records): a previous generation's pod,
+  still running out its grace period, is refused with 409 and its report is dropped, also
+  when it was accepted earlier and waits in the sink (`check_current`).
 
 Nothing unauthenticated reaches the API server unbounded (`ReviewLimits`): a token refused
 once is remembered by its sha256 and refused again for free; TokenReviews are rationed per
@@ -45,7 +45,7 @@ from kubetune.builders import naming
 from kubetune.builders.meta import legacy_training_hash, training_hash
 from kubetune.operator.client import ApiError, KubeClient, NotLeading
 from kubetune.operator.metrics import CONTENT_TYPE, OperatorMetrics
-from kubetune.reconcile.status import decimal
+from kubetune.reconcile.status import decimal, recorded_training
 
 log = logging.getLogger(__name__)
 POD_NAME = "authentication.kubernetes.io/pod-name"
@@ -180,7 +180,7 @@ def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
 def current_training_hashes(finetunejob: Mapping[str, Any]) -> frozenset[str]:
     """The training hashes a Job of the generation the FineTuneJob trains now carries: its
     spec's, and the one older operators wrote for the same spec (as `reconcile.decide`
-    matches them through `reconcile.children.current_generation`). Empty when the spec does
+    matches them through `reconcile.children.training_generation`). Empty when the spec does
     not parse (then it trains nothing). Pure."""
     try:
         spec = FineTuneJobSpec.model_validate(finetunejob.get("spec") or {})
@@ -257,13 +257,19 @@ def bind(
 
 def check_current(binding: Binding, finetunejob: Mapping[str, Any] | None) -> None:
     """Refused (409) unless the bound pod's generation is the one the FineTuneJob trains now:
-    same FineTuneJob (uid) and the spec's training hash on the pod's Job. Pure."""
+    same FineTuneJob (uid), and the spec's training hash on the pod's Job or the pod's
+    generation the one `status.training` records (an invalid edit starts no generation: the
+    recorded one trains on until the spec is valid). Pure."""
     who = f"FineTuneJob {binding.namespace}/{binding.name}"
     if finetunejob is None or (finetunejob.get("metadata") or {}).get("uid") != (
         binding.finetunejob_uid
     ):
         raise Refused(409, f"{who} is gone: the report of its pod is dropped")
-    if binding.training_hash not in current_training_hashes(finetunejob):
+    recorded = recorded_training(finetunejob.get("status") or {})
+    still_recorded = recorded is not None and (recorded.generation, recorded.training_hash) == (
+        binding.generation, binding.training_hash
+    )
+    if binding.training_hash not in current_training_hashes(finetunejob) and not still_recorded:
         raise Refused(
             409,
             f"the token's pod trains generation {binding.generation}, no longer the one "

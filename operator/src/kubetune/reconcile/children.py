@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.api.status import TrainingStatus
 from kubetune.builders import naming
 
 
@@ -50,20 +51,62 @@ def current_generation(
     training_hashes: Collection[str],
     spec_generation: int,
 ) -> int:
-    """The training generation: the newest training Job's, while its training hash still
-    matches the spec (any of `training_hashes`: today's, and the one older operators wrote);
-    a new one (the spec's generation) otherwise. Suspending, or any edit the training hash
-    leaves out, changes the spec generation but not the training hash, so the run keeps its
-    generation."""
-    jobs = of_component(children, "Job", naming.COMPONENT_TRAINER)
-    matching = [
-        generation_of(j)
-        for j in jobs
-        if (j["metadata"].get("annotations") or {}).get(naming.ANNOTATION_TRAINING_HASH)
-        in training_hashes
-    ]
-    found = [g for g in matching if g is not None]
+    """The training generation read from the Jobs, for a FineTuneJob whose status records
+    none (`status.training`; one an operator before the record started): the newest training
+    Job's, while its training hash still matches the spec (any of `training_hashes`: today's,
+    and the one older operators wrote); a new one (the spec's generation) otherwise."""
+    found = _trainer_generations(children, training_hashes)
     return max(found) if found else spec_generation
+
+
+def _trainer_generations(
+    children: Sequence[Mapping[str, Any]], training_hashes: Collection[str] | None
+) -> list[int]:
+    """Generations of the trainer Jobs, of those whose training hash is one of
+    `training_hashes` (of all of them when None)."""
+    found = []
+    for job in of_component(children, "Job", naming.COMPONENT_TRAINER):
+        annotations = job["metadata"].get("annotations") or {}
+        if training_hashes is not None and (
+            annotations.get(naming.ANNOTATION_TRAINING_HASH) not in training_hashes
+        ):
+            continue
+        generation = generation_of(job)
+        if generation is not None:
+            found.append(generation)
+    return found
+
+
+def training_generation(
+    recorded: TrainingStatus | None,
+    children: Sequence[Mapping[str, Any]],
+    training_hashes: Collection[str],
+    spec_generation: int,
+    spec_valid: bool,
+) -> int:
+    """The generation to train under. `recorded` (`status.training`) is the truth: the
+    generation lives on when its Jobs are gone, so a deleted Job comes back under it and
+    resumes from its checkpoint. Any edit the training hash leaves out (serving, suspend,
+    cadences) keeps it. An edit that changes the hash starts a new generation, the spec's,
+    but only once the spec is valid: an invalid spec starts nothing and stops nothing, so
+    the recorded generation goes on, and reverting the edit finds it again.
+
+    A matching trainer Job newer than the record is taken: the pass that created it could
+    not write status. Without a record (a FineTuneJob an older operator started) the Jobs
+    tell, as they did then. A new generation is never below the recorded one: a status
+    restored beside a spec whose generation started again from 1 must not reuse an old run
+    directory and its checkpoints."""
+    if recorded is None:
+        if spec_valid:
+            return current_generation(children, training_hashes, spec_generation)
+        running = _trainer_generations(children, None)
+        return max(running) if running else spec_generation
+    if recorded.training_hash in training_hashes or not spec_valid:
+        return recorded.generation
+    newer = [g for g in _trainer_generations(children, training_hashes) if g > recorded.generation]
+    if newer:
+        return max(newer)
+    return max(spec_generation, recorded.generation + 1)
 
 
 def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:

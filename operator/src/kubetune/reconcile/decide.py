@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from kubetune.api import ConditionType, FineTuneJobSpec, Phase, PlanStatus
 from kubetune.api.dataplane import ExportReport, TrainingReport
+from kubetune.api.status import TrainingStatus
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
@@ -39,6 +40,7 @@ from kubetune.reconcile.children import (
     of_component,
     pods_of_job,
     stale_children,
+    training_generation,
 )
 from kubetune.reconcile.conditions import Cond, Event, merge, phase, transitions
 from kubetune.reconcile.gate import evaluate_gate
@@ -54,6 +56,7 @@ from kubetune.reconcile.status import (
     ServingView,
     build_status,
     of_generation,
+    recorded_training,
     serving_view,
     status_patch,
 )
@@ -113,22 +116,32 @@ def needs_reference_check(body: Mapping[str, Any]) -> bool:
     return True
 
 
+FINISHED = frozenset({RunState.SUCCEEDED, RunState.FAILED})
+"""Run states in which a Job's work is over."""
+
+
 def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     owner = Owner.from_body(obs.body)
     spec = obs.spec
     spec_generation = int(obs.body["metadata"].get("generation") or 1)
     previous = obs.body.get("status") or {}
     spec_hash = training_hash(spec)
-    generation = current_generation(
-        obs.children, (spec_hash, legacy_training_hash(spec)), spec_generation
-    )
-    outcome = Outcome(delete=stale_children(obs.children, generation))
-    endpoint = naming.endpoint_url(naming.serving_name(owner.name), owner.namespace)
-    conds: dict[ConditionType, Cond] = {}
-
     problems = [f"{item} not found" for item in obs.missing]
     if obs.plan_error:
         problems.append(obs.plan_error)
+    valid = not problems and obs.plan is not None
+    generation = training_generation(
+        recorded_training(previous),
+        obs.children,
+        (spec_hash, legacy_training_hash(spec)),
+        spec_generation,
+        valid,
+    )
+    # An invalid spec stops nothing: the running generation's children stay (see below).
+    outcome = Outcome(delete=stale_children(obs.children, generation) if valid else [])
+    endpoint = naming.endpoint_url(naming.serving_name(owner.name), owner.namespace)
+    conds: dict[ConditionType, Cond] = {}
+
     training: RunStatus | None = None
     export: RunStatus | None = None
     gate: tuple[bool, str] | None = None
@@ -139,12 +152,36 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         previous,
         of_component(obs.children, "Pod", naming.COMPONENT_SERVER),
     )
+    trainers = of_component(obs.children, "Job", naming.COMPONENT_TRAINER)
+    job = named(trainers, naming.training_job_name(owner.name, generation))
+    exporters = of_component(obs.children, "Job", naming.COMPONENT_EXPORTER)
+    exporter = named(exporters, naming.export_job_name(owner.name, generation))
+    # With an invalid spec the Deployment is neither applied nor deleted, so it is reported as
+    # it runs, even when the same edit turned serving off.
+    serving_enabled = spec.serving.enabled or (not valid and view.exists)
 
-    if problems or obs.plan is None:
+    if not valid or obs.plan is None:  # valid implies a plan; mypy needs it said
+        # Nothing is created, applied or deleted until the spec is valid again: the
+        # generation under way (its training Job, run ConfigMap, rendezvous Service, export,
+        # and the Deployment) goes on as it was, and its status keeps being reported.
         reason = "MissingReference" if obs.missing else "DoesNotFit"
-        conds[T.VALIDATED] = Cond(T.VALIDATED, "False", reason, "; ".join(problems))
-        conds[T.TRAINED] = Cond(
-            T.TRAINED, "Unknown", "NotValidated", "training waits for validation"
+        message = "; ".join(problems) or "the job cannot be planned"
+        if job is not None:
+            training = run_status(job, pods_of_job(obs.children, job), "training")
+            report = _report(training, previous, generation)
+            conds[T.TRAINED] = training_condition(training, report)
+        else:
+            conds[T.TRAINED] = Cond(
+                T.TRAINED, "Unknown", "NotValidated", "training waits for validation"
+            )
+        if exporter is not None:
+            export_pods = pods_of_job(obs.children, exporter)
+            export = run_status(exporter, export_pods, "export")
+            exported = export_report(export_pods) if export.state is RunState.SUCCEEDED else None
+        if any(run is not None and run.state not in FINISHED for run in (training, export)):
+            message += f"; generation {generation} keeps running"
+        conds[T.VALIDATED] = Cond(
+            T.VALIDATED, "False", reason, f"the spec is invalid: {message}"
         )
     else:
         conds[T.VALIDATED] = Cond(T.VALIDATED, "True", "Valid", obs.plan.reason or "the job fits")
@@ -158,19 +195,16 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         )
         outcome.apply.append(rendezvous_service(owner, generation))
         outcome.apply.append(training_job(owner, generation, spec, config, spec_hash))
-        job_name = naming.training_job_name(owner.name, generation)
-        job = named(of_component(obs.children, "Job", naming.COMPONENT_TRAINER), job_name)
-        trainers = pods_of_job(obs.children, job)
+        trainer_pods = pods_of_job(obs.children, job)
         training = run_with_attach_failure(
-            run_status(job, trainers, "training"), attach_failure(trainers, obs.events), "training"
+            run_status(job, trainer_pods, "training"),
+            attach_failure(trainer_pods, obs.events),
+            "training",
         )
         report = _report(training, previous, generation)
         conds[T.TRAINED] = training_condition(training, report)
         if training.state is RunState.SUCCEEDED and spec.serving.enabled:
             outcome.apply.append(export_job(owner, generation, spec, config))
-            export_name = naming.export_job_name(owner.name, generation)
-            exporters = of_component(obs.children, "Job", naming.COMPONENT_EXPORTER)
-            exporter = named(exporters, export_name)
             export_pods = pods_of_job(obs.children, exporter)
             export = run_with_attach_failure(
                 run_status(exporter, export_pods, "export"),
@@ -183,20 +217,21 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             measured = report or TrainingReport()
             gate = evaluate_gate(spec.serving.gate, measured, _float(serving_loss))
 
-    conds[T.EXPORTED] = export_condition(export, spec.serving.enabled)
+    conds[T.EXPORTED] = export_condition(export, serving_enabled)
     model_generation, model_loss = view.template_generation, view.eval_loss
     if gate is not None and gate[0]:
         model_generation = generation
         loss = report.eval_loss if report is not None else None
         model_loss = None if loss is None else str(loss)
-    if spec.serving.enabled and model_generation is not None:
+    # With an invalid spec the Deployment runs on as it is (see above).
+    if valid and spec.serving.enabled and model_generation is not None:
         outcome.apply.append(
             serving_deployment(owner, model_generation, model_loss, spec, config)
         )
         outcome.apply.append(serving_service(owner))
         if model_generation != view.template_generation:
             view = view.rolling_to(model_generation)
-    elif not spec.serving.enabled:
+    elif valid and not spec.serving.enabled:
         if of_component(obs.children, "Deployment", naming.COMPONENT_SERVER):
             name = naming.serving_name(owner.name)
             outcome.delete += [
@@ -205,11 +240,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             ]
         view = ServingView()
     conds[T.SERVING] = serving_with_attach_failure(
-        serving_condition(view, spec.serving.enabled, endpoint),
+        serving_condition(view, serving_enabled, endpoint),
         attach_failure(of_component(obs.children, "Pod", naming.COMPONENT_SERVER), obs.events),
     )
     conds.update(refusal_conditions(outcome.apply, obs.refused))
-    conds[T.READY] = ready_condition(conds, generation, spec.serving.enabled, gate, view)
+    conds[T.READY] = ready_condition(conds, generation, serving_enabled, gate, view)
 
     merged = merge(previous.get("conditions"), conds.values(), spec_generation, obs.now)
     status = build_status(
@@ -218,6 +253,12 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         plan=obs.plan,
         generation=spec_generation,
         training_generation=generation,
+        # Recorded when the generation starts and on every valid pass after; an invalid
+        # spec trains nothing, so the record stays that of the generation under way.
+        training_record=TrainingStatus(generation=generation, training_hash=spec_hash)
+        if valid
+        else None,
+        serving_enabled=serving_enabled,
         phase=phase(conds),
         conditions=merged,
         training=training,

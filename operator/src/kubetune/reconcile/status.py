@@ -7,8 +7,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune.api import FineTuneJobSpec, PlanStatus
 from kubetune.api.dataplane import ExportReport, TrainingReport
+from kubetune.api.status import TrainingStatus
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner
 from kubetune.reconcile.children import controller_of
@@ -129,6 +132,15 @@ def _progress(training: RunStatus | None, generation: int, previous: Mapping[str
     return ...
 
 
+def recorded_training(previous: Mapping[str, Any]) -> TrainingStatus | None:
+    """The training generation `status.training` records, or None when there is none (a
+    FineTuneJob an older operator started) or it does not parse (edited by hand)."""
+    try:
+        return TrainingStatus.model_validate(previous.get("training"))
+    except ValidationError:
+        return None
+
+
 def of_generation(progress: Any, generation: int) -> bool:
     """Whether `status.progress` may be of training `generation`: it says so, or it names no
     generation (written by an operator before progress named one)."""
@@ -197,6 +209,8 @@ def build_status(
     plan: PlanStatus | None,
     generation: int,
     training_generation: int,
+    training_record: TrainingStatus | None,
+    serving_enabled: bool,
     phase: str,
     conditions: list[dict[str, Any]],
     training: RunStatus | None,
@@ -209,7 +223,9 @@ def build_status(
 ) -> dict[str, Any]:
     """The status keys reconcile owns, each exactly as this pass observed it (a key missing
     here is left as it is; a None is removed). Within a key nothing is kept from before but
-    what this training generation measured: `status_patch` removes the rest."""
+    what this training generation measured: `status_patch` removes the rest.
+    `training_record` None leaves `status.training` as it is. `serving_enabled`: whether a
+    Deployment is wanted or, with an invalid spec, left running."""
     trained = training is not None and training.state is RunState.SUCCEEDED
     exported = any(c["type"] == "Exported" and c["status"] == "True" for c in conditions)
     status: dict[str, Any] = {
@@ -219,6 +235,8 @@ def build_status(
         "plan": plan.to_wire() if plan is not None else None,
         "artifacts": _artifacts(owner, spec, training_generation, trained, exported),
     }
+    if training_record is not None:
+        status["training"] = training_record.to_wire()
     progress = _progress(training, training_generation, previous)
     if progress is not ...:
         status["progress"] = progress
@@ -230,7 +248,7 @@ def build_status(
         # An earlier generation's numbers: they say nothing of this one, and a report
         # rebuilt from status must not find them.
         status["evaluation"] = None
-    if not view.exists or not spec.serving.enabled:
+    if not view.exists or not serving_enabled:
         status["serving"] = None
     else:
         name = naming.serving_name(owner.name)
