@@ -62,3 +62,17 @@ def test_a_terminating_pod_drains_within_its_grace_period() -> None:
     # all before the kubelet's SIGKILL.
     assert options.drain_seconds > 0
     assert options.drain_seconds + options.grace_seconds < pod["terminationGracePeriodSeconds"]
+
+
+def test_the_deployments_device_reaches_the_server() -> None:
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "builtin://smollm2-135m-instruct"},
+        "dataset": {"source": "builtin://kubectl-commands"},
+        "serving": {"device": "CUDA", "precision": "FP16"},
+    })
+    owner = Owner(name="gpu", namespace="team", uid="uid-1")
+    deployment = serving_deployment(owner, 1, None, spec, OperatorConfig())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert parse_options(container["args"][3:], env).device == "CUDA"
+    assert parse_options(["--model", "m"], {}).device == ""  # without it: the export's own
