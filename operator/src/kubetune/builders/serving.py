@@ -30,7 +30,7 @@ MODEL_COPY_DEFAULT_SIZE = "50Gi"
 spec (`storage.claimName`, a claim the user brings)."""
 
 
-def serve_args(owner: Owner, model_generation: int) -> list[str]:
+def serve_args(owner: Owner, model_generation: int, spec: FineTuneJobSpec) -> list[str]:
     """The server loads its own copy (see `model_copy`); the generation is the init
     container's business."""
     return [
@@ -41,6 +41,9 @@ def serve_args(owner: Owner, model_generation: int) -> list[str]:
         # The FineTuneJob's name, the same for every generation: a client that worked before
         # a rollout keeps working after it (the generation is in status.serving).
         "--served-model-name", naming.served_model_name(owner.name),
+        # The device the model was exported for: the server runs it on that device's
+        # execution provider and stops with the reason where it cannot.
+        "--device", spec.serving.device.value,
     ]  # fmt: skip
 
 
@@ -133,7 +136,7 @@ def serving_deployment(
     name = naming.serving_name(owner.name)
     resources = spec.serving.resources
     cpu, memory = (resources.cpu, resources.memory) if resources else ("2", "4Gi")
-    gpus = resources.gpus if resources and spec.serving.device.value == "CUDA" else 0
+    gpus = pod.serving_gpus(spec)
     amounts = {"cpu": cpu, "memory": memory}
     if gpus:
         amounts[spec.resources.gpu_resource] = str(gpus)
@@ -147,7 +150,7 @@ def serving_deployment(
         "image": config.serving_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["python"],
-        "args": serve_args(owner, model_generation),
+        "args": serve_args(owner, model_generation, spec),
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HOME", "value": "/tmp"},

@@ -3,13 +3,19 @@
     serve --model DIR [--host 0.0.0.0] [--port 8000] [--served-model-name NAME]
           [--max-tokens N] [--max-concurrency N] [--max-queue N] [--max-body-bytes N]
           [--grace-seconds S] [--drain-seconds S] [--request-timeout-seconds S]
-          [--engine-stall-seconds S] [--engine batch|genai]
+          [--engine-stall-seconds S] [--engine batch|genai] [--device CPU|CUDA]
           [--lora-modules NAME=DIR [NAME=DIR ...]] [--api-key KEY]
 
 `--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
 (continuous batching, `engines/batch`); `--engine genai` runs one onnxruntime-genai generator
 per request (`engines/genai.py`), kept as a reference: it is slower on every measure
 (bench/RESULTS.md).
+
+Both engines run the model on the device the builder built it for (genai_config.json's
+provider options: CUDA for `export --device CUDA`). `--device` (the operator passes
+`serving.device`) states where the pod expects to run: an export built for another device, or a
+CUDA export where onnxruntime has no CUDA execution provider, stops the server before the port
+opens, with the reason.
 
 `--lora-modules` serves PEFT LoRA adapters of the base model beside it, from one copy of the
 base: a request's `model` picks the base's name or an adapter's NAME, `/v1/models` lists them
@@ -56,6 +62,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from kubetune.api.dataplane import API_KEY_ENV, write_termination_message
+from kubetune.api.spec import Device
+from kubetune_trainer.genai_model import ProviderError, built_for, execution_providers
 from kubetune_trainer.serve.adapters import (
     AdapterError,
     check_tokenizer,
@@ -241,6 +249,13 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
         "onnxruntime-genai generator per request, in worker threads (see bench/RESULTS.md)",
     )
     parser.add_argument(
+        "--device",
+        choices=("", *(d.value for d in Device)),
+        default=_env("device", ""),
+        help="CPU or CUDA: the device the export must have been built for, and run on "
+        "(default: the export's own, from genai_config.json)",
+    )
+    parser.add_argument(
         "--lora-modules",
         nargs="+",
         default=_env("lora_modules", "").split(),
@@ -311,11 +326,38 @@ def _main(argv: list[str] | None) -> int:
         request_timeout_seconds=args.request_timeout_seconds,
         engine_stall_seconds=args.engine_stall_seconds,
     )
+    check_device(args.device, model_dir, args.engine)
     name = args.served_model_name or default_served_name(model_dir)
     adapters = load_adapters(args.lora_modules, name, args.engine, model_dir)
     return asyncio.run(
         serve(model_dir, args.host, args.port, name, limits, args.engine, adapters, args.api_key)
     )
+
+
+def check_device(device: str, model_dir: Path, engine_kind: str) -> None:
+    """Stop before the port opens when the export cannot run where it was asked to: built for
+    another device than `--device`, or for CUDA where the engine's library has no CUDA. (The
+    engines check the same as they load; this turns it into a message and an exit at once,
+    rather than a pod that never turns ready.)"""
+    try:
+        built = built_for(model_dir)
+        if device and Device(device) is not built:
+            raise ProviderError(
+                f"--device {device}: {model_dir} was built for {built.value} (genai_config.json); "
+                f"export it with --device {device} (serving.device) or serve it on {built.value}"
+            )
+        if engine_kind == "genai":
+            import onnxruntime_genai as og
+
+            from kubetune_trainer.serve.engines.genai import genai_config
+
+            genai_config(og, model_dir)
+        else:
+            import onnxruntime as ort
+
+            execution_providers(built, ort.get_available_providers())
+    except ProviderError as error:
+        raise SystemExit(f"serve: {error}") from None
 
 
 def load_adapters(

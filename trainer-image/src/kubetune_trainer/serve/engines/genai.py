@@ -19,7 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.genai_model import stop_token_ids
+from kubetune.api.spec import Device
+from kubetune_trainer.genai_model import (
+    ProviderError,
+    built_for,
+    execution_providers,
+    stop_token_ids,
+)
 from kubetune_trainer.serve.engines.base import (
     Event,
     Heartbeat,
@@ -30,6 +36,33 @@ from kubetune_trainer.serve.engines.text import TextAssembler
 from kubetune_trainer.serve.protocol import GenerationRequest, Limits, TokenLogprob
 from kubetune_trainer.serve.structured import Grammars
 from kubetune_trainer.tokenizer import ServingTokenizer
+
+GENAI_PROVIDERS = {Device.CPU: None, Device.CUDA: "cuda"}
+"""onnxruntime-genai's name for each device's execution provider (None: the CPU, which it
+runs on when no provider is appended)."""
+
+
+def genai_config(og: Any, model_dir: Path) -> Any:
+    """The `og.Config` the model loads with: its providers set from the device the export was
+    built for (`genai_model.built_for`), checked first, so that a CUDA export on an
+    onnxruntime-genai without CUDA fails with the reason instead of the library's own error
+    (or a silent CPU run)."""
+    import onnxruntime as ort
+
+    device = built_for(model_dir)
+    execution_providers(device, ort.get_available_providers())  # onnxruntime-gpu is there
+    if device is Device.CUDA and not og.is_cuda_available():
+        raise ProviderError(
+            "this export was built for CUDA but onnxruntime-genai has no CUDA support "
+            "(onnxruntime_genai.is_cuda_available() is False): install onnxruntime-genai-cuda "
+            "and give the pod a GPU"
+        )
+    config = og.Config(str(model_dir))
+    config.clear_providers()
+    provider = GENAI_PROVIDERS[device]
+    if provider is not None:
+        config.append_provider(provider)
+    return config
 
 
 class GenAIEngine:
@@ -48,7 +81,7 @@ class GenAIEngine:
         self.positions: dict[int, int] = {}  # per worker thread: its sequence's length
         self.positions_lock = threading.Lock()
         self.og = og
-        self.model = og.Model(str(model_dir))
+        self.model = og.Model(genai_config(og, model_dir))
         self.pool = ThreadPoolExecutor(limits.max_concurrency, thread_name_prefix="generate")
         self.heartbeat = Heartbeat()
 

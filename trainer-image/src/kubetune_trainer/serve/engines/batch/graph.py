@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from kubetune_trainer.genai_model import DecoderLayout
+from kubetune_trainer.genai_model import (
+    DecoderLayout,
+    check_session_providers,
+    execution_providers,
+)
 from kubetune_trainer.serve.adapters import read_adapter
 from kubetune_trainer.serve.engines.batch.lora import add_branches
 
@@ -178,10 +182,14 @@ def serving_session(
     with branches for the LoRA adapters (by name: their PEFT directories), each adapter's mask
     row, the base's first (none without adapters), and where the rotary caches switch to the
     long factors (`rope_switch`; None: one cache). The base's external weights are read from
-    where they are."""
+    where they are. It runs on the execution providers of the device the export was built for
+    (`genai_model.execution_providers`): CUDA for a CUDA export, refused where onnxruntime
+    cannot run it there."""
     import onnx
     import onnxruntime as ort
 
+    # Checked first: loading and rewriting a large graph only to refuse it would waste minutes.
+    providers = execution_providers(layout.device, ort.get_available_providers())
     hidden = int(config["hidden_size"])
     model = onnx.load(str(layout.model_file), load_external_data=False)
     gather_positions(model, hidden)
@@ -201,7 +209,8 @@ def serving_session(
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(layout.model_file.parent)
     )
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph, options, providers=providers)
+    check_session_providers(session, providers)
     return session, masks, switch
 
 

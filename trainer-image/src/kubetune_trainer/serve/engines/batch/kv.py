@@ -12,6 +12,13 @@ the buffers and computes nothing for empty rows; a sequence that leaves is repla
 row. The mask is as wide as the buffer, so its width (ONNX Runtime's "total sequence length")
 never changes between steps either; measured, neither that width nor the buffer capacity
 changes the cost of a step, which only attends to each row's own length.
+
+On CUDA (an export built for it, `genai_model.execution_providers`) the buffers stay in host
+memory: ONNX Runtime copies each bound input to the GPU and each output back, so a step
+copies the bound cache both ways (GroupQueryAttention then sees two device buffers and
+concatenates instead of writing in place). That is not the GPU's speed: a device-resident
+cache (OrtValues on `cuda`) is the next step; tests/trainer/serve/test_cuda.py (`-m gpu`)
+checks its answers against unbatched decoding.
 """
 
 from __future__ import annotations
