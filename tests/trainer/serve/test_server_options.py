@@ -42,8 +42,13 @@ def test_every_generation_is_served_under_the_jobs_name() -> None:
     for generation in (1, 2, 7):
         deployment = serving_deployment(owner, generation, None, spec, OperatorConfig())
         [container] = deployment["spec"]["template"]["spec"]["containers"]
+        [copy] = deployment["spec"]["template"]["spec"]["initContainers"]
         options = parse_options(container["args"][3:], {})
-        assert str(options.model).endswith(f"gen-{generation}/onnx")  # the new weights ...
+        # the new weights, copied where the server loads them ...
+        [source] = [m for m in copy["volumeMounts"] if m.get("subPath")]
+        assert source["subPath"].endswith(f"gen-{generation}/onnx")
+        destination = copy["args"][copy["args"].index("--dest") + 1]
+        assert str(options.model) == destination
         names.add(options.served_model_name)
     assert names == {"support-bot"}  # ... under the name clients already use
 
