@@ -164,7 +164,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
             return
         if type == "DELETED":
             memo.controller.child_deleted(key, body.get("kind", ""), body.metadata.name)
-        for owner in kwargs["finetunejobs"].get(key) or ():
+        # A snapshot: kopf's index is live, and an owner indexed while a pass awaits would
+        # break the walk (an owner indexed meanwhile has its own event to be reconciled by).
+        for owner in list(kwargs["finetunejobs"].get(key) or ()):
             await reconcile_pass(memo, owner, kwargs)
 
     # Every kind KubeTune applies (and its Pods): a child deleted or edited by someone else
