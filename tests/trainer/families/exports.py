@@ -190,7 +190,19 @@ def run_dir(name: str) -> Path:
     return run
 
 
-EXPORTS = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+def die_with_parent() -> None:
+    """A worker's initializer: the kernel sends it SIGKILL when the test process ends. atexit
+    runs only on a clean exit; a pytest killed by a signal (a CI timeout, Ctrl-C twice) left
+    both workers exporting everything queued, for most of an hour, beside the next run."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+EXPORTS = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                              initializer=die_with_parent)
 """Two exporters, each exporting in its own process, one export after another: transformers'
 model loading is not safe beside another load or a model's construction in the same process
 (it patches torch's initialisers and default device process-wide), and a worker imports torch
