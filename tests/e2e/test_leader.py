@@ -206,7 +206,10 @@ def test_nothing_is_written_once_the_lease_is_lost(cluster: Cluster, namespace: 
     had stopped."""
     make_claim(cluster, namespace)
     with running_operator(cluster, tmp_path, LosingOperator) as operator:
-        cluster.apply(finetunejob("lose", namespace, train=succeed("600s", REPORT)))
+        # No GPUs: kwok leaves the pod of a deleted namespace in place for a while, and on a
+        # GPU node it held the GPUs test_operator's two-node test waits for (180 s, then failed).
+        cluster.apply(finetunejob("lose", namespace, train=succeed("600s", REPORT),
+                                  resources={"gpusPerNode": 0}))
         trainer = wait_items(
             cluster, "pods", namespace,
             "kubetune.io/job=lose,app.kubernetes.io/component=trainer",
