@@ -143,6 +143,11 @@ def test_a_previous_generations_pod_is_refused_once_a_new_generation_starts(
     patch = {"spec": {"training": {"learningRate": "5e-4"}}}
     cluster.kubectl("patch", "ftj", "gens", "-n", ns, "--type=merge", "-p", json.dumps(patch))
     new_pod = _running_trainer(cluster, ns, "gens", generation=2)
+    # Generation 2 has started once status records it: until that patch lands, generation 1
+    # is still the recorded one, whose reports are kept (it trains on while an invalid edit
+    # stands, and a valid edit's pass has not yet been written).
+    wait_ftj(cluster, ns, "gens",
+             lambda o: (o["status"].get("training") or {}).get("generation") == 2)  # fmt: skip
 
     assert post_progress(operator.progress_url, ns, "gens", old_token, {"step": 99}) == 409
     new_token = pod_token(cluster, ns, new_pod["metadata"]["name"], AUDIENCE)
