@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -119,3 +120,29 @@ def test_a_copy_that_comes_out_short_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(CopyError, match=r"model.onnx.data: copied 9 of 300000 bytes"):
         verify_copy(source, dest)
+
+
+def test_the_copy_never_changes_the_destination_root(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emptyDir's root belongs to the kubelet: copying the whole tree onto it ended with
+    copystat on it, and the non-root init container failed with `[Errno 1] Operation not
+    permitted` on the real node. Here copystat on the root fails as it does there."""
+    from kubetune_trainer import copy_model as module
+
+    source, dest = tmp_path / "export", tmp_path / "model"
+    (source / "sub").mkdir(parents=True)
+    (source / "export.json").write_text('{"ok": true}')
+    (source / "model.onnx").write_bytes(b"x" * 10)
+    (source / "sub" / "part").write_bytes(b"y")
+    dest.mkdir()
+    copystat = shutil.copystat
+
+    def refusing(src: object, dst: object, **kwargs: object) -> None:
+        if Path(str(dst)) == dest:
+            raise PermissionError(1, "Operation not permitted")
+        copystat(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "copystat", refusing)
+    files, size = module.copy_model(source, dest)
+    assert files == 3 and size == 10 + 1 + len('{"ok": true}')
+    assert (dest / "sub" / "part").read_bytes() == b"y"

@@ -78,7 +78,14 @@ def copy_model(source: Path, dest: Path) -> tuple[int, int]:
     dest.mkdir(parents=True, exist_ok=True)
     clear(dest)
     try:
-        shutil.copytree(source, dest, dirs_exist_ok=True)
+        # Item by item, not copytree(source, dest): that ends with copystat on `dest` itself,
+        # the emptyDir's root, which the kubelet owns; a non-root container may not chmod it
+        # (EPERM on the real node). What it copies inside is its own.
+        for item in source.iterdir():
+            if item.is_dir():
+                shutil.copytree(item, dest / item.name)
+            else:
+                shutil.copy2(item, dest / item.name)
     except OSError as error:
         raise CopyError(f"copying {source} to {dest}: {error}") from None
     return len(files_of(source)), verify_copy(source, dest)
