@@ -35,6 +35,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune.api.metrics import MetricScores, Task
 from kubetune.api.spec import Device, Precision, Quantization
 
 CONFIG_ERROR_EXIT_CODE = 2
@@ -172,6 +173,12 @@ class TrainingReport(Report):
     base_accuracy: float | None = None
     eval_records: int = 0
     """Records the accuracy used."""
+    task: Task | None = None
+    """The evaluation task (`spec.evaluation.task`) the metrics below belong to."""
+    metrics: MetricScores | None = None
+    """The fine-tuned model's task metrics on the validation records (`kubetune.api.metrics`)."""
+    base_metrics: MetricScores | None = None
+    """The base model's, on the same records."""
     tokens_per_second: float | None = None
     train_tokens: int = 0
     peak_memory_mib: float | None = Field(None, alias="peakMemoryMiB")
