@@ -153,6 +153,22 @@ class TestSplitScores(Report):
     fine_tuned: Score
 
 
+class ServedAdapter(Report):
+    """One LoRA adapter a server serves beside its base: requests name it as their `model`."""
+
+    name: str
+    path: str
+    """The PEFT adapter directory (adapter_config.json and its weights)."""
+
+
+class AdapterSet(Report):
+    """The adapters a shared server loads at start (`serve --lora-modules-file`, from the
+    pool's ConfigMap), so a replica that restarts serves the current set; changes while it runs
+    arrive through `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's names)."""
+
+    adapters: list[ServedAdapter] = Field(default_factory=list)
+
+
 class TrainingReport(Report):
     """`report.json`: what a training run did. Every field has a default, so a short form
     (the termination message) and a report rebuilt from status read as the same model."""

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from kubetune.api.metrics import Metric, Task
 from kubetune.api.names import (
     DNS1123_SUBDOMAIN,
     DNS1123_SUBDOMAIN_MAX,
@@ -587,6 +588,40 @@ class ServingSpec(ApiModel):
     )
 
 
+class JudgeSpec(ApiModel):
+    """An LLM judge reached through an OpenAI-compatible chat completions endpoint. It
+    compares the base and the fine-tuned model's answers to each validation prompt in both
+    orders, so a preference for the first or the second position cancels out."""
+
+    endpoint: Uri
+    """Base URL of the OpenAI-compatible API (`https://host/v1`), e.g. another FineTuneJob's
+    `status.serving.endpoint` or a hosted model. A real judge must be much stronger than the
+    model it judges."""
+    model: ShortString
+    """The `model` sent with each judging request."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """Secret holding the judge's API key; it reaches the trainer only through its
+    environment."""
+    rubric: Annotated[str, Field(max_length=4096)] | None = None
+    """What makes one answer better than another, in the judge's prompt (a general rubric
+    when unset)."""
+
+
+class EvaluationSpec(ApiModel):
+    """How the fine-tuned model is judged: the task, and the metrics its users trust."""
+
+    task: Task = Task.GENERATION
+    """`Generation` (exact match and loss), `Classification`, `Extraction`, `Translation`,
+    `Summarization` or `Chat`."""
+    labels: Annotated[list[ShortString], Field(max_length=256)] | None = None
+    """`Classification`: the labels an answer may be; any other answer counts as wrong and is
+    counted apart (`outOfLabels`)."""
+    metrics: Annotated[list[Metric], Field(max_length=16)] | None = None
+    """The metrics to report (each must be one of the task's); all of the task's when unset."""
+    judge: JudgeSpec | None = None
+    """An LLM judge of base vs fine-tuned answers (reports `judgeWinRate`)."""
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, how, on what hardware, and how to serve the result."""
 
@@ -611,6 +646,9 @@ class FineTuneJobSpec(ApiModel):
     """The artifact volume."""
     serving: ServingSpec = Field(default_factory=ServingSpec)
     """Export and inference after training."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """The task and the metrics the validation records, the exported model and the gate are
+    judged by."""
     suspend: bool = False
     """Suspend training (pods are removed; a later resume continues from the newest
     checkpoint). Kueue also sets this."""
