@@ -62,6 +62,44 @@ class _ScrapeTimeCollector(Collector):
         yield jobs
 
 
+def gate_verdicts(bodies: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str, bool]]:
+    """(namespace, job, generation, passed) of each FineTuneJob whose status records the
+    evaluation gate's verdict (`status.evaluation.passed`, for `status.evaluation.generation`);
+    jobs not yet evaluated are left out. Pure."""
+    verdicts = []
+    for body in bodies:
+        evaluation = (body.get("status") or {}).get("evaluation") or {}
+        passed = evaluation.get("passed")
+        if passed is None:
+            continue
+        meta = body.get("metadata") or {}
+        verdicts.append((
+            str(meta.get("namespace", "")), str(meta.get("name", "")),
+            str(evaluation.get("generation", "")), bool(passed),
+        ))  # fmt: skip
+    return sorted(verdicts)
+
+
+class _GateCollector(Collector):
+    """The gate's verdict per job, read from status when Prometheus scrapes: the chart's
+    alert on a refused model (charts/kubetune/rules/) reads it. A deleted job leaves the
+    index, and so its series goes."""
+
+    def __init__(self, finetunejobs: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        self.finetunejobs = finetunejobs
+
+    def collect(self) -> Iterator[Metric]:
+        gate = GaugeMetricFamily(
+            "kubetune_job_gate_passed",
+            "1 when the evaluation gate passed the job's newest evaluated generation, 0 when it "
+            "refused it (and the model serving before stays).",
+            labels=["namespace", "job", "generation"],
+        )
+        for namespace, job, generation, passed in gate_verdicts(self.finetunejobs()):
+            gate.add_metric([namespace, job, generation], 1.0 if passed else 0.0)
+        yield gate
+
+
 class OperatorMetrics:
     """Counters the handlers and the progress server increment, plus scrape-time readings."""
 
@@ -97,6 +135,7 @@ class OperatorMetrics:
             registry=self.registry,
         )
         self.registry.register(_ScrapeTimeCollector(self))
+        self.registry.register(_GateCollector(lambda: self.finetunejobs()))
 
     def report(self, accepted: bool, code: int) -> None:
         result = "accepted" if accepted else "refused"
