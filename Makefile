@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup malloc controlplane images run test test-unit test-trainer test-families test-e2e lint crd docs clean
+.PHONY: setup malloc promtool controlplane images run test test-unit test-trainer test-families test-e2e lint crd docs clean
 
-setup: $(STAMP) malloc
+setup: $(STAMP) malloc promtool
 
 # tcmalloc, which the trainer preloads (trainer-image/src/kubetune_trainer/allocator.py): CPU
 # runs peak at ~0.6x the memory of glibc's malloc. Without root or apt-get training still works.
@@ -18,6 +18,11 @@ malloc:
 	@ldconfig -p | grep -q libtcmalloc_minimal || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; } \
 		|| echo "note: libtcmalloc-minimal4 is not installed; CPU training will use more memory"
+
+# promtool (Debian's prometheus package) checks and unit-tests the chart's alert rules and
+# dashboard queries in `make test`. Without root or apt-get it says so, and those tests fail.
+promtool:
+	bash hack/install-promtool.sh
 
 # Reinstall only when the dependency declarations change.
 $(STAMP): pyproject.toml trainer-image/pyproject.toml requirements/constraints.txt

@@ -5,6 +5,7 @@
 {{- define "kubetune.validate" -}}
 {{- include "kubetune.validateWorkloadAccounts" . -}}
 {{- include "kubetune.validateServiceMonitor" . -}}
+{{- include "kubetune.validateServingMonitor" . -}}
 {{- end -}}
 
 {{/* Namespaced mode renders the trainer and serving ServiceAccounts in every watched
@@ -46,6 +47,22 @@
 {{- $interval := include "kubetune.durationMilliseconds" $monitor.interval | int64 -}}
 {{- if gt $timeout $interval -}}
 {{- fail (printf "metrics.serviceMonitor.scrapeTimeout (%q) is longer than metrics.serviceMonitor.interval (%q): Prometheus refuses such a scrape configuration" (toString $monitor.scrapeTimeout) (toString $monitor.interval)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The PodMonitor scrapes the inference pods' port, which serving.networkPolicy opens only to
+     serving.networkPolicy.from and networkPolicy.metricsFrom. */}}
+{{- define "kubetune.validateServingMonitor" -}}
+{{- $monitor := .Values.metrics.servingMonitor -}}
+{{- if $monitor.enabled -}}
+{{- if and .Values.serving.networkPolicy.enabled (empty .Values.networkPolicy.metricsFrom) -}}
+{{- fail "metrics.servingMonitor.enabled is true but networkPolicy.metricsFrom is empty while serving.networkPolicy.enabled is true: the inference pods' NetworkPolicy would drop every scrape. List your Prometheus pods in networkPolicy.metricsFrom, or set serving.networkPolicy.enabled=false" -}}
+{{- end -}}
+{{- $timeout := include "kubetune.durationMilliseconds" $monitor.scrapeTimeout | int64 -}}
+{{- $interval := include "kubetune.durationMilliseconds" $monitor.interval | int64 -}}
+{{- if gt $timeout $interval -}}
+{{- fail (printf "metrics.servingMonitor.scrapeTimeout (%q) is longer than metrics.servingMonitor.interval (%q): Prometheus refuses such a scrape configuration" (toString $monitor.scrapeTimeout) (toString $monitor.interval)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
