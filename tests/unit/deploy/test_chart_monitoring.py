@@ -85,8 +85,8 @@ h5-progress) adds to kubetune.operator.metrics under exactly these names while t
 written. Allowed here until they exist; once they do, the test below fails: empty this set."""
 
 
-@pytest.fixture(scope="module")
-def promtool() -> str:
+def find_promtool() -> str:
+    """promtool from $KUBETUNE_PROMTOOL or PATH; fails the test, saying how to get it."""
     binary = os.environ.get(PROMTOOL_ENV) or shutil.which("promtool")
     if binary is None:
         pytest.fail(
@@ -95,6 +95,22 @@ def promtool() -> str:
             "hack/install-promtool.sh), or put promtool on PATH or in $" + PROMTOOL_ENV
         )
     return binary
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return find_promtool()
+
+
+def test_a_missing_promtool_fails_and_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(PROMTOOL_ENV, raising=False)
+    monkeypatch.setenv("PATH", "")
+
+    with pytest.raises(pytest.fail.Exception, match="make setup") as failure:
+        find_promtool()
+    assert "apt-get" in str(failure.value)
 
 
 def run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
