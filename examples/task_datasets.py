@@ -18,6 +18,10 @@ request in two splits, so the test split measures generalisation.
   product (so world knowledge cannot answer) and a question -> the answer copied from the
   paragraph. Each paragraph holds two facts of the same type (two people, two years, two
   places), in shuffled order, so the question must be read to pick the right one.
+- `english-to-veltish` (Translation): an English sentence -> Veltish, a small language with
+  rules of its own (a lexicon, subject-object-verb order, adjectives after the noun, plural and
+  tense endings, postpositions), invented so no model knows it beforehand. Every Veltish word
+  of the validation and test sentences occurs in training; the sentences themselves are new.
 
     python examples/task_datasets.py                     # rewrite every committed dataset
     python examples/task_datasets.py support-tickets     # one of them
@@ -516,6 +520,91 @@ def short_qa(rng: random.Random, index: int) -> Record:
     return f"Context: {' '.join(facts)}\nQuestion: {rng.choice(phrasings)}", answer
 
 
+# --- english-to-veltish ----------------------------------------------------------------------
+
+TRANSLATION_SYSTEM = "Translate the English sentence into Veltish."
+# Veltish is a small rule-based language, invented here so that no model knows it beforehand:
+# its words come from the lexicon below, so every Veltish word of a test sentence was seen in
+# training, but the sentence (its words, their number, tense and order) is new.
+#   noun phrase: determiner, noun (+"i" when plural), adjective ("the old farmers" -> "la
+#   tolvoi meski"); clause: subject, object, place, verb (subject-object-verb order); a
+#   preposition follows its noun phrase ("in the garden" -> "la gardo en"); the verb's ending
+#   gives the tense: "-as" present, "-is" past, "-os" future.
+NOUNS = (  # (singular, plural, Veltish)
+    ("farmer", "farmers", "tolvo"), ("child", "children", "kimo"), ("dog", "dogs", "hundo"),
+    ("cat", "cats", "mirko"), ("bird", "birds", "pelo"), ("teacher", "teachers", "doseno"),
+    ("doctor", "doctors", "kuraso"), ("fisherman", "fishermen", "piskero"),
+    ("mouse", "mice", "muzo"), ("horse", "horses", "ekvo"), ("baker", "bakers", "panko"),
+    ("sailor", "sailors", "maristo"), ("friend", "friends", "amiko"), ("king", "kings", "regro"),
+    ("woman", "women", "vino"), ("man", "men", "viro"), ("letter", "letters", "lefo"),
+    ("apple", "apples", "pomo"), ("book", "books", "libro"), ("boat", "boats", "barko"),
+    ("river", "rivers", "rivo"), ("house", "houses", "domo"), ("garden", "gardens", "gardo"),
+    ("market", "markets", "bazo"), ("forest", "forests", "arbaro"), ("cup", "cups", "taso"),
+    ("key", "keys", "klefo"), ("song", "songs", "kanto"), ("stone", "stones", "lito"),
+    ("bridge", "bridges", "ponto"), ("window", "windows", "fenestro"), ("lamp", "lamps", "lumo"),
+)
+ANIMATE = frozenset({
+    "farmer", "child", "dog", "cat", "bird", "teacher", "doctor", "fisherman", "mouse", "horse",
+    "baker", "sailor", "friend", "king", "woman", "man",
+})
+PLACES = ("river", "house", "garden", "market", "forest", "bridge")
+ADJECTIVES = (
+    ("old", "meski"), ("young", "juna"), ("big", "granda"), ("small", "eta"), ("red", "ruga"),
+    ("green", "verda"), ("happy", "gaja"), ("tired", "lasa"), ("quiet", "kvieta"),
+    ("clever", "saga"), ("brave", "kura"), ("new", "nova"), ("dark", "malhela"), ("kind", "bona"),
+)
+VERBS = (  # (base, third person singular, past, Veltish stem)
+    ("see", "sees", "saw", "vid"), ("find", "finds", "found", "trov"), ("help", "helps",
+    "helped", "help"), ("follow", "follows", "followed", "sekv"), ("carry", "carries",
+    "carried", "port"), ("draw", "draws", "drew", "desegn"), ("hear", "hears", "heard", "aud"),
+    ("like", "likes", "liked", "sat"), ("wash", "washes", "washed", "lav"), ("paint", "paints",
+    "painted", "pentr"), ("visit", "visits", "visited", "vizit"), ("watch", "watches",
+    "watched", "rigard"), ("call", "calls", "called", "vok"), ("remember", "remembers",
+    "remembered", "memor"),
+)
+TENSES = {"present": "as", "past": "is", "future": "os"}
+DETERMINERS = {"the": "la", "a": "un", "my": "mia", "this": "tiu", "some": "kelk"}
+PREPOSITIONS = {"in": "en", "near": "apud", "behind": "malantau", "under": "sub"}
+
+
+def _noun_phrase(rng: random.Random, nouns: tuple[tuple[str, str, str], ...],
+                 plural_allowed: bool = True) -> tuple[str, str, bool]:
+    """(English, Veltish, plural?) of a noun phrase drawn from `nouns`."""
+    singular, plural_form, veltish = rng.choice(nouns)
+    plural = plural_allowed and rng.random() < 0.35
+    determiner = rng.choice(("the", "my", "some") if plural else ("the", "a", "my", "this"))
+    adjective = rng.choice(ADJECTIVES) if rng.random() < 0.5 else None
+    words = [adjective[0]] if adjective else []
+    words.append(plural_form if plural else singular)
+    article = determiner
+    if determiner == "a" and words[0][0] in "aeiou":
+        article = "an"
+    english = " ".join([article, *words])
+    target = [DETERMINERS[determiner], veltish + ("i" if plural else "")]
+    if adjective:
+        target.append(adjective[1])
+    return english, " ".join(target), plural
+
+
+def english_to_veltish(rng: random.Random, index: int) -> Record:
+    animate = tuple(noun for noun in NOUNS if noun[0] in ANIMATE)
+    subject, subject_veltish, plural = _noun_phrase(rng, animate)
+    obj, obj_veltish, _ = _noun_phrase(rng, NOUNS)
+    base, third, past, stem = rng.choice(VERBS)
+    tense = tuple(TENSES)[index % len(TENSES)]  # the tenses rotate
+    verb = {"present": base if plural else third, "past": past, "future": f"will {base}"}[tense]
+    english = [subject, verb, obj]
+    veltish = [subject_veltish, obj_veltish]
+    if rng.random() < 0.4:
+        place = tuple(noun for noun in NOUNS if noun[0] in PLACES)
+        preposition = rng.choice(list(PREPOSITIONS))
+        where, where_veltish, _ = _noun_phrase(rng, place, plural_allowed=False)
+        english.append(f"{preposition} {where}")
+        veltish.append(f"{where_veltish} {PREPOSITIONS[preposition]}")
+    veltish.append(stem + TENSES[tense])
+    return _capital(" ".join(english)) + ".", _capital(" ".join(veltish)) + "."
+
+
 # --- the datasets ----------------------------------------------------------------------------
 
 
@@ -531,6 +620,7 @@ DATASETS: dict[str, TaskDataset] = {
     "support-tickets": TaskDataset(TICKETS_SYSTEM, support_tickets),
     "contact-extraction": TaskDataset(CONTACT_SYSTEM, contact_extraction),
     "short-qa": TaskDataset(QA_SYSTEM, short_qa),
+    "english-to-veltish": TaskDataset(TRANSLATION_SYSTEM, english_to_veltish),
 }
 
 

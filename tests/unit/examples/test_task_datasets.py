@@ -144,3 +144,22 @@ def test_every_builtin_dataset_is_shipped_resolved_and_admitted() -> None:
             {"model": {"source": "builtin://smollm2-135m-instruct"}, "dataset": {"source": uri}}
         )
         assert spec.dataset.source == uri
+
+
+def words(text: str) -> set[str]:
+    return set(text.lower().rstrip(".").split())
+
+
+def test_every_veltish_word_of_a_held_out_sentence_is_learnable_from_training() -> None:
+    splits = gen.generate("english-to-veltish")
+    trained = set().union(*(words(answer) for _, answer in splits["train"]))
+    for split in ("validation", "test"):
+        for english, veltish in splits[split]:
+            assert words(veltish) <= trained, (split, english, veltish, words(veltish) - trained)
+    for english, veltish in splits["test"]:
+        # The tense is the verb's ending, and the verb comes last (subject-object-verb).
+        ending = veltish.rstrip(".").split()[-1][-2:]
+        if " will " in english:
+            assert ending == "os", (english, veltish)
+        else:
+            assert ending in ("as", "is"), (english, veltish)
