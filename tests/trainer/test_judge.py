@@ -55,6 +55,11 @@ def test_the_prompt_shows_both_answers_in_the_order_given_and_asks_for_a_verdict
     # States a tie without the format.
     ("Both are equally good.", Verdict.TIE),
     ("Neither is better than the other.", Verdict.TIE),
+    ("The answer is equal in value.", Verdict.TIE),
+    # The prompt's markers echoed back choose nothing (the built-in model's replies as a judge).
+    ("The answer is:\n\n[End of answer A]\n\nThe answer is equal in value.", Verdict.TIE),
+    ("cancellation\n[End of answer B]\n", Verdict.UNPARSED),
+    ("[Answer A]\nbilling\n[End of answer A]\nAnswer B is right.", Verdict.B),
     # Names neither, or both without deciding: unparsed (counted as a tie, and counted).
     ("", Verdict.UNPARSED),
     ("I think this is a better way to phrase a ticket.", Verdict.UNPARSED),

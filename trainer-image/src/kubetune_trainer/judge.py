@@ -138,7 +138,9 @@ _STATED = re.compile(
     r"([AB]|(?i:tie|draw))\b"
 )
 _NAMED = re.compile(r"(?i:answer|response|assistant|option)\s+([AB])\b")
-_TIE_WORDS = re.compile(r"(?i)\b(tie|draw|equally (good|bad|correct)|neither is better)\b")
+_TIE_WORDS = re.compile(r"(?i)\b(tie|draw|equal|equally|neither is better|the same)\b")
+# The prompt's own markers: a judge that echoes "[End of answer A]" has not chosen A.
+_ECHOED_MARKERS = re.compile(r"(?i)\[\s*(end of\s+)?(answer\s+[AB]|user request)\s*\]")
 
 
 def _letter(word: str) -> Verdict:
@@ -150,7 +152,8 @@ def parse_verdict(reply: str) -> Verdict:
     """The verdict of a judge's reply: its last `[[A]]`/`[[B]]`/`[[tie]]`, else its last stated
     verdict ("Verdict: B", "the better answer is A"), else a bare reply ("B", "Answer A."),
     else the one answer it names, else a tie it states; a reply that decides nothing is
-    `UNPARSED`."""
+    `UNPARSED`. The prompt's markers echoed back ("[End of answer A]") name nothing."""
+    reply = _ECHOED_MARKERS.sub(" ", reply)
     if bracketed := _BRACKETED.findall(reply):
         return _letter(bracketed[-1])
     if stated := _STATED.findall(reply):
