@@ -112,3 +112,11 @@ def test_the_tally_counts_ties_half_and_unparsed_replies_as_ties() -> None:
 def test_nothing_to_judge_has_no_win_rate() -> None:
     result = tally([])
     assert result.win_rate is None and result.comparisons == 0
+
+
+def test_the_result_is_camel_case_in_json_like_the_reports() -> None:
+    result = tally([_item(0, (Verdict.B, Verdict.B), (Verdict.A, Verdict.UNPARSED))])
+    wire = result.model_dump(mode="json", by_alias=True)
+    assert wire["winRate"] == 0.75 and wire["unparsed"] == 1
+    assert wire["items"][0]["comparisons"][1]["fineTunedShownAs"] == "A"
+    assert type(result).model_validate(wire) == result

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from kubetune.api.spec import JudgeSpec
 
@@ -70,7 +71,13 @@ class Outcome(StrEnum):
     TIE = "tie"
 
 
-class JudgeItem(BaseModel):
+class JudgeModel(BaseModel):
+    """camelCase in JSON (`report.json`, `evaluation.jsonl`), as the API's models are."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class JudgeItem(JudgeModel):
     """One prompt and the two models' answers to it."""
 
     prompt: str
@@ -78,7 +85,7 @@ class JudgeItem(BaseModel):
     fine_tuned_answer: str
 
 
-class Comparison(BaseModel):
+class Comparison(JudgeModel):
     """One judging request: which model was shown as A, what the judge replied, what it meant."""
 
     fine_tuned_shown_as: Verdict
@@ -88,7 +95,7 @@ class Comparison(BaseModel):
     outcome: Outcome
 
 
-class ItemVerdict(BaseModel):
+class ItemVerdict(JudgeModel):
     """Both orders' comparisons of one item, and the fine-tuned model's score on it."""
 
     index: int
@@ -97,7 +104,7 @@ class ItemVerdict(BaseModel):
     """Share of the item's comparisons the fine-tuned answer won (a tie counts half)."""
 
 
-class JudgeResult(BaseModel):
+class JudgeResult(JudgeModel):
     """The fine-tuned model's record against the base model, over every comparison."""
 
     win_rate: float | None
