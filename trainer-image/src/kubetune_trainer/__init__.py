@@ -7,8 +7,9 @@ Shared leaves: `errors`, `allocator` (the trainer's malloc), `runconfig` (readin
 worth retrying), `tokenizer` (the serving
 tokenizer), `heldout` (the held-out and calibration tokens the trainer leaves the exporter),
 `genai_model` (an exported decoder's layout, and the device and execution providers it runs
-on, as plain ONNX Runtime runs it) and
-the shipped `datasets/`.
+on, as plain ONNX Runtime runs it), `judge` (the LLM judge of base vs fine-tuned answers, through
+an OpenAI-compatible endpoint, for the trainer's evaluation) and the shipped `datasets/` (generated
+by `examples/kubectl_dataset.py` and `examples/task_datasets.py`).
 `train`, `export` and `serve` are independent packages built on those leaves; none imports
 another. From the control plane only `kubetune.api` is imported.
 """

@@ -33,7 +33,9 @@ from kubetune.api.rules import ApiModel, Rule
 MODEL_SCHEMES = ("hf", "pvc", "builtin", "file")
 DATASET_SCHEMES = ("hf", "pvc", "builtin", "file")
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
-BUILTIN_DATASETS = ("kubectl-commands",)
+BUILTIN_DATASETS = (
+    "kubectl-commands", "support-tickets", "contact-extraction", "short-qa", "english-to-veltish",
+)
 
 DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
@@ -176,8 +178,12 @@ class DatasetSpec(ApiModel):
 
     source: Uri
     """Where the JSONL file lives: `pvc://claim/path.jsonl`, `file:///path.jsonl`,
-    `hf://org/name` or `builtin://kubectl-commands` (the quickstart's data, shipped with
-    KubeTune)."""
+    `hf://org/name` or a dataset shipped with KubeTune: `builtin://kubectl-commands` (the
+    quickstart's), `builtin://support-tickets` (Classification into 8 queues),
+    `builtin://contact-extraction` (Extraction of a contact as JSON) or `builtin://short-qa`
+    (Extraction of an answer span from a paragraph) or `builtin://english-to-veltish`
+    (Translation into a small invented language); each ships its validation and test
+    splits."""
     format: DatasetFormat = DatasetFormat.AUTO
     """Record format. `Chat`: OpenAI-style `messages`; `Instruction`: `instruction`, optional
     `input`, `output`; `Completion`: `prompt`, `completion`; `Text`: `text`. `Auto` detects it
