@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from kubetune.api.metrics import TASK_METRICS, Metric, Task
+from kubetune.api.metrics import COMPARED_METRIC, TASK_METRICS, Metric, Task
 from kubetune.api.names import (
     DNS1123_SUBDOMAIN,
     DNS1123_SUBDOMAIN_MAX,
@@ -650,6 +650,13 @@ def task_metrics_cel(task: str) -> str:
     return f"{{{table}}}[{task}]"
 
 
+def _compared_cel(task: str) -> str:
+    """CEL for the metric the gate compares for the task `task` (a CEL string expression)."""
+    table = ", ".join(f"'{name.value}': '{metric.value}'"
+                      for name, metric in COMPARED_METRIC.items())
+    return f"{{{table}}}[{task}]"
+
+
 TASK_METRICS_LISTED = "; ".join(
     f"{task.value}: {', '.join(metrics)}" for task, metrics in TASK_METRICS.items()
 )
@@ -673,7 +680,9 @@ class EvaluationSpec(ApiModel):
     """`Classification` (required there, at least 2, each once): the labels an answer may
     be; any other answer counts as wrong and is counted apart (`outOfLabels`)."""
     metrics: Annotated[list[Metric], Field(max_length=16)] | None = None
-    """The metrics to report (each must be one of the task's); all of the task's when unset.
+    """The metrics to report (each must be one of the task's, and the one the gate compares
+    must be among them: evalLoss for Generation and Chat, else the primary metric); all of
+    the task's when unset.
     Generation: exactMatch, evalLoss, perplexity. Classification: accuracy, macroF1,
     outOfLabels, evalLoss, perplexity. Extraction: exactMatch, tokenF1, fieldPrecision,
     fieldRecall, evalLoss, perplexity. Translation: chrF, bleu, evalLoss, perplexity.
@@ -700,6 +709,14 @@ class EvaluationSpec(ApiModel):
             message="each of evaluation.metrics must be one of the task's metrics: "
             + TASK_METRICS_LISTED,
             check=lambda e: all(m in TASK_METRICS[e.task] for m in e.metrics or ()),
+            field_path=".metrics",
+        ),
+        Rule(
+            cel=f"!has(self.metrics) || {_compared_cel('self.task')} in self.metrics",
+            message="evaluation.metrics, when set, must include the metric the gate's "
+            "mustBeatBase and mustBeatServing compare: "
+            + ", ".join(f"{task.value}: {metric}" for task, metric in COMPARED_METRIC.items()),
+            check=lambda e: e.metrics is None or COMPARED_METRIC[e.task] in e.metrics,
             field_path=".metrics",
         ),
         Rule(

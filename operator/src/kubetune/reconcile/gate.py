@@ -11,15 +11,20 @@ from __future__ import annotations
 import math
 
 from kubetune.api.dataplane import TrainingReport
-from kubetune.api.metrics import LOWER_IS_BETTER, PRIMARY_METRIC, Metric, MetricScores, Task, beats
+from kubetune.api.metrics import (
+    COMPARED_METRIC,
+    LOWER_IS_BETTER,
+    Metric,
+    MetricScores,
+    Task,
+    beats,
+)
 from kubetune.api.spec import GateSpec
 
 
 def compared_metric(task: Task) -> Metric:
-    """What `mustBeatBase` and `mustBeatServing` compare: the task's primary metric, except
-    for `Generation`, which keeps comparing the validation loss as it did before tasks
-    existed (its primary metric, exact match, is 0 for most base models and would tie)."""
-    return Metric.EVAL_LOSS if task is Task.GENERATION else PRIMARY_METRIC[task]
+    """What `mustBeatBase` and `mustBeatServing` compare (`COMPARED_METRIC`)."""
+    return COMPARED_METRIC[task]
 
 
 def _scores(
