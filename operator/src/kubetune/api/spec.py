@@ -641,7 +641,7 @@ class JudgeSpec(ApiModel):
     )
 
 
-def task_metrics_cel(task: str) -> str:
+def _task_metrics_cel(task: str) -> str:
     """CEL for the list of metrics the task `task` (a CEL string expression) has."""
     table = ", ".join(
         f"'{name.value}': [{', '.join(repr(m.value) for m in metrics)}]"
@@ -705,7 +705,7 @@ class EvaluationSpec(ApiModel):
             field_path=".labels",
         ),
         Rule(
-            cel=f"!has(self.metrics) || self.metrics.all(m, m in {task_metrics_cel('self.task')})",
+            cel=f"!has(self.metrics) || self.metrics.all(m, m in {_task_metrics_cel('self.task')})",
             message="each of evaluation.metrics must be one of the task's metrics: "
             + TASK_METRICS_LISTED,
             check=lambda e: all(m in TASK_METRICS[e.task] for m in e.metrics or ()),
@@ -740,13 +740,15 @@ class EvaluationSpec(ApiModel):
 def _gate_keys_rule(bounds: Literal["min", "max"]) -> Rule:
     """`serving.gate.<bounds>` may bound only the job's task's metrics (judgeWinRate only with a
     judge): a bound on a metric the trainer never measures could never pass."""
-    task = "(has(self.evaluation) && has(self.evaluation.task) ? self.evaluation.task : " \
-           "'Generation')"
+    task = (
+        "(has(self.evaluation) && has(self.evaluation.task) ? self.evaluation.task : "
+        "'Generation')"
+    )
     keys = f"self.serving.gate.{bounds}"
     judged = "has(self.evaluation) && has(self.evaluation.judge)"
     cel = (
         f"!has(self.serving) || !has(self.serving.gate) || !has({keys}) || "
-        f"{keys}.all(k, k in {task_metrics_cel(task)} && (k != 'judgeWinRate' || {judged}))"
+        f"{keys}.all(k, k in {_task_metrics_cel(task)} && (k != 'judgeWinRate' || {judged}))"
     )
 
     def check(spec: FineTuneJobSpec) -> bool:
