@@ -157,7 +157,8 @@ class MetricStatus(ApiModel):
     fine_tuned: ShortString | None = None
     """The fine-tuned model's value on the same records."""
     serving: ShortString | None = None
-    """The value of the model serving now (another generation), when the gate compared it."""
+    """The value of the model serving now, while it is another generation than the one
+    exported (the model `mustBeatServing` compares with)."""
 
 
 class LabelF1Status(ApiModel):

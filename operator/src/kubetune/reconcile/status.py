@@ -225,7 +225,7 @@ def metrics_status(
     task: Task, report: TrainingReport, serving: MetricScores | None
 ) -> list[dict[str, Any]]:
     """`status.evaluation.metrics`: each of the task's metrics that a model was measured on,
-    in the task's order, base, fine-tuned and (when the gate compared it) the serving
+    in the task's order, base, fine-tuned and (while another generation serves) the serving
     model's value side by side."""
     fine_tuned, base = fine_tuned_scores(report), base_scores(report)
     served = serving.values if serving is not None else {}
@@ -301,7 +301,8 @@ def build_status(
     what this training generation measured: `status_patch` removes the rest.
     `training_record` None leaves `status.training` as it is. `serving_enabled`: whether a
     Deployment is wanted or, with an invalid spec, left running. `compared_scores`: the
-    serving model's metrics the gate compared the new one with (another generation's)."""
+    metrics of the model serving now, when it is another generation (what
+    `mustBeatServing` compares with)."""
     trained = training is not None and training.state is RunState.SUCCEEDED
     exported = any(c["type"] == "Exported" and c["status"] == "True" for c in conditions)
     status: dict[str, Any] = {
