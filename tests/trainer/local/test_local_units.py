@@ -18,6 +18,7 @@ from kubetune.api.dataplane import (
     TrainingReport,
     exact_match,
 )
+from kubetune.api.metrics import Metric, MetricScores, Task
 from kubetune.api.spec import GateSpec
 from kubetune.local.evaluate import auto_summary, side_by_side
 from kubetune.local.processes import train_command
@@ -90,12 +91,12 @@ REPORT = TrainingReport(eval_loss=0.4, base_eval_loss=2.5, accuracy=0.85)
 
 
 def test_no_gate_passes() -> None:
-    assert evaluate_gate(None, {}, None) == (True, "no gate configured")
+    assert evaluate_gate(None, Task.GENERATION, REPORT, None) == (True, "no gate configured")
 
 
 def test_gate_passes_when_every_bound_holds() -> None:
     gate = GateSpec(max_eval_loss="1", min_accuracy="0.8", must_beat_base=True)
-    passed, message = evaluate_gate(gate, REPORT, None)
+    passed, message = evaluate_gate(gate, Task.GENERATION, REPORT, None)
     assert passed, message
     assert "accuracy 0.850 >= 0.8" in message
 
@@ -105,19 +106,20 @@ def test_gate_passes_when_every_bound_holds() -> None:
     (GateSpec(min_accuracy="0.9"), REPORT, None, "accuracy 0.850 < minAccuracy 0.9"),
     (GateSpec(), REPORT.model_copy(update={"base_eval_loss": 0.3}), None,
      "does not beat the base"),
-    (GateSpec(must_beat_serving=True), REPORT, 0.35, "does not beat the serving model"),
+    (GateSpec(must_beat_serving=True), REPORT, MetricScores(values={Metric.EVAL_LOSS: 0.35}),
+     "does not beat the serving model"),
     (GateSpec(min_accuracy="0.5"), TrainingReport(eval_loss=1, base_eval_loss=2), None,
      "accuracy was not measured"),
 ])
 def test_gate_fails_with_the_reason(gate: GateSpec, report: TrainingReport,
-                                    serving: float | None, reason: str) -> None:
-    passed, message = evaluate_gate(gate, report, serving)
+                                    serving: MetricScores | None, reason: str) -> None:
+    passed, message = evaluate_gate(gate, Task.GENERATION, report, serving)
     assert not passed
     assert reason in message
 
 
 def test_nothing_serving_yet_satisfies_must_beat_serving() -> None:
-    assert evaluate_gate(GateSpec(must_beat_serving=True), REPORT, None)[0]
+    assert evaluate_gate(GateSpec(must_beat_serving=True), Task.GENERATION, REPORT, None)[0]
 
 
 def test_an_auto_export_counts_for_auto_only(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, TrainingReport
+from kubetune.api.metrics import Metric, MetricScores, Task
 from kubetune_trainer.train import report as reports
 from kubetune_trainer.train import run as train
 from tests.trainer.conftest import run_config
@@ -85,6 +86,49 @@ def test_report_and_short_termination_message(tmp_path: Path,
     assert parsed is not None and parsed.steps == 3 and parsed.error.endswith("...")
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "missing" / "log"))
     reports.write_final(tmp_path / "out", report)  # not writable: skipped silently
+
+
+def _scores(seed: float, labels: int, label_length: int) -> MetricScores:
+    """Every metric there is, each value with a float's longest repr."""
+    return MetricScores(
+        values={metric: seed / (n + 7) for n, metric in enumerate(Metric)},
+        per_label_f1={f"{n:03d}".ljust(label_length, "l"): seed / (n + 3)
+                      for n in range(labels)},
+        signatures={Metric.CHRF: "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.5.1",
+                    Metric.BLEU: "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.5.1"},
+        records=100000,
+    )
+
+
+def test_the_short_form_carries_the_largest_metric_set() -> None:
+    """The most a report can hold (every metric, 256 labels of 253 characters, signatures,
+    a long error and plan mismatch): the metric values of both models stay whole, what does
+    not fit goes (report.json keeps it), and the message fits the kubelet's 4096 bytes."""
+    fine_tuned, base = _scores(1.0, 256, 253), _scores(0.5, 256, 253)
+    report = TrainingReport(
+        status="Failed", error="e" * 10000, plan_mismatch="p" * 3000, steps=3,
+        eval_loss=1 / 3, base_eval_loss=2 / 3, accuracy=1 / 7, base_accuracy=1 / 9,
+        task=Task.CLASSIFICATION, metrics=fine_tuned, base_metrics=base,
+    )
+    short = reports.short_form(report)
+    assert len(short.encode()) <= reports.TERMINATION_LIMIT
+    parsed = TrainingReport.parse(short)
+    assert parsed is not None and parsed.metrics is not None and parsed.base_metrics is not None
+    assert parsed.task is Task.CLASSIFICATION
+    assert parsed.metrics.values == fine_tuned.values
+    assert parsed.base_metrics.values == base.values
+    assert len(parsed.metrics.values) == len(Metric)
+    assert parsed.metrics.per_label_f1 == {} and parsed.eval_loss == 1 / 3
+    assert parsed.error is not None and parsed.error.startswith("eee")
+    assert parsed.error.endswith("...")
+
+
+def test_the_short_form_keeps_a_few_labels_f1_and_the_signatures() -> None:
+    report = TrainingReport(status="Succeeded", steps=3, task=Task.CLASSIFICATION,
+                            metrics=_scores(1.0, 8, 12), base_metrics=_scores(0.5, 8, 12))
+    parsed = TrainingReport.parse(reports.short_form(report))
+    assert parsed is not None and parsed.metrics is not None
+    assert parsed.metrics == report.metrics and parsed.base_metrics == report.base_metrics
 
 
 def _main(tmp_path: Path, document: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[int, dict]:

@@ -88,6 +88,14 @@ PRIMARY_METRIC: Mapping[Task, Metric] = {
 """What `mustBeatBase` and `mustBeatServing` compare for a task (Chat's judge win rate is
 already a comparison with the base)."""
 
+COMPARED_METRIC: Mapping[Task, Metric] = {
+    **PRIMARY_METRIC,
+    Task.GENERATION: Metric.EVAL_LOSS,
+}
+"""What the gate's `mustBeatBase` and `mustBeatServing` compare: the primary metric, except
+for `Generation`, which keeps comparing the validation loss as it did before tasks existed
+(exact match is 0 for most base models, and any model would tie with it)."""
+
 LOWER_IS_BETTER = frozenset({Metric.EVAL_LOSS, Metric.PERPLEXITY, Metric.OUT_OF_LABELS})
 
 

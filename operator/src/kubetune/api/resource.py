@@ -63,8 +63,9 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("int", "str", "literal['Auto']", "constrained-int"):
-            # pydantic names the union member it tried; the user only cares about the field.
+        elif part in ("int", "str", "literal['Auto']", "constrained-int", "[key]"):
+            # pydantic names the union member it tried, or `[key]` for a map's bad key; the
+            # user only cares about the field.
             continue
         else:
             path += f".{part}" if path else str(part)

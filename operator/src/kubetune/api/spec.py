@@ -11,9 +11,9 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from kubetune.api.metrics import Metric, Task
+from kubetune.api.metrics import COMPARED_METRIC, TASK_METRICS, Metric, Task
 from kubetune.api.names import (
     DNS1123_SUBDOMAIN,
     DNS1123_SUBDOMAIN_MAX,
@@ -494,18 +494,38 @@ class Device(StrEnum):
     CUDA = "CUDA"
 
 
-class GateSpec(ApiModel):
-    """The evaluation gate: a new model is rolled out only if it passes every set bound."""
+MetricBounds = Annotated[dict[Metric, Decimal], Field(max_length=16)]
+"""Metric name -> bound, a decimal string in the metric's own scale (chrF and BLEU 0-100, the
+shares and F1s 0-1, losses in nats)."""
 
+
+class GateSpec(ApiModel):
+    """The evaluation gate: a new model is rolled out only if it passes every set bound. A
+    bound whose metric was not measured fails: a gate the user asked for never passes
+    silently."""
+
+    min_bounds: MetricBounds | None = Field(None, alias="min")
+    """Lower bounds on the fine-tuned model's validation metrics, e.g. `{chrF: "55"}`; each
+    key must be one of `spec.evaluation.task`'s metrics (see `spec.evaluation.metrics`)."""
+    max_bounds: MetricBounds | None = Field(None, alias="max")
+    """Upper bounds, e.g. `{evalLoss: "1.2"}` or `{outOfLabels: "0.02"}`; keys as `min`."""
     max_eval_loss: Decimal | None = None
-    """The new model's validation loss must be at most this."""
+    """The new model's validation loss must be at most this (the same as `max: {evalLoss:
+    ...}`, which every task has)."""
     min_accuracy: Decimal | None = None
-    """The new model's exact-match accuracy on the validation answers must be at least this
-    (0-1)."""
+    """The new model's exact-match accuracy on the validation answers (the answer equals the
+    reference once whitespace and code fences are normalised) must be at least this (0-1),
+    whatever the task; for a `Classification` job's label accuracy use `min: {accuracy:
+    ...}`."""
     must_beat_base: bool = True
-    """The new model's validation loss must be below the base model's."""
+    """The new model must be better than the base model on the task's primary metric
+    (`Classification`: macroF1, `Extraction`: tokenF1, `Translation`: chrF, `Summarization`:
+    rougeL, `Chat`: evalLoss). `Generation` keeps comparing the validation loss, as before
+    tasks existed: a base model's exact match is often 0, which any model ties."""
     must_beat_serving: bool = False
-    """The new model's validation loss must be below that of the model serving now."""
+    """The new model must be better than the model serving now on the same metric as
+    `mustBeatBase` (holds when nothing serves yet, or when the serving model has no score on
+    that metric, e.g. it was judged under another task: the gate's message says so)."""
 
     rules = (
         Rule(
@@ -594,6 +614,10 @@ class ServingSpec(ApiModel):
     )
 
 
+HTTP_URL_PATTERN = "^https?://[^/?# ]+([/?#].*)?$"
+"""An http(s) URL with a host: what an OpenAI client can be pointed at."""
+
+
 class JudgeSpec(ApiModel):
     """An LLM judge reached through an OpenAI-compatible chat completions endpoint. It
     compares the base and the fine-tuned model's answers to each validation prompt in both
@@ -612,6 +636,45 @@ class JudgeSpec(ApiModel):
     """What makes one answer better than another, in the judge's prompt (a general rubric
     when unset)."""
 
+    rules = (
+        Rule(
+            cel=f"self.endpoint.matches('{HTTP_URL_PATTERN}')",
+            message="evaluation.judge.endpoint must be an http:// or https:// URL with a host, "
+            "e.g. https://judge.example/v1",
+            check=lambda j: re.match(HTTP_URL_PATTERN, j.endpoint) is not None,
+            field_path=".endpoint",
+        ),
+    )
+
+
+def _task_metrics_cel(task: str) -> str:
+    """CEL for the list of metrics the task `task` (a CEL string expression) has."""
+    table = ", ".join(
+        f"'{name.value}': [{', '.join(repr(m.value) for m in metrics)}]"
+        for name, metrics in TASK_METRICS.items()
+    )
+    return f"{{{table}}}[{task}]"
+
+
+def _compared_cel(task: str) -> str:
+    """CEL for the metric the gate compares for the task `task` (a CEL string expression)."""
+    table = ", ".join(f"'{name.value}': '{metric.value}'"
+                      for name, metric in COMPARED_METRIC.items())
+    return f"{{{table}}}[{task}]"
+
+
+TASK_METRICS_LISTED = "; ".join(
+    f"{task.value}: {', '.join(metrics)}" for task, metrics in TASK_METRICS.items()
+)
+"""Each task's metrics, for the messages of the rules that refuse another."""
+
+Labels = Annotated[
+    list[ShortString],
+    # A set: the API server refuses a repeated label itself (a CEL uniqueness check over 256
+    # labels would cost more than a rule may).
+    Field(max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"}),
+]
+
 
 class EvaluationSpec(ApiModel):
     """How the fine-tuned model is judged: the task, and the metrics its users trust."""
@@ -619,13 +682,98 @@ class EvaluationSpec(ApiModel):
     task: Task = Task.GENERATION
     """`Generation` (exact match and loss), `Classification`, `Extraction`, `Translation`,
     `Summarization` or `Chat`."""
-    labels: Annotated[list[ShortString], Field(max_length=256)] | None = None
-    """`Classification`: the labels an answer may be; any other answer counts as wrong and is
-    counted apart (`outOfLabels`)."""
+    labels: Labels | None = None
+    """`Classification` (required there, at least 2, each once): the labels an answer may
+    be; any other answer counts as wrong and is counted apart (`outOfLabels`)."""
     metrics: Annotated[list[Metric], Field(max_length=16)] | None = None
-    """The metrics to report (each must be one of the task's); all of the task's when unset."""
+    """The metrics to report (each must be one of the task's, and the one the gate compares
+    must be among them: evalLoss for Generation and Chat, else the primary metric); all of
+    the task's when unset.
+    Generation: exactMatch, evalLoss, perplexity. Classification: accuracy, macroF1,
+    outOfLabels, evalLoss, perplexity. Extraction: exactMatch, tokenF1, fieldPrecision,
+    fieldRecall, evalLoss, perplexity. Translation: chrF, bleu, evalLoss, perplexity.
+    Summarization: rougeL, evalLoss, perplexity. Chat: evalLoss, perplexity, judgeWinRate
+    (with a judge)."""
     judge: JudgeSpec | None = None
     """An LLM judge of base vs fine-tuned answers (reports `judgeWinRate`)."""
+
+    rules = (
+        Rule(
+            cel="!has(self.labels) || self.task == 'Classification'",
+            message="evaluation.labels apply only to task Classification",
+            check=lambda e: e.labels is None or e.task is Task.CLASSIFICATION,
+            field_path=".labels",
+        ),
+        Rule(
+            cel="self.task != 'Classification' || (has(self.labels) && size(self.labels) >= 2)",
+            message="evaluation task Classification needs labels: at least 2, each once",
+            check=lambda e: e.task is not Task.CLASSIFICATION or len(e.labels or ()) >= 2,
+            field_path=".labels",
+        ),
+        Rule(
+            cel=f"!has(self.metrics) || self.metrics.all(m, m in {_task_metrics_cel('self.task')})",
+            message="each of evaluation.metrics must be one of the task's metrics: "
+            + TASK_METRICS_LISTED,
+            check=lambda e: all(m in TASK_METRICS[e.task] for m in e.metrics or ()),
+            field_path=".metrics",
+        ),
+        Rule(
+            cel=f"!has(self.metrics) || {_compared_cel('self.task')} in self.metrics",
+            message="evaluation.metrics, when set, must include the metric the gate's "
+            "mustBeatBase and mustBeatServing compare: "
+            + ", ".join(f"{task.value}: {metric}" for task, metric in COMPARED_METRIC.items()),
+            check=lambda e: e.metrics is None or COMPARED_METRIC[e.task] in e.metrics,
+            field_path=".metrics",
+        ),
+        Rule(
+            cel="!has(self.metrics) || !('judgeWinRate' in self.metrics) || has(self.judge)",
+            message="evaluation.metrics judgeWinRate needs evaluation.judge",
+            check=lambda e: Metric.JUDGE_WIN_RATE not in (e.metrics or ()) or e.judge is not None,
+            field_path=".metrics",
+        ),
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_once(cls, labels: list[str] | None) -> list[str] | None:
+        """The Python twin of the CRD's list-type set."""
+        repeated = sorted({label for label in labels or () if (labels or []).count(label) > 1})
+        if repeated:
+            raise ValueError(f"each label must appear once; repeated: {', '.join(repeated)}")
+        return labels
+
+
+def _gate_keys_rule(bounds: Literal["min", "max"]) -> Rule:
+    """`serving.gate.<bounds>` may bound only the job's task's metrics (judgeWinRate only with a
+    judge): a bound on a metric the trainer never measures could never pass."""
+    task = (
+        "(has(self.evaluation) && has(self.evaluation.task) ? self.evaluation.task : "
+        "'Generation')"
+    )
+    keys = f"self.serving.gate.{bounds}"
+    judged = "has(self.evaluation) && has(self.evaluation.judge)"
+    cel = (
+        f"!has(self.serving) || !has(self.serving.gate) || !has({keys}) || "
+        f"{keys}.all(k, k in {_task_metrics_cel(task)} && (k != 'judgeWinRate' || {judged}))"
+    )
+
+    def check(spec: FineTuneJobSpec) -> bool:
+        gate = spec.serving.gate
+        keys = (gate.min_bounds if bounds == "min" else gate.max_bounds) if gate else None
+        allowed = TASK_METRICS[spec.evaluation.task]
+        return all(
+            key in allowed and (key is not Metric.JUDGE_WIN_RATE or spec.evaluation.judge)
+            for key in keys or {}
+        )
+
+    return Rule(
+        cel=cel,
+        message=f"serving.gate.{bounds} may bound only the metrics of spec.evaluation.task "
+        "(judgeWinRate only with evaluation.judge): "
+        + TASK_METRICS_LISTED,
+        check=check,
+        field_path=f".serving.gate.{bounds}",
+    )
 
 
 class FineTuneJobSpec(ApiModel):
@@ -669,6 +817,8 @@ class FineTuneJobSpec(ApiModel):
             check=lambda s: s.method != Method.FULL or s.lora is None,
             field_path=".lora",
         ),
+        _gate_keys_rule("min"),
+        _gate_keys_rule("max"),
     )
 
     @property

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from kubetune.api.metrics import Metric, Task
 from kubetune.api.rules import ApiModel
 
 ShortString = Annotated[str, Field(max_length=1024)]
@@ -145,6 +146,36 @@ class ArtifactsStatus(ApiModel):
     """The ONNX Runtime GenAI model directory."""
 
 
+class MetricStatus(ApiModel):
+    """One metric of the task, base and fine-tuned side by side (decimal strings, in the
+    metric's own scale: chrF and BLEU 0-100, shares and F1s 0-1, losses in nats)."""
+
+    name: Metric
+    """The metric (`spec.serving.gate.min`'s keys)."""
+    base: ShortString | None = None
+    """The base model's value on the validation records."""
+    fine_tuned: ShortString | None = None
+    """The fine-tuned model's value on the same records."""
+    serving: ShortString | None = None
+    """The value of the model serving now, while it is another generation than the one
+    exported (the model `mustBeatServing` compares with)."""
+
+
+class LabelF1Status(ApiModel):
+    """`Classification`: one label's F1, base and fine-tuned."""
+
+    label: ShortString
+    """The label."""
+    base: ShortString | None = None
+    """The base model's F1 on this label."""
+    fine_tuned: ShortString | None = None
+    """The fine-tuned model's F1 on this label."""
+
+
+PER_LABEL_F1_LIMIT = 64
+"""Labels beyond which status leaves per-label F1 out (`report.json` keeps it)."""
+
+
 class EvaluationStatus(ApiModel):
     """Evaluation of the newest generation and the gate's verdict."""
 
@@ -158,6 +189,14 @@ class EvaluationStatus(ApiModel):
     """Exact-match accuracy of the base model's greedy answers."""
     accuracy: ShortString | None = None
     """Exact-match accuracy of the fine-tuned model's greedy answers."""
+    task: Task | None = None
+    """The evaluation task (`spec.evaluation.task`) the metrics are of."""
+    metrics: Annotated[list[MetricStatus], Field(max_length=16)] | None = None
+    """The task's measured metrics: base, fine-tuned and the serving model's."""
+    per_label_f1: Annotated[
+        list[LabelF1Status], Field(max_length=PER_LABEL_F1_LIMIT)
+    ] | None = None
+    """`Classification` with at most 64 labels: each label's F1, base and fine-tuned."""
     exported_weights: ShortString | None = None
     """What the export built: INT4, INT4-GPTQ, INT8, FP16 or FP32 (with `precision: Auto`,
     what it chose)."""

@@ -30,6 +30,9 @@ ANNOTATION_TRAINING_HASH = "kubetune.io/training-hash"
 """sha256 of the training-relevant spec: a different one starts a new generation."""
 ANNOTATION_MODEL_GENERATION = "kubetune.io/model-generation"
 ANNOTATION_MODEL_EVAL_LOSS = "kubetune.io/model-eval-loss"
+ANNOTATION_MODEL_METRICS = "kubetune.io/model-metrics"
+"""JSON `{metric: value}`: the served model's validation metrics, on the Deployment beside its
+eval loss, so `mustBeatServing` compares a new model with it on the task's primary metric."""
 ANNOTATION_SUSPEND_REQUESTED = "kubetune.io/suspend-requested"
 ANNOTATION_POD_METADATA = "kubetune.io/pod-metadata"
 """JSON `{"train"|"export"|"serve": {"labels": {...}, "annotations": {...}}}` copied onto the

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.api.dataplane import API_KEY_ENV
+from kubetune.api.metrics import MetricScores
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import (
@@ -130,9 +132,12 @@ def serving_deployment(
     model_eval_loss: str | None,
     spec: FineTuneJobSpec,
     config: OperatorConfig,
+    model_scores: MetricScores | None = None,
 ) -> Manifest:
     """The model generation sits in the pod template, so a new one rolls the Deployment;
-    `maxUnavailable: 0` keeps the old pods answering until the new ones are Ready."""
+    `maxUnavailable: 0` keeps the old pods answering until the new ones are Ready. The
+    model's eval loss and metrics (`model_scores`) sit in the Deployment's own annotations
+    (changing them rolls nothing), for the gate of the next generation."""
     name = naming.serving_name(owner.name)
     resources = spec.serving.resources
     cpu, memory = (resources.cpu, resources.memory) if resources else ("2", "4Gi")
@@ -191,6 +196,11 @@ def serving_deployment(
     annotations = {naming.ANNOTATION_MODEL_GENERATION: str(model_generation)}
     if model_eval_loss is not None:
         annotations[naming.ANNOTATION_MODEL_EVAL_LOSS] = model_eval_loss
+    if model_scores is not None and model_scores.values:
+        annotations[naming.ANNOTATION_MODEL_METRICS] = json.dumps(
+            {str(metric): value for metric, value in sorted(model_scores.values.items())},
+            separators=(",", ":"),
+        )
     return with_hash(
         {
             "apiVersion": "apps/v1",

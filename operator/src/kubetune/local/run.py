@@ -172,7 +172,8 @@ def execute(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> int:
 
     from kubetune.reconcile.gate import evaluate_gate
 
-    passed, message = evaluate_gate(spec.serving.gate, report, None)
+    # Nothing serves before `kubetune run` does: mustBeatServing has no model to beat.
+    passed, message = evaluate_gate(spec.serving.gate, spec.evaluation.task, report, None)
     report.gate = GateVerdict(passed=passed, message=message)
     write_report(run_dir, report)
     print(f"Evaluation gate: {message}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from kubetune.api import ConditionType, FineTuneJobSpec, Phase, PlanStatus
 from kubetune.api.dataplane import ExportReport, TrainingReport
+from kubetune.api.metrics import Metric, MetricScores
 from kubetune.api.status import TrainingStatus
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
@@ -43,7 +44,7 @@ from kubetune.reconcile.children import (
     training_generation,
 )
 from kubetune.reconcile.conditions import Cond, Event, merge, phase, transitions
-from kubetune.reconcile.gate import evaluate_gate
+from kubetune.reconcile.gate import evaluate_gate, fine_tuned_scores
 from kubetune.reconcile.readiness import (
     export_condition,
     ready_condition,
@@ -145,6 +146,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     training: RunStatus | None = None
     export: RunStatus | None = None
     gate: tuple[bool, str] | None = None
+    compared: MetricScores | None = None
     report: TrainingReport | None = None
     exported: ExportReport | None = None
     view = serving_view(
@@ -213,20 +215,24 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             )
             exported = export_report(export_pods) if export.state is RunState.SUCCEEDED else None
         if export is not None and export.state is RunState.SUCCEEDED:
-            serving_loss = view.eval_loss if view.template_generation != generation else None
+            # The model serving now, when it is another generation's: the one to beat.
+            if view.exists and view.template_generation != generation:
+                compared = view.scores
             measured = report or TrainingReport()
-            gate = evaluate_gate(spec.serving.gate, measured, _float(serving_loss))
+            gate = evaluate_gate(spec.serving.gate, spec.evaluation.task, measured, compared)
 
     conds[T.EXPORTED] = export_condition(export, serving_enabled)
     model_generation, model_loss = view.template_generation, view.eval_loss
+    model_scores = view.scores
     if gate is not None and gate[0]:
         model_generation = generation
         loss = report.eval_loss if report is not None else None
         model_loss = None if loss is None else str(loss)
+        model_scores = MetricScores(values=fine_tuned_scores(report)) if report else None
     # With an invalid spec the Deployment runs on as it is (see above).
     if valid and spec.serving.enabled and model_generation is not None:
         outcome.apply.append(
-            serving_deployment(owner, model_generation, model_loss, spec, config)
+            serving_deployment(owner, model_generation, model_loss, spec, config, model_scores)
         )
         outcome.apply.append(serving_service(owner))
         if model_generation != view.template_generation:
@@ -268,6 +274,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         view=view,
         endpoint=endpoint,
         previous=previous,
+        compared_scores=compared,
     )
     outcome.status_patch = status_patch(previous, status)
     outcome.events = transitions(previous.get("conditions"), merged)
@@ -305,11 +312,37 @@ def _report(
     }
     # status keeps the numbers as decimal strings; the report model reads them as floats
     numbers = {key: _float(value) for key, value in kept.items()}
+    fine_tuned, base = _kept_scores(evaluation)
     return TrainingReport.model_validate(
         {key: number for key, number in numbers.items() if number is not None}
         | ({"steps": steps} if isinstance(steps, int) and steps >= 0 else {})
-        | {"status": "Succeeded"}
+        | {"status": "Succeeded", "metrics": fine_tuned, "baseMetrics": base}
     )
+
+
+def _kept_scores(evaluation: Mapping[str, Any]) -> tuple[MetricScores | None, MetricScores | None]:
+    """The fine-tuned and the base model's metrics as `status.evaluation` kept them
+    (`metrics`, `perLabelF1`); None for a model it kept none of."""
+    names = {metric.value for metric in Metric}
+    sides: dict[str, MetricScores] = {"fineTuned": MetricScores(), "base": MetricScores()}
+    for row in _rows(evaluation.get("metrics")):
+        for side, scores in sides.items():
+            number = _float(row.get(side))
+            if row.get("name") in names and number is not None:
+                scores.values[Metric(row["name"])] = number
+    for row in _rows(evaluation.get("perLabelF1")):
+        for side, scores in sides.items():
+            number = _float(row.get(side))
+            if isinstance(row.get("label"), str) and number is not None:
+                scores.per_label_f1[row["label"]] = number
+    fine_tuned, base = sides["fineTuned"], sides["base"]
+    return (fine_tuned if fine_tuned.values or fine_tuned.per_label_f1 else None,
+            base if base.values or base.per_label_f1 else None)
+
+
+def _rows(value: Any) -> list[Mapping[str, Any]]:
+    """The objects of a list in status; nothing for what is not one (edited by hand)."""
+    return [row for row in value if isinstance(row, Mapping)] if isinstance(value, list) else []
 
 
 def _float(value: Any) -> float | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +13,12 @@ from pydantic import ValidationError
 
 from kubetune.api import FineTuneJobSpec, PlanStatus
 from kubetune.api.dataplane import ExportReport, TrainingReport
-from kubetune.api.status import TrainingStatus
+from kubetune.api.metrics import TASK_METRICS, Metric, MetricScores, Task
+from kubetune.api.status import PER_LABEL_F1_LIMIT, TrainingStatus
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner
 from kubetune.reconcile.children import controller_of
+from kubetune.reconcile.gate import base_scores, fine_tuned_scores
 from kubetune.reconcile.runs import RunState, RunStatus, serving_trouble
 
 
@@ -25,6 +29,9 @@ class ServingView:
     """The model generation in the Deployment's pod template (what it rolls towards)."""
     eval_loss: str | None = None
     """Eval loss of that model (for `mustBeatServing`)."""
+    scores: MetricScores | None = None
+    """That model's validation metrics (for `mustBeatServing`), its eval loss among them;
+    empty for a model whose Deployment recorded none."""
     available_replicas: int = 0
     ready_replicas: int = 0
     rolled_out: bool = False
@@ -75,16 +82,46 @@ def serving_view(
         and available >= wanted
     )
     before = _int((previous.get("serving") or {}).get("modelGeneration"))
+    annotations = meta.get("annotations") or {}
+    eval_loss = annotations.get(naming.ANNOTATION_MODEL_EVAL_LOSS)
     return ServingView(
         exists=True,
         template_generation=template_generation,
-        eval_loss=(meta.get("annotations") or {}).get(naming.ANNOTATION_MODEL_EVAL_LOSS),
+        eval_loss=eval_loss,
+        scores=served_scores(annotations.get(naming.ANNOTATION_MODEL_METRICS), eval_loss),
         available_replicas=available,
         ready_replicas=int(status.get("readyReplicas") or 0),
         rolled_out=rolled_out,
         serving_generation=template_generation if rolled_out else before,
         trouble=None if rolled_out else serving_trouble(deployment, _replica_pods(pods)),
     )
+
+
+def served_scores(metrics: Any, eval_loss: Any) -> MetricScores:
+    """The served model's metrics from the Deployment's annotations: the metrics annotation
+    (unknown names, which a newer operator may write, and non-numbers skipped), completed by
+    the eval-loss one that Deployments rolled before metrics existed carry alone."""
+    values: dict[Metric, float] = {}
+    try:
+        recorded = json.loads(metrics) if isinstance(metrics, str) else {}
+    except ValueError:
+        recorded = {}
+    for name, value in (recorded.items() if isinstance(recorded, dict) else ()):
+        number = _finite(value)
+        if name in {metric.value for metric in Metric} and number is not None:
+            values[Metric(name)] = number
+    loss = _finite(eval_loss)
+    if loss is not None:
+        values.setdefault(Metric.EVAL_LOSS, loss)
+    return MetricScores(values=values)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _replica_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -184,19 +221,56 @@ def _exported(exported: ExportReport | None, previous: Mapping[str, Any],
     return {name: value for name, value in keys.items() if value is not None}
 
 
+def metrics_status(
+    task: Task, report: TrainingReport, serving: MetricScores | None
+) -> list[dict[str, Any]]:
+    """`status.evaluation.metrics`: each of the task's metrics that a model was measured on,
+    in the task's order, base, fine-tuned and (while another generation serves) the serving
+    model's value side by side."""
+    fine_tuned, base = fine_tuned_scores(report), base_scores(report)
+    served = serving.values if serving is not None else {}
+    rows = []
+    for metric in TASK_METRICS[task]:
+        row = {"name": metric.value, "base": decimal(base.get(metric)),
+               "fineTuned": decimal(fine_tuned.get(metric)),
+               "serving": decimal(served.get(metric))}
+        if row["base"] is not None or row["fineTuned"] is not None:
+            rows.append({key: value for key, value in row.items() if value is not None})
+    return rows
+
+
+def per_label_f1_status(report: TrainingReport) -> list[dict[str, Any]] | None:
+    """`status.evaluation.perLabelF1`: each label's F1, base and fine-tuned; None when there
+    is none or more labels than status keeps."""
+    fine_tuned = report.metrics.per_label_f1 if report.metrics is not None else {}
+    base = report.base_metrics.per_label_f1 if report.base_metrics is not None else {}
+    labels = list(fine_tuned) + [label for label in base if label not in fine_tuned]
+    if not labels or len(labels) > PER_LABEL_F1_LIMIT:
+        return None
+    rows = [{"label": label, "base": decimal(base.get(label)),
+             "fineTuned": decimal(fine_tuned.get(label))} for label in labels]
+    return [{key: value for key, value in row.items() if value is not None} for row in rows]
+
+
 def _evaluation(
-    generation: int, report: TrainingReport | None, gate: tuple[bool, str] | None,
-    exported: dict[str, Any],
+    generation: int, task: Task, report: TrainingReport | None,
+    gate: tuple[bool, str] | None, exported: dict[str, Any], serving: MetricScores | None,
 ) -> dict[str, Any] | None:
     if report is None:
         return None
-    evaluation: dict[str, Any] = {"generation": generation, **exported}
+    evaluation: dict[str, Any] = {"generation": generation, "task": task.value, **exported}
     measured = {"evalLoss": report.eval_loss, "baseEvalLoss": report.base_eval_loss,
                 "accuracy": report.accuracy, "baseAccuracy": report.base_accuracy}
     for key, number in measured.items():
         value = decimal(number)
         if value is not None:
             evaluation[key] = value
+    metrics = metrics_status(task, report, serving)
+    if metrics:
+        evaluation["metrics"] = metrics
+    per_label = per_label_f1_status(report)
+    if per_label:
+        evaluation["perLabelF1"] = per_label
     if gate is not None:
         evaluation["passed"], evaluation["message"] = gate
     return evaluation
@@ -220,12 +294,15 @@ def build_status(
     view: ServingView,
     endpoint: str,
     previous: Mapping[str, Any],
+    compared_scores: MetricScores | None = None,
 ) -> dict[str, Any]:
     """The status keys reconcile owns, each exactly as this pass observed it (a key missing
     here is left as it is; a None is removed). Within a key nothing is kept from before but
     what this training generation measured: `status_patch` removes the rest.
     `training_record` None leaves `status.training` as it is. `serving_enabled`: whether a
-    Deployment is wanted or, with an invalid spec, left running."""
+    Deployment is wanted or, with an invalid spec, left running. `compared_scores`: the
+    metrics of the model serving now, when it is another generation (what
+    `mustBeatServing` compares with)."""
     trained = training is not None and training.state is RunState.SUCCEEDED
     exported = any(c["type"] == "Exported" and c["status"] == "True" for c in conditions)
     status: dict[str, Any] = {
@@ -240,8 +317,9 @@ def build_status(
     progress = _progress(training, training_generation, previous)
     if progress is not ...:
         status["progress"] = progress
-    evaluation = _evaluation(training_generation, report, gate,
-                             _exported(export_result, previous, training_generation))
+    evaluation = _evaluation(training_generation, spec.evaluation.task, report, gate,
+                             _exported(export_result, previous, training_generation),
+                             compared_scores)
     if evaluation is not None:
         status["evaluation"] = evaluation
     elif (previous.get("evaluation") or {}).get("generation") != training_generation:

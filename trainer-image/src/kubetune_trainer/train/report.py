@@ -35,20 +35,39 @@ TERMINATION_LIMIT = 4096
 SHORT_FIELDS = {
     "status", "error", "steps", "total_steps", "train_loss", "eval_loss", "base_eval_loss",
     "accuracy", "base_accuracy", "tokens_per_second", "truncated_records", "adapter", "merged",
-    "plan_mismatch",
+    "plan_mismatch", "task", "metrics", "base_metrics",
 }
+SCORE_EXTRAS = ("perLabelF1", "signatures")
+"""What the short form drops from each model's scores, in this order, when it does not fit:
+per-label F1 (up to 256 labels) and the libraries' signatures; `report.json` keeps them, and
+the metric values, which the gate reads, always stay."""
+CUT_TEXTS = (("planMismatch", 400), ("error", 0), ("planMismatch", 0))
+"""Free texts the short form cuts when it still does not fit, in this order, each down to no
+fewer characters than given: the plan mismatch, a note, first to 400, then the error."""
+
+
+def _size(short: dict[str, Any]) -> int:
+    return len(json.dumps(short, separators=(",", ":")).encode())
 
 
 def short_form(report: TrainingReport) -> str:
     """The termination message: the keys the operator reads, cut to fit 4096 bytes."""
     short = report.model_dump(by_alias=True, mode="json", include=SHORT_FIELDS)
-    text = json.dumps(short, separators=(",", ":"))
-    if len(text.encode()) > TERMINATION_LIMIT:
-        error = str(short.get("error") or "")
-        overflow = len(text.encode()) - TERMINATION_LIMIT + 16
-        short["error"] = error[: max(0, len(error) - overflow)] + "..."
-        text = json.dumps(short, separators=(",", ":"))
-    return text
+    for extra in SCORE_EXTRAS:
+        if _size(short) <= TERMINATION_LIMIT:
+            break
+        for scores in (short.get("metrics"), short.get("baseMetrics")):
+            if scores:
+                scores.pop(extra, None)
+    for key, floor in CUT_TEXTS:
+        text = str(short.get(key) or "")
+        while len(text) > floor and _size(short) > TERMINATION_LIMIT:
+            # Each character is at least a byte (JSON escapes make some longer), so cutting
+            # the overflow's count, and the "..." it gains, converges in a pass or two.
+            overflow = _size(short) - TERMINATION_LIMIT
+            text = text[: max(floor, len(text) - overflow - 3)]
+            short[key] = text + "..."
+    return json.dumps(short, separators=(",", ":"))
 
 
 def write_final(output: Path, report: TrainingReport) -> None:

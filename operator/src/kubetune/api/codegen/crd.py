@@ -96,6 +96,8 @@ class _Converter:
                 continue
             elif key == "description":
                 out[key] = " ".join(value.split())  # docstrings wrap; the CRD wants one line
+            elif key == "propertyNames":
+                out.setdefault("x-kubernetes-validations", []).append(self._key_rule(value))
             else:
                 out[key] = value
         if node.get("type") == "object" and "properties" not in node:
@@ -105,6 +107,18 @@ class _Converter:
         if node.get("type") == "object" and title in self.rules and "properties" in node:
             out["x-kubernetes-validations"] = self.rules[title]
         return out
+
+    def _key_rule(self, names: Schema) -> dict[str, str]:
+        """A map keyed by an enum (`dict[Metric, ...]`): a structural schema has no
+        `propertyNames`, so the keys are checked by a CEL rule on the map."""
+        if "$ref" in names:
+            names = self.defs[names["$ref"].split("/")[-1]]
+        allowed = names.get("enum")
+        if not allowed:
+            raise ValueError(f"cannot express propertyNames {names} in a structural schema")
+        listed = ", ".join(f"'{name}'" for name in allowed)
+        return {"rule": f"self.all(key, key in [{listed}])",
+                "message": f"keys must be one of {', '.join(allowed)}"}
 
     def _any_of(self, node: Schema) -> Schema:
         options = [option for option in node["anyOf"] if option.get("type") != "null"]
