@@ -189,8 +189,6 @@ class ServingStatus(ApiModel):
     """Inference pods that are Ready."""
     pool: ShortString | None = None
     """The pool (`spec.serving.share`) whose shared Deployment serves this job's adapter."""
-    adapter_loaded: bool | None = None
-    """Whether every Ready replica of the pool has loaded this job's current adapter."""
     not_shared_reason: Message | None = None
     """Why a job that names a pool is served on its own Deployment, or why the pool refused its
     adapter (the server's own message)."""
