@@ -123,7 +123,7 @@ class FlakyController:
     def __init__(self) -> None:
         self.passes: list[str] = []
 
-    async def reconcile(self, body: dict[str, Any], children: list[Any]) -> None:
+    async def reconcile(self, body: dict[str, Any], children: list[Any], *pool: Any) -> None:
         self.passes.append(body["metadata"]["resourceVersion"])
         if len(self.passes) == 1:
             raise RetryLater("PATCH jobs: HTTP 429")
