@@ -268,3 +268,25 @@ def test_a_member_that_had_a_deployment_of_its_own_drops_it() -> None:
     outcome = _observe(job, [*_trained(job), own], [job])
     assert {(c.kind, c.name) for c in outcome.delete} >= {
         ("Deployment", "a-server"), ("Service", "a-server")}
+
+
+def test_a_peer_newer_in_the_applied_set_than_in_its_status_is_not_taken_back_out() -> None:
+    """b's own pass put its generation 3 in the set; its status still says 2 when a's pass
+    runs: a applies generation 3 (going back to 2 would unload b's new adapter)."""
+    job = member("a")
+    peer = member("b", status=published(2))
+    children, pool_children = _pool_world(job, [peer, job])
+    config_map = as_observed(_named(_observe(job, children, [peer, job], pool_children),
+                                    "ConfigMap", "team-pool-adapters"))
+    config_map["data"]["adapters.json"] = json.dumps({"adapters": [
+        {"name": "b", "path": "/adapters/b/gen-3"}]})
+    outcome = _observe(job, children, [peer, job], [*pool_children, config_map])
+    assert outcome.pool is not None
+    assert [(a.name, a.path) for a in outcome.pool.adapters.adapters] == [
+        ("a", "/adapters/a/gen-1"), ("b", "/adapters/b/gen-3")]
+    # Its status catching up changes nothing; a deleted peer is simply no member.
+    later = _observe(job, children, [member("b", status=published(3)), job],
+                     [*pool_children, config_map])
+    assert later.pool == outcome.pool
+    alone = _observe(job, children, [job], [*pool_children, config_map])
+    assert alone.pool is not None and [a.name for a in alone.pool.adapters.adapters] == ["a"]

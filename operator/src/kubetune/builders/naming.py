@@ -44,7 +44,10 @@ COMPONENT_SERVER = "server"
 COMPONENT_STORAGE = "storage"
 COMPONENT_CONFIG = "run-config"
 COMPONENT_RENDEZVOUS = "rendezvous"
-COMPONENT_POOL_SERVER = "pool-server"
+COMPONENT_POOL_SERVER = COMPONENT_SERVER
+"""A pool's server is an inference server like any other (the chart's serving NetworkPolicy
+selects it by this component); its `kubetune.io/pool` label, and no `kubetune.io/job`, tell
+it apart from a job's own."""
 COMPONENT_POOL_ADAPTERS = "pool-adapters"
 COMPONENT_POOL_STORAGE = "pool-storage"
 COMPONENT_POOL_BASE = "pool-base-export"
@@ -146,6 +149,12 @@ def pool_adapter_path(job: str, generation: int) -> str:
 def served_adapter_path(job: str, generation: int) -> str:
     """The same adapter as the pool server sees it (`POOL_ADAPTERS_MOUNT`)."""
     return f"{POOL_ADAPTERS_MOUNT}/{job}/gen-{generation}"
+
+
+def adapter_generation(served_path: str) -> int | None:
+    """The generation of a `served_adapter_path`, or None for another path."""
+    _, _, last = served_path.rpartition("/gen-")
+    return int(last) if last.isdigit() and served_path.startswith(POOL_ADAPTERS_MOUNT) else None
 
 
 def run_path(job: str, generation: int) -> str:

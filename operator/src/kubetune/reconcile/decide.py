@@ -46,7 +46,7 @@ from kubetune.reconcile.children import (
 )
 from kubetune.reconcile.conditions import Cond, Event, merge, phase, transitions
 from kubetune.reconcile.gate import evaluate_gate
-from kubetune.reconcile.pool import Pool, pools_of
+from kubetune.reconcile.pool import Pool, applied_generations, pools_of
 from kubetune.reconcile.readiness import (
     export_condition,
     ready_condition,
@@ -371,10 +371,18 @@ def _apply_pool(
 ) -> PoolTarget:
     """The pool's objects as this member sees them, with its own model generation as this
     pass decided it (its status may not say so yet)."""
+    # Another member's generation is the newer of its status and the set as applied: its own
+    # pass may have put a new generation in the set before its status says so, and this pass
+    # must not take it back out (the replicas would unload it until that pass ran again).
+    applied_set = applied_generations(
+        named(of_component(obs.pool_children, "ConfigMap", naming.COMPONENT_POOL_ADAPTERS),
+              naming.pool_config_map_name(pool.name))
+    )
     members = tuple(
         dataclasses.replace(member, published_generation=model_generation)
         if member.name == name
-        else member
+        else dataclasses.replace(member, published_generation=_newer(
+            member.published_generation, applied_set.get(naming.served_model_name(member.name))))
         for member in pool.members
     )
     pool = dataclasses.replace(pool, members=members)
@@ -394,6 +402,10 @@ def _apply_pool(
     adapters = pool.adapter_set()
     outcome.apply += pool_objects(owners, pool.founder.spec, adapters, config, base_exported)
     return PoolTarget(pool.name, adapters)
+
+
+def _newer(first: int | None, second: int | None) -> int | None:
+    return max((g for g in (first, second) if g is not None), default=None)
 
 
 def _report(

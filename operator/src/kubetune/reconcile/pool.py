@@ -201,6 +201,21 @@ def pools_of(bodies: Sequence[Mapping[str, Any]]) -> Pools:
     return form_pools(jobs)
 
 
+def applied_generations(config_map: Mapping[str, Any] | None) -> dict[str, int]:
+    """Adapter name -> generation, as the pool's ConfigMap lists them (what the last pass of
+    any member applied); {} when there is none or it cannot be read."""
+    text = ((config_map or {}).get("data") or {}).get(naming.ADAPTER_SET_KEY)
+    adapters = AdapterSet.parse(text)
+    if adapters is None:
+        return {}
+    found = {}
+    for adapter in adapters.adapters:
+        generation = naming.adapter_generation(adapter.path)
+        if generation is not None:
+            found[adapter.name] = generation
+    return found
+
+
 # ---------------------------------------------------------------- the adapter calls
 
 
@@ -249,6 +264,9 @@ class AdapterRefusal:
     pod: str
     name: str
     message: str
+    path: str = ""
+    """The adapter path refused (the same files are not offered again; a new generation
+    is)."""
 
 
 def refusal_message(refusals: Sequence[AdapterRefusal], job: str) -> str | None:
