@@ -200,6 +200,18 @@ def test_a_trained_member_publishes_its_adapter_instead_of_exporting() -> None:
     assert outcome.pool is not None and outcome.pool.adapters.adapters == []
 
 
+def test_a_member_that_passed_its_gate_waits_for_the_pools_base_export() -> None:
+    job = member("a")
+    children = _trained(job)
+    publish = _named(_observe(job, children), "Job", "a-g1-publish")
+    children.append(as_observed(publish, job_status("Complete", succeeded=1)))
+    outcome = _observe(job, children, [job])
+    serving = condition(outcome, "Serving")
+    assert (serving["status"], serving["reason"]) == ("Unknown", "Deploying")
+    assert "team-pool-base-export" in serving["message"]
+    assert outcome.pool is not None and [a.name for a in outcome.pool.adapters.adapters] == ["a"]
+
+
 def _pool_world(job: dict[str, Any], peers: list[dict[str, Any]]) -> tuple[
         list[dict[str, Any]], list[dict[str, Any]]]:
     """`job` trained and published, the pool's base exported, its Deployment available."""

@@ -292,6 +292,13 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         serving_condition(view, serving_enabled, endpoint),
         attach_failure(of_component(obs.children, "Pod", naming.COMPONENT_SERVER), obs.events),
     )
+    if pool is not None and model_generation is not None and not view.exists:
+        # Its adapter is in the set; the pool's server starts once the base is exported.
+        conds[T.SERVING] = Cond(
+            T.SERVING, "Unknown", "Deploying",
+            f"pool {pool.name}'s server starts once its base is exported "
+            f"({naming.pool_base_export_job_name(pool.name)})",
+        )
     conds.update(refusal_conditions(outcome.apply, obs.refused))
     conds[T.READY] = ready_condition(conds, generation, serving_enabled, gate, view)
     if pool is not None and obs.adapter_refusal is not None:
