@@ -10,8 +10,10 @@ from typing import Any
 
 from aiohttp import web
 
+from kubetune.api import FineTuneJobSpec
 from kubetune.api.dataplane import AdapterSet, ServedAdapter
 from kubetune.operator.adapters import AdapterSync, Replica, ready_replicas
+from tests.unit.operator_fixtures import spec_dict
 
 
 class FakeReplica:
@@ -170,3 +172,57 @@ def test_only_ready_pods_with_an_ip_are_replicas() -> None:
             pool_pod("c", "False", "10.0.0.3"), pool_pod("d", "True", None)]
     assert ready_replicas(pods) == [Replica("a", "uid-a", "http://10.0.0.1:8000"),
                                     Replica("b", "uid-b", "http://10.0.0.2:8000")]
+
+
+def test_the_controller_reports_a_refusal_to_its_job_and_revisits_the_others(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A member's pass loads the set on the pool's Ready pods (found by their pod IP, here the
+    loopback server): its own adapter's refusal is what its status gets; another member's
+    refusal schedules that member's pass (`revisit`)."""
+    import yaml
+
+    from kubetune.builders import naming
+    from kubetune.operator.client import KubeClient
+    from kubetune.operator.controller import Controller
+    from kubetune.reconcile.decide import Outcome, PoolTarget
+    from tests.unit.operator_fixtures import CONFIG
+
+    async def scenario() -> None:
+        fake = FakeReplica()
+        runner, address = await _serve(fake)
+        monkeypatch.setattr(naming, "SERVING_PORT", int(address.rsplit(":", 1)[1]))
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({  # no request reaches it in this test
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "x"}))
+        client = KubeClient.connect(str(kubeconfig))
+        controller = Controller(client, CONFIG)
+        pool_pod = {"kind": "Pod", "metadata": {
+            "name": "team-pool-1", "uid": "p1",
+            "labels": {"app.kubernetes.io/component": "server", "kubetune.io/pool": "team"}},
+            "status": {"podIP": "127.0.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]}}
+        target = PoolTarget("team", _set(a="/adapters/a/gen-1", d="/adapters/d/bad-1"))
+        try:
+            mine = await controller._drive_adapters(("ns", "a"), Outcome(pool=target),
+                                                    [pool_pod])
+            assert mine is None and fake.adapters == {"a": "/adapters/a/gen-1"}
+            assert controller.revisit() == [("ns", "d")] and controller.revisit() == []
+            # d's own pass: its status gets the server's reason.
+            theirs = await controller._drive_adapters(("ns", "d"), Outcome(pool=target),
+                                                      [pool_pod])
+            assert theirs is not None and "DoRA cannot be served" in theirs
+            assert controller._adapter_refusal(
+                ("ns", "d"),
+                FineTuneJobSpec.model_validate(
+                    spec_dict(serving={"share": "team"}))) == theirs
+        finally:
+            await controller.adapters.client.close()
+            await client.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())

@@ -89,6 +89,7 @@ class Controller:
         self._last_pass: dict[Key, float] = {}
         self.adapters = AdapterSync()
         """What each shared pool's replicas have loaded; the HTTP calls that change it."""
+        self._revisit: set[Key] = set()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -159,9 +160,22 @@ class Controller:
         if target is None:
             return None
         pods = of_component(pool_children, "Pod", naming.COMPONENT_POOL_SERVER)
+        before = self.adapters.refusals(key[0], target.pool)
         refusals = await self.adapters.sync(key[0], target.pool, target.adapters,
                                             ready_replicas(pods))
+        # Another member's adapter refused (or no longer refused) by this pass's loads: its
+        # status says so on its own pass, which the caller schedules.
+        for adapter in {r.name for r in before} ^ {r.name for r in refusals}:
+            if adapter != key[1]:
+                self._revisit.add((key[0], adapter))
         return refusal_message(refusals, key[1])
+
+    def revisit(self) -> list[Key]:
+        """The pool members whose adapter's refusal changed in another member's pass (each
+        returned once): their status is behind until they are reconciled."""
+        keys = sorted(self._revisit)
+        self._revisit.clear()
+        return keys
 
     async def _reconcile(
         self,

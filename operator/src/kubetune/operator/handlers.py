@@ -77,6 +77,8 @@ async def reconcile_pass(
     pool_children = children_of(pool_key(key[0], share), indexes) if share else []
     try:
         await controller.reconcile(body, children_of(key, indexes), peers, pool_children)
+        for member in controller.revisit():
+            retry_later(memo, member)
     except Exception as error:
         if not leading(memo):
             # The Lease was lost during the pass: the client refused its writes (NotLeading).
