@@ -30,7 +30,9 @@ def _export(root: Path, *, ok: bool = True) -> Path:
     return export
 
 
-def _copy(source: Path, dest: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], str]:
+def _copy(
+    source: Path, dest: Path, tmp_path: Path, *flags: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
     message = tmp_path / "termination-log"
     env = {
         **os.environ,
@@ -39,7 +41,7 @@ def _copy(source: Path, dest: Path, tmp_path: Path) -> tuple[subprocess.Complete
     }
     done = subprocess.run(
         [sys.executable, "-m", "kubetune_trainer", "copy-model",
-         "--source", str(source), "--dest", str(dest)],
+         *flags, "--source", str(source), "--dest", str(dest)],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     return done, message.read_text() if message.exists() else ""
@@ -146,3 +148,30 @@ def test_the_copy_never_changes_the_destination_root(tmp_path: Path,
     files, size = module.copy_model(source, dest)
     assert files == 3 and size == 10 + 1 + len('{"ok": true}')
     assert (dest / "sub" / "part").read_bytes() == b"y"
+
+
+def test_adapter_copies_a_peft_adapter_onto_the_pool_claim(tmp_path: Path) -> None:
+    """A pool member's publish Job: `adapter/` of its generation to `adapters/<job>/gen-N`
+    (a directory that does not exist yet on the pool claim)."""
+    source = tmp_path / "claim" / "demo" / "gen-2" / "adapter"
+    source.mkdir(parents=True)
+    (source / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (source / "adapter_model.safetensors").write_bytes(os.urandom(50_000))
+    dest = tmp_path / "pool" / "adapters" / "demo" / "gen-2"
+
+    done, _ = _copy(source, dest, tmp_path, "--adapter")
+
+    assert done.returncode == 0, done.stderr
+    assert _tree(dest) == _tree(source)
+
+
+def test_adapter_without_its_config_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """An export (or an empty directory) is no adapter: exit 2 and the reason, nothing copied."""
+    source = _export(tmp_path / "claim" / "demo" / "gen-1")
+    dest = tmp_path / "pool" / "adapters" / "demo" / "gen-1"
+
+    done, message = _copy(source, dest, tmp_path, "--adapter")
+
+    assert done.returncode == 2
+    assert "adapter_config.json is missing" in message
+    assert not dest.exists()

@@ -17,6 +17,8 @@ from typing import Any
 from kubetune.api import FineTuneJobSpec
 from kubetune.builders.export import export_job
 from kubetune.builders.meta import Owner, training_hash
+from kubetune.builders.naming import COMPONENT_POOL_SERVER
+from kubetune.builders.pool import pool_labels
 from kubetune.builders.serving import serving_deployment
 from kubetune.builders.training import training_job
 from tests.unit.deploy.test_chart import (  # noqa: F401  (helm: fixture)
@@ -198,6 +200,22 @@ def test_the_servers_peers_and_scrapers_come_from_values(helm: str) -> None:  # 
     assert _admitted(policy, {"app": "prometheus"}, "mon", port)  # /metrics is on that port
     assert not _admitted(policy, {"app": "x"}, "kubetune-system", port)  # `from` replaces it
     assert not _admitted(policy, {"app": "x"}, "elsewhere", port)
+
+
+def test_the_operator_reaches_every_server_to_drive_a_pools_adapters(helm: str) -> None:  # noqa: F811
+    """The operator POSTs load_lora_adapter to each pool replica from the release namespace,
+    whatever `from` admits; a pool's pods are selected as every server's are."""
+    gateway = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    policy = _serving_policies(render(helm, values={
+        "serving": {"networkPolicy": {"enabled": True, "from": [gateway],
+                                      "namespaces": ["team-a"]}},
+    }))["team-a"]
+    operator = one(render(helm), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    port = _server_port()
+    assert _admitted(policy, operator, "kubetune-system", port)
+    assert not _admitted(policy, operator, "team-a", port)  # the labels alone prove nothing
+    assert not _admitted(policy, {"app": "x"}, "kubetune-system", port)
+    assert selects(policy["spec"]["podSelector"], pool_labels("team", COMPONENT_POOL_SERVER))
 
 
 def test_wrong_serving_policy_values_are_refused(helm: str) -> None:  # noqa: F811

@@ -123,7 +123,10 @@ class FlakyController:
     def __init__(self) -> None:
         self.passes: list[str] = []
 
-    async def reconcile(self, body: dict[str, Any], children: list[Any]) -> None:
+    def revisit(self) -> list[Any]:
+        return []
+
+    async def reconcile(self, body: dict[str, Any], children: list[Any], *pool: Any) -> None:
         self.passes.append(body["metadata"]["resourceVersion"])
         if len(self.passes) == 1:
             raise RetryLater("PATCH jobs: HTTP 429")

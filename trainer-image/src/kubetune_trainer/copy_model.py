@@ -8,6 +8,10 @@ finished it (`export.json` with `ok: true`), and checked after copying: every fi
 of its source, so a full emptyDir (its `sizeLimit`) does not start a server on a truncated
 model. A missing or unfinished export exits 2 (a new export, not a retry, helps) with the
 reason as the container's termination message, which the pod's status shows.
+
+`--adapter` copies a PEFT adapter directory instead (a pool member's publish Job: its
+generation's `adapter/` onto the pool claim at `adapters/<job>/gen-N`, where the pool's server
+reads it when the operator asks it to load it): the source must hold `adapter_config.json`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,25 @@ def check_source(source: Path) -> None:
         raise CopyError(f"{report}: export.json says the export failed; nothing to serve")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def check_adapter_source(source: Path) -> None:
+    """A PEFT adapter directory: `adapter_config.json` that is a JSON object."""
+    config = source / ADAPTER_CONFIG
+    if not config.is_file():
+        raise CopyError(
+            f"no adapter at {source} ({ADAPTER_CONFIG} is missing: this generation saved no "
+            "adapter, or the run directory was deleted)"
+        )
+    try:
+        ok = isinstance(json.loads(config.read_text()), dict)
+    except (OSError, ValueError) as error:
+        raise CopyError(f"{config}: cannot read the adapter's config: {error}") from None
+    if not ok:
+        raise CopyError(f"{config}: not a JSON object")
+
+
 def files_of(root: Path) -> list[Path]:
     """Every regular file under `root`, relative to it, in a stable order."""
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
@@ -72,9 +95,13 @@ def verify_copy(source: Path, dest: Path) -> int:
     return total
 
 
-def copy_model(source: Path, dest: Path) -> tuple[int, int]:
-    """(files, bytes) copied from the export at `source` into `dest`, verified."""
-    check_source(source)
+def copy_model(source: Path, dest: Path, adapter: bool = False) -> tuple[int, int]:
+    """(files, bytes) copied from the export (or the `adapter`) at `source` into `dest`,
+    verified."""
+    if adapter:
+        check_adapter_source(source)
+    else:
+        check_source(source)
     dest.mkdir(parents=True, exist_ok=True)
     clear(dest)
     try:
@@ -97,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the export directory, as mounted from the artifact claim")
     parser.add_argument("--dest", required=True, type=Path,
                         help="where the server loads the model from (the pod's emptyDir)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="copy a PEFT adapter directory (adapter_config.json), not an export")
     args = parser.parse_args(argv)
     try:
-        files, size = copy_model(args.source, args.dest)
+        files, size = copy_model(args.source, args.dest, adapter=args.adapter)
     except CopyError as error:
         message = f"copy-model: {error}"
         print(message, file=sys.stderr)

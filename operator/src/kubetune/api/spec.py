@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from kubetune.api.metrics import COMPARED_METRIC, TASK_METRICS, Metric, Task
 from kubetune.api.names import (
+    DNS1123_LABEL_PATTERN,
     DNS1123_SUBDOMAIN,
     DNS1123_SUBDOMAIN_MAX,
     DNS1123_SUBDOMAIN_PATTERN,
@@ -44,6 +45,12 @@ Decimal = Annotated[str, Field(pattern=DECIMAL_PATTERN, max_length=32)]
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
 ShortString = Annotated[str, Field(max_length=253)]
 Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+POOL_NAME_MAX = 40
+"""A pool's name becomes its Deployment's, Service's, ConfigMap's and claim's names
+(`<pool>-pool...`); pod names add a ReplicaSet hash and a suffix within 63 characters."""
+PoolName = Annotated[
+    str, Field(min_length=1, max_length=POOL_NAME_MAX, pattern=f"^{DNS1123_LABEL_PATTERN}$")
+]
 
 
 PVC_SOURCE = NameRule(
@@ -577,6 +584,17 @@ class ServingSpec(ApiModel):
     variable `KUBETUNE_API_KEY` from the Secret. Unset: the endpoint asks for no key, and
     anyone who reaches the Service can generate. `/healthz`, `/readyz` and `/metrics` never
     ask for one (probes and scrapers send none); a change rolls the pods, not the training."""
+    share: PoolName | None = None
+    """Serve this job's adapter from a pool: one Deployment and Service, named after the pool,
+    shared by the FineTuneJobs of this namespace that name the same pool and have the same
+    base (`model.source` and `revision`) and export (`precision`, `quantization`, `device`).
+    The pool's server holds the base once and loads each member's adapter at run time; a
+    request's `model` (the job's name) picks the adapter. A job whose model is no adapter
+    (`Full`, `DoRA`) or whose base differs from the pool's is served on its own Deployment,
+    and `status.serving.notSharedReason` says why. A string rather than an object of its own
+    (a `ServingPool` kind): a pool exists exactly while some job names it, so nobody has to
+    create or delete it, and a typo shows as a pool of one in status. A lowercase DNS label
+    of at most 40 characters."""
 
     rules = (
         Rule(
@@ -603,6 +621,13 @@ class ServingSpec(ApiModel):
             message="serving.quantization GPTQ is built for CPU only",
             check=lambda s: not (s.device == Device.CUDA and s.quantization == Quantization.GPTQ),
             field_path=".quantization",
+        ),
+        Rule(
+            cel="!has(self.share) || !has(self.apiKeySecretRef)",
+            message="serving.share and serving.apiKeySecretRef cannot be combined: a pool is one "
+            "endpoint for every member, and per-member keys are not supported",
+            check=lambda s: s.share is None or s.api_key_secret_ref is None,
+            field_path=".share",
         ),
         Rule(
             cel="self.device != 'CUDA' || !has(self.resources) || self.resources.gpus >= 1",

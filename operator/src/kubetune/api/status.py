@@ -226,6 +226,11 @@ class ServingStatus(ApiModel):
     """The spec generation whose model the Deployment serves."""
     ready_replicas: int | None = None
     """Inference pods that are Ready."""
+    pool: ShortString | None = None
+    """The pool (`spec.serving.share`) whose shared Deployment serves this job's adapter."""
+    not_shared_reason: Message | None = None
+    """Why a job that names a pool is served on its own Deployment, or why the pool refused its
+    adapter (the server's own message)."""
 
 
 class FineTuneJobStatus(ApiModel):

@@ -2,6 +2,7 @@
 
 No I/O, no clock, no kopf: every child carries its owner reference, the standard labels and
 a hash of itself, so the caller can tell an unchanged child from one to apply. Owns the child
-names and labels (`naming`), the operator's settings (`config`) and one module per child kind.
+names and labels (`naming`), the operator's settings (`config`), one module per child kind,
+and `pool`: a shared serving pool's objects, owned by every member.
 Imports `kubetune.api` only.
 """

@@ -19,6 +19,8 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB = "kubetune.io/job"
 LABEL_GENERATION = "kubetune.io/generation"
+LABEL_POOL = "kubetune.io/pool"
+"""On a pool's objects (`serving.share`) instead of `kubetune.io/job`: they serve several jobs."""
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
@@ -45,6 +47,14 @@ COMPONENT_SERVER = "server"
 COMPONENT_STORAGE = "storage"
 COMPONENT_CONFIG = "run-config"
 COMPONENT_RENDEZVOUS = "rendezvous"
+COMPONENT_POOL_SERVER = COMPONENT_SERVER
+"""A pool's server is an inference server like any other (the chart's serving NetworkPolicy
+selects it by this component); its `kubetune.io/pool` label, and no `kubetune.io/job`, tell
+it apart from a job's own."""
+COMPONENT_POOL_ADAPTERS = "pool-adapters"
+COMPONENT_POOL_STORAGE = "pool-storage"
+COMPONENT_POOL_BASE = "pool-base-export"
+COMPONENT_PUBLISHER = "adapter-publisher"
 
 TRAINER_CONTAINER = "trainer"
 EXPORTER_CONTAINER = "exporter"
@@ -63,6 +73,16 @@ MODEL_MOUNT = "/model"
 """Where an inference pod's copy of its model lives (an emptyDir) and the server loads it."""
 MODEL_SOURCE_MOUNT = "/mnt/export"
 """Where the copy container sees the served export (the artifact claim's `<job>/gen-N/onnx`)."""
+
+POOL_ADAPTERS_MOUNT = "/adapters"
+"""Where a pool server sees the pool claim's `adapters/` (read-only): each member's adapter
+at `<job>/gen-N`, read when the operator asks the server to load it."""
+POOL_CONFIG_MOUNT = "/etc/kubetune/pool"
+ADAPTER_SET_KEY = "adapters.json"
+"""The pool ConfigMap's key: the `AdapterSet` a pool server loads at start."""
+POOL_BASE_EXPORT_PATH = "base/onnx"
+"""The pool's base export on the pool claim (what `copy-model` copies into each pod)."""
+POOL_ADAPTERS_PATH = "adapters"
 
 MAX_NAME = 63
 
@@ -99,6 +119,45 @@ def artifacts_claim_name(job: str) -> str:
 def serving_name(job: str) -> str:
     """The stable Deployment and Service of a FineTuneJob (one per job, all generations)."""
     return bounded(f"{job}-server")
+
+
+def pool_server_name(pool: str) -> str:
+    """A pool's Deployment and Service (`serving.share`), shared by its members."""
+    return bounded(f"{pool}-pool")
+
+
+def pool_config_map_name(pool: str) -> str:
+    return bounded(f"{pool}-pool-adapters", 253)
+
+
+def pool_claim_name(pool: str) -> str:
+    return bounded(f"{pool}-pool-store", 253)
+
+
+def pool_base_export_job_name(pool: str) -> str:
+    return bounded(f"{pool}-pool-base-export", MAX_NAME - 4)
+
+
+def publish_job_name(job: str, generation: int) -> str:
+    """The Job that copies a pool member's adapter onto the pool claim."""
+    return bounded(f"{job}-g{generation}-publish", MAX_NAME - 4)
+
+
+def pool_adapter_path(job: str, generation: int) -> str:
+    """A member's published adapter, relative to the pool claim's root; generations side by
+    side, so a new one is loaded while requests in flight finish on the old one."""
+    return f"{POOL_ADAPTERS_PATH}/{job}/gen-{generation}"
+
+
+def served_adapter_path(job: str, generation: int) -> str:
+    """The same adapter as the pool server sees it (`POOL_ADAPTERS_MOUNT`)."""
+    return f"{POOL_ADAPTERS_MOUNT}/{job}/gen-{generation}"
+
+
+def adapter_generation(served_path: str) -> int | None:
+    """The generation of a `served_adapter_path`, or None for another path."""
+    _, _, last = served_path.rpartition("/gen-")
+    return int(last) if last.isdigit() and served_path.startswith(POOL_ADAPTERS_MOUNT) else None
 
 
 def run_path(job: str, generation: int) -> str:

@@ -21,8 +21,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJobSpec, PlanStatus
-from kubetune.builders import pod
+from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
+from kubetune.operator.adapters import AdapterSync, ready_replicas
 from kubetune.operator.applier import Applier, RetryLater, resource_version, updated_children
 from kubetune.operator.client import ApiError, KubeClient
 from kubetune.operator.lanes import Lanes
@@ -35,13 +36,16 @@ from kubetune.reconcile.attach import (
     pod_event,
     waiting_for_volumes,
 )
+from kubetune.reconcile.children import of_component
 from kubetune.reconcile.conditions import Event
 from kubetune.reconcile.decide import (
     Observed,
+    Outcome,
     invalid_spec_status,
     needs_reference_check,
     reconcile,
 )
+from kubetune.reconcile.pool import refusal_message
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -83,6 +87,9 @@ class Controller:
         self._lanes = Lanes()
         self._applier = Applier(client, self._lanes)
         self._last_pass: dict[Key, float] = {}
+        self.adapters = AdapterSync()
+        """What each shared pool's replicas have loaded; the HTTP calls that change it."""
+        self._revisit: set[Key] = set()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -127,15 +134,56 @@ class Controller:
     # ------------------------------------------------------------------ the pass
 
     async def reconcile(
-        self, body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]
+        self,
+        body: Mapping[str, Any],
+        children: Sequence[Mapping[str, Any]],
+        peers: Sequence[Mapping[str, Any]] = (),
+        pool_children: Sequence[Mapping[str, Any]] = (),
     ) -> None:
+        """`peers` and `pool_children`: the namespace's FineTuneJobs and the pool's objects,
+        for a job that names a pool (`serving.share`)."""
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         async with self._locks[key]:
             self._last_pass[key] = time.monotonic()
-            await self._reconcile(key, self._freshest(key, body), children)
+            await self._reconcile(key, self._freshest(key, body), children, peers, pool_children)
+
+    def _adapter_refusal(self, key: Key, spec: FineTuneJobSpec) -> str | None:
+        share = spec.serving.share
+        if share is None:
+            return None
+        return refusal_message(self.adapters.refusals(key[0], share), key[1])
+
+    async def _drive_adapters(self, key: Key, outcome: Outcome,
+                              pool_children: Sequence[Mapping[str, Any]]) -> str | None:
+        """Bring the pool's Ready replicas to the set this pass decided; this job's refusal."""
+        target = outcome.pool
+        if target is None:
+            return None
+        pods = of_component(pool_children, "Pod", naming.COMPONENT_POOL_SERVER)
+        before = self.adapters.refusals(key[0], target.pool)
+        refusals = await self.adapters.sync(key[0], target.pool, target.adapters,
+                                            ready_replicas(pods))
+        # Another member's adapter refused (or no longer refused) by this pass's loads: its
+        # status says so on its own pass, which the caller schedules.
+        for adapter in {r.name for r in before} ^ {r.name for r in refusals}:
+            if adapter != key[1]:
+                self._revisit.add((key[0], adapter))
+        return refusal_message(refusals, key[1])
+
+    def revisit(self) -> list[Key]:
+        """The pool members whose adapter's refusal changed in another member's pass (each
+        returned once): their status is behind until they are reconciled."""
+        keys = sorted(self._revisit)
+        self._revisit.clear()
+        return keys
 
     async def _reconcile(
-        self, key: Key, body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]
+        self,
+        key: Key,
+        body: Mapping[str, Any],
+        children: Sequence[Mapping[str, Any]],
+        peers: Sequence[Mapping[str, Any]] = (),
+        pool_children: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         namespace, name = key
         try:
@@ -159,9 +207,13 @@ class Controller:
             now=self.clock(),
             refused=self._applier.refusals(key),
             events=await self._attach_events(namespace, children),
+            peers=peers,
+            pool_children=pool_children,
+            adapter_refusal=self._adapter_refusal(key, spec),
         )
         outcome = reconcile(observed, self.config)
-        applied = await self._applier.apply(key, outcome.apply, children)
+        # The pool's objects are compared with what the pool's index holds, as children are.
+        applied = await self._applier.apply(key, outcome.apply, [*children, *pool_children])
         refused = self._applier.refusals(key)
         if applied or refused != list(observed.refused):
             # Decide the status again with what the apply responses say (a new Job is already
@@ -173,6 +225,11 @@ class Controller:
             )
             outcome = reconcile(observed, self.config)
         await self._applier.delete(key, outcome.delete)
+        refusal = await self._drive_adapters(key, outcome, pool_children)
+        if outcome.pool is not None and refusal != observed.adapter_refusal:
+            # The pool's server refused this job's adapter (or took it now): say so now.
+            observed = dataclasses.replace(observed, adapter_refusal=refusal)
+            outcome = reconcile(observed, self.config)
         if outcome.status_patch:
             async with self._lanes.deferred():
                 await self._patch_status(key, body, outcome.status_patch)

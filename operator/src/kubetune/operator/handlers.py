@@ -26,8 +26,13 @@ from kubetune.operator.indexes import (
     MANAGED,
     MANAGED_SELECTOR,
     children_of,
+    namespace_jobs,
     owner_key,
+    pool_key,
+    pool_members,
+    pool_of_key,
     register_indexes,
+    share_of,
 )
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import ProgressSink
@@ -65,8 +70,15 @@ async def reconcile_pass(
     metrics: OperatorMetrics | None = memo.get("metrics")
     if metrics is not None:
         metrics.reconciles.inc()
+    share = share_of(body)
+    # A pool member decides with the namespace's jobs (who else is in its pool) and the
+    # pool's objects; anyone else with neither.
+    peers = namespace_jobs(key[0], indexes) if share else []
+    pool_children = children_of(pool_key(key[0], share), indexes) if share else []
     try:
-        await controller.reconcile(body, children_of(key, indexes))
+        await controller.reconcile(body, children_of(key, indexes), peers, pool_children)
+        for member in controller.revisit():
+            retry_later(memo, member)
     except Exception as error:
         if not leading(memo):
             # The Lease was lost during the pass: the client refused its writes (NotLeading).
@@ -151,6 +163,12 @@ def register(registry: kopf.OperatorRegistry) -> None:
             controller.forget(key)
             sink: ProgressSink = memo.sink
             sink.forget(key)
+            share = share_of(body)
+            if share:
+                # The pool's other members take it out of the adapter set and unload it.
+                for member in pool_members(key[0], share, kwargs):
+                    if member["metadata"]["name"] != key[1]:
+                        await reconcile_pass(memo, member, kwargs)
             return
         if controller.wrote(key, body):
             return  # the echo of this process's own status patch: nothing new to decide
@@ -164,9 +182,12 @@ def register(registry: kopf.OperatorRegistry) -> None:
             return
         if type == "DELETED":
             memo.controller.child_deleted(key, body.get("kind", ""), body.metadata.name)
+        pool = pool_of_key(key)
         # A snapshot: kopf's index is live, and an owner indexed while a pass awaits would
         # break the walk (an owner indexed meanwhile has its own event to be reconciled by).
-        for owner in list(kwargs["finetunejobs"].get(key) or ()):
+        owners = (list(kwargs["finetunejobs"].get(key) or ()) if pool is None
+                  else pool_members(key[0], pool, kwargs))
+        for owner in owners:
             await reconcile_pass(memo, owner, kwargs)
 
     # Every kind KubeTune applies (and its Pods): a child deleted or edited by someone else

@@ -47,9 +47,27 @@ CHILD_KINDS = (
 CHILD_INDEXES = tuple(child.index for child in CHILD_KINDS)
 
 
+POOL_KEY_PREFIX = "pool:"
+"""A shared pool's objects (label `kubetune.io/pool`) are indexed under (namespace,
+"pool:<name>"): no FineTuneJob is named so (a ':' is no part of an object name)."""
+
+
+def pool_key(namespace: str, pool: str) -> tuple[str, str]:
+    return (namespace, f"{POOL_KEY_PREFIX}{pool}")
+
+
+def pool_of_key(key: tuple[str, str]) -> str | None:
+    """The pool name of a `pool_key`, None for a FineTuneJob's key."""
+    name = key[1]
+    return name.removeprefix(POOL_KEY_PREFIX) if name.startswith(POOL_KEY_PREFIX) else None
+
+
 def owner_key(body: kopf.Body) -> tuple[str, str] | None:
     job = body.metadata.labels.get(naming.LABEL_JOB)
-    return (body.metadata.namespace or "", job) if job else None
+    if job:
+        return (body.metadata.namespace or "", job)
+    pool = body.metadata.labels.get(naming.LABEL_POOL)
+    return pool_key(body.metadata.namespace or "", pool) if pool else None
 
 
 def children_of(key: tuple[str, str], indexes: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -60,6 +78,23 @@ def children_of(key: tuple[str, str], indexes: Mapping[str, Any]) -> list[dict[s
 
 
 INDEXES = ("finetunejobs", *CHILD_INDEXES)
+
+
+def share_of(body: Mapping[str, Any]) -> str | None:
+    """The pool a FineTuneJob body names (`spec.serving.share`), read without validating."""
+    share = ((body.get("spec") or {}).get("serving") or {}).get("share")
+    return share if isinstance(share, str) and share else None
+
+
+def namespace_jobs(namespace: str, indexes: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The namespace's FineTuneJobs, from the index (a snapshot: kopf's index is live)."""
+    return [body for (ns, _), bodies in list(indexes["finetunejobs"].items()) if ns == namespace
+            for body in list(bodies)]
+
+
+def pool_members(namespace: str, pool: str, indexes: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The FineTuneJobs of `namespace` that name `pool`."""
+    return [body for body in namespace_jobs(namespace, indexes) if share_of(body) == pool]
 
 
 def register_indexes(registry: kopf.OperatorRegistry) -> None:

@@ -292,6 +292,7 @@ async def serve(args: argparse.Namespace) -> int:
         await runner.cleanup()
         if not lost:
             await lease.release()
+        await controller.adapters.client.close()
         await reviewer.close()
         await elector.close()
         await client.close()

@@ -7,6 +7,7 @@ apply, deletes `Outcome.delete`, merge-patches `Outcome.status_patch` and posts 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,13 +15,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import ConditionType, FineTuneJobSpec, Phase, PlanStatus
-from kubetune.api.dataplane import ExportReport, TrainingReport
+from kubetune.api.dataplane import AdapterSet, ExportReport, TrainingReport
 from kubetune.api.metrics import Metric, MetricScores
 from kubetune.api.status import TrainingStatus
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
 from kubetune.builders.meta import Manifest, Owner, legacy_training_hash, training_hash
+from kubetune.builders.pool import PoolOwners, pool_objects, publish_job
 from kubetune.builders.serving import serving_deployment, serving_service
 from kubetune.builders.training import (
     artifacts_claim,
@@ -45,6 +47,7 @@ from kubetune.reconcile.children import (
 )
 from kubetune.reconcile.conditions import Cond, Event, merge, phase, transitions
 from kubetune.reconcile.gate import evaluate_gate, fine_tuned_scores
+from kubetune.reconcile.pool import Pool, applied_generations, pools_of
 from kubetune.reconcile.readiness import (
     export_condition,
     ready_condition,
@@ -96,6 +99,22 @@ class Observed:
     events: Sequence[PodEvent] = ()
     """The namespace's volume-attach failures, listed while a pod of this job waits for its
     volumes (`kubetune.reconcile.attach`)."""
+    peers: Sequence[Mapping[str, Any]] = ()
+    """The namespace's FineTuneJobs (this one's body included or not): read only when the spec
+    names a pool (`serving.share`), to form it (`kubetune.reconcile.pool`)."""
+    pool_children: Sequence[Mapping[str, Any]] = ()
+    """The objects of the pool the spec names (label `kubetune.io/pool`), with `kind`."""
+    adapter_refusal: str | None = None
+    """What the pool's server said when it refused this job's adapter, as the operator's
+    last load found it; None when it loaded or was not asked."""
+
+
+@dataclass(frozen=True)
+class PoolTarget:
+    """A pool this pass applied: what its replicas must have loaded."""
+
+    pool: str
+    adapters: AdapterSet
 
 
 @dataclass
@@ -104,6 +123,9 @@ class Outcome:
     delete: list[ChildRef] = field(default_factory=list)
     status_patch: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    pool: PoolTarget | None = None
+    """Set when this job is a pool member: the caller brings the pool's Ready replicas to
+    `adapters` (`kubetune.operator.adapters`)."""
 
 
 def needs_reference_check(body: Mapping[str, Any]) -> bool:
@@ -161,6 +183,12 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     # With an invalid spec the Deployment is neither applied nor deleted, so it is reported as
     # it runs, even when the same edit turned serving off.
     serving_enabled = spec.serving.enabled or (not valid and view.exists)
+    pool, not_shared = _membership(obs, owner.name)
+    if pool is not None:
+        publishers = of_component(obs.children, "Job", naming.COMPONENT_PUBLISHER)
+        exporter = named(publishers, naming.publish_job_name(owner.name, generation))
+        endpoint = naming.endpoint_url(naming.pool_server_name(pool.name), owner.namespace)
+        view = _pool_view(obs, pool.name, previous)
 
     if not valid or obs.plan is None:  # valid implies a plan; mypy needs it said
         # Nothing is created, applied or deleted until the spec is valid again: the
@@ -206,14 +234,21 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         report = _report(training, previous, generation)
         conds[T.TRAINED] = training_condition(training, report)
         if training.state is RunState.SUCCEEDED and spec.serving.enabled:
-            outcome.apply.append(export_job(owner, generation, spec, config))
+            outcome.apply.append(
+                export_job(owner, generation, spec, config)
+                if pool is None
+                # A pool member's model is its adapter, on the pool's base: published, not
+                # merged and exported on its own.
+                else publish_job(owner, generation, spec, config)
+            )
             export_pods = pods_of_job(obs.children, exporter)
             export = run_with_attach_failure(
                 run_status(exporter, export_pods, "export"),
                 attach_failure(export_pods, obs.events),
                 "export",
             )
-            exported = export_report(export_pods) if export.state is RunState.SUCCEEDED else None
+            if pool is None and export.state is RunState.SUCCEEDED:
+                exported = export_report(export_pods)
         if export is not None and export.state is RunState.SUCCEEDED:
             # The model serving now, when it is another generation's: the one to beat.
             if view.exists and view.template_generation != generation:
@@ -222,6 +257,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
             gate = evaluate_gate(spec.serving.gate, spec.evaluation.task, measured, compared)
 
     conds[T.EXPORTED] = export_condition(export, serving_enabled)
+    if pool is not None and conds[T.EXPORTED].status == "True":
+        conds[T.EXPORTED] = Cond(T.EXPORTED, "True", "Published",
+                                 f"adapter published to pool {pool.name}")
     model_generation, model_loss = view.template_generation, view.eval_loss
     model_scores = view.scores
     if gate is not None and gate[0]:
@@ -229,8 +267,19 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         loss = report.eval_loss if report is not None else None
         model_loss = None if loss is None else str(loss)
         model_scores = MetricScores(values=fine_tuned_scores(report)) if report else None
+    if pool is not None:
+        if valid:
+            outcome.pool = _apply_pool(outcome, obs, pool, owner.name, model_generation, config)
+            # Served by the pool now: a Deployment of its own from before goes.
+            if of_component(obs.children, "Deployment", naming.COMPONENT_SERVER):
+                name = naming.serving_name(owner.name)
+                outcome.delete += [
+                    ChildRef("v1", "Service", name),
+                    ChildRef("apps/v1", "Deployment", name),
+                ]
+        view = _with_model(view, model_generation)
     # With an invalid spec the Deployment runs on as it is (see above).
-    if valid and spec.serving.enabled and model_generation is not None:
+    elif valid and spec.serving.enabled and model_generation is not None:
         outcome.apply.append(
             serving_deployment(owner, model_generation, model_loss, spec, config, model_scores)
         )
@@ -249,8 +298,19 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         serving_condition(view, serving_enabled, endpoint),
         attach_failure(of_component(obs.children, "Pod", naming.COMPONENT_SERVER), obs.events),
     )
+    if pool is not None and model_generation is not None and not view.exists:
+        # Its adapter is in the set; the pool's server starts once the base is exported.
+        conds[T.SERVING] = Cond(
+            T.SERVING, "Unknown", "Deploying",
+            f"pool {pool.name}'s server starts once its base is exported "
+            f"({naming.pool_base_export_job_name(pool.name)})",
+        )
     conds.update(refusal_conditions(outcome.apply, obs.refused))
     conds[T.READY] = ready_condition(conds, generation, serving_enabled, gate, view)
+    if pool is not None and obs.adapter_refusal is not None:
+        # The pool serves on; only this member is not served.
+        conds[T.READY] = Cond(T.READY, "False", "AdapterRefused",
+                              f"generation {generation}: {obs.adapter_refusal}")
 
     merged = merge(previous.get("conditions"), conds.values(), spec_generation, obs.now)
     status = build_status(
@@ -275,10 +335,91 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         endpoint=endpoint,
         previous=previous,
         compared_scores=compared,
+        pool=pool.name if pool is not None else None,
+        not_shared_reason=not_shared if pool is None else obs.adapter_refusal,
     )
     outcome.status_patch = status_patch(previous, status)
     outcome.events = transitions(previous.get("conditions"), merged)
     return outcome
+
+
+def _membership(obs: Observed, name: str) -> tuple[Pool | None, str | None]:
+    """(the pool serving this job, why a job naming a pool is served on its own)."""
+    if obs.spec.serving.share is None or not obs.spec.serving.enabled:
+        return None, None
+    # This pass's body, not the index's copy of it (it may be older).
+    peers = [p for p in obs.peers if (p.get("metadata") or {}).get("name") != name]
+    pools = pools_of([*peers, obs.body])
+    return pools.pool_of(name), pools.alone.get(name)
+
+
+def _pool_view(obs: Observed, pool: str, previous: Mapping[str, Any]) -> ServingView:
+    """The pool's Deployment as this member sees it: the generation it serves is the member's
+    own published one, not a template annotation (the pool's template names no member)."""
+    deployments = of_component(obs.pool_children, "Deployment", naming.COMPONENT_POOL_SERVER)
+    pods = of_component(obs.pool_children, "Pod", naming.COMPONENT_POOL_SERVER)
+    kept = previous.get("serving") or {}
+    mine = kept.get("modelGeneration") if kept.get("pool") == obs.spec.serving.share else None
+    view = serving_view(deployments, {}, pods)
+    return dataclasses.replace(view, template_generation=mine, eval_loss=None)
+
+
+def _with_model(view: ServingView, model_generation: int | None) -> ServingView:
+    """A member is served once its adapter is in the set and a pool replica is available
+    (the replicas load it within the pass that puts it there); before its first adapter
+    passed its gate, the pool's Deployment is not yet its."""
+    if not view.exists or model_generation is None:
+        return ServingView()
+    serving = model_generation if view.available_replicas > 0 else None
+    return dataclasses.replace(view, template_generation=model_generation,
+                               serving_generation=serving)
+
+
+def _apply_pool(
+    outcome: Outcome,
+    obs: Observed,
+    pool: Pool,
+    name: str,
+    model_generation: int | None,
+    config: OperatorConfig,
+) -> PoolTarget:
+    """The pool's objects as this member sees them, with its own model generation as this
+    pass decided it (its status may not say so yet)."""
+    # Another member's generation is the newer of its status and the set as applied: its own
+    # pass may have put a new generation in the set before its status says so, and this pass
+    # must not take it back out (the replicas would unload it until that pass ran again).
+    applied_set = applied_generations(
+        named(of_component(obs.pool_children, "ConfigMap", naming.COMPONENT_POOL_ADAPTERS),
+              naming.pool_config_map_name(pool.name))
+    )
+    members = tuple(
+        dataclasses.replace(member, published_generation=model_generation)
+        if member.name == name
+        else dataclasses.replace(member, published_generation=_newer(
+            member.published_generation, applied_set.get(naming.served_model_name(member.name))))
+        for member in pool.members
+    )
+    pool = dataclasses.replace(pool, members=members)
+    namespace = obs.body["metadata"]["namespace"]
+    owners = PoolOwners(
+        pool=pool.name,
+        namespace=namespace,
+        members=tuple(Owner(m.name, namespace, m.uid) for m in members),
+    )
+    base_jobs = of_component(obs.pool_children, "Job", naming.COMPONENT_POOL_BASE)
+    base_job = named(base_jobs, naming.pool_base_export_job_name(pool.name))
+    base_exported = (
+        base_job is not None
+        and run_status(base_job, pods_of_job(obs.pool_children, base_job), "export").state
+        is RunState.SUCCEEDED
+    )
+    adapters = pool.adapter_set()
+    outcome.apply += pool_objects(owners, pool.founder.spec, adapters, config, base_exported)
+    return PoolTarget(pool.name, adapters)
+
+
+def _newer(first: int | None, second: int | None) -> int | None:
+    return max((g for g in (first, second) if g is not None), default=None)
 
 
 def _report(

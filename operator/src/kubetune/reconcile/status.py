@@ -295,6 +295,8 @@ def build_status(
     endpoint: str,
     previous: Mapping[str, Any],
     compared_scores: MetricScores | None = None,
+    pool: str | None = None,
+    not_shared_reason: str | None = None,
 ) -> dict[str, Any]:
     """The status keys reconcile owns, each exactly as this pass observed it (a key missing
     here is left as it is; a None is removed). Within a key nothing is kept from before but
@@ -302,7 +304,9 @@ def build_status(
     `training_record` None leaves `status.training` as it is. `serving_enabled`: whether a
     Deployment is wanted or, with an invalid spec, left running. `compared_scores`: the
     metrics of the model serving now, when it is another generation (what
-    `mustBeatServing` compares with)."""
+    `mustBeatServing` compares with). `pool`: the pool serving this job (its Deployment and
+    Service are the pool's); `not_shared_reason`: why a job naming a pool is served on its
+    own, or why the pool refused its adapter."""
     trained = training is not None and training.state is RunState.SUCCEEDED
     exported = any(c["type"] == "Exported" and c["status"] == "True" for c in conditions)
     status: dict[str, Any] = {
@@ -310,7 +314,9 @@ def build_status(
         "phase": str(phase),
         "conditions": conditions,
         "plan": plan.to_wire() if plan is not None else None,
-        "artifacts": _artifacts(owner, spec, training_generation, trained, exported),
+        # A pool member's model is its adapter: no ONNX export of its own.
+        "artifacts": _artifacts(owner, spec, training_generation, trained,
+                                exported and pool is None),
     }
     if training_record is not None:
         status["training"] = training_record.to_wire()
@@ -326,17 +332,19 @@ def build_status(
         # An earlier generation's numbers: they say nothing of this one, and a report
         # rebuilt from status must not find them.
         status["evaluation"] = None
-    if not view.exists or not serving_enabled:
+    if not serving_enabled or (not view.exists and not_shared_reason is None and pool is None):
         status["serving"] = None
     else:
-        name = naming.serving_name(owner.name)
+        name = naming.serving_name(owner.name) if pool is None else naming.pool_server_name(pool)
         serving = {
-            "deployment": name,
-            "service": name,
-            "endpoint": endpoint,
+            "deployment": name if view.exists else None,
+            "service": name if view.exists else None,
+            "endpoint": endpoint if view.exists else None,
             "model": naming.served_model_name(owner.name),
             "modelGeneration": view.serving_generation,
-            "readyReplicas": view.ready_replicas,
+            "readyReplicas": view.ready_replicas if view.exists else None,
+            "pool": pool,
+            "notSharedReason": not_shared_reason,
         }
         status["serving"] = {k: v for k, v in serving.items() if v is not None}
     return status
