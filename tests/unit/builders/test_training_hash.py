@@ -72,6 +72,16 @@ TABLE = [
     pytest.param({"serving": {"precision": "INT8"}}, True, id="export precision INT8"),
     pytest.param({"serving": {"precision": "INT4", "quantization": "KQuant"}}, True,
                  id="INT4 quantization method"),
+    # what the trainer measures and the gate reads (issue 29): re-measured by a new generation
+    pytest.param({"evaluation": {"task": "Translation"}}, True, id="evaluation.task"),
+    pytest.param({"evaluation": {"task": "Classification", "labels": ["a", "b"]}}, True,
+                 id="evaluation labels"),
+    pytest.param({"evaluation": {"metrics": ["exactMatch", "evalLoss"]}}, True,
+                 id="evaluation.metrics"),
+    pytest.param({"evaluation": {"judge": {"endpoint": "http://judge/v1", "model": "j"}}}, True,
+                 id="evaluation.judge"),
+    pytest.param({"evaluation": {"task": "Generation"}}, False,
+                 id="evaluation default spelled out"),
     # the plan and the torchrun world: a running Job cannot change them
     pytest.param({"resources": {"gpusPerNode": 2}}, True, id="gpusPerNode"),
     pytest.param({"resources": {"nodes": 2}}, True, id="nodes"),
@@ -90,6 +100,13 @@ def test_only_edits_that_change_the_model_start_a_new_generation(
     else:
         changed = _spec(**edit)
     assert (training_hash(changed) != training_hash(_spec())) is new_generation
+
+
+def test_the_judges_secret_is_a_credential_not_what_is_measured() -> None:
+    judge = {"endpoint": "http://judge/v1", "model": "j"}
+    first = _spec(evaluation={"judge": {**judge, "apiKeySecretRef": {"name": "judge-a"}}})
+    second = _spec(evaluation={"judge": {**judge, "apiKeySecretRef": {"name": "judge-b"}}})
+    assert training_hash(first) == training_hash(second)
 
 
 def test_a_renamed_secret_leaves_the_running_jobs_applied_hash_alone() -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, FineTuneJobSpec
+from kubetune.api.spec import EvaluationSpec
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 
@@ -138,7 +139,11 @@ def training_hash(spec: FineTuneJobSpec) -> str:
       They are also the torchrun world and the pods' requests and placement in the Job's
       pod template, which is immutable: nothing short of a new Job can apply them;
     - storage.claimName: the run directory and its checkpoints live on that claim;
-    - serving.precision and serving.device: they decide the exported model.
+    - serving.precision and serving.device: they decide the exported model;
+    - evaluation, but for the judge's Secret: the task, labels, metrics and judge decide what
+      the trainer measures and the gate reads, and only a run measures them (a new gate bound
+      on a metric the last run did not measure would otherwise fail as unmeasured). Absent
+      while it is the default, so specs from before the field keep their hash.
 
     Applied in place, no new generation:
     - training.logEverySteps, training.evalEverySteps, checkpoint.everySteps, checkpoint.keep:
@@ -180,6 +185,10 @@ def training_hash(spec: FineTuneJobSpec) -> str:
         "storage": {"claimName": spec.storage.claim_name},
         "export": export_identity(spec),
     }
+    if spec.evaluation != EvaluationSpec():
+        evaluation = spec.evaluation.to_wire()
+        (evaluation.get("judge") or {}).pop("apiKeySecretRef", None)
+        identity["evaluation"] = evaluation
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
