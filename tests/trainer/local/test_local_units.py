@@ -16,8 +16,8 @@ from kubetune.api.dataplane import (
     Score,
     TestSplitScores,
     TrainingReport,
-    exact_match,
 )
+from kubetune.api.metrics import exact_match
 from kubetune.api.spec import GateSpec
 from kubetune.local.evaluate import auto_summary, side_by_side
 from kubetune.local.processes import train_command

@@ -7,7 +7,7 @@ Token ids, not text: the exporter's tokenizer parity check already holds serving
 training's, and ids spare the exporter the dataset formats and chat templates. Each record is a
 validation record the model never trained on: the whole sequence with its loss labels (for
 teacher-forced agreement and loss) and, when it carries a reference answer, the prompt and the
-answer (for greedy exact match, judged by `kubetune.api.dataplane.exact_match`).
+answer (for greedy exact match, judged by `kubetune.api.metrics.exact_match`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ code and every rule they both apply:
   pods as.
 - `resolve_precision`: what `precision: Auto` means on a device; `resolve_quantization`:
   INT4's rounding method.
-- `exact_match`: when a generated answer counts as the reference answer.
 - `cache_root`: where converted models are cached on a machine.
 - `write_termination_message`: how a data-plane pod hands its short report to the operator.
 - `read_jsonl`: how a JSONL dataset splits into numbered records (the trainer's datasets and
@@ -27,7 +26,6 @@ import codecs
 import json
 import math
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -185,7 +183,7 @@ class TrainingReport(Report):
     """Mean token cross-entropy on the validation records."""
     base_eval_loss: float | None = None
     accuracy: float | None = None
-    """Exact match (`exact_match`) of greedy answers on validation records, 0-1."""
+    """Exact match (`metrics.exact_match`) of greedy answers on validation records, 0-1."""
     base_accuracy: float | None = None
     eval_records: int = 0
     """Records the accuracy used."""
@@ -378,22 +376,6 @@ def weights_label(precision: str | None, quantization: str | None) -> str:
     if quantization is None or quantization == Quantization.RTN.value:
         return str(precision)
     return f"{precision}-{quantization}"
-
-
-# A model may wrap a command in a code fence or backticks; that is formatting, not content.
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
-
-
-def normalize_answer(text: str) -> str:
-    """Whitespace collapsed, surrounding code fences and backticks removed."""
-    text = _FENCE.sub("", text.strip()).strip().strip("`").strip()
-    return " ".join(text.split())
-
-
-def exact_match(answer: str, reference: str) -> bool:
-    """The one definition of a correct answer: the trainer's validation accuracy (which the
-    gate's `minAccuracy` checks) and `kubetune run`'s test-split accuracy both use it."""
-    return normalize_answer(answer) == normalize_answer(reference)
 
 
 def cache_root() -> Path:

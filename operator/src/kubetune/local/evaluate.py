@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.dataplane import AutoChoice, JsonlError, Score, exact_match, read_jsonl
+from kubetune.api.dataplane import AutoChoice, JsonlError, Score, read_jsonl
+from kubetune.api.metrics import exact_match
 
 
 def _chat_turns(record: object) -> list[dict[str, str]]:

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kubetune.api.dataplane import CandidateScore, exact_match
+from kubetune.api.dataplane import CandidateScore
+from kubetune.api.metrics import exact_match
 from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype, stop_token_ids
 from kubetune_trainer.heldout import IGNORE, HeldOut, HeldOutRecord

@@ -3,7 +3,7 @@
 The loss is the mean cross-entropy over the validation records' target tokens (the same
 tokens training puts a loss on). Accuracy covers records that carry a reference answer (Chat:
 the last assistant turn; Instruction: `output`; Completion: `completion`): the model answers
-the prompt greedily and the answer counts when `kubetune.api.dataplane.exact_match` says so
+the prompt greedily and the answer counts when `kubetune.api.metrics.exact_match` says so
 (whitespace and code fences aside, the definition `kubetune run` also uses). At most
 `$KUBETUNE_EVAL_MAX_RECORDS` records (default 50) are generated for.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kubetune.api.dataplane import exact_match
+from kubetune.api.metrics import exact_match
 from kubetune_trainer.train.data import Example
 from kubetune_trainer.train.encoding import Encoded, encode_prompt
 from kubetune_trainer.train.microbatches import collate, split_micro_batches
