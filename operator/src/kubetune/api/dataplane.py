@@ -305,6 +305,10 @@ class ExportReport(Report):
     tokenizer_parity: dict[str, Any] | None = None
     genai_tokenizer: dict[str, Any] | None = None
     output_parity: dict[str, Any] | None = None
+    metrics: MetricScores | None = None
+    """The exported weights' task metrics (`kubetune.api.metrics`, the task the trainer
+    recorded in `heldout.json`) on the held-out validation records: what will serve, judged
+    as the trainer judged the fine-tuned model. None without held-out records."""
 
     @property
     def weights(self) -> str:
@@ -313,10 +317,14 @@ class ExportReport(Report):
 
     def short_form(self) -> str:
         """The export pod's termination message (at most 4096 bytes): what the operator puts
-        in `status.evaluation`; the candidates' reasons are dropped, export.json keeps them."""
+        in `status.evaluation`; the candidates' reasons and the metrics' per-label F1 and
+        signatures are dropped, export.json keeps them."""
         short = self.model_copy(update={"tokenizer_parity": None, "genai_tokenizer": None,
                                         "output_parity": None, "timings": {}, "sizes": {},
                                         "builder_config_changes": None})
+        if short.metrics is not None:
+            short.metrics = short.metrics.model_copy(update={"per_label_f1": {},
+                                                             "signatures": {}})
         if short.auto is not None:
             short.auto = short.auto.model_copy(update={"candidates": [
                 c.model_copy(update={"reason": ""}) for c in short.auto.candidates]})

@@ -34,7 +34,7 @@ import torch
 
 from kubetune.api import RunConfig
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, TrainingReport
-from kubetune.api.spec import Method
+from kubetune.api.spec import EvaluationSpec, Method
 from kubetune_trainer import allocator, hub, runconfig, sources
 from kubetune_trainer.errors import ConfigError, Stopped
 from kubetune_trainer.heldout import Calibration, HeldOut, HeldOutRecord
@@ -206,7 +206,7 @@ def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
     (output / "evaluation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     outputs.save_merged(location, run.spec, tokenizer, final, adapter, output / "merged")
     report.merged = "merged"
-    held_out(data, tokenizer).write(output)
+    held_out(data, tokenizer, run.spec.evaluation).write(output)
     Calibration(sequences=[r.input_ids for r in data.train[:CALIBRATION_RECORDS]]).write(output)
 
 
@@ -215,9 +215,10 @@ CALIBRATION_RECORDS = 128
 GPTQ export then matched 85 of 100 test requests, FP32 84; more costs export time)."""
 
 
-def held_out(data: PreparedData, tokenizer: Any) -> HeldOut:
-    """The validation records the exporter scores quantized candidates on (`heldout.py`):
-    the first `max_records()`, the ones the accuracy above was measured on."""
+def held_out(data: PreparedData, tokenizer: Any, evaluation: EvaluationSpec) -> HeldOut:
+    """The validation records the exporter scores quantized candidates and the exported
+    model's task metrics on (`heldout.py`): the first `max_records()`, the ones the accuracy
+    above was measured on."""
     records = []
     for encoded, example in list(zip(data.validation, data.validation_examples,
                                      strict=True))[: max_records()]:
@@ -227,7 +228,8 @@ def held_out(data: PreparedData, tokenizer: Any) -> HeldOut:
             prompt=encode_prompt(tokenizer, example) if answered else None,
             reference=example.reference,
         ))
-    return HeldOut(records=records)
+    return HeldOut(records=records, task=evaluation.task, labels=evaluation.labels or [],
+                   metrics=evaluation.metrics)
 
 
 def main(argv: list[str]) -> int:
