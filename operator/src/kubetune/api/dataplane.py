@@ -126,13 +126,17 @@ class ProgressReport(Report):
 
 
 class Score(Report):
-    """Exact-match accuracy of greedy answers on some held-out records."""
+    """Exact-match accuracy of greedy answers on some held-out records, and their task
+    metrics."""
 
     accuracy: float = 0.0
     correct: int = 0
     total: int = 0
     samples: list[dict[str, Any]] = Field(default_factory=list)
     """A few (request, answer, reference) records, for a reader to see what was asked."""
+    metrics: MetricScores | None = None
+    """The answers scored on `spec.evaluation`'s task metrics (no loss: an endpoint's
+    answers have none)."""
 
 
 class GateVerdict(Report):
@@ -141,12 +145,14 @@ class GateVerdict(Report):
 
 
 class TestSplitScores(Report):
-    """Base and fine-tuned accuracy on a test split, measured through the served model
-    (`kubetune run`); re-measured when the split, the precision or the engine changes."""
+    """Base and fine-tuned accuracy and task metrics on a test split, measured through the
+    served model (`kubetune run`); re-measured when the split, the precision, the engine or
+    the task changes."""
 
     path: str
     engine: str
     precision: str
+    task: Task | None = None
     base: Score | None = None
     fine_tuned: Score
 
