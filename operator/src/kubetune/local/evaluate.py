@@ -136,8 +136,9 @@ def metrics_table(base: MetricScores | None, tuned: MetricScores | None,
     """Rows of `metric  base  fine-tuned` for every metric either measured (but those already
     `shown`), each label's F1, and how a library metric was computed; [] when none."""
     base_scores, tuned_scores = base or MetricScores(), tuned or MetricScores()
-    names = [m for m in Metric if m not in shown
-             and (m in base_scores.values or m in tuned_scores.values)]
+    names = sorted((m for m in Metric if m not in shown
+                    and (m in base_scores.values or m in tuned_scores.values)),
+                   key=lambda m: m in (Metric.EVAL_LOSS, Metric.PERPLEXITY))  # the task's first
     if not names:
         return []
 
