@@ -131,3 +131,28 @@ def test_a_classification_run_reports_its_metrics_and_a_resumed_one_reuses_the_b
     assert sum(tuned) / 4 == report.metrics.values[Metric.ACCURACY]
     regressions = [line["base"]["accuracy"] - line["fineTuned"]["accuracy"] for line in lines]
     assert regressions == sorted(regressions, reverse=True)
+
+
+def test_chat_has_no_per_record_metric_so_records_keep_dataset_order() -> None:
+    spec = EvaluationSpec(task=Task.CHAT)
+    examples = [chat("hi", "hello there", 1), chat("bye", "goodbye", 2)]
+    before = evaluate.Evaluation(answers=["hello there", "goodbye"], loss=math.log(9))
+    after = evaluate.Evaluation(answers=["hey", "see you"], loss=math.log(3))
+    lines = evaluate.record_lines(spec, examples, before, after)
+    assert [(line["line"], line["base"], line["fineTuned"]) for line in lines] == [
+        (1, {}, {}), (2, {}, {})]
+    assert evaluate.task_scores(spec, after, examples).values == pytest.approx({
+        Metric.EVAL_LOSS: math.log(3), Metric.PERPLEXITY: 3.0})
+
+
+def test_extraction_records_rank_by_token_f1() -> None:
+    spec = EvaluationSpec(task=Task.EXTRACTION)
+    examples = [chat("who?", '{"name": "Ada"}', 1), chat("where?", '{"city": "Paris"}', 2)]
+    before = evaluate.Evaluation(answers=['{"name": "Ada"}', '{"city": "Rome"}'])
+    after = evaluate.Evaluation(answers=['{"name": "Bob"}', '{"city": "Paris"}'])
+    lines = evaluate.record_lines(spec, examples, before, after)
+    assert [line["line"] for line in lines] == [1, 2]
+    assert lines[0]["fineTuned"][Metric.FIELD_PRECISION] == 0.0
+    assert lines[1]["fineTuned"][Metric.FIELD_RECALL] == 1.0
+    before_lines = evaluate.record_lines(spec, examples, after, before)  # roles swapped
+    assert [line["line"] for line in before_lines] == [2, 1]
