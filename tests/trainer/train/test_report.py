@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, TrainingReport
-from kubetune.api.metrics import Metric, MetricScores, Task
 from kubetune_trainer.train import report as reports
 from kubetune_trainer.train import run as train
 from tests.trainer.conftest import run_config
@@ -86,32 +85,6 @@ def test_report_and_short_termination_message(tmp_path: Path,
     assert parsed is not None and parsed.steps == 3 and parsed.error.endswith("...")
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "missing" / "log"))
     reports.write_final(tmp_path / "out", report)  # not writable: skipped silently
-
-
-def test_the_short_form_carries_the_task_metrics_and_drops_their_details_to_fit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    termination = tmp_path / "termination-log"
-    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
-    labels = {f"queue-{i:03d}-{'x' * 20}": 0.5 for i in range(200)}  # ~6 kB of per-label F1
-    metrics = MetricScores(values={Metric.MACRO_F1: 0.5, Metric.ACCURACY: 0.75},
-                           per_label_f1=labels, records=40)
-    few = MetricScores(values={Metric.MACRO_F1: 0.25}, per_label_f1={"a": 0.25}, records=40)
-    small = TrainingReport(task=Task.CLASSIFICATION, metrics=few, base_metrics=few)
-    reports.write_final(tmp_path / "out", small)
-    parsed = TrainingReport.parse(termination.read_text())
-    assert parsed is not None and parsed.metrics == few and parsed.task is Task.CLASSIFICATION
-
-    large = TrainingReport(task=Task.CLASSIFICATION, metrics=metrics, base_metrics=few,
-                           error="e" * 3000)
-    reports.write_final(tmp_path / "out", large)
-    short = termination.read_bytes()
-    assert len(short) <= reports.TERMINATION_LIMIT
-    parsed = TrainingReport.parse(short.decode())
-    assert parsed is not None and parsed.metrics is not None and parsed.base_metrics is not None
-    assert parsed.metrics.values == metrics.values and parsed.metrics.per_label_f1 == {}
-    assert parsed.base_metrics.values == few.values
-    assert parsed.error == "e" * 3000  # fits once the per-label F1 is dropped
-    assert TrainingReport.read(tmp_path / "out" / "report.json") == large  # report.json keeps all
 
 
 def _main(tmp_path: Path, document: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[int, dict]:

@@ -11,8 +11,7 @@
 - `report.json` at the end (`kubetune.api.dataplane.TrainingReport`: the schema both planes
   share), and a short form of it (<= 4096 bytes, JSON) written to the termination-message path
   `$KUBETUNE_TERMINATION_LOG` (default `/dev/termination-log`; skipped silently when not
-  writable). It carries the task metrics (`metrics`, `baseMetrics`) the gate and status read;
-  when it would not fit, their per-label F1 and signatures go first, then the error's tail.
+  writable).
 """
 
 from __future__ import annotations
@@ -36,22 +35,14 @@ TERMINATION_LIMIT = 4096
 SHORT_FIELDS = {
     "status", "error", "steps", "total_steps", "train_loss", "eval_loss", "base_eval_loss",
     "accuracy", "base_accuracy", "tokens_per_second", "truncated_records", "adapter", "merged",
-    "plan_mismatch", "task", "metrics", "base_metrics",
+    "plan_mismatch",
 }
-METRIC_DETAILS = ("perLabelF1", "signatures")
-"""What the short form drops from the task metrics when it would not fit (report.json keeps
-them): the values are what the operator compares."""
 
 
 def short_form(report: TrainingReport) -> str:
     """The termination message: the keys the operator reads, cut to fit 4096 bytes."""
     short = report.model_dump(by_alias=True, mode="json", include=SHORT_FIELDS)
     text = json.dumps(short, separators=(",", ":"))
-    if len(text.encode()) > TERMINATION_LIMIT:
-        for key in ("metrics", "baseMetrics"):
-            if isinstance(short.get(key), dict):
-                short[key] = {k: v for k, v in short[key].items() if k not in METRIC_DETAILS}
-        text = json.dumps(short, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_LIMIT:
         error = str(short.get("error") or "")
         overflow = len(text.encode()) - TERMINATION_LIMIT + 16
