@@ -228,6 +228,8 @@ def test_run_reports_a_classification_tasks_metrics_everywhere(tmp_path: Path) -
     manifest = _manifest(tmp_path, data, 2, True)
     document = yaml.safe_load(manifest.read_text())
     document["spec"]["evaluation"] = {"task": "Classification", "labels": list(TICKETS)}
+    # Two steps teach nothing: this checks the reports, not the gate.
+    document["spec"]["serving"]["gate"] = {"mustBeatBase": False}
     manifest.write_text(yaml.safe_dump(document))
     run_dir = tmp_path / "run"
     result = _kubetune("run", str(manifest), "--output", str(run_dir), "--no-serve",

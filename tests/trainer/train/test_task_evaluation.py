@@ -71,14 +71,25 @@ def test_records_that_regressed_most_come_first() -> None:
 def test_a_lower_is_better_ranking_and_chosen_metrics() -> None:
     assert evaluate.regression(Metric.EVAL_LOSS, 1.0, 1.5) == 0.5
     assert evaluate.regression(Metric.CHRF, 60.0, 40.0) == 20.0
-    spec = EvaluationSpec(task=Task.TRANSLATION, metrics=[Metric.BLEU])
+    spec = EvaluationSpec(task=Task.TRANSLATION, metrics=[Metric.CHRF])
     examples = [chat("hallo welt", "hello world", 1), chat("guten tag", "good day", 2)]
     before = evaluate.Evaluation(answers=["hello", "good day"])
     after = evaluate.Evaluation(answers=["hello world", "bad day"])
     lines = evaluate.record_lines(spec, examples, before, after)
-    assert [line["line"] for line in lines] == [2, 1]  # ranked by BLEU: chrF is not reported
-    assert set(lines[0]["base"]) == {Metric.BLEU}
-    assert set(evaluate.task_scores(spec, after, examples).values) == {Metric.BLEU}
+    assert [line["line"] for line in lines] == [2, 1]  # ranked by chrF; BLEU not chosen
+    assert set(lines[0]["base"]) == {Metric.CHRF}
+    assert set(evaluate.task_scores(spec, after, examples).values) == {Metric.CHRF}
+
+
+def test_a_classifier_judged_by_macro_f1_alone_still_ranks_its_records() -> None:
+    spec = EvaluationSpec(task=Task.CLASSIFICATION, labels=LABELS, metrics=[Metric.MACRO_F1])
+    examples = [chat(q, a, i + 1) for i, (q, a) in enumerate(VALIDATION)]
+    before = evaluate.Evaluation(answers=["tech", "tech", "billing", "tech"])
+    after = evaluate.Evaluation(answers=["billing", "tech", "tech", "tech"])
+    lines = evaluate.record_lines(spec, examples, before, after)
+    assert [line["line"] for line in lines] == [3, 2, 4, 1]  # accuracy stands for macro-F1
+    assert lines[0]["base"] == {Metric.ACCURACY: 1.0}
+    assert set(evaluate.task_scores(spec, after, examples).values) == {Metric.MACRO_F1}
 
 
 def _evaluation_lines(output: Path) -> list[dict[str, Any]]:

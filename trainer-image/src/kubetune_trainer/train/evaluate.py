@@ -157,12 +157,16 @@ def prompt_text(example: Example) -> str:
 
 def record_lines(spec: EvaluationSpec, examples: Sequence[Example], before: Evaluation,
                  after: Evaluation) -> list[dict[str, Any]]:
-    """`evaluation.jsonl`: base and fine-tuned answers record by record with each metric that
-    has a per-record value, the records that regressed most on the task's primary metric
-    (`RECORD_METRIC`) first; ties, and tasks with no per-record metric, keep dataset order."""
+    """`evaluation.jsonl`: base and fine-tuned answers record by record with each chosen
+    metric that has a per-record value, and the one standing for the task's primary metric
+    (`RECORD_METRIC`: a classifier's accuracy when only macro-F1 was chosen), by which the
+    records that regressed most come first; ties, and Chat (no per-record metric), keep
+    dataset order."""
     chosen = answered(examples)
     if not chosen or len(before.answers) != len(chosen) or len(after.answers) != len(chosen):
         return []
+    ranked_by = RECORD_METRIC[spec.task]
+    wanted = None if spec.metrics is None else [*spec.metrics, *filter(None, [ranked_by])]
     labels = spec.labels or ()
     lines: list[dict[str, Any]] = []
     for example, base, tuned in zip(chosen, before.answers, after.answers, strict=True):
@@ -170,16 +174,13 @@ def record_lines(spec: EvaluationSpec, examples: Sequence[Example], before: Eval
         lines.append({
             "line": example.line, "input": prompt_text(example), "expected": reference,
             "baseAnswer": base, "fineTunedAnswer": tuned,
-            "base": score_answer(spec.task, base, reference, labels, spec.metrics),
-            "fineTuned": score_answer(spec.task, tuned, reference, labels, spec.metrics),
+            "base": score_answer(spec.task, base, reference, labels, wanted),
+            "fineTuned": score_answer(spec.task, tuned, reference, labels, wanted),
         })
-    ranked_by = next((m for m in (RECORD_METRIC[spec.task], *selected_metrics(spec.task,
-                                                                               spec.metrics))
-                      if m is not None and all(m in line["base"] and m in line["fineTuned"]
-                                               for line in lines)), None)
     if ranked_by is not None:
-        lines.sort(key=lambda line: -regression(ranked_by, line["base"][ranked_by],
-                                                line["fineTuned"][ranked_by]))
+        metric = ranked_by
+        lines.sort(key=lambda line: -regression(metric, line["base"][metric],
+                                                line["fineTuned"][metric]))
     return lines
 
 
