@@ -39,7 +39,7 @@ import numpy as np
 from inference import PROMPTS, STREAMS, machine, stream_once
 from structured_output import serve
 
-from kubetune.api.dataplane import exact_match
+from kubetune.api.metrics import exact_match
 from kubetune.local.evaluate import chat, load_chat_examples
 from kubetune.local.processes import export_command
 from kubetune_trainer.serve.server import default_served_name

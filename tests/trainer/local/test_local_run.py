@@ -194,3 +194,61 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "Succeeded" and report["steps"] == 10
     assert report["resumedFromStep"] == stopped
+
+
+TICKETS = {
+    "billing": ["I was charged twice this month", "Please refund my last invoice",
+                "My card was declined at checkout", "Why is my invoice higher than usual",
+                "I want my money back for the annual plan", "The receipt shows the wrong VAT"],
+    "tech": ["The app crashes when I log in", "The page shows error 500",
+             "I cannot reset my password", "The upload button does nothing",
+             "The app freezes on start", "Sync stopped working on my phone"],
+}
+
+
+def _tickets(directory: Path) -> dict[str, Path]:
+    """A two-queue ticket classifier's splits (train, validation and test share no ticket)."""
+    directory.mkdir(parents=True)
+    system = "Route the support ticket: answer billing or tech."
+    records = [(text, label) for label, texts in TICKETS.items() for text in texts]
+    records = records[0::2] + records[1::2]  # interleave the two queues
+    splits = {"train": records[:6], "validation": records[6:9], "test": records[9:]}
+    paths = {}
+    for split, chosen in splits.items():
+        paths[split] = directory / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps({"messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": text},
+            {"role": "assistant", "content": label}]}) + "\n" for text, label in chosen))
+    return paths
+
+
+@pytest.mark.slow
+def test_run_reports_a_classification_tasks_metrics_everywhere(tmp_path: Path) -> None:
+    data = _tickets(tmp_path / "data")
+    manifest = _manifest(tmp_path, data, 2, True)
+    document = yaml.safe_load(manifest.read_text())
+    document["spec"]["evaluation"] = {"task": "Classification", "labels": list(TICKETS)}
+    # Two steps teach nothing: this checks the reports, not the gate.
+    document["spec"]["serving"]["gate"] = {"mustBeatBase": False}
+    manifest.write_text(yaml.safe_dump(document))
+    run_dir = tmp_path / "run"
+    result = _kubetune("run", str(manifest), "--output", str(run_dir), "--no-serve",
+                       "--test", str(data["test"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    wanted = {"accuracy", "macroF1", "outOfLabels"}
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task"] == "Classification"
+    assert set(report["metrics"]["values"]) == wanted | {"evalLoss", "perplexity"}
+    assert set(report["baseMetrics"]["values"]) == wanted | {"evalLoss", "perplexity"}
+    for model in ("base", "fineTuned"):  # through the served endpoint: no loss
+        assert set(report["test"][model]["metrics"]["values"]) == wanted
+        assert report["test"][model]["metrics"]["records"] == 3
+    exported = json.loads((run_dir / "onnx" / "export.json").read_text())
+    assert set(exported["metrics"]["values"]) == wanted | {"evalLoss", "perplexity"}
+    records = [json.loads(line) for line in
+               (run_dir / "evaluation.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and {r["expected"] for r in records} <= set(TICKETS)
+    assert "Classification metrics on the held-out test split (3 records):" in result.stdout
+    assert "macroF1" in result.stdout and "F1 billing" in result.stdout + result.stderr
+    assert "Classification metrics on 3 validation records:" in result.stderr

@@ -16,9 +16,8 @@ from kubetune.api.dataplane import (
     Score,
     TestSplitScores,
     TrainingReport,
-    exact_match,
 )
-from kubetune.api.metrics import Metric, MetricScores, Task
+from kubetune.api.metrics import Metric, MetricScores, Task, exact_match, score_answers
 from kubetune.api.spec import GateSpec
 from kubetune.local.evaluate import auto_summary, side_by_side
 from kubetune.local.processes import train_command
@@ -169,12 +168,55 @@ def test_the_base_comparison_of_a_gptq_export_calibrates_on_the_run(tmp_path: Pa
 
 
 def test_test_split_scores_without_a_base_are_measured_again() -> None:
+    tuned = Score(accuracy=0.85, correct=85, total=100, metrics=MetricScores(
+        values={Metric.EXACT_MATCH: 0.85}, records=100))
     scores = TestSplitScores(path="t.jsonl", engine=ENGINE, precision="INT4-GPTQ", base=None,
-                             fine_tuned=Score(accuracy=0.85, correct=85, total=100))
+                             task=Task.GENERATION, fine_tuned=tuned)
     assert still_valid(scores, Path("t.jsonl"), "INT4-GPTQ") is None
     measured = scores.model_copy(update={"base": Score(accuracy=0.0, correct=0, total=100)})
     assert still_valid(measured, Path("t.jsonl"), "INT4-GPTQ") is measured
     assert still_valid(measured, Path("t.jsonl"), "FP32") is None
+    # Scores of another task, or from before the task metrics, are measured again.
+    assert still_valid(measured, Path("t.jsonl"), "INT4-GPTQ", Task.CLASSIFICATION) is None
+    unscored = measured.model_copy(update={"fine_tuned": tuned.model_copy(
+        update={"metrics": None})})
+    assert still_valid(unscored, Path("t.jsonl"), "INT4-GPTQ") is None
+
+
+def test_the_test_split_table_puts_every_task_metric_side_by_side() -> None:
+    references = ["billing", "tech", "billing", "tech"]
+    base_answers = ["billing", "billing", "Hello!", "billing"]
+    tuned_answers = ["billing", "tech", "billing", "billing"]
+
+    def score(answers: list[str]) -> Score:
+        metrics = score_answers(Task.CLASSIFICATION, answers, references, ["billing", "tech"])
+        correct = sum(a == r for a, r in zip(answers, references, strict=True))
+        return Score(accuracy=correct / 4, correct=correct, total=4, metrics=metrics)
+
+    text = side_by_side(score(base_answers), score(tuned_answers), "test", Task.CLASSIFICATION)
+    rows = {line.split()[0] if not line.startswith("  F1") else " ".join(line.split()[:2]):
+            line.split()[-2:] for line in text.splitlines()[4:]}
+    assert text.splitlines()[3] == "Classification metrics on the held-out test split (4 " \
+                                   "records):"
+    # base: billing TP 1 FP 2 FN 1 -> 2/5, tech TP 0 FN 2 -> 0; one answer outside the labels.
+    # fine-tuned: billing TP 2 FP 1 -> 4/5, tech TP 1 FN 1 -> 2/3.
+    assert rows["accuracy"] == ["0.2500", "0.7500"]
+    assert rows["macroF1"] == [f"{(2 / 5 + 0) / 2:.4f}", f"{(4 / 5 + 2 / 3) / 2:.4f}"]
+    assert rows["outOfLabels"] == ["0.2500", "0.0000"]
+    assert rows["F1 billing"] == ["0.4000", "0.8000"] and rows["F1 tech"] == ["0.0000", "0.6667"]
+    assert "exactMatch" not in rows  # the rows above it say the exact match
+
+
+def test_a_generation_table_is_the_exact_match_alone_and_a_missing_base_says_so() -> None:
+    tuned = Score(accuracy=0.5, correct=1, total=2, metrics=score_answers(
+        Task.GENERATION, ["a", "b"], ["a", "c"]))
+    assert side_by_side(None, tuned, "test").splitlines()[1:] == [
+        "  base model        not measured", "  fine-tuned model   50.0%  (1/2)"]
+    translated = Score(total=2, metrics=score_answers(Task.TRANSLATION, ["a cat", "b"],
+                                                      ["a cat", "c"]))
+    text = side_by_side(None, translated, "test", Task.TRANSLATION)
+    assert "  chrF" in text and "not measured" in text.splitlines()[5]
+    assert "(chrF: nrefs:1|" in text and "(bleu: nrefs:1|" in text
 
 
 def test_test_split_lines_end_at_newline_only_and_bad_ones_are_named(tmp_path: Path) -> None:

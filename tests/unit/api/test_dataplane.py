@@ -11,11 +11,11 @@ from kubetune.api.dataplane import (
     ExportReport,
     ProgressReport,
     TrainingReport,
-    exact_match,
     resolve_precision,
     resolve_quantization,
     weights_label,
 )
+from kubetune.api.metrics import exact_match
 from kubetune.api.spec import Precision, Quantization
 
 

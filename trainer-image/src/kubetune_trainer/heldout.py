@@ -7,7 +7,8 @@ Token ids, not text: the exporter's tokenizer parity check already holds serving
 training's, and ids spare the exporter the dataset formats and chat templates. Each record is a
 validation record the model never trained on: the whole sequence with its loss labels (for
 teacher-forced agreement and loss) and, when it carries a reference answer, the prompt and the
-answer (for greedy exact match, judged by `kubetune.api.dataplane.exact_match`).
+answer (for greedy exact match, judged by `kubetune.api.metrics.exact_match`, and the
+exported model's task metrics: `task`, `labels` and `metrics` are `spec.evaluation`'s).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from kubetune.api.metrics import Metric, Task
 
 HELD_OUT_FILE = "heldout.json"
 CALIBRATION_FILE = "calibration.json"
@@ -59,6 +62,11 @@ class HeldOut(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     records: list[HeldOutRecord] = Field(default_factory=list)
+    task: Task = Task.GENERATION
+    """What the run was judged by (`spec.evaluation.task`): the exporter scores the exported
+    weights on the same task metrics."""
+    labels: list[str] = Field(default_factory=list)
+    metrics: list[Metric] | None = None
 
     @property
     def answers(self) -> list[HeldOutRecord]:

@@ -14,7 +14,6 @@ code and every rule they both apply:
   pods as.
 - `resolve_precision`: what `precision: Auto` means on a device; `resolve_quantization`:
   INT4's rounding method.
-- `exact_match`: when a generated answer counts as the reference answer.
 - `cache_root`: where converted models are cached on a machine.
 - `write_termination_message`: how a data-plane pod hands its short report to the operator.
 - `read_jsonl`: how a JSONL dataset splits into numbered records (the trainer's datasets and
@@ -27,7 +26,6 @@ import codecs
 import json
 import math
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -128,13 +126,17 @@ class ProgressReport(Report):
 
 
 class Score(Report):
-    """Exact-match accuracy of greedy answers on some held-out records."""
+    """Exact-match accuracy of greedy answers on some held-out records, and their task
+    metrics."""
 
     accuracy: float = 0.0
     correct: int = 0
     total: int = 0
     samples: list[dict[str, Any]] = Field(default_factory=list)
     """A few (request, answer, reference) records, for a reader to see what was asked."""
+    metrics: MetricScores | None = None
+    """The answers scored on `spec.evaluation`'s task metrics (no loss: an endpoint's
+    answers have none)."""
 
 
 class GateVerdict(Report):
@@ -143,12 +145,14 @@ class GateVerdict(Report):
 
 
 class TestSplitScores(Report):
-    """Base and fine-tuned accuracy on a test split, measured through the served model
-    (`kubetune run`); re-measured when the split, the precision or the engine changes."""
+    """Base and fine-tuned accuracy and task metrics on a test split, measured through the
+    served model (`kubetune run`); re-measured when the split, the precision, the engine or
+    the task changes."""
 
     path: str
     engine: str
     precision: str
+    task: Task | None = None
     base: Score | None = None
     fine_tuned: Score
 
@@ -185,7 +189,7 @@ class TrainingReport(Report):
     """Mean token cross-entropy on the validation records."""
     base_eval_loss: float | None = None
     accuracy: float | None = None
-    """Exact match (`exact_match`) of greedy answers on validation records, 0-1."""
+    """Exact match (`metrics.exact_match`) of greedy answers on validation records, 0-1."""
     base_accuracy: float | None = None
     eval_records: int = 0
     """Records the accuracy used."""
@@ -307,6 +311,10 @@ class ExportReport(Report):
     tokenizer_parity: dict[str, Any] | None = None
     genai_tokenizer: dict[str, Any] | None = None
     output_parity: dict[str, Any] | None = None
+    metrics: MetricScores | None = None
+    """The exported weights' task metrics (`kubetune.api.metrics`, the task the trainer
+    recorded in `heldout.json`) on the held-out validation records: what will serve, judged
+    as the trainer judged the fine-tuned model. None without held-out records."""
 
     @property
     def weights(self) -> str:
@@ -315,10 +323,14 @@ class ExportReport(Report):
 
     def short_form(self) -> str:
         """The export pod's termination message (at most 4096 bytes): what the operator puts
-        in `status.evaluation`; the candidates' reasons are dropped, export.json keeps them."""
+        in `status.evaluation`; the candidates' reasons and the metrics' per-label F1 and
+        signatures are dropped, export.json keeps them."""
         short = self.model_copy(update={"tokenizer_parity": None, "genai_tokenizer": None,
                                         "output_parity": None, "timings": {}, "sizes": {},
                                         "builder_config_changes": None})
+        if short.metrics is not None:
+            short.metrics = short.metrics.model_copy(update={"per_label_f1": {},
+                                                             "signatures": {}})
         if short.auto is not None:
             short.auto = short.auto.model_copy(update={"candidates": [
                 c.model_copy(update={"reason": ""}) for c in short.auto.candidates]})
@@ -378,22 +390,6 @@ def weights_label(precision: str | None, quantization: str | None) -> str:
     if quantization is None or quantization == Quantization.RTN.value:
         return str(precision)
     return f"{precision}-{quantization}"
-
-
-# A model may wrap a command in a code fence or backticks; that is formatting, not content.
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
-
-
-def normalize_answer(text: str) -> str:
-    """Whitespace collapsed, surrounding code fences and backticks removed."""
-    text = _FENCE.sub("", text.strip()).strip().strip("`").strip()
-    return " ".join(text.split())
-
-
-def exact_match(answer: str, reference: str) -> bool:
-    """The one definition of a correct answer: the trainer's validation accuracy (which the
-    gate's `minAccuracy` checks) and `kubetune run`'s test-split accuracy both use it."""
-    return normalize_answer(answer) == normalize_answer(reference)
 
 
 def cache_root() -> Path:

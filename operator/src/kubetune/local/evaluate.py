@@ -1,4 +1,5 @@
-"""Held-out evaluation for `kubetune run`: exact-match accuracy through a served endpoint.
+"""Held-out evaluation for `kubetune run`: exact-match accuracy and the task metrics
+(`spec.evaluation`, scored by `kubetune.api.metrics`) through a served endpoint.
 
 Both the base and the fine-tuned model are asked through the same OpenAI-compatible server
 (ONNX Runtime GenAI), with greedy decoding, so the comparison differs only in the weights.
@@ -12,7 +13,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.dataplane import AutoChoice, JsonlError, Score, exact_match, read_jsonl
+from kubetune.api.dataplane import AutoChoice, JsonlError, Score, read_jsonl
+from kubetune.api.metrics import Metric, MetricScores, Task, exact_match, score_answers
+from kubetune.api.spec import EvaluationSpec
 
 
 def _chat_turns(record: object) -> list[dict[str, str]]:
@@ -77,14 +80,19 @@ def is_ready(root_url: str) -> bool:
 
 
 def evaluate(base_url: str, model: str, examples: list[tuple[list[dict[str, str]], str]],
-             keep_samples: int = 5, api_key: str | None = None) -> Score:
+             keep_samples: int = 5, api_key: str | None = None,
+             evaluation: EvaluationSpec | None = None) -> Score:
+    """Greedy answers to `examples`: their exact match, and their task metrics."""
+    evaluation = evaluation or EvaluationSpec()
     result = Score()
+    answers = []
     for messages, reference in examples:
         # An answer much longer than the reference cannot match it; capping the length (at
         # more tokens than the reference can take) keeps a rambling base model from costing
         # minutes without changing any verdict.
         answer = chat(base_url, model, messages, max_tokens=len(reference) // 2 + 24,
                       api_key=api_key)
+        answers.append(answer)
         result.total += 1
         result.correct += exact_match(answer, reference)
         result.accuracy = round(result.correct / result.total, 4)
@@ -92,21 +100,67 @@ def evaluate(base_url: str, model: str, examples: list[tuple[list[dict[str, str]
             request = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             result.samples.append({"request": request, "answer": answer,
                                    "reference": reference})
+    result.metrics = score_answers(evaluation.task, answers, [r for _, r in examples],
+                                   evaluation.labels or (), evaluation.metrics)
     return result
 
 
-def side_by_side(base: Score | None, tuned: Score, split: str) -> str:
-    """The comparison table `kubetune run` prints at the end."""
+def side_by_side(base: Score | None, tuned: Score, split: str,
+                 task: Task = Task.GENERATION) -> str:
+    """The comparison table `kubetune run` prints at the end: exact match, then every other
+    task metric (Generation has none), base and fine-tuned side by side."""
     def cell(result: Score | None) -> str:
         if result is None:
             return "not measured"
         return f"{100 * result.accuracy:5.1f}%  ({result.correct}/{result.total})"
 
-    return "\n".join([
+    lines = [
         f"Exact-match accuracy on the held-out {split} split:",
         f"  base model        {cell(base)}",
         f"  fine-tuned model  {cell(tuned)}",
-    ])
+    ]
+    rows = metrics_table(base.metrics if base is not None else None, tuned.metrics,
+                         shown={Metric.EXACT_MATCH})
+    if rows:
+        lines += [f"{task.value} metrics on the held-out {split} split ({tuned.total} "
+                  "records):", *rows]
+    return "\n".join(lines)
+
+
+PERCENT_SCALE = frozenset({Metric.CHRF, Metric.BLEU})
+"""Metrics sacrebleu reports on 0-100; the others are 0-1 shares, losses or perplexities."""
+
+
+def metrics_table(base: MetricScores | None, tuned: MetricScores | None,
+                  shown: frozenset[Metric] | set[Metric] = frozenset()) -> list[str]:
+    """Rows of `metric  base  fine-tuned` for every metric either measured (but those already
+    `shown`), each label's F1, and how a library metric was computed; [] when none."""
+    base_scores, tuned_scores = base or MetricScores(), tuned or MetricScores()
+    names = sorted((m for m in Metric if m not in shown
+                    and (m in base_scores.values or m in tuned_scores.values)),
+                   key=lambda m: m in (Metric.EVAL_LOSS, Metric.PERPLEXITY))  # the task's first
+    if not names:
+        return []
+
+    def value(scores: MetricScores | None, metric: Metric) -> str:
+        if scores is None:
+            return "not measured"
+        if metric not in scores.values:
+            return "-"
+        number = scores.values[metric]
+        return f"{number:.2f}" if metric in PERCENT_SCALE else f"{number:.4f}"
+
+    rows = [f"  {'metric':16} {'base model':>14} {'fine-tuned model':>18}"]
+    rows += [f"  {m.value:16} {value(base, m):>14} {value(tuned, m):>18}" for m in names]
+    labels = list(dict.fromkeys([*base_scores.per_label_f1, *tuned_scores.per_label_f1]))
+    for label in labels:
+        cells = [f"{s.per_label_f1[label]:.4f}" if label in s.per_label_f1 else "-"
+                 for s in (base_scores, tuned_scores)]
+        rows.append(f"  {'F1 ' + label:16} {cells[0]:>14} {cells[1]:>18}")
+    signatures = {**base_scores.signatures, **tuned_scores.signatures}
+    rows += [f"  ({metric.value}: {signature})" for metric, signature in signatures.items()
+             if metric in names]
+    return rows
 
 
 def auto_summary(choice: AutoChoice, served: str) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 
 from kubetune.api import FineTuneJob, ManifestError, RunConfig, load_manifest
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, GateVerdict, TrainingReport
-from kubetune.local.evaluate import load_chat_examples
+from kubetune.api.metrics import Metric
+from kubetune.local.evaluate import load_chat_examples, metrics_table
 from kubetune.local.modelconfig import read_model_config
 from kubetune.local.processes import (
     Child,
@@ -228,6 +229,14 @@ def print_training_report(report: TrainingReport, run_dir: Path) -> None:
                          (report.base_accuracy, "base validation accuracy")):
         if value is not None:
             lines.append(f"  {label:26} {value:.4f}")
+    if report.metrics is not None:
+        # The rows above already say the loss and the exact match (accuracy).
+        rows = metrics_table(report.base_metrics, report.metrics,
+                             shown={Metric.EVAL_LOSS, Metric.EXACT_MATCH})
+        if rows:
+            task = report.task.value if report.task is not None else "task"
+            lines += [f"  {task} metrics on {report.metrics.records} validation records:",
+                      *(f"  {row}" for row in rows)]
     if (run_dir / "loss.png").is_file():
         lines.append(f"  loss curve                 {run_dir / 'loss.png'}")
     if report.plan_mismatch:

@@ -3,7 +3,8 @@
 The fine-tuned model is asked through the ONNX Runtime server it will be served with. When a
 held-out test split exists (`--test FILE`, or the built-in dataset's `test.jsonl`), the base
 model is exported the same way (cached when it is built in) and asked the same questions
-through a server of its own, so the two accuracies differ only in the weights.
+through a server of its own, so the two accuracies and the task metrics differ only in the
+weights.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kubetune.api.dataplane import (
     TrainingReport,
     cache_root,
 )
+from kubetune.api.metrics import Task
 from kubetune.api.spec import Quantization
 from kubetune.local.evaluate import (
     auto_summary,
@@ -138,37 +140,42 @@ def base_onnx(config: RunConfig, run_dir: Path, tuned: ExportReport) -> Path:
     return target
 
 
-def still_valid(cached: TestSplitScores | None, test_path: Path,
-                weights: str) -> TestSplitScores | None:
-    """The report's test-split scores when they are for this split, these weights and this
-    engine, and the base was measured (a base that could not be is tried again)."""
+def still_valid(cached: TestSplitScores | None, test_path: Path, weights: str,
+                task: Task = Task.GENERATION) -> TestSplitScores | None:
+    """The report's test-split scores when they are for this split, these weights, this
+    engine and this task, and the base was measured (a base that could not be is tried
+    again)."""
     if (cached is not None and cached.path == str(test_path) and cached.base is not None
-            and cached.precision == weights and cached.engine == ENGINE):
+            and cached.precision == weights and cached.engine == ENGINE
+            and cached.task is task and cached.fine_tuned.metrics is not None):
         return cached
     return None
 
 
 def measure_test_split(config: RunConfig, run_dir: Path, tuned: Server, test_path: Path,
                        report: TrainingReport, exported: ExportReport) -> TestSplitScores:
-    """Base and fine-tuned exact-match accuracy on the test split, cached in the report."""
-    cached = still_valid(report.test, test_path, exported.weights)
+    """Base and fine-tuned exact-match accuracy and task metrics on the test split, cached in
+    the report."""
+    evaluation = config.spec.evaluation
+    cached = still_valid(report.test, test_path, exported.weights, evaluation.task)
     if cached is not None:
         return cached
     examples = load_chat_examples(test_path)
     print(f"Evaluating {len(examples)} held-out test requests (ONNX Runtime, greedy)...",
           file=sys.stderr)
-    fine_tuned = evaluate(tuned.base_url, tuned.name, examples, api_key=tuned.api_key)
+    fine_tuned = evaluate(tuned.base_url, tuned.name, examples, api_key=tuned.api_key,
+                          evaluation=evaluation)
     base: Score | None = None
     try:
         base_server = Server(base_onnx(config, run_dir, exported), f"{config.name}-base", 0,
                              run_dir / "logs" / "serve-base.log")
         with base_server:
             base = evaluate(base_server.base_url, base_server.name, examples,
-                            api_key=base_server.api_key)
+                            api_key=base_server.api_key, evaluation=evaluation)
     except RuntimeError as error:
         print(f"Base model not measured: {error}", file=sys.stderr)
     return TestSplitScores(path=str(test_path), engine=ENGINE, precision=exported.weights,
-                           base=base, fine_tuned=fine_tuned)
+                           task=evaluation.task, base=base, fine_tuned=fine_tuned)
 
 
 def finish_with_server(config: RunConfig, run_dir: Path, args: argparse.Namespace,
@@ -195,7 +202,7 @@ def _serve_and_show(run_dir: Path, args: argparse.Namespace, report: TrainingRep
         test = measure_test_split(config, run_dir, server, test_path, report, exported)
         report.test = test
         write_report(run_dir, report)
-        print(side_by_side(test.base, test.fine_tuned, "test"))
+        print(side_by_side(test.base, test.fine_tuned, "test", config.spec.evaluation.task))
         question = load_chat_examples(test_path)[0][0]
     if exported.auto is not None:
         print(auto_summary(exported.auto, exported.weights))

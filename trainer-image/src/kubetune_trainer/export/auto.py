@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kubetune.api.dataplane import CandidateScore, exact_match
+from kubetune.api.dataplane import CandidateScore
+from kubetune.api.metrics import exact_match
 from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype, stop_token_ids
 from kubetune_trainer.heldout import IGNORE, HeldOut, HeldOutRecord
@@ -109,12 +110,12 @@ def fallback_held_out(model_dir: Path, serving: Any, tokens: int) -> HeldOut:
     ])
 
 
-def _targets(record: HeldOutRecord) -> tuple[list[int], list[int]]:
+def target_tokens(record: HeldOutRecord) -> tuple[list[int], list[int]]:
     positions = record.target_positions()
     return positions, [record.input_ids[p + 1] for p in positions]
 
 
-def _loss(logits: np.ndarray, positions: list[int], targets: list[int]) -> float:
+def target_loss(logits: np.ndarray, positions: list[int], targets: list[int]) -> float:
     """Summed cross-entropy of `targets` at `positions` of (length, vocab) logits."""
     rows = logits[positions].astype(np.float64)
     top = rows.max(axis=1, keepdims=True)
@@ -147,10 +148,10 @@ def torch_reference(model_dir: Path, held_out: HeldOut) -> Reference:
     argmax, loss, count = [], 0.0, 0
     with torch.inference_mode():
         for record in held_out.records:
-            positions, targets = _targets(record)
+            positions, targets = target_tokens(record)
             logits = model(input_ids=torch.tensor([record.input_ids])).logits[0].numpy()
             argmax.append(logits[positions].argmax(axis=1))
-            loss += _loss(logits, positions, targets)
+            loss += target_loss(logits, positions, targets)
             count += len(targets)
 
         def greedy(prompt: list[int], budget: int) -> list[int]:
@@ -164,20 +165,26 @@ def torch_reference(model_dir: Path, held_out: HeldOut) -> Reference:
     return Reference(held_out, Score(accuracy, 1.0, loss / max(count, 1)), argmax)
 
 
-def _accuracy(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> float | None:
+def greedy_answers(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> list[str]:
+    """The greedy answer to each of `held_out.answers`, at most `ANSWER_SLACK` tokens longer
+    than its reference."""
     from kubetune_trainer.tokenizer import ServingTokenizer
 
-    answers = held_out.answers
-    if not answers:
-        return None
     tokenizer = ServingTokenizer.load(tokenizer_dir)
-    hits = 0
-    for record in answers:
+    answers = []
+    for record in held_out.answers:
         assert record.prompt is not None and record.reference is not None
         budget = len(tokenizer.encode(record.reference, add_special_tokens=False)) + ANSWER_SLACK
-        answer = tokenizer.decode(greedy(record.prompt, budget))
-        hits += exact_match(answer, record.reference)
-    return hits / len(answers)
+        answers.append(tokenizer.decode(greedy(record.prompt, budget)))
+    return answers
+
+
+def _accuracy(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> float | None:
+    answers = greedy_answers(held_out, greedy, tokenizer_dir)
+    if not answers:
+        return None
+    references = [str(record.reference) for record in held_out.answers]
+    return sum(exact_match(a, r) for a, r in zip(answers, references, strict=True)) / len(answers)
 
 
 class OnnxDecoder:
@@ -221,10 +228,10 @@ def onnx_score(onnx_dir: Path, reference: Reference) -> Score:
     decoder = OnnxDecoder(onnx_dir)
     hits, loss, count = 0, 0.0, 0
     for record, wanted in zip(reference.held_out.records, reference.argmax, strict=True):
-        positions, targets = _targets(record)
+        positions, targets = target_tokens(record)
         logits, _ = decoder.run(record.input_ids, None, len(record.input_ids))
         hits += int((logits[positions].argmax(axis=1) == wanted).sum())
-        loss += _loss(logits, positions, targets)
+        loss += target_loss(logits, positions, targets)
         count += len(targets)
     accuracy = _accuracy(reference.held_out, decoder.greedy, onnx_dir)
     return Score(accuracy, hits / max(count, 1), loss / max(count, 1))

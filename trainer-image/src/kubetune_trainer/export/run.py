@@ -15,7 +15,8 @@ Nothing is reported as exported before it is verified: the serving tokenizer mus
 training tokenizer's ids on every parity case, and greedy continuations must match PyTorch token
 for token at FP32 (FP16: the same threshold as INT4's rounding allows) or agree above a measured
 threshold at INT4. A failed check exits 1 with the reason in export.json and on stderr; a bad
-invocation exits 2 (not retryable).
+invocation exits 2 (not retryable). A verified model from a run directory is then scored on the
+run's task metrics on its held-out records (`evaluate.py`), recorded as export.json's `metrics`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.export.builder_input import UnsupportedConfig
 from kubetune_trainer.export.builder_input import extra_options as builder_extra_options
 from kubetune_trainer.export.builder_input import prepare as prepare_builder_input
+from kubetune_trainer.export.evaluate import exported_metrics
 from kubetune_trainer.heldout import Calibration, HeldOut
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -422,6 +424,11 @@ def export(
         report.timings["verifySeconds"] = round(time.monotonic() - step, 2)
         if failures:
             return fail(output, report, failures)
+        held_out = HeldOut.read(source)
+        if held_out is not None:
+            step = time.monotonic()
+            report.metrics = exported_metrics(staging, held_out)
+            report.timings["evaluateSeconds"] = round(time.monotonic() - step, 2)
         # Replace the old export only now, so a failed run never leaves a half-verified model.
         for item in staging.iterdir():
             target = output / item.name

@@ -1,15 +1,19 @@
-"""Validation loss and exact-match accuracy of greedy answers.
+"""Validation loss, greedy answers and the task's metrics on them.
 
 The loss is the mean cross-entropy over the validation records' target tokens (the same
-tokens training puts a loss on). Accuracy covers records that carry a reference answer (Chat:
-the last assistant turn; Instruction: `output`; Completion: `completion`): the model answers
-the prompt greedily and the answer counts when `kubetune.api.dataplane.exact_match` says so
-(whitespace and code fences aside, the definition `kubetune run` also uses). At most
-`$KUBETUNE_EVAL_MAX_RECORDS` records (default 50) are generated for.
+tokens training puts a loss on). The greedy answers cover records that carry a reference
+answer (Chat: the last assistant turn; Instruction: `output`; Completion: `completion`), at
+most `$KUBETUNE_EVAL_MAX_RECORDS` of them (default 50). Accuracy is their exact match
+(`kubetune.api.metrics.exact_match`: whitespace and code fences aside, the definition
+`kubetune run` also uses); `task_scores` scores them on `spec.evaluation`'s task metrics
+(`kubetune.api.metrics.score_answers`) and `record_lines` compares base and fine-tuned answer
+by answer for `evaluation.jsonl`, the records that regressed most first.
 
-The base model's evaluation is saved beside the checkpoints (`base-evaluation.json`) with a
-fingerprint of what it measured: a resumed attempt reads it back instead of generating the
-same greedy answers again, which on a CPU-limited pod costs as long as the training itself.
+The base model's evaluation, its answers included, is saved beside the checkpoints
+(`base-evaluation.json`) with a fingerprint of what it measured: a resumed attempt reads it
+back instead of generating the same greedy answers again, which on a CPU-limited pod costs as
+long as the training itself. Its metrics are recomputed from the saved answers, so a change
+of task or metrics between attempts needs no new generation.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ from typing import Any
 
 import torch
 
-from kubetune.api.dataplane import exact_match
+from kubetune.api.metrics import (
+    LOWER_IS_BETTER,
+    RECORD_METRIC,
+    Metric,
+    MetricScores,
+    exact_match,
+    score_answer,
+    score_answers,
+    selected_metrics,
+    with_loss,
+)
+from kubetune.api.spec import EvaluationSpec
 from kubetune_trainer.train.data import Example
 from kubetune_trainer.train.encoding import Encoded, encode_prompt
 from kubetune_trainer.train.microbatches import collate, split_micro_batches
@@ -32,6 +47,9 @@ from kubetune_trainer.train.stepper import token_loss_sum
 
 DEFAULT_MAX_RECORDS = 50
 BASE_EVALUATION = "base-evaluation.json"
+SAVED_FORMAT = 2
+"""Bumped when `Evaluation` gains what a reused one must hold (2: the answers), so a file an
+older trainer saved is measured again rather than read without them."""
 
 
 @dataclass
@@ -40,6 +58,8 @@ class Evaluation:
     accuracy: float | None = None
     records: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    """The greedy answer to each of `answered(examples)`, in order."""
 
 
 def max_records() -> int:
@@ -65,17 +85,24 @@ def eval_loss(model: torch.nn.Module, records: Sequence[Encoded], token_budget: 
     return total / sum(r.targets for r in records)
 
 
+def answered(examples: Sequence[Example]) -> list[Example]:
+    """The validation records greedy answers are generated for: the first `max_records()`
+    with a reference answer."""
+    return [e for e in examples if e.reference is not None][: max_records()]
+
+
 @torch.no_grad()
 def accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], device: torch.device,
-             batch_size: int = 8) -> tuple[float | None, int, list[dict[str, Any]]]:
-    """Exact-match accuracy of greedy answers; (accuracy, records used, a few samples)."""
-    chosen = [e for e in examples if e.reference is not None][: max_records()]
+             batch_size: int = 8) -> tuple[float | None, int, list[dict[str, Any]], list[str]]:
+    """Exact-match accuracy of greedy answers; (accuracy, records used, a few samples, every
+    answer)."""
+    chosen = answered(examples)
     if not chosen:
-        return None, 0, []
+        return None, 0, [], []
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id
-    hits, samples = 0, list[dict[str, Any]]()
+    hits, samples, answers = 0, list[dict[str, Any]](), list[str]()
     for start in range(0, len(chosen), batch_size):
         batch = chosen[start : start + batch_size]
         prompts = [encode_prompt(tokenizer, e) for e in batch]
@@ -90,29 +117,83 @@ def accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], device: to
         )
         for row, reference in zip(output[:, width:], references, strict=True):
             answer = tokenizer.decode(row, skip_special_tokens=True)
+            answers.append(answer)
             matched = exact_match(answer, reference)
             hits += matched
             if len(samples) < 5:
                 samples.append({"reference": reference, "answer": answer, "match": matched})
     model.train(was_training)
-    return hits / len(chosen), len(chosen), samples
+    return hits / len(chosen), len(chosen), samples, answers
 
 
 def evaluate(model: Any, tokenizer: Any, encoded: Sequence[Encoded], examples: Sequence[Example],
              token_budget: int, device: torch.device, with_accuracy: bool = True) -> Evaluation:
     result = Evaluation(loss=eval_loss(model, encoded, token_budget, device))
     if with_accuracy:
-        result.accuracy, result.records, result.samples = accuracy(
+        result.accuracy, result.records, result.samples, result.answers = accuracy(
             model, tokenizer, examples, device
         )
     return result
+
+
+def task_scores(spec: EvaluationSpec, evaluation: Evaluation,
+                examples: Sequence[Example]) -> MetricScores:
+    """One model's `MetricScores` on the task's metrics (those `spec.metrics` names, when it
+    does): its greedy answers to `answered(examples)` scored, and its validation loss."""
+    references = [str(e.reference) for e in answered(examples)]
+    scores = MetricScores()
+    if evaluation.answers:
+        scores = score_answers(spec.task, evaluation.answers, references, spec.labels or (),
+                               spec.metrics)
+    return with_loss(scores, evaluation.loss, selected_metrics(spec.task, spec.metrics))
+
+
+def prompt_text(example: Example) -> str:
+    """What a record asks, for a person reading `evaluation.jsonl`: the last user turn (a
+    chat's) or the completion prompt."""
+    users = [content for role, content in example.messages[:-1] if role == "user"]
+    return users[-1] if users else example.prompt
+
+
+def record_lines(spec: EvaluationSpec, examples: Sequence[Example], before: Evaluation,
+                 after: Evaluation) -> list[dict[str, Any]]:
+    """`evaluation.jsonl`: base and fine-tuned answers record by record with each chosen
+    metric that has a per-record value, and the one standing for the task's primary metric
+    (`RECORD_METRIC`: a classifier's accuracy when only macro-F1 was chosen), by which the
+    records that regressed most come first; ties, and Chat (no per-record metric), keep
+    dataset order."""
+    chosen = answered(examples)
+    if not chosen or len(before.answers) != len(chosen) or len(after.answers) != len(chosen):
+        return []
+    ranked_by = RECORD_METRIC[spec.task]
+    wanted = None if spec.metrics is None else [*spec.metrics, *filter(None, [ranked_by])]
+    labels = spec.labels or ()
+    lines: list[dict[str, Any]] = []
+    for example, base, tuned in zip(chosen, before.answers, after.answers, strict=True):
+        reference = str(example.reference)
+        lines.append({
+            "line": example.line, "input": prompt_text(example), "expected": reference,
+            "baseAnswer": base, "fineTunedAnswer": tuned,
+            "base": score_answer(spec.task, base, reference, labels, wanted),
+            "fineTuned": score_answer(spec.task, tuned, reference, labels, wanted),
+        })
+    if ranked_by is not None:
+        metric = ranked_by
+        lines.sort(key=lambda line: -regression(metric, line["base"][metric],
+                                                line["fineTuned"][metric]))
+    return lines
+
+
+def regression(metric: Metric, base: float, tuned: float) -> float:
+    """How much worse the fine-tuned value is than the base's (negative: better)."""
+    return tuned - base if metric in LOWER_IS_BETTER else base - tuned
 
 
 def base_fingerprint(base: str, encoded: Sequence[Encoded], examples: Sequence[Example]) -> str:
     """What the base model's evaluation depends on: `base` (the model source, revision and how
     it was loaded), the validation tokens and references, and how many records are generated
     for. Equal fingerprints measure the same thing."""
-    digest = hashlib.sha256(json.dumps([base, max_records()]).encode())
+    digest = hashlib.sha256(json.dumps([base, max_records(), SAVED_FORMAT]).encode())
     for record in encoded:
         digest.update(json.dumps([record.input_ids, record.labels]).encode())
     for example in examples:

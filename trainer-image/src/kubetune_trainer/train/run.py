@@ -3,8 +3,10 @@
 Order of work: read and validate the run config, check every dataset line and tokenise (no
 model yet, so a bad dataset fails in seconds with exit code 2), load the model, evaluate the
 base, train (resuming from the newest usable checkpoint in `DIR/checkpoints`; the last step is
-always checkpointed), write `adapter/`, evaluate the result, write `merged/`,
-`evaluation.json`, `heldout.json` and `calibration.json` (for the exporter) and `report.json`.
+always checkpointed), write `adapter/`, evaluate the result on `spec.evaluation`'s task
+metrics, write `evaluation.json`, `evaluation.jsonl` (base vs fine-tuned record by record,
+the records that regressed most first), `merged/`, `heldout.json` and `calibration.json` (for
+the exporter) and `report.json`.
 The adapter is saved before the greedy evaluation and the final checkpoint before both, so
 a crash in either costs no training.
 
@@ -32,7 +34,7 @@ import torch
 
 from kubetune.api import RunConfig
 from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, TrainingReport
-from kubetune.api.spec import Method
+from kubetune.api.spec import EvaluationSpec, Method
 from kubetune_trainer import allocator, hub, runconfig, sources
 from kubetune_trainer.errors import ConfigError, Stopped
 from kubetune_trainer.heldout import Calibration, HeldOut, HeldOutRecord
@@ -46,8 +48,10 @@ from kubetune_trainer.train.evaluate import (
     base_fingerprint,
     evaluate,
     max_records,
+    record_lines,
     save_base,
     saved_base,
+    task_scores,
 )
 from kubetune_trainer.train.loop import run_steps, token_budget
 from kubetune_trainer.train.prepare import PreparedData, load_datasets, prepare
@@ -188,14 +192,21 @@ def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
     report.eval_loss, report.base_eval_loss = after.loss, before.loss
     report.accuracy, report.base_accuracy = after.accuracy, before.accuracy
     report.eval_records = after.records
+    evaluation = run.spec.evaluation
+    report.task = evaluation.task
+    if data.validation:
+        report.metrics = task_scores(evaluation, after, data.validation_examples)
+        report.base_metrics = task_scores(evaluation, before, data.validation_examples)
     _write_json(output / "evaluation.json", {
         "baseEvalLoss": before.loss, "evalLoss": after.loss, "baseAccuracy": before.accuracy,
         "accuracy": after.accuracy, "records": after.records, "validationRecords":
         len(data.validation), "baseSamples": before.samples, "samples": after.samples,
     })
+    lines = record_lines(evaluation, data.validation_examples, before, after)
+    (output / "evaluation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     outputs.save_merged(location, run.spec, tokenizer, final, adapter, output / "merged")
     report.merged = "merged"
-    held_out(data, tokenizer).write(output)
+    held_out(data, tokenizer, run.spec.evaluation).write(output)
     Calibration(sequences=[r.input_ids for r in data.train[:CALIBRATION_RECORDS]]).write(output)
 
 
@@ -204,9 +215,10 @@ CALIBRATION_RECORDS = 128
 GPTQ export then matched 85 of 100 test requests, FP32 84; more costs export time)."""
 
 
-def held_out(data: PreparedData, tokenizer: Any) -> HeldOut:
-    """The validation records the exporter scores quantized candidates on (`heldout.py`):
-    the first `max_records()`, the ones the accuracy above was measured on."""
+def held_out(data: PreparedData, tokenizer: Any, evaluation: EvaluationSpec) -> HeldOut:
+    """The validation records the exporter scores quantized candidates and the exported
+    model's task metrics on (`heldout.py`): the first `max_records()`, the ones the accuracy
+    above was measured on."""
     records = []
     for encoded, example in list(zip(data.validation, data.validation_examples,
                                      strict=True))[: max_records()]:
@@ -216,7 +228,8 @@ def held_out(data: PreparedData, tokenizer: Any) -> HeldOut:
             prompt=encode_prompt(tokenizer, example) if answered else None,
             reference=example.reference,
         ))
-    return HeldOut(records=records)
+    return HeldOut(records=records, task=evaluation.task, labels=evaluation.labels or [],
+                   metrics=evaluation.metrics)
 
 
 def main(argv: list[str]) -> int:
