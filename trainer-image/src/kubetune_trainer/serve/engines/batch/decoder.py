@@ -119,4 +119,6 @@ class Decoder:
             for row, prompt in enumerate(prompts):
                 if start < len(prompt) <= end:
                     last[row] = logits[row, 0]
+        if self.prefill_feeds is not None:
+            self.prefill_feeds.forget()  # held by the group's sequences from here on
         return last, present

@@ -95,6 +95,8 @@ class KVCache:
         self.buffers, self.capacity, self.bound = [], 0, -1
         self.row_adapters = [None] * self.rows
         self.fed, self.bound_adapters = {}, ()
+        if self.branch_feeds is not None:
+            self.branch_feeds.forget()
         self.mask = np.zeros((self.rows, 0), np.int64)
 
     def store(

@@ -315,6 +315,11 @@ class BranchFeeds:
             )
         }
 
+    def forget(self) -> None:
+        """Drop the active set's arrays, so that an unloaded or replaced adapter's weights
+        are freed once no sequence holds them either."""
+        self.active, self.weights = None, {}
+
     def _assemble(self, active: tuple[AdapterWeights, ...]) -> None:
         weights: dict[str, np.ndarray] = {}
         for index, branch in enumerate(self.layout.branches):
