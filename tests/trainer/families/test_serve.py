@@ -334,6 +334,8 @@ def test_every_end_of_turn_token_ends_the_answer_in_both_engines(name: str) -> N
 
 @pytest.mark.parametrize("name", NAMES)
 def test_int4_by_both_engines_and_an_adapter_on_it(name: str) -> None:
+    from kubetune_trainer.serve.engines.base import AdapterHost
+
     model = export_of(name, "INT4", "GPTQ")
     tokenizer = ServingTokenizer.load(model)
     stops = stop_token_ids(model, tokenizer)
@@ -341,7 +343,7 @@ def test_int4_by_both_engines_and_an_adapter_on_it(name: str) -> None:
     expected = [until_stop(reference_ids(model, ids, TOKENS, None), stops) for ids in prompts]
     for engine in engines(model, {ADAPTER: adapter(name)}):
         asked = [("", ids, TOKENS) for ids in prompts]
-        if not hasattr(engine, "adapter_index"):  # genai: no adapters
+        if not isinstance(engine, AdapterHost):  # genai: no adapters
             answers = generate(engine, asked)
         else:
             alone = generate(engine, [(ADAPTER, ids, TOKENS) for ids in prompts])

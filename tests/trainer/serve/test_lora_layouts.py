@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter, read_adapter
-from kubetune_trainer.serve.engines.batch.lora import MASK, add_branches
+from kubetune_trainer.serve.engines.batch.lora import BranchFeeds, adapter_weights, add_branches
 
 HIDDEN, HEADS, KV_HEADS, HEAD_SIZE, INTERMEDIATE = 8, 4, 2, 4, 12
 Q, KV = HEADS * HEAD_SIZE, KV_HEADS * HEAD_SIZE  # 16 attention features: not the hidden size
@@ -152,13 +152,14 @@ def test_each_row_gets_its_own_adapters_update_in_any_layout(
         read_adapter("separate", write_adapter(tmp_path / "s", SEPARATE_ADAPTER, 2, 2, 8),
                      HIDDEN),
     ]
-    masks = add_branches(model, adapters, CONFIG)
+    layout = add_branches(model, CONFIG)
+    fed = [adapter_weights(adapter, layout) for adapter in adapters]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
     inputs = {name: rng.standard_normal((3, 1, width)).astype(np.float32)
               for name, width in (("x", HIDDEN), ("heads", Q), ("inner", INTERMEDIATE))}
     # Rows: the base, the packed adapter, the separate one, all in one run.
-    feeds = {**inputs, MASK: np.stack(masks)[:, None, :],
+    feeds = {**inputs, **BranchFeeds(layout).feeds([None, *fed]),
              "past_key_values.0.key": np.zeros((3, KV_HEADS, 0, HEAD_SIZE), np.float32)}
     outputs = dict(zip(OUTPUTS, session.run([f"result/{p}" for p in OUTPUTS], feeds),
                        strict=True))
@@ -181,12 +182,12 @@ def test_an_o_proj_wider_than_the_hidden_size_is_read_and_a_wrong_width_refused(
                                                 2, 0, 4), HIDDEN)
     with pytest.raises(AdapterError, match=r"'wrong': layers.0.o_proj takes 8 features, the "
                        r"base model's 16"):
-        add_branches(graph(True, base_weights()), [wrong], CONFIG)
+        adapter_weights(wrong, add_branches(graph(True, base_weights()), CONFIG))
     rows = read_adapter("rows", write_adapter(tmp_path / "rows", {"qkv_proj": (HIDDEN, Q)},
                                               2, 0, 4), HIDDEN)
     with pytest.raises(AdapterError, match=r"'rows': layers.0.qkv_proj writes 16 features, the "
                        r"base model's 32"):
-        add_branches(graph(False, base_weights()), [rows], CONFIG)
+        adapter_weights(rows, add_branches(graph(False, base_weights()), CONFIG))
 
 
 def test_a_projection_changed_twice_is_refused(tmp_path: Path) -> None:

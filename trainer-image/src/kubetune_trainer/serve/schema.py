@@ -219,6 +219,22 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class LoadLoraAdapterRequest(_Open):
+    """vLLM's body: load (or replace) the PEFT LoRA adapter at `lora_path` as `lora_name`."""
+
+    lora_name: StrictStr
+    lora_path: StrictStr = Field(description="A PEFT adapter directory on the server.")
+
+
+class UnloadLoraAdapterRequest(_Open):
+    lora_name: StrictStr
+
+
+class LoraAdapterChange(BaseModel):
+    lora_name: str
+    status: str = Field(description='"loaded", "replaced" or "unloaded".')
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -378,6 +394,9 @@ def openapi_document(limits: Limits, served_model: str, api_key: bool = False) -
                 TokenizeResponse,
                 DetokenizeRequest,
                 DetokenizeResponse,
+                LoadLoraAdapterRequest,
+                UnloadLoraAdapterRequest,
+                LoraAdapterChange,
             )
         ],
         ref_template="#/components/schemas/{model}",
@@ -404,6 +423,18 @@ def openapi_document(limits: Limits, served_model: str, api_key: bool = False) -
             ),
             "/detokenize": _post(
                 _ref("DetokenizeRequest"), "Token ids back to text", "DetokenizeResponse"
+            ),
+            "/v1/load_lora_adapter": _post(
+                _ref("LoadLoraAdapterRequest"),
+                "Load a LoRA adapter, or replace the one of that name (404 unless the server "
+                "runs with --enable-runtime-lora; 400 naming why an adapter cannot be served)",
+                "LoraAdapterChange",
+            ),
+            "/v1/unload_lora_adapter": _post(
+                _ref("UnloadLoraAdapterRequest"),
+                "Unload a LoRA adapter (404 for a name not loaded, or without "
+                "--enable-runtime-lora)",
+                "LoraAdapterChange",
             ),
             "/v1/models": _get("The served model", {"200": _json("ModelList", "The models")}),
             "/healthz": _get(

@@ -4,7 +4,8 @@
           [--max-tokens N] [--max-concurrency N] [--max-queue N] [--max-body-bytes N]
           [--grace-seconds S] [--drain-seconds S] [--request-timeout-seconds S]
           [--engine-stall-seconds S] [--engine batch|genai] [--device CPU|CUDA]
-          [--lora-modules NAME=DIR [NAME=DIR ...]] [--api-key KEY]
+          [--lora-modules NAME=DIR [NAME=DIR ...]] [--lora-modules-file PATH]
+          [--enable-runtime-lora] [--api-key KEY]
 
 `--engine batch` (the default) decodes every running request in one batched ONNX Runtime step
 (continuous batching, `engines/batch`); `--engine genai` runs one onnxruntime-genai generator
@@ -20,6 +21,13 @@ opens, with the reason.
 `--lora-modules` serves PEFT LoRA adapters of the base model beside it, from one copy of the
 base: a request's `model` picks the base's name or an adapter's NAME, `/v1/models` lists them
 all, and requests for different adapters share the batch (`adapters`, `engines/batch/lora.py`).
+`--lora-modules-file` adds the adapters of an AdapterSet JSON file (`kubetune.api.dataplane`:
+what a pool's ConfigMap holds, so a restarted replica serves the current set); an adapter of
+the file that cannot be served is skipped with a warning that names why, so one bad adapter
+never keeps a shared server down (`--lora-modules` stops the server instead).
+`--enable-runtime-lora` (or KUBETUNE_RUNTIME_LORA=1) turns on `POST /v1/load_lora_adapter` and
+`/v1/unload_lora_adapter` (`adapter_routes`): adapters loaded, replaced and unloaded under
+traffic, no restart.
 
 Each limit also reads `KUBETUNE_SERVE_<FLAG>` (e.g. KUBETUNE_SERVE_MAX_QUEUE). `--model` is an
 exported model directory (or a run directory holding `onnx/`).
@@ -60,10 +68,12 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from pydantic import ValidationError
 
-from kubetune.api.dataplane import API_KEY_ENV, write_termination_message
+from kubetune.api.dataplane import API_KEY_ENV, AdapterSet, write_termination_message
 from kubetune.api.spec import Device
 from kubetune_trainer.genai_model import ProviderError, built_for, execution_providers
+from kubetune_trainer.serve.adapter_routes import load_lora_adapter, unload_lora_adapter
 from kubetune_trainer.serve.adapters import (
     AdapterError,
     check_tokenizer,
@@ -98,15 +108,23 @@ def build_app(
     engine_kind: str = "batch",
     adapters: dict[str, Path] | None = None,
     api_key: str | None = None,
+    runtime_lora: bool = False,
 ) -> web.Application:
     """The app; with `api_key`, every route but the probes and `/metrics` needs it. Its
-    check runs inside `errors_middleware`, before any handler reads the body."""
+    check runs inside `errors_middleware`, before any handler reads the body. With
+    `runtime_lora`, adapters load and unload at run time (else those routes answer 404)."""
     middlewares: list[Middleware] = [errors_middleware]
     if api_key is not None:
         middlewares.append(api_key_middleware(api_key))
     app = web.Application(middlewares=middlewares, client_max_size=limits.max_body_bytes)
     app[STATE] = ServerState(
-        name, model_dir, limits, engine_kind, adapters or {}, api_key_required=api_key is not None
+        name,
+        model_dir,
+        limits,
+        engine_kind,
+        dict(adapters or {}),
+        runtime_lora=runtime_lora,
+        api_key_required=api_key is not None,
     )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -117,6 +135,8 @@ def build_app(
     app.router.add_post("/v1/chat/completions", completion_handler(chat=True))
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     return app
 
 
@@ -138,7 +158,7 @@ async def load_engine(app: web.Application) -> None:
             engine = await asyncio.to_thread(GenAIEngine, state.model_dir, state.limits)
         else:
             engine = await asyncio.to_thread(
-                BatchEngine, state.model_dir, state.limits, state.adapters
+                BatchEngine, state.model_dir, state.limits, state.adapters, state.runtime_lora
             )
         seconds = await asyncio.to_thread(engine.warm_up)
         state.engine = engine  # the server is ready from here on
@@ -160,8 +180,9 @@ async def serve(
     engine_kind: str,
     adapters: dict[str, Path],
     api_key: str | None = None,
+    runtime_lora: bool = False,
 ) -> int:
-    app = build_app(model_dir, name, limits, engine_kind, adapters, api_key)
+    app = build_app(model_dir, name, limits, engine_kind, adapters, api_key, runtime_lora)
     runner = app_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -211,6 +232,9 @@ def resolve_model_dir(path: Path) -> Path:
             return candidate
     raise SystemExit(f"serve: {path} has no genai_config.json (nor onnx/genai_config.json)")
 
+
+RUNTIME_LORA_ENV = "KUBETUNE_RUNTIME_LORA"
+"""Set to 1, as `--enable-runtime-lora` (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
 
 ENV_PREFIX = "KUBETUNE_SERVE_"
 """Every flag can also come from the environment: `--max-tokens` from
@@ -262,6 +286,22 @@ def parse_options(argv: list[str] | None, environ: Mapping[str, str]) -> argpars
         metavar="NAME=DIR",
         help="PEFT LoRA adapters of the base model to serve beside it, each selected by a "
         "request's `model` NAME (environment: space-separated)",
+    )
+    parser.add_argument(
+        "--lora-modules-file",
+        type=Path,
+        default=_env("lora_modules_file", "") or None,
+        metavar="PATH",
+        help="an AdapterSet JSON file ({\"adapters\": [{\"name\": ..., \"path\": ...}]}) of "
+        "adapters to serve from the start (a pool's ConfigMap); one that cannot be served is "
+        "skipped with a warning",
+    )
+    parser.add_argument(
+        "--enable-runtime-lora",
+        action="store_true",
+        default=environ.get(RUNTIME_LORA_ENV, "") in ("1", "true", "True"),
+        help=f"allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default: "
+        f"${RUNTIME_LORA_ENV}=1)",
     )
     parser.add_argument(
         "--api-key",
@@ -328,9 +368,23 @@ def _main(argv: list[str] | None) -> int:
     )
     check_device(args.device, model_dir, args.engine)
     name = args.served_model_name or default_served_name(model_dir)
-    adapters = load_adapters(args.lora_modules, name, args.engine, model_dir)
+    adapters = load_adapters(
+        args.lora_modules, name, args.engine, model_dir, args.lora_modules_file
+    )
+    if args.enable_runtime_lora and args.engine != "batch":
+        raise SystemExit("serve: --enable-runtime-lora needs --engine batch")
     return asyncio.run(
-        serve(model_dir, args.host, args.port, name, limits, args.engine, adapters, args.api_key)
+        serve(
+            model_dir,
+            args.host,
+            args.port,
+            name,
+            limits,
+            args.engine,
+            adapters,
+            args.api_key,
+            args.enable_runtime_lora,
+        )
     )
 
 
@@ -360,23 +414,56 @@ def check_device(device: str, model_dir: Path, engine_kind: str) -> None:
         raise SystemExit(f"serve: {error}") from None
 
 
+def read_adapter_set(path: Path) -> AdapterSet:
+    """An AdapterSet JSON file (`--lora-modules-file`); a file that is missing or not one
+    stops the server, naming the file and the field."""
+    try:
+        return AdapterSet.model_validate_json(path.read_text())
+    except OSError as error:
+        raise AdapterError(f"--lora-modules-file {path}: {error.strerror}") from None
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(file)'}: {e['msg']}" for e in error.errors()
+        )
+        raise AdapterError(f"--lora-modules-file {path} is not an AdapterSet: {problems}") from None
+
+
 def load_adapters(
-    modules: list[str], base: str, engine_kind: str, model_dir: Path
+    modules: list[str],
+    base: str,
+    engine_kind: str,
+    model_dir: Path,
+    modules_file: Path | None = None,
 ) -> dict[str, Path]:
-    """`--lora-modules`, each adapter read and checked before the port opens: a bad adapter
-    stops the server with a message that names it, instead of a pod that never turns ready.
-    (The engine reads them again as it builds its graph, so their weights are not held here.)"""
+    """`--lora-modules` and `--lora-modules-file`, each adapter read and checked before the
+    port opens. A bad adapter of `--lora-modules` stops the server with a message that names
+    it, instead of a pod that never turns ready; one of the file (a shared pool's set, which
+    other teams' adapters share) is skipped with a warning, and the rest are served. (The
+    engine reads them again as it builds its graph, so their weights are not held here.)"""
     try:
         paths = parse_lora_modules(modules)
-        if paths and engine_kind != "batch":
+        listed = read_adapter_set(modules_file).adapters if modules_file is not None else []
+        names = [a.name for a in listed]
+        twice = {n for n in names if names.count(n) > 1} | (set(names) & set(paths))
+        if twice:
+            raise AdapterError(f"adapter names given twice: {sorted(twice)}")
+        if (paths or listed) and engine_kind != "batch":
             raise AdapterError("--lora-modules needs --engine batch")
-        if base in paths:
+        if base in paths or base in names:
             raise AdapterError(f"--lora-modules: {base!r} is the base model's own name")
         config = json.loads((model_dir / "genai_config.json").read_text())
         hidden = int(config["model"]["decoder"]["hidden_size"])
         for name, path in paths.items():
             read_adapter(name, path, hidden)
             check_tokenizer(name, path, model_dir)
-        return paths
     except AdapterError as error:
         raise SystemExit(f"serve: {error}") from None
+    for adapter in listed:
+        try:
+            read_adapter(adapter.name, Path(adapter.path), hidden)
+            check_tokenizer(adapter.name, Path(adapter.path), model_dir)
+        except AdapterError as error:
+            log.warning("--lora-modules-file %s: skipped: %s", modules_file, error)
+            continue
+        paths[adapter.name] = Path(adapter.path)
+    return paths

@@ -63,7 +63,12 @@ class ServerState:
     limits: Limits
     engine_kind: str  # "batch" | "genai"
     adapters: dict[str, Path] = field(default_factory=dict)
-    """LoRA adapters served on the base: name (what requests select) -> PEFT directory."""
+    """LoRA adapters served on the base now: name (what requests select) -> PEFT directory
+    (changed at run time by `adapter_routes`, beside the engine's own map)."""
+    runtime_lora: bool = False
+    """`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` may change `adapters` (else 404)."""
+    adapter_changes: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while an adapter is read and swapped in, or removed: one change at a time."""
     api_key_required: bool = False
     """Every route but the probes and `/metrics` needs the API key (the key itself stays in
     the middleware that checks it, out of this state and its repr)."""

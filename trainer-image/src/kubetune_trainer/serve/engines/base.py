@@ -13,7 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from kubetune_trainer.serve.protocol import GenerationRequest, RequestError, TokenLogprob
 from kubetune_trainer.tokenizer import ServingTokenizer
@@ -99,6 +100,21 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Stop generating; in-flight work is abandoned (the server drains before this)."""
+        ...
+
+
+@runtime_checkable
+class AdapterHost(Protocol):
+    """An engine whose LoRA adapters change while it runs (`batch.scheduler.BatchEngine` built
+    with branches): `adapters` maps the names requests may ask for to their loaded weights, read
+    and written on the event loop only; a request keeps the weights its name had when it
+    started."""
+
+    adapters: dict[str, Any]
+
+    def read_adapter(self, name: str, path: Path) -> Any:
+        """Read and check an adapter directory (blocking: call it in a worker thread); raises
+        `adapters.AdapterError`, naming why, for one this base cannot serve."""
         ...
 
 

@@ -1,5 +1,5 @@
 """The continuous-batching engine: one scheduler thread (`scheduler`) steps every active
 sequence (`sequences`) through one decoder run (`decoder`) over a shared KV cache (`kv`) and
-samples the next tokens (`sampling`); `lora` adds LoRA adapters to the decoder's graph so that
-each row of a step runs its own.
+samples the next tokens (`sampling`); `lora` adds fed LoRA branches to the decoder's graph so
+that each row of a step runs its own adapter, and adapters change without a rebuild.
 """

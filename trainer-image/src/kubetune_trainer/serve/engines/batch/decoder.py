@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype
+from kubetune_trainer.serve.adapters import read_adapter
 from kubetune_trainer.serve.engines.batch.graph import (
     POSITIONS,
     ROPE_LONG,
@@ -22,28 +23,38 @@ from kubetune_trainer.serve.engines.batch.graph import (
     serving_session,
 )
 from kubetune_trainer.serve.engines.batch.kv import KVCache
-from kubetune_trainer.serve.engines.batch.lora import MASK
+from kubetune_trainer.serve.engines.batch.lora import (
+    AdapterWeights,
+    BranchFeeds,
+    adapter_weights,
+)
 
 
 class Decoder:
-    def __init__(self, model_dir: Path, adapters: dict[str, Path] | None = None) -> None:
-        """`adapters`: LoRA adapters by name (their PEFT directories), in mask-row order."""
+    def __init__(self, model_dir: Path, lora: bool = False) -> None:
+        """`lora`: the graph gets LoRA branches, fed for each run's adapters (`lora`)."""
         layout = DecoderLayout.read(model_dir)
         config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
         self.hidden = int(config["hidden_size"])
-        # Logits at one position per row (`graph`); with adapters, their branches and a mask
-        # input (`lora`), and each adapter's mask row, base first.
+        # Logits at one position per row (`graph`); with `lora`, a branch on every decoder
+        # MatMul and their layout (`self.branches`).
         # `rope_switch`: where a LongRoPE graph's rotary caches switch to the long factors
         # (None: one cache); a prompt longer than that is prefilled alone
         # (`scheduler.prefill_groups`), with the long factors throughout (`graph.rope_switch`).
-        self.session, self.adapter_masks, self.rope_switch = serving_session(
-            layout, config, adapters
-        )
+        self.session, self.branches, self.rope_switch = serving_session(layout, config, lora)
+        self.prefill_feeds = BranchFeeds(self.branches) if self.branches else None
         self.kv_shape = layout.kv_shape
         self.kv_dtype = kv_dtype(self.session)
         self.kv_names = layout.kv_names
         self.output_names = layout.output_names
         self.vocab = layout.vocab
+
+    def read_adapter(self, name: str, path: Path) -> AdapterWeights:
+        """A PEFT LoRA adapter directory as this graph's branches are fed it; refused
+        (`AdapterError`) by name when it cannot be served on this base."""
+        if self.branches is None:
+            raise ValueError("this decoder was built without LoRA branches")
+        return adapter_weights(read_adapter(name, path, self.hidden), self.branches)
 
     def batch_cache(self, rows: int, context_length: int) -> KVCache:
         """The decode batch's cache: `rows` sequences of up to `context_length` positions."""
@@ -56,19 +67,19 @@ class Decoder:
             self.vocab,
             self.hidden,
             context_length,
-            self.adapter_masks,
+            self.branches,
             self.rope_switch is not None,
         )
 
     def prefill(
         self,
         prompts: list[list[int]],
-        adapters: list[int],
+        adapters: list[AdapterWeights | None],
         tokens_per_run: int,
         logits_dtype: type[np.generic],
         progress: Callable[[], None] = lambda: None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run the prompts (`adapters`: each one's LoRA adapter, 0 for the base): each row's
+        """Run the prompts (`adapters`: each one's LoRA adapter, None for the base): each row's
         last logits, and the present key/values; `progress()` after each run (the engine's
         heartbeat: a long prompt is progress, not a stall).
 
@@ -86,11 +97,7 @@ class Decoder:
         present = [np.zeros((len(prompts), heads, 0, size), self.kv_dtype)] * len(self.kv_names)
         last = np.zeros((len(prompts), self.vocab), logits_dtype)
         chunk = max(1, tokens_per_run // len(prompts))
-        selected = (
-            {MASK: np.stack([self.adapter_masks[a] for a in adapters])[:, None, :]}
-            if self.adapter_masks
-            else {}
-        )
+        selected = self.prefill_feeds.feeds(adapters) if self.prefill_feeds else {}
         if self.rope_switch is not None:
             long = {len(prompt) > self.rope_switch for prompt in prompts}
             if len(long) > 1:
@@ -112,4 +119,6 @@ class Decoder:
             for row, prompt in enumerate(prompts):
                 if start < len(prompt) <= end:
                     last[row] = logits[row, 0]
+        if self.prefill_feeds is not None:
+            self.prefill_feeds.forget()  # held by the group's sequences from here on
         return last, present

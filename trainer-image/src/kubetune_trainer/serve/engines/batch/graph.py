@@ -16,7 +16,6 @@ made per position instead of per run (`rope_switch`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +25,7 @@ from kubetune_trainer.genai_model import (
     check_session_providers,
     execution_providers,
 )
-from kubetune_trainer.serve.adapters import read_adapter
-from kubetune_trainer.serve.engines.batch.lora import add_branches
+from kubetune_trainer.serve.engines.batch.lora import BranchLayout, add_branches
 
 POSITIONS = "logits_positions"
 """The graph input that picks each row's position for its logits: (rows, 1, hidden), every
@@ -176,11 +174,11 @@ def rope_switch(model: Any) -> int | None:
 
 
 def serving_session(
-    layout: DecoderLayout, config: dict[str, Any], adapters: dict[str, Path] | None
-) -> tuple[Any, list[np.ndarray], int | None]:
+    layout: DecoderLayout, config: dict[str, Any], lora: bool
+) -> tuple[Any, BranchLayout | None, int | None]:
     """An ONNX Runtime session of the served graph (`config`: genai_config.json's decoder),
-    with branches for the LoRA adapters (by name: their PEFT directories), each adapter's mask
-    row, the base's first (none without adapters), and where the rotary caches switch to the
+    with `lora` a fed LoRA branch on every decoder MatMul and their layout (`lora`; None
+    without), and where the rotary caches switch to the
     long factors (`rope_switch`; None: one cache). The base's external weights are read from
     where they are. It runs on the execution providers of the device the export was built for
     (`genai_model.execution_providers`): CUDA for a CUDA export, refused where onnxruntime
@@ -194,14 +192,9 @@ def serving_session(
     model = onnx.load(str(layout.model_file), load_external_data=False)
     gather_positions(model, hidden)
     switch = rope_switch(model)
-    masks: list[np.ndarray] = []
-    if adapters:
-        # Read here, so their weights are gone before the session allocates (see below).
-        loaded = [read_adapter(name, path, hidden) for name, path in adapters.items()]
-        masks = add_branches(model, loaded, config)
-        del loaded
+    branches = add_branches(model, config) if lora else None
     # Serialized and dropped before the session exists: memory freed after ONNX Runtime has
-    # allocated stays with the process (measured: ~100 MB more at 4 adapters otherwise).
+    # allocated stays with the process.
     graph = model.SerializeToString()
     del model
     options = ort.SessionOptions()
@@ -211,7 +204,7 @@ def serving_session(
     )
     session = ort.InferenceSession(graph, options, providers=providers)
     check_session_providers(session, providers)
-    return session, masks, switch
+    return session, branches, switch
 
 
 def positions(rows: int, hidden: int, chosen: list[int]) -> np.ndarray:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from kubetune_trainer.serve.engines.batch.graph import POSITIONS, ROPE_LONG
-from kubetune_trainer.serve.engines.batch.lora import MASK
+from kubetune_trainer.serve.engines.batch.lora import AdapterWeights, BranchFeeds, BranchLayout
 
 GROW = 256  # capacity grows in steps of this many positions (each growth copies the cache)
 
@@ -44,7 +44,7 @@ class KVCache:
         vocab: int,
         hidden: int,
         limit: int,
-        adapter_masks: list[np.ndarray],
+        branches: BranchLayout | None,
         rope_switch: bool = False,
     ) -> None:
         self.session = session
@@ -59,10 +59,11 @@ class KVCache:
         self.vocab = vocab
         self.ids = np.zeros((rows, 1), np.int64)
         self.positions = np.zeros((rows, 1, hidden), np.int64)  # a step's one position: 0
-        # Each row's LoRA adapter, as the adapted graph's mask input (`lora`); none without.
-        self.adapter_masks = adapter_masks
-        width = len(adapter_masks[0]) if adapter_masks else 0
-        self.adapters = np.zeros((rows, 1, width), self.logits_dtype)
+        # Each row's LoRA adapter (None: the base), and the branches' inputs for them (`lora`);
+        # none without branches. Bound until the rows' adapters change.
+        self.branch_feeds = BranchFeeds(branches) if branches is not None else None
+        self.row_adapters: list[AdapterWeights | None] = [None] * rows
+        self.fed: dict[str, np.ndarray] = {}
         self.logits = np.zeros((rows, 1, self.vocab), self.logits_dtype)
         # A LongRoPE graph's `ROPE_LONG`: False in a decode step, where each position's rotary
         # factors follow its own sequence's length (`graph.rope_switch`).
@@ -72,6 +73,9 @@ class KVCache:
         self.mask = np.zeros((rows, 0), np.int64)
         self.binding: Any = None
         self.bound = -1  # rows the binding covers; -1: bind again before the next step
+        # The rows' adapters it was bound for (compared by identity: a replaced adapter is a
+        # new object, so its rows are bound afresh).
+        self.bound_adapters: tuple[AdapterWeights | None, ...] = ()
 
     def reserve(self, used: int, capacity: int) -> None:
         """Make room for `capacity` positions per row, keeping the first `used` rows."""
@@ -89,31 +93,42 @@ class KVCache:
     def release(self) -> None:
         """Free the cache (the batch is empty); the next `reserve` sizes it afresh."""
         self.buffers, self.capacity, self.bound = [], 0, -1
+        self.row_adapters = [None] * self.rows
+        self.fed, self.bound_adapters = {}, ()
+        if self.branch_feeds is not None:
+            self.branch_feeds.forget()
         self.mask = np.zeros((self.rows, 0), np.int64)
 
     def store(
-        self, row: int, present: list[np.ndarray], index: int, length: int, adapter: int
+        self,
+        row: int,
+        present: list[np.ndarray],
+        index: int,
+        length: int,
+        adapter: AdapterWeights | None,
     ) -> None:
         """Copy row `index` of a prefill's present outputs (its first `length` positions), for a
-        sequence that adds LoRA adapter `adapter` (0: the base alone)."""
+        sequence that adds LoRA adapter `adapter` (None: the base alone)."""
         for buffer, value in zip(self.buffers, present, strict=True):
             buffer[row, :, :length] = value[index, :, :length]
         self.mask[row] = 0
         self.mask[row, :length] = 1
-        if self.adapter_masks:
-            self.adapters[row, 0] = self.adapter_masks[adapter]
+        self.row_adapters[row] = adapter
 
     def move(self, source: int, target: int, length: int) -> None:
         for buffer in self.buffers:
             buffer[target, :, :length] = buffer[source, :, :length]
         self.mask[target] = self.mask[source]
-        self.adapters[target] = self.adapters[source]
+        self.row_adapters[target] = self.row_adapters[source]
+        self.row_adapters[source] = None  # a replaced adapter is freed once no row holds it
 
     def step(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
         """Decode one token for rows 0..n-1 (row r holds `lengths[r]` positions): (n, vocab)."""
         n = len(tokens)
-        if self.bound != n:
+        adapters = tuple(self.row_adapters[:n]) if self.branch_feeds else ()
+        if self.bound != n or adapters != self.bound_adapters:
             self._bind(n)
+            self.bound_adapters = adapters
         self.ids[:n, 0] = tokens
         self.mask[np.arange(n), lengths] = 1  # the new token's position joins the row
         self.session.run_with_iobinding(self.binding)
@@ -129,15 +144,14 @@ class KVCache:
             POSITIONS, "cpu", 0, np.int64, (n, *self.positions.shape[1:]),
             self.positions.ctypes.data,
         )
-        if self.adapter_masks:
-            binding.bind_input(
-                MASK,
-                "cpu",
-                0,
-                self.adapters.dtype,
-                (n, 1, self.adapters.shape[2]),
-                self.adapters.ctypes.data,
-            )
+        if self.branch_feeds is not None:
+            # Kept referenced while bound: the binding holds their addresses only.
+            self.fed = self.branch_feeds.feeds(self.row_adapters[:n])
+            for name, value in self.fed.items():
+                assert value.flags.c_contiguous, name  # bound by address: read in C order
+                binding.bind_input(
+                    name, "cpu", 0, value.dtype, value.shape, value.ctypes.data
+                )
         if self.rope_long is not None:
             binding.bind_input(ROPE_LONG, "cpu", 0, np.bool_, (), self.rope_long.ctypes.data)
         binding.bind_output(

@@ -1,37 +1,33 @@
-"""Several LoRA adapters in one decoder graph, each row of a batch choosing its own.
+"""Several LoRA adapters in one decoder graph, each row of a batch choosing its own, and
+adapters that change while the server runs.
 
-Each linear layer some adapter changes gets one low-rank branch for all adapters at once,
-added to the base layer's output:
+Every linear layer of the decoder (each builder MatMul `/model/layers.N/attn|mlp/NAME/MatMul`)
+gets one low-rank branch, added to the base layer's output:
 
     y = x @ W  +  ((x @ A) * mask[row]) @ B
 
-A is every adapter's lora_A side by side (in features x R, R the sum of the adapters' ranks)
-and B their lora_B stacked (R x out features, PEFT's scaling folded in). `mask` is a graph
-input, (rows, 1, R): for a row serving adapter i it is 1 on adapter i's R columns and 0
-elsewhere, so the row gets exactly its own adapter's update and a base row gets none (its
-logits are the base graph's, bit for bit).
+A, B and the mask are graph inputs, fed for the adapters the batch uses right now (vLLM's and
+S-LoRA's active set), not weights: A is those adapters' lora_A side by side (in features x R, R
+the sum of their ranks at this layer), B their lora_B stacked (R x out features, PEFT's scaling
+folded in), and the mask (rows, 1, R) is 1 on a row's own adapter's columns and 0 elsewhere. So
+loading, replacing or unloading an adapter changes what is fed, never the graph: no session
+rebuild, and each adapter's weights are held once, in the process, at their own size
+(`AdapterWeights`). A step reads only the adapters its rows use; an all-base batch feeds
+zero-width A and B (R = 0), whose branches add exact zeros.
 
-The layout comes from the graph, not from the model's family: each of the builder's MatMuls
-(`/model/layers.N/attn|mlp/NAME/MatMul`) computes the projections its NAME says
-(`adapters.parts`: `qkv_proj` is q, k and v side by side, `gate_up_proj` gate then up), as wide
-as its weight says. An adapter's layer may be packed the same way or not, independently of the
-graph: a LoRA on Phi-3's packed `qkv_proj` has B rows for q, k and v, and feeds the builder's
-packed MatMul as one branch block, or each of separate q/k/v MatMuls with its B's rows for that
-projection; LoRAs on separate q, k and v feeding the builder's packed MatMul take one block of
-R columns each (the mask repeated once per block), each block's B writing only its projection's
-output columns. A projection that no MatMul computes, or widths that disagree with the graph's,
-are refused by name.
+A branch's width is its own: each layer is fed the ranks of the adapter layers that change it,
+so an adapter on q and v only costs nothing in the MLP. The layout comes from the graph, not the
+model's family: each MatMul computes the projections its NAME says (`adapters.parts`: `qkv_proj`
+is q, k and v side by side, `gate_up_proj` gate then up), as wide as its weight says. An
+adapter's layer may be packed the same way or not: a LoRA on Phi-3's packed `qkv_proj` feeds
+the builder's packed MatMul as one block of columns, LoRAs on separate q, k and v feeding a
+packed MatMul one block each, each block's B writing only its projection's output columns. A
+projection that no MatMul computes, or widths that disagree with the graph's, are refused by
+name when the adapter is loaded (`adapter_weights`).
 
-This is what S-LoRA and Punica do on GPUs: requests for different adapters share a decode
-step, so the weights of the base are read once per step for all of them. ONNX Runtime's own
-adapter mechanism (`LoraAdapter` with `RunOptions.add_active_adapter`) sets one adapter per
-run, which would split a mixed batch into one run per adapter.
-
-The base's weights stay where they are (external data, or quantized MatMulNBits); only the
-branches' small A and B are added to the graph, as weights, so ONNX Runtime prepacks them and
-a row's result does not depend on what shares its batch. The price: every step reads every
-loaded adapter's A and B (~0.6 ms a step per rank-16 adapter on the 2-core test machine,
-bench/RESULTS.md), so a server should load the adapters it serves, not a library.
+Fed, A and B are not prepacked by ONNX Runtime, and MLAS multiplies a single row (a GEMV) in
+another order than several: an adapter row's last bits depend on what shares its batch (the base
+rows' do not: their branch adds zeros). bench/RESULTS.md has the costs of both designs.
 """
 
 from __future__ import annotations
@@ -39,14 +35,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter, LowRank, parts
-
-MASK = "lora_mask"
-"""The graph input that selects each row's adapter: (rows, 1, total rank)."""
+from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter, parts
 
 _MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(\w+)/MatMul[^/]*$")
 """The builder's node names for a decoder layer's linear layers (`MatMul`, `MatMul_Q4`, ...)."""
@@ -64,6 +58,59 @@ class Target:
     @property
     def output(self) -> str:
         return str(self.node.output[0])
+
+    @property
+    def columns(self) -> int:
+        return sum(width for _, _, width in self.parts)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One base MatMul's low-rank branch: its layer, its target, and its three graph inputs."""
+
+    layer: int
+    target: Target
+    prefix: str  # the branch's tensors are named `{prefix}.A`, `.B`, `.mask`
+
+    @property
+    def a(self) -> str:
+        return f"{self.prefix}.A"
+
+    @property
+    def b(self) -> str:
+        return f"{self.prefix}.B"
+
+    @property
+    def mask(self) -> str:
+        return f"{self.prefix}.mask"
+
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """Every branch of the served graph, the widths of each layer's projections, and the
+    dtype its activations (and so A, B and the masks) have."""
+
+    branches: tuple[Branch, ...]
+    widths: dict[int, dict[str, int]]  # layer -> projection -> output columns
+    layers: int
+    dtype: type[np.generic]
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterWeights:
+    """One loaded adapter as the branches are fed it: per branch (in `BranchLayout` order) its
+    A (in features x width) and B (width x out features, scaled), or None where it changes
+    nothing. Compared by identity: a replaced adapter is another object, and the sequences
+    that started on the old one keep it until they end."""
+
+    name: str
+    path: Path
+    a: tuple[np.ndarray | None, ...]
+    b: tuple[np.ndarray | None, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in (*self.a, *self.b) if x is not None)
 
 
 def _shape(node: Any, weights: dict[str, Any]) -> tuple[int, int] | None:
@@ -103,150 +150,52 @@ def targets(graph: Any, layers: int, config: dict[str, Any]) -> dict[int, list[T
     return found
 
 
-def _covering(adapter: LoraAdapter, layer: int, projection: str) -> str | None:
-    """The adapter's linear layer (in `layer`) that computes `projection`, if it has one."""
-    return next(
-        (m for (at, m) in adapter.layers if at == layer and projection in parts(m)), None
-    )
-
-
-def _check_covered(adapters: Sequence[LoraAdapter], found: dict[int, list[Target]]) -> None:
-    """Every projection an adapter changes must be computed by one of the graph's MatMuls."""
-    for adapter in adapters:
-        for layer, module in adapter.layers:
-            computed = {p for t in found.get(layer, []) for p, _, _ in t.parts}
-            for projection in parts(module):
-                if projection not in computed:
-                    raise AdapterError(
-                        f"adapter {adapter.name!r}: the exported graph has no MatMul computing "
-                        f"layer {layer}'s {projection} (the builder's /model/layers.{layer}/"
-                        f"attn|mlp/<projection>/MatMul): not the builder's layout this server "
-                        "knows"
-                    )
-
-
-def _branch_weights(
-    target: Target,
-    layer: int,
-    widths: dict[str, int],
-    adapters: Sequence[LoraAdapter],
-    offsets: list[int],
-    total: int,
-    dtype: type[np.generic],
-) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """The branch's (A, B, blocks) for one base MatMul, or None when no adapter changes it.
-
-    The branch has one block of `total` columns per adapter linear layer that feeds it at once
-    (a packed LoRA on a packed MatMul: one; separate q, k, v LoRAs on a packed MatMul: three);
-    `widths` are the graph's widths of this layer's projections (for a packed LoRA's B rows).
-    """
-    columns = sum(width for _, _, width in target.parts)
-    blocks = len(target.parts)
-    a = np.zeros((target.features, total * blocks), np.float32)
-    b = np.zeros((total * blocks, columns), np.float32)
-    used: set[int] = set()
-    for index, adapter in enumerate(adapters):
-        for projection, start, width in target.parts:
-            module = _covering(adapter, layer, projection)
-            if module is None:
-                continue
-            update: LowRank = adapter.layers[(layer, module)]
-            packed = parts(module)
-            # The module's block sits at its first projection in this MatMul.
-            block = next(i for i, (p, _, _) in enumerate(target.parts) if p in packed)
-            name = f"adapter {adapter.name!r}: layers.{layer}.{module}"
-            expected = sum(widths[p] for p in packed)
-            if update.b.shape[0] != expected:
-                raise AdapterError(
-                    f"{name} writes {update.b.shape[0]} features, the base model's {expected}"
-                )
-            if update.a.shape[1] != target.features:
-                raise AdapterError(
-                    f"{name} takes {update.a.shape[1]} features, the base model's "
-                    f"{target.features}"
-                )
-            rank = update.a.shape[0]
-            first = block * total + offsets[index]
-            row = sum(widths[p] for p in packed[: packed.index(projection)])
-            a[:, first : first + rank] = update.a.T
-            b[first : first + rank, start : start + width] = (
-                update.scale * update.b[row : row + width].T
-            )
-            used.add(block)
-    if not used:
-        return None
-    keep = np.concatenate([np.arange(k * total, (k + 1) * total) for k in sorted(used)])
-    return a[:, keep].astype(dtype), b[keep].astype(dtype), len(used)
-
-
-def add_branches(
-    model: Any, adapters: Sequence[LoraAdapter], config: dict[str, Any]
-) -> list[np.ndarray]:
-    """Add every adapter's branches to `model` (an onnx ModelProto, changed in place).
-
-    Returns each adapter's mask row (R wide), base first (all zeros).
-    """
-    from onnx import helper, numpy_helper
+def add_branches(model: Any, config: dict[str, Any]) -> BranchLayout:
+    """Add a fed low-rank branch to every decoder MatMul of `model` (an onnx ModelProto,
+    changed in place): any adapter may be loaded later, so every layer gets one."""
+    from onnx import helper
 
     graph = model.graph
     past = next(i for i in graph.input if i.name.startswith("past_key_values"))
-    dtype: type[np.generic] = helper.tensor_dtype_to_np_dtype(
-        past.type.tensor_type.elem_type
-    ).type
-    offsets = list(np.cumsum([0] + [a.rank for a in adapters[:-1]]))
-    total = sum(a.rank for a in adapters)
+    elem_type = past.type.tensor_type.elem_type
+    dtype: type[np.generic] = helper.tensor_dtype_to_np_dtype(elem_type).type
     layers = int(config["num_hidden_layers"])
-    unknown = {layer for a in adapters for layer, _ in a.layers if not 0 <= layer < layers}
-    if unknown:
-        raise AdapterError(f"adapters change layers {sorted(unknown)}; the base has {layers}")
-    graph.input.append(
-        helper.make_tensor_value_info(
-            MASK, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["batch_size", 1, total]
-        )
-    )
     found = targets(graph, layers, config)
-    _check_covered(adapters, found)
+    branches: list[Branch] = []
     new_nodes: dict[str, list[Any]] = {}  # base MatMul output -> the nodes that follow it
-    masks: dict[int, str] = {1: MASK}  # blocks -> the mask repeated that many times
     for layer, layer_targets in found.items():
-        widths = {p: width for t in layer_targets for p, _, width in t.parts}
         for target in layer_targets:
-            weights = _branch_weights(target, layer, widths, adapters, offsets, total, dtype)
-            if weights is None:
-                continue
-            name = target.output.removesuffix("/output_0") + "/lora"
-            a, b, blocks = weights
-            graph.initializer.extend(
-                [numpy_helper.from_array(a, f"{name}.A"), numpy_helper.from_array(b, f"{name}.B")]
+            prefix = target.output.removesuffix("/output_0") + "/lora"
+            branch = Branch(layer, target, prefix)
+            branches.append(branch)
+            rank = f"{prefix}.rank"  # its own symbolic width: each branch is fed its own
+            graph.input.extend(
+                [
+                    helper.make_tensor_value_info(branch.a, elem_type, [target.features, rank]),
+                    helper.make_tensor_value_info(branch.b, elem_type, [rank, target.columns]),
+                    helper.make_tensor_value_info(branch.mask, elem_type, ["batch_size", 1, rank]),
+                ]
             )
-            mask = masks.setdefault(blocks, f"{MASK}/x{blocks}")
             new_nodes[target.output] = [
-                helper.make_node("MatMul", [target.node.input[0], f"{name}.A"], [f"{name}/xA"]),
-                helper.make_node("Mul", [f"{name}/xA", mask], [f"{name}/masked"]),
-                helper.make_node("MatMul", [f"{name}/masked", f"{name}.B"], [f"{name}/delta"]),
-                helper.make_node("Add", [target.output, f"{name}/delta"], [f"{name}/output_0"]),
+                helper.make_node("MatMul", [target.node.input[0], branch.a], [f"{prefix}/xA"]),
+                helper.make_node("Mul", [f"{prefix}/xA", branch.mask], [f"{prefix}/masked"]),
+                helper.make_node("MatMul", [f"{prefix}/masked", branch.b], [f"{prefix}/delta"]),
+                helper.make_node("Add", [target.output, f"{prefix}/delta"], [f"{prefix}/output_0"]),
             ]
-    repeats = [
-        helper.make_node("Concat", [MASK] * blocks, [mask], axis=2)
-        for blocks, mask in masks.items()
-        if blocks > 1
-    ]
-    _splice(graph, new_nodes, repeats)
-    rows = [np.zeros(total, dtype)]
-    for index, adapter in enumerate(adapters):
-        row = np.zeros(total, dtype)
-        row[offsets[index] : offsets[index] + adapter.rank] = 1
-        rows.append(row)
-    return rows
+    _splice(graph, new_nodes)
+    widths = {
+        layer: {p: width for t in layer_targets for p, _, width in t.parts}
+        for layer, layer_targets in found.items()
+    }
+    return BranchLayout(tuple(branches), widths, layers, dtype)
 
 
-def _splice(graph: Any, new_nodes: dict[str, list[Any]], first: list[Any]) -> None:
+def _splice(graph: Any, new_nodes: dict[str, list[Any]]) -> None:
     """Insert each branch after its base MatMul and point the MatMul's consumers at the sum
-    (the branch's own Add keeps reading the base MatMul's output); `first` (the repeated
-    masks) goes before every other node."""
+    (the branch's own Add keeps reading the base MatMul's output)."""
     nodes = list(graph.node)
     renamed = {out: branch[-1].output[0] for out, branch in new_nodes.items()}
-    ordered: list[Any] = list(first)
+    ordered: list[Any] = []
     for node in nodes:
         for i, name in enumerate(node.input):
             if name in renamed:
@@ -258,3 +207,150 @@ def _splice(graph: Any, new_nodes: dict[str, list[Any]], first: list[Any]) -> No
                 ordered.extend(branch)
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def _covering(adapter: LoraAdapter, layer: int, projection: str) -> str | None:
+    """The adapter's linear layer (in `layer`) that computes `projection`, if it has one."""
+    return next(
+        (m for (at, m) in adapter.layers if at == layer and projection in parts(m)), None
+    )
+
+
+def _check_covered(adapter: LoraAdapter, layout: BranchLayout) -> None:
+    """Every projection the adapter changes must be computed by one of the graph's MatMuls."""
+    unknown = sorted({layer for layer, _ in adapter.layers if not 0 <= layer < layout.layers})
+    if unknown:
+        raise AdapterError(
+            f"adapter {adapter.name!r} changes layers {unknown}; the base has {layout.layers}"
+        )
+    for layer, module in adapter.layers:
+        computed = layout.widths.get(layer, {})
+        for projection in parts(module):
+            if projection not in computed:
+                raise AdapterError(
+                    f"adapter {adapter.name!r}: the exported graph has no MatMul computing "
+                    f"layer {layer}'s {projection} (the builder's /model/layers.{layer}/"
+                    f"attn|mlp/<projection>/MatMul): not the builder's layout this server "
+                    "knows"
+                )
+
+
+def _branch_weights(
+    branch: Branch, widths: dict[str, int], adapter: LoraAdapter, dtype: type[np.generic]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The adapter's (A, B) for one branch, or None when it changes none of its projections.
+
+    One block of columns per adapter layer that feeds the branch (a packed LoRA on a packed
+    MatMul: one; separate q, k, v LoRAs on a packed MatMul: three), each as wide as that
+    layer's rank; `widths` are the graph's widths of this layer's projections (for a packed
+    LoRA's B rows).
+    """
+    target, layer = branch.target, branch.layer
+    blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    modules: dict[str, int] = {}  # adapter layer -> its block
+    for projection, start, width in target.parts:
+        module = _covering(adapter, layer, projection)
+        if module is None:
+            continue
+        update = adapter.layers[(layer, module)]
+        packed = parts(module)
+        name = f"adapter {adapter.name!r}: layers.{layer}.{module}"
+        expected = sum(widths[p] for p in packed)
+        if update.b.shape[0] != expected:
+            raise AdapterError(
+                f"{name} writes {update.b.shape[0]} features, the base model's {expected}"
+            )
+        if update.a.shape[1] != target.features:
+            raise AdapterError(
+                f"{name} takes {update.a.shape[1]} features, the base model's "
+                f"{target.features}"
+            )
+        if module not in modules:
+            modules[module] = len(blocks)
+            blocks.append((update.a.T, np.zeros((update.a.shape[0], target.columns), np.float32)))
+        b = blocks[modules[module]][1]
+        row = sum(widths[p] for p in packed[: packed.index(projection)])
+        b[:, start : start + width] = update.scale * update.b[row : row + width].T
+    if not blocks:
+        return None
+    # C order: IO binding hands ONNX Runtime the buffer as it is (lora_A.T concatenated alone
+    # would stay in Fortran order, and be read transposed).
+    a = np.ascontiguousarray(np.concatenate([a for a, _ in blocks], axis=1), dtype)
+    b = np.ascontiguousarray(np.concatenate([b for _, b in blocks], axis=0), dtype)
+    return a, b
+
+
+def adapter_weights(adapter: LoraAdapter, layout: BranchLayout) -> AdapterWeights:
+    """The adapter as the branches are fed it; refused by name where the graph disagrees."""
+    _check_covered(adapter, layout)
+    pairs = [
+        _branch_weights(branch, layout.widths[branch.layer], adapter, layout.dtype)
+        for branch in layout.branches
+    ]
+    return AdapterWeights(
+        adapter.name,
+        adapter.path,
+        tuple(None if p is None else p[0] for p in pairs),
+        tuple(None if p is None else p[1] for p in pairs),
+    )
+
+
+class BranchFeeds:
+    """The branches' inputs for a batch's rows, each row on its adapter (None: the base).
+
+    The active set's A and B (the distinct adapters the rows use) are kept until the set
+    changes: a lone adapter's arrays are fed as they are, several are concatenated once per
+    set; the masks follow the rows."""
+
+    def __init__(self, layout: BranchLayout) -> None:
+        self.layout = layout
+        self.active: tuple[AdapterWeights, ...] | None = None
+        self.weights: dict[str, np.ndarray] = {}
+        self.empty = {
+            name: np.zeros(shape, layout.dtype)
+            for branch in layout.branches
+            for name, shape in (
+                (branch.a, (branch.target.features, 0)),
+                (branch.b, (0, branch.target.columns)),
+            )
+        }
+
+    def forget(self) -> None:
+        """Drop the active set's arrays, so that an unloaded or replaced adapter's weights
+        are freed once no sequence holds them either."""
+        self.active, self.weights = None, {}
+
+    def _assemble(self, active: tuple[AdapterWeights, ...]) -> None:
+        weights: dict[str, np.ndarray] = {}
+        for index, branch in enumerate(self.layout.branches):
+            a = [x.a[index] for x in active if x.a[index] is not None]
+            b = [x.b[index] for x in active if x.b[index] is not None]
+            if not a:
+                weights[branch.a], weights[branch.b] = self.empty[branch.a], self.empty[branch.b]
+            elif len(a) == 1:
+                weights[branch.a], weights[branch.b] = a[0], b[0]  # type: ignore[assignment]
+            else:
+                weights[branch.a] = np.ascontiguousarray(np.concatenate(a, axis=1))  # type: ignore[arg-type]
+                weights[branch.b] = np.ascontiguousarray(np.concatenate(b, axis=0))  # type: ignore[arg-type]
+        self.active, self.weights = active, weights
+
+    def feeds(self, rows: Sequence[AdapterWeights | None]) -> dict[str, np.ndarray]:
+        """Every branch's A, B and mask for these rows (a row of None adds nothing)."""
+        active = tuple(dict.fromkeys(x for x in rows if x is not None))  # first use's order
+        if active != self.active:
+            self._assemble(active)
+        feeds = dict(self.weights)
+        masks: dict[tuple[int, ...], np.ndarray] = {}  # per widths of the active adapters
+        for index, branch in enumerate(self.layout.branches):
+            widths = tuple(0 if x.a[index] is None else x.a[index].shape[1] for x in active)  # type: ignore[union-attr]
+            mask = masks.get(widths)
+            if mask is None:
+                starts = dict(zip(active, np.cumsum((0, *widths))[:-1].tolist(), strict=True))
+                mask = np.zeros((len(rows), 1, sum(widths)), self.layout.dtype)
+                for row, adapter in enumerate(rows):
+                    if adapter is not None:
+                        width = widths[active.index(adapter)]
+                        mask[row, 0, starts[adapter] : starts[adapter] + width] = 1
+                masks[widths] = mask
+            feeds[branch.mask] = mask
+        return feeds

@@ -40,6 +40,7 @@ from kubetune_trainer.serve.engines.base import (
 )
 from kubetune_trainer.serve.engines.batch.decoder import Decoder
 from kubetune_trainer.serve.engines.batch.kv import GROW
+from kubetune_trainer.serve.engines.batch.lora import AdapterWeights
 from kubetune_trainer.serve.engines.batch.sequences import (
     Outbox,
     Sequence,
@@ -90,19 +91,29 @@ class BatchEngine:
     """Continuous batching in one scheduler thread; an `engines.base.Engine`."""
 
     def __init__(
-        self, model_dir: Path, limits: Limits, adapters: dict[str, Path] | None = None
+        self,
+        model_dir: Path,
+        limits: Limits,
+        adapters: dict[str, Path] | None = None,
+        runtime_lora: bool = False,
     ) -> None:
         """`adapters`: LoRA adapters served on the base (name: PEFT directory), each selected
-        by a request's `model`."""
+        by a request's `model`; with `runtime_lora` (or any adapter) the graph has LoRA branches,
+        and `load_adapter` / `unload_adapter` change the set while it runs."""
         self.limits = limits
-        self.adapter_index = {name: i for i, name in enumerate(adapters or {}, start=1)}
         self.tokenizer = ServingTokenizer.load(model_dir)
         self.eos = self.tokenizer.eos_token_id
         self.stops = stop_token_ids(model_dir, self.tokenizer)  # every end-of-turn token
         self.grammars = Grammars.of_model(model_dir, self.eos)
         self.running = 0  # the batch size, set by the scheduler thread each step
         self.positions = 0  # KV cache positions the batch holds, set with `running`
-        self.decoder = Decoder(model_dir, adapters)
+        self.decoder = Decoder(model_dir, lora=bool(adapters) or runtime_lora)
+        # The adapters requests may name now. Read and written on the event loop only
+        # (`start`, and the server's load and unload): a request takes the weights its name
+        # has when it starts, and keeps them to its end, whatever is loaded meanwhile.
+        self.adapters: dict[str, AdapterWeights] = {
+            name: self.decoder.read_adapter(name, path) for name, path in (adapters or {}).items()
+        }
         self.cache = self.decoder.batch_cache(limits.max_concurrency, limits.context_length)
         self.outbox = Outbox()
         self.incoming: queue.Queue[Sequence] = queue.Queue()
@@ -110,6 +121,11 @@ class BatchEngine:
         self.heartbeat = Heartbeat()
         self.thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
         self.thread.start()
+
+    def read_adapter(self, name: str, path: Path) -> AdapterWeights:
+        """Read and check an adapter for this base's graph (in a worker thread: it reads
+        files); `AdapterError` names what is wrong with it."""
+        return self.decoder.read_adapter(name, path)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return encode_prompt(self.tokenizer, request, self.limits.context_length)
@@ -140,7 +156,7 @@ class BatchEngine:
                 cancel,
                 TextAssembler(self.tokenizer.decode, request.stop),
                 np.random.default_rng(seed),
-                adapter=self.adapter_index.get(request.model, 0),
+                adapter=self.adapters.get(request.model),
                 spell=self.grammars.spell,
             )
         )

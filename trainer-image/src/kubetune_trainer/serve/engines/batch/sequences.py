@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kubetune_trainer.serve.engines.base import Event
+from kubetune_trainer.serve.engines.batch.lora import AdapterWeights
 from kubetune_trainer.serve.engines.batch.sampling import sample
 from kubetune_trainer.serve.engines.logprobs import describe, log_softmax
 from kubetune_trainer.serve.engines.text import TextAssembler
@@ -33,7 +34,7 @@ class Sequence:
     cancel: threading.Event
     text: TextAssembler
     rng: np.random.Generator
-    adapter: int = 0  # the LoRA adapter its rows add (`lora`): 0 for the base, i for the i-th
+    adapter: AdapterWeights | None = None  # the LoRA adapter its rows add (`lora`); None: base
     length: int = 0  # positions in the KV cache
     generated: int = 0
     last: int = 0
