@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetune.api import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.builders.meta import training_hash
 from kubetune.operator.metrics import OperatorMetrics, index_bodies, phase_counts
-from kubetune.operator.progress import ProgressServer, ProgressSink
+from kubetune.operator.progress.server import ProgressServer
+from kubetune.operator.progress.sink import ProgressSink
 
 AUDIENCE = "kubetune.io/progress"
 POD = "demo-g1-train-0-x"
