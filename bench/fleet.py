@@ -160,14 +160,19 @@ class Controller:
                 fields[key] = int(value.split()[0]) / 1024
         return fields["VmRSS"], fields["VmHWM"]
 
-    def reconciles(self) -> float | None:
-        """kubetune_reconciles_total from /metrics; None before the Lease is held (a standby
-        serves no port)."""
+    def scrape(self) -> str | None:
+        """/metrics; None before the Lease is held (a standby serves no port)."""
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            with opener.open(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-                text = r.read().decode()
+            with opener.open(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+                return str(r.read().decode())
         except OSError:
+            return None
+
+    def reconciles(self) -> float | None:
+        """kubetune_reconciles_total; None before the Lease is held."""
+        text = self.scrape()
+        if text is None:
             return None
         for line in text.splitlines():
             if line.startswith("kubetune_reconciles_total "):
@@ -368,6 +373,10 @@ def run_kubetune(
         to_completion = settled - ops_before
         api_to_completion = api_done - api_before
         rss, peak = leader.memory_mib()
+        scrape_started = time.monotonic()
+        exposition = leader.scrape() or ""
+        scrape_ms = (time.monotonic() - scrape_started) * 1000
+        job_series = sum(line.startswith("kubetune_job_") for line in exposition.splitlines())
 
         # At rest: nothing changes, so nothing should be written (resync passes included).
         rest_before = leader.requests()
@@ -404,7 +413,7 @@ def run_kubetune(
             "ops_breakdown": dict(to_completion.most_common(12)),
             "api_per_job": sum(api_to_completion.values()) / jobs,
             "api_breakdown": dict(api_to_completion.most_common(12)),
-            "rss_mib": rss, "peak_mib": peak,
+            "rss_mib": rss, "peak_mib": peak, "scrape_ms": scrape_ms, "job_series": job_series,
             "rest_s": rest_seconds, "rest_writes": dict(writes(at_rest)),
             "rest_requests": dict(at_rest.most_common()),
             "api_rest_writes": sum(v for k, v in api_at_rest.items()
@@ -440,7 +449,9 @@ def report(result: dict[str, Any], floor: dict[str, Any] | None) -> str:
         f"API server requests per job to completion (apiserver_request_total, all clients): "
         f"{result['api_per_job']:.1f} {result['api_breakdown']}",
         f"operator memory once settled: {result['rss_mib']:.0f} MiB resident, peak "
-        f"{result['peak_mib']:.0f} MiB ({goal(result['peak_mib'] < 400)} of 400 MiB)",
+        f"{result['peak_mib']:.0f} MiB ({goal(result['peak_mib'] < 400)} of 400 MiB); one "
+        f"/metrics scrape {result['scrape_ms']:.0f} ms, {result['job_series']} kubetune_job_* "
+        f"series",
         f"at rest for {result['rest_s']:.0f} s: {rest_writes} operator writes "
         f"({rest_writes / jobs:.3f} per job; {goal(rest_writes == 0)} of none) "
         f"{result['rest_writes'] or ''}; all its requests {result['rest_requests']}; "
