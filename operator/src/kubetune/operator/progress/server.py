@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from kubetune.api.dataplane import ProgressReport
-from kubetune.api.ratelimit import TokenBuckets
+from kubetune.api.ratelimit import NEVER_SECONDS, TokenBuckets
 from kubetune.operator.client import ApiError, KubeClient
 from kubetune.operator.metrics import CONTENT_TYPE, OperatorMetrics
 from kubetune.operator.progress.binding import (
@@ -35,7 +35,7 @@ from kubetune.operator.progress.sink import FineTuneJobLookup, ProgressSink, api
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024
-MAX_RETRY_AFTER = 3600
+MAX_RETRY_AFTER = int(NEVER_SECONDS)
 """The longest Retry-After sent (a budget that earns nothing answers with it)."""
 
 
