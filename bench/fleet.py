@@ -481,7 +481,11 @@ def record(text: str) -> None:
         f"control plane: hack/cluster.py (etcd, kube-apiserver, KCM, scheduler, kwok on "
         f"loopback, same machine).\n\n```\n{text}\n```\n"
     )
-    RESULTS.write_text(RESULTS.read_text().rstrip("\n") + "\n" + entry)
+    # At the end of the Operator section, after operator_burst.py's entries.
+    head, marker, tail = RESULTS.read_text().partition("## Operator\n")
+    body, sep, rest = tail.partition("\n## ")
+    after = sep + rest if sep else ""
+    RESULTS.write_text(head + marker + body.rstrip("\n") + "\n" + entry + after)
 
 
 def main() -> int:
