@@ -368,6 +368,7 @@ def run_kubetune(
         controlplane.wait_for(lambda: len(watches.done_at) >= jobs, timeout=3600,
                               what="every FineTuneJob finished", interval=0.5)  # fmt: skip
         all_done_s = max(watches.done_at.values()) - start
+        print(f"every job finished after {all_done_s:.1f} s", flush=True)
         settled = quiet(leader, 3.0, 120.0)
         api_done = apiserver_requests(cluster)
         to_completion = settled - ops_before
@@ -396,6 +397,7 @@ def run_kubetune(
                               what="the new leader to reconcile every job",
                               interval=0.2)  # fmt: skip
         takeover_s = time.monotonic() - stopped_at
+        print(f"the new leader reconciled every job after {takeover_s:.1f} s", flush=True)
         after_takeover = quiet(standby, 3.0, 120.0)
         takeover_settled_s = time.monotonic() - stopped_at
         takeover = after_takeover - standby_before
@@ -502,6 +504,13 @@ def main() -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     # A fresh control plane for each run: the second must not inherit the first's objects.
+    # KubeTune first, each result printed when it is known: a run cut short still says what
+    # it measured.
+    with tempfile.TemporaryDirectory(prefix="kubetune-fleet-") as tmp, controlplane.running(
+        Path(tmp) / "cluster"
+    ) as cluster:
+        result = run_kubetune(cluster, args.jobs, args.rest_seconds, Path(tmp))
+    print("kubetune:", json.dumps(result), flush=True)
     floor = None
     if not args.no_floor:
         with tempfile.TemporaryDirectory(prefix="kubetune-fleet-") as tmp, controlplane.running(
@@ -509,10 +518,6 @@ def main() -> int:
         ) as cluster:
             floor = run_floor(cluster, args.jobs, Path(tmp))
         print("floor:", json.dumps(floor), flush=True)
-    with tempfile.TemporaryDirectory(prefix="kubetune-fleet-") as tmp, controlplane.running(
-        Path(tmp) / "cluster"
-    ) as cluster:
-        result = run_kubetune(cluster, args.jobs, args.rest_seconds, Path(tmp))
     text = report(result, floor)
     print(text)
     if args.record:
