@@ -393,6 +393,11 @@ def run_kubetune(
         standby_before = standby.requests()
         stopped_at = time.monotonic()
         leader.stop()
+        stopped_s = time.monotonic() - stopped_at
+        # The standby serves /metrics once it holds the Lease.
+        controlplane.wait_for(lambda: standby.scrape() is not None, timeout=600,
+                              what="the standby to take the Lease", interval=0.1)  # fmt: skip
+        acquired_s = time.monotonic() - stopped_at
         controlplane.wait_for(lambda: (standby.reconciles() or 0) >= jobs, timeout=600,
                               what="the new leader to reconcile every job",
                               interval=0.2)  # fmt: skip
@@ -421,6 +426,7 @@ def run_kubetune(
             "api_rest_writes": sum(v for k, v in api_at_rest.items()
                                    if k.split(" ")[0] in WRITES),
             "takeover_s": takeover_s, "takeover_settled_s": takeover_settled_s,
+            "old_leader_exit_s": stopped_s, "lease_taken_s": acquired_s,
             "takeover_writes": dict(writes(takeover)),
             "takeover_requests": sum(takeover.values()),
             "new_rss_mib": new_rss, "new_peak_mib": new_peak,
@@ -460,7 +466,9 @@ def report(result: dict[str, Any], floor: dict[str, Any] | None) -> str:
         f"API server writes from every client: {result['api_rest_writes']}",
         f"takeover (leader stopped with SIGTERM, standby polling): every job reconciled by the "
         f"new leader after {result['takeover_s']:.1f} s ({goal(result['takeover_s'] < 60)} of "
-        f"60 s), quiet after {result['takeover_settled_s']:.1f} s; {takeover_writes} writes "
+        f"60 s; the old leader exited after {result['old_leader_exit_s']:.1f} s, the Lease was "
+        f"taken after {result['lease_taken_s']:.1f} s), quiet after "
+        f"{result['takeover_settled_s']:.1f} s; {takeover_writes} writes "
         f"({goal(takeover_writes == 0)} of none) {result['takeover_writes'] or ''}, "
         f"{result['takeover_requests']} requests; new leader {result['new_rss_mib']:.0f} MiB "
         f"resident, peak {result['new_peak_mib']:.0f} MiB",
