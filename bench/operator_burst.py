@@ -78,17 +78,20 @@ def run_counting_operator(counts_file: str, operator_args: list[str]) -> int:
 
     threading.Thread(target=dump, daemon=True).start()
     if operator_args[:1] == ["--floor"]:
-        return asyncio.run(floor_controller(operator_args[1]))
+        pod_metadata = "--allow-pod-metadata" in operator_args  # bench/fleet.py's pods end
+        return asyncio.run(floor_controller(operator_args[1], pod_metadata))
     from kubetune.cli import main
 
     return main(["operator", *operator_args])
 
 
-async def floor_controller(kubeconfig: str) -> int:
+async def floor_controller(kubeconfig: str, allow_pod_metadata: bool = False) -> int:
     """The floor: the least a controller can do on this machine. One watch on FineTuneJobs
     and, for each new one, the same training Job KubeTune builds, server-side applied at
     once: no kopf, no planner, no ConfigMap/Service/status/Event, no retries. What it
-    measures is the API server's and the machine's share of the latency."""
+    measures is the API server's and the machine's share of the latency. With
+    `allow_pod_metadata` its pods end as the FineTuneJob's `kubetune.io/pod-metadata` tells
+    kwok, as the operator's do with the same flag."""
     import aiohttp
 
     from kubetune.api import FineTuneJobSpec
@@ -98,7 +101,7 @@ async def floor_controller(kubeconfig: str) -> int:
     from kubetune.operator.client import KubeClient
 
     client = KubeClient.connect(kubeconfig)
-    config = OperatorConfig()
+    config = OperatorConfig(allow_pod_metadata=allow_pod_metadata)
     tasks: set[asyncio.Task[Any]] = set()
     url = f"{client.server}/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/finetunejobs"
     connector = aiohttp.TCPConnector(ssl=client._ssl)

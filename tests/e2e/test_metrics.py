@@ -80,3 +80,26 @@ def test_metrics_count_real_reconciles_reports_and_patches(
              what="kubetune_finetunejobs to count the cluster's jobs by phase")  # fmt: skip
     counted = cluster.get("finetunejob", "counted", namespace)
     assert counted is not None and counted["status"]["phase"] == "Training"
+
+    # The job's training progress, as the gauges the chart's alerts and dashboards query:
+    # the report's values, labelled with the generation the report's pod trains.
+    generation = str(counted["status"]["progress"]["generation"])
+    series = (("generation", generation), ("job", "counted"), ("namespace", namespace))
+    samples = _samples(operator)
+    assert samples[("kubetune_job_step", series)] == 3
+    assert samples[("kubetune_job_total_steps", series)] == 12
+    assert samples[("kubetune_job_train_loss", series)] == 2.5
+    assert ("kubetune_job_eval_loss", series) not in samples  # the report had none
+    assert samples[("kubetune_job_last_step_timestamp_seconds", series)] > 0
+    assert samples[("kubetune_job_phase", (("job", "counted"), ("namespace", namespace),
+                                           ("phase", "Training")))] == 1  # fmt: skip
+
+    # Deleted: every series of the job leaves the next scrapes.
+    cluster.kubectl("delete", "finetunejob", "counted", "-n", namespace, "--wait=false")
+
+    def job_series_gone() -> bool:
+        return not any(name.startswith("kubetune_job_") and ("job", "counted") in labels
+                       and ("namespace", namespace) in labels
+                       for name, labels in _samples(operator))  # fmt: skip
+
+    wait_for(job_series_gone, timeout=60, what="the deleted job's kubetune_job_* series to go")

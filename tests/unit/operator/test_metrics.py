@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetune.api import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.builders.meta import training_hash
 from kubetune.operator.metrics import OperatorMetrics, index_bodies, phase_counts
-from kubetune.operator.progress import ProgressServer, ProgressSink
+from kubetune.operator.progress.server import ProgressServer
+from kubetune.operator.progress.sink import ProgressSink
 
 AUDIENCE = "kubetune.io/progress"
 POD = "demo-g1-train-0-x"
@@ -150,3 +151,83 @@ def test_each_server_has_its_own_registry() -> None:
     first.reconciles.inc()
     assert b"kubetune_reconciles_total 1.0" in first.exposition()
     assert b"kubetune_reconciles_total 0.0" in second.exposition()
+
+
+def _job(name: str, phase: str | None, progress: dict[str, Any] | None) -> dict[str, Any]:
+    status: dict[str, Any] = {}
+    if phase is not None:
+        status["phase"] = phase
+    if progress is not None:
+        status["progress"] = progress
+    return {"metadata": {"namespace": "team", "name": name}, "status": status}
+
+
+def _job_samples(metrics: OperatorMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {key: value for key, value in _samples(metrics.exposition().decode()).items()
+            if key[0].startswith("kubetune_job_")}  # fmt: skip
+
+
+PROGRESS = {"generation": 2, "step": 30, "totalSteps": 120, "trainLoss": "1.25",
+            "evalLoss": "1.5", "tokensPerSecond": "310.5", "etaSeconds": 90,
+            "updateTime": "2026-01-01T00:00:10Z"}  # fmt: skip
+T10 = 1767225610.0  # 2026-01-01T00:00:10Z
+
+
+def test_job_gauges_carry_each_jobs_progress_and_phase() -> None:
+    jobs = [_job("train", "Training", PROGRESS), _job("new", None, None)]
+    metrics = OperatorMetrics(finetunejobs=lambda: jobs)
+    labels = (("generation", "2"), ("job", "train"), ("namespace", "team"))
+    assert _job_samples(metrics) == {
+        ("kubetune_job_step", labels): 30,
+        ("kubetune_job_total_steps", labels): 120,
+        ("kubetune_job_train_loss", labels): 1.25,
+        ("kubetune_job_eval_loss", labels): 1.5,
+        ("kubetune_job_tokens_per_second", labels): 310.5,
+        ("kubetune_job_eta_seconds", labels): 90,
+        ("kubetune_job_last_step_timestamp_seconds", labels): T10,
+        ("kubetune_job_phase", (("job", "train"), ("namespace", "team"), ("phase", "Training"))): 1,
+        # No status yet: a phase series only (the same "Unknown" kubetune_finetunejobs counts).
+        ("kubetune_job_phase", (("job", "new"), ("namespace", "team"), ("phase", "Unknown"))): 1,
+    }
+
+
+def test_a_value_the_report_lacks_has_no_series() -> None:
+    progress = {"generation": 1, "step": 0, "updateTime": "2026-01-01T00:00:10Z"}
+    metrics = OperatorMetrics(finetunejobs=lambda: [_job("early", "Training", progress)])
+    names = {name for name, _ in _job_samples(metrics)}
+    assert names == {"kubetune_job_step", "kubetune_job_last_step_timestamp_seconds",
+                     "kubetune_job_phase"}  # fmt: skip
+
+
+def test_a_deleted_jobs_series_go_and_a_new_generations_replace_the_old() -> None:
+    jobs = [_job("a", "Training", PROGRESS), _job("b", "Training", PROGRESS)]
+    metrics = OperatorMetrics(finetunejobs=lambda: jobs)
+    assert {dict(labels)["job"] for _, labels in _job_samples(metrics)} == {"a", "b"}
+    jobs[:] = [_job("a", "Training", {**PROGRESS, "generation": 3, "step": 1})]
+    samples = _job_samples(metrics)
+    assert {(dict(labels)["job"], dict(labels).get("generation")) for _, labels in samples} == {
+        ("a", "3"), ("a", None)  # None: the phase series, which has no generation
+    }
+
+
+def test_the_last_step_time_is_when_the_step_was_first_reported() -> None:
+    """A report repeating its step (the trainer's final one is always sent again) is no
+    progress: the "stalled" alert must keep counting from the step's first report."""
+    jobs = [_job("train", "Training", PROGRESS)]
+    metrics = OperatorMetrics(finetunejobs=lambda: jobs)
+    key = ("kubetune_job_last_step_timestamp_seconds",
+           (("generation", "2"), ("job", "train"), ("namespace", "team")))  # fmt: skip
+    assert _job_samples(metrics)[key] == T10
+    jobs[:] = [_job("train", "Training", {**PROGRESS, "updateTime": "2026-01-01T00:05:10Z"})]
+    assert _job_samples(metrics)[key] == T10
+    jobs[:] = [_job("train", "Training",
+                    {**PROGRESS, "step": 31, "updateTime": "2026-01-01T00:06:10Z"})]  # fmt: skip
+    assert _job_samples(metrics)[key] == T10 + 360
+
+
+def test_a_hand_edited_progress_that_does_not_parse_is_left_out() -> None:
+    jobs = [_job("odd", "Training", {"step": "many", "trainLoss": "low"})]
+    metrics = OperatorMetrics(finetunejobs=lambda: jobs)
+    assert set(_job_samples(metrics)) == {
+        ("kubetune_job_phase", (("job", "odd"), ("namespace", "team"), ("phase", "Training")))
+    }

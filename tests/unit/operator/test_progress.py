@@ -22,24 +22,24 @@ from aiohttp import web
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.api.dataplane import ProgressReport
+from kubetune.api.ratelimit import TokenBuckets
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner, legacy_training_hash, training_hash
 from kubetune.builders.training import training_job
 from kubetune.operator.main import add_operator_command, review_limits_from_args
 from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.progress import (
+from kubetune.operator.progress.binding import (
     Binding,
-    ProgressServer,
-    ProgressSink,
     Refused,
-    ReviewLimits,
-    TokenBuckets,
     TokenClaim,
     bind,
     check_current,
     check_review,
-    progress_status,
 )
+from kubetune.operator.progress.limits import ReviewLimits
+from kubetune.operator.progress.server import ProgressServer
+from kubetune.operator.progress.sink import ProgressSink
+from kubetune.operator.progress.status import progress_status
 from tests.unit.operator_fixtures import CONFIG, spec_dict
 
 AUDIENCE = "kubetune.io/progress"

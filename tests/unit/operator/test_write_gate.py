@@ -18,7 +18,7 @@ from aiohttp import web
 from kubetune.api.dataplane import ProgressReport
 from kubetune.operator.client import KubeClient, NotLeading
 from kubetune.operator.leader import Election, LeaseLock, leading
-from kubetune.operator.progress import ProgressSink
+from kubetune.operator.progress.sink import ProgressSink
 
 
 def test_leading_holds_within_the_deadline_and_until_someone_else_holds_the_lease() -> None:

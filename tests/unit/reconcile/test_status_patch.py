@@ -49,3 +49,44 @@ def test_a_nested_key_that_no_longer_applies_is_set_to_null() -> None:
               "progress": {"step": 3}}
     desired = {"evaluation": {"generation": 2, "evalLoss": "1.1"}}
     assert status_patch(stored, desired) == {"evaluation": {"generation": 2, "accuracy": None}}
+
+
+def _server_defaulted(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` as the API server reads it back: the CRD's defaults filled in (here the ones
+    of `status.evaluation`, which a finished job holds)."""
+    evaluation = status.get("evaluation")
+    if evaluation is None:
+        return status
+    return {**status, "evaluation": {"exportMessage": "", "message": "", **evaluation}}
+
+
+def test_a_key_the_server_defaults_is_not_nulled_on_every_pass() -> None:
+    """A finished job whose gate set no message: the API server fills `message: ""` (the
+    CRD's default) in. Nulling it was undone on every read, so each resync patched every
+    finished job's status again (bench/fleet.py: one write per job every 10 s at rest)."""
+    stored = {"evaluation": {"generation": 1, "evalLoss": "1.05", "exportMessage": "",
+                             "message": ""}}  # fmt: skip
+    desired = {"evaluation": {"generation": 1, "evalLoss": "1.05"}}
+    assert status_patch(stored, desired) == {}
+    # The gate's message, once there is one, is still written, and a stale one removed.
+    assert status_patch(stored, {"evaluation": {**desired["evaluation"], "message": "passed"}}) \
+        == {"evaluation": {"message": "passed"}}  # fmt: skip
+    stale = {"evaluation": {**stored["evaluation"], "message": "an earlier verdict"}}
+    assert status_patch(stale, desired) == {"evaluation": {"message": None}}
+
+
+@given(st.sampled_from(["", "gate passed"]), st.sampled_from([None, "1.2"]),
+       st.sampled_from([1, 2]))  # fmt: skip
+def test_the_pass_after_a_patch_sends_nothing_once_the_server_filled_its_defaults(
+    message: str, accuracy: str | None, generation: int
+) -> None:
+    stored = _server_defaulted({"evaluation": {"generation": 1, "message": "old",
+                                               "accuracy": "0.5"}})  # fmt: skip
+    evaluation: dict[str, Any] = {"generation": generation}
+    if message:
+        evaluation["message"] = message
+    if accuracy is not None:
+        evaluation["accuracy"] = accuracy
+    desired = {"evaluation": evaluation}
+    after = _server_defaulted(merge_patched(stored, status_patch(stored, desired)))
+    assert status_patch(after, desired) == {}

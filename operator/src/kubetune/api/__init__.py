@@ -1,4 +1,9 @@
-"""The `kubetune.io/v1alpha1` API: the single source of the CRD, the docs and validation."""
+"""The `kubetune.io/v1alpha1` API: the single source of the CRD, the docs and validation.
+
+Also the pure seams both planes share: the typed reports that cross them (`dataplane`), a
+model's config (`modelconfig`), the evaluation metrics (`metrics`) and the token buckets that
+ration requests (`ratelimit`). No I/O: pydantic only.
+"""
 
 from kubetune.api.resource import (
     API_VERSION,

@@ -6,10 +6,12 @@ summary for `kubectl get`. Everything else gives the numbers behind the conditio
 
 from __future__ import annotations
 
+import types
+import typing
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from kubetune.api.metrics import Metric, Task
 from kubetune.api.rules import ApiModel
@@ -254,3 +256,35 @@ class FineTuneJobStatus(ApiModel):
     """Evaluation and gate verdict."""
     serving: ServingStatus | None = None
     """The inference endpoint."""
+
+
+def server_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """What the API server fills in for keys of a `model` object that are left out, by wire
+    name, nested objects included: the scalar defaults the CRD's schema carries (a merge patch
+    that sets one of them to null is undone on the next read). Items of lists are left out:
+    a list is written and compared whole. Pure."""
+    defaults: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if isinstance(field.default, (str, int, bool)):
+            defaults[key] = field.default
+            continue
+        for option in _options(field.annotation):
+            if isinstance(option, type) and issubclass(option, BaseModel):
+                nested = server_defaults(option)
+                if nested:
+                    defaults[key] = nested
+    return defaults
+
+
+def _options(annotation: Any) -> tuple[Any, ...]:
+    """`X | None` -> (X, NoneType); `Annotated[X, ...]` -> (X,); anything else -> (it,)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _options(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(o for arg in typing.get_args(annotation) for o in _options(arg))
+    return (annotation,)
+
+
+STATUS_DEFAULTS = server_defaults(FineTuneJobStatus)
+"""`status` keys the API server fills in when left out (`evaluation.message`: "", ...)."""

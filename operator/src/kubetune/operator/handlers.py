@@ -35,7 +35,7 @@ from kubetune.operator.indexes import (
     share_of,
 )
 from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.progress import ProgressSink
+from kubetune.operator.progress.sink import ProgressSink
 
 RETRY_SECONDS = 5.0
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune.builders.config import DEFAULT_SERVING_IMAGE, DEFAULT_TRAINER_IMAGE, OperatorConfig
 
 if TYPE_CHECKING:  # the progress module needs aiohttp, which only the operator extra installs
-    from kubetune.operator.progress import ReviewLimits
+    from kubetune.operator.progress.limits import ReviewLimits
 
 log = logging.getLogger("kubetune.operator")
 
@@ -78,7 +78,7 @@ def add_operator_command(subparsers: Any) -> None:
         default=5.0,
         help="seconds between status patches of one job's progress",
     )
-    # Defaults: kubetune.operator.progress.ReviewLimits (None: its default).
+    # Defaults: kubetune.operator.progress.limits.ReviewLimits (None: its default).
     parser.add_argument(
         "--progress-source-review-rate",
         type=float,
@@ -169,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
 
 
 def review_limits_from_args(args: argparse.Namespace) -> ReviewLimits:
-    from kubetune.operator.progress import ReviewLimits
+    from kubetune.operator.progress.limits import ReviewLimits
 
     given = {
         "source_rate": args.progress_source_review_rate,
@@ -205,7 +205,8 @@ async def serve(args: argparse.Namespace) -> int:
     from kubetune.operator.controller import Controller, utc_now
     from kubetune.operator.leader import LeaseLock
     from kubetune.operator.metrics import OperatorMetrics, index_bodies
-    from kubetune.operator.progress import ProgressServer, ProgressSink, api_lookup, index_lookup
+    from kubetune.operator.progress.server import ProgressServer
+    from kubetune.operator.progress.sink import ProgressSink, api_lookup, index_lookup
 
     if args.kubeconfig:
         # kopf logs in on its own: point it at the same cluster.

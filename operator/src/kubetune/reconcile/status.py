@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from kubetune.api import FineTuneJobSpec, PlanStatus
 from kubetune.api.dataplane import ExportReport, TrainingReport
 from kubetune.api.metrics import TASK_METRICS, Metric, MetricScores, Task
-from kubetune.api.status import PER_LABEL_F1_LIMIT, TrainingStatus
+from kubetune.api.status import PER_LABEL_F1_LIMIT, STATUS_DEFAULTS, TrainingStatus
 from kubetune.builders import naming
 from kubetune.builders.meta import Owner
 from kubetune.reconcile.children import controller_of
@@ -350,21 +350,30 @@ def build_status(
     return status
 
 
-def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+def status_patch(
+    previous: Mapping[str, Any],
+    status: Mapping[str, Any],
+    defaults: Mapping[str, Any] = STATUS_DEFAULTS,
+) -> dict[str, Any]:
     """The JSON merge patch (RFC 7386) that makes each key of `status` exactly so, or {}.
 
     A merge patch merges objects key by key, at every depth, so a nested key that `status`
     no longer has (an earlier generation's `accuracy`, the progress endpoint's `updateTime`)
     would stay for ever unless the patch sets it to null. Top-level keys `status` leaves out
-    are not reconcile's to write (`progress` while training runs) and stay as they are."""
+    are not reconcile's to write (`progress` while training runs) and stay as they are.
+
+    A key the CRD gives a default (`defaults`: `evaluation.message` is "") reads back as that
+    default when removed, so holding it is the same as not having it: nulling it would be
+    undone at once and sent again on every pass, for ever."""
     patch: dict[str, Any] = {}
     for key, wanted in status.items():
         now = previous.get(key)
+        default = defaults.get(key)
         if wanted is None:
-            if now is not None:
+            if now is not None and not _is_default(now, default):
                 patch[key] = None
         elif isinstance(wanted, Mapping) and isinstance(now, Mapping):
-            nested = _exactly(now, wanted)
+            nested = _exactly(now, wanted, default if isinstance(default, Mapping) else {})
             if nested:
                 patch[key] = nested
         elif now != wanted:
@@ -372,10 +381,17 @@ def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict
     return patch
 
 
-def _exactly(now: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+def _is_default(value: Any, default: Any) -> bool:
+    return default is not None and not isinstance(default, Mapping) and value == default
+
+
+def _exactly(
+    now: Mapping[str, Any], wanted: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
     """The merge patch that turns the object `now` into `wanted`: its keys that `wanted`
-    does not have are set to null."""
-    patch = status_patch(now, wanted)
+    does not have are set to null (unless they hold the default the server fills in)."""
+    patch = status_patch(now, wanted, defaults)
     patch.update({key: None for key, value in now.items()
-                  if key not in wanted and value is not None})
+                  if key not in wanted and value is not None
+                  and not _is_default(value, defaults.get(key))})  # fmt: skip
     return patch
