@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, TrainingReport
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, JudgeCounts, TrainingReport
 from kubetune.api.metrics import Metric, MetricScores, Task
+from kubetune.reconcile.status import metrics_status
 from kubetune_trainer.train import report as reports
 from kubetune_trainer.train import run as train
 from tests.trainer.conftest import run_config
@@ -179,3 +180,19 @@ def test_undecodable_dataset_line_exits_2_naming_file_and_line(
     code, report = _main(tmp_path, run_config(train_file, validation), monkeypatch)
     assert code == CONFIG_ERROR_EXIT_CODE
     assert report["error"].startswith(f"{train_file}:5: ")
+
+
+def test_the_judges_win_rate_reaches_status_beside_the_loss() -> None:
+    """The operator reads the termination message: the win rate rides in `metrics` (the gate
+    and `status.evaluation.metrics` read it), the counts stay in report.json."""
+    report = TrainingReport(
+        status="Succeeded", task=Task.CHAT, eval_loss=1.0, base_eval_loss=1.5,
+        metrics=MetricScores(values={Metric.EVAL_LOSS: 1.0, Metric.JUDGE_WIN_RATE: 0.75}),
+        base_metrics=MetricScores(values={Metric.EVAL_LOSS: 1.5}),
+        judge=JudgeCounts(endpoint="https://judge.example/v1", model="big", records=2,
+                          comparisons=4, wins=3, ties=0, losses=1))
+    short = TrainingReport.parse(reports.short_form(report))
+    assert short is not None and short.judge is None
+    rows = {row["name"]: row for row in metrics_status(Task.CHAT, short, None)}
+    assert rows["judgeWinRate"] == {"name": "judgeWinRate", "fineTuned": "0.75"}
+    assert rows["evalLoss"]["base"] == "1.5"

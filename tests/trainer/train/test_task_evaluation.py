@@ -12,7 +12,8 @@ import pytest
 
 from kubetune.api.dataplane import TrainingReport
 from kubetune.api.metrics import Metric, Task
-from kubetune.api.spec import EvaluationSpec
+from kubetune.api.spec import EvaluationSpec, JudgeSpec
+from kubetune_trainer.judge import Comparison, ItemVerdict, Verdict, outcome, tally
 from kubetune_trainer.train import evaluate
 from kubetune_trainer.train.data import Example
 from kubetune_trainer.train.loop import CRASH_ENV
@@ -167,3 +168,67 @@ def test_extraction_records_rank_by_token_f1() -> None:
     assert lines[1]["fineTuned"][Metric.FIELD_RECALL] == 1.0
     before_lines = evaluate.record_lines(spec, examples, after, before)  # roles swapped
     assert [line["line"] for line in before_lines] == [2, 1]
+
+
+def _comparison(shown_as: Verdict, verdict: Verdict) -> Comparison:
+    return Comparison(fine_tuned_shown_as=shown_as, reply=f"[[{verdict.value}]]",
+                      verdict=verdict, outcome=outcome(verdict, shown_as))
+
+
+def test_the_judge_is_asked_only_for_a_chat_run_that_reports_its_win_rate() -> None:
+    judge = JudgeSpec(endpoint="http://judge:8000/v1", model="judge")
+    assert evaluate.judged(EvaluationSpec(task=Task.CHAT, judge=judge))
+    assert evaluate.judged(EvaluationSpec(task=Task.CHAT, judge=judge,
+                                          metrics=[Metric.EVAL_LOSS, Metric.JUDGE_WIN_RATE]))
+    assert not evaluate.judged(EvaluationSpec(task=Task.CHAT))
+    # Admission refuses a judge whose win rate the run would leave out: it is never set idle.
+    with pytest.raises(ValueError, match=r"evaluation\.judge applies only to task Chat"):
+        EvaluationSpec(task=Task.CHAT, judge=judge, metrics=[Metric.EVAL_LOSS])
+    with pytest.raises(ValueError, match=r"evaluation\.judge applies only to task Chat"):
+        EvaluationSpec(task=Task.SUMMARIZATION, judge=judge)
+
+
+def test_the_judge_sees_the_conversation_and_both_answers_of_each_answered_record() -> None:
+    follow_up = Example(7, messages=(("system", "Be brief."), ("user", "Name a port."),
+                                     ("assistant", "8080"), ("user", "Another?"),
+                                     ("assistant", "443")))
+    examples = [chat("hi", "hello there", 1), follow_up]
+    before = evaluate.Evaluation(answers=["hello", "22"])
+    after = evaluate.Evaluation(answers=["hello there", "443"])
+    items = evaluate.judge_items(examples, before, after)
+    assert [(i.prompt, i.base_answer, i.fine_tuned_answer) for i in items] == [
+        ("hi", "hello", "hello there"),
+        ("system: Be brief.\n\nuser: Name a port.\n\nassistant: 8080\n\nuser: Another?",
+         "22", "443"),
+    ]
+    # Without both models' answers there is nothing to compare (not a record of ties).
+    assert evaluate.judge_items(examples, evaluate.Evaluation(), after) == []
+
+
+def test_chat_records_carry_the_judges_verdicts_the_least_liked_first() -> None:
+    spec = EvaluationSpec(task=Task.CHAT, judge=JudgeSpec(endpoint="http://judge/v1", model="j"))
+    examples = [chat("hi", "hello there", 1), chat("bye", "goodbye", 2), chat("why", "because", 3)]
+    before = evaluate.Evaluation(answers=["hello", "bye", "dunno"])
+    after = evaluate.Evaluation(answers=["hello there", "see you", "because"])
+    # Record 1: won both orders; record 2: lost both; record 3: won one, an unparsed reply.
+    verdicts = tally([
+        ItemVerdict(index=0, score=1.0, comparisons=[_comparison(Verdict.B, Verdict.B),
+                                                     _comparison(Verdict.A, Verdict.A)]),
+        ItemVerdict(index=1, score=0.0, comparisons=[_comparison(Verdict.B, Verdict.A),
+                                                     _comparison(Verdict.A, Verdict.B)]),
+        ItemVerdict(index=2, score=0.75, comparisons=[_comparison(Verdict.B, Verdict.B),
+                                                      _comparison(Verdict.A, Verdict.UNPARSED)]),
+    ])
+    lines = evaluate.record_lines(spec, examples, before, after, verdicts)
+    assert [line["line"] for line in lines] == [2, 3, 1]
+    assert lines[0]["judge"]["score"] == 0.0
+    assert [c["outcome"] for c in lines[0]["judge"]["comparisons"]] == ["loss", "loss"]
+    assert lines[1]["judge"]["comparisons"][1] == {
+        "fineTunedShownAs": "A", "reply": "[[unparsed]]", "verdict": "unparsed",
+        "outcome": "tie"}
+    assert verdicts.win_rate == (3 + 1 / 2) / 6
+    # A task with a per-record metric keeps ranking by it; the verdicts ride along.
+    extraction = EvaluationSpec(task=Task.EXTRACTION)
+    ranked = evaluate.record_lines(extraction, examples, before, after, verdicts)
+    assert [line["line"] for line in ranked] == [2, 1, 3]  # tokenF1: 0 -> 0, +0.33, +1
+    assert [line["judge"]["score"] for line in ranked] == [0.0, 1.0, 0.75]

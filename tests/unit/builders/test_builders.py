@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import FineTuneJobSpec, RunConfig
-from kubetune.api.dataplane import API_KEY_ENV
+from kubetune.api.dataplane import API_KEY_ENV, JUDGE_API_KEY_ENV
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
@@ -233,6 +233,33 @@ def test_the_api_key_reaches_only_the_server_and_only_as_a_secret_key_ref() -> N
     assert "inference-key" in referenced_secrets(spec)  # looked up before training starts
     unsecured = serving_deployment(_owner(), 3, None, _spec(), CONFIG)
     assert API_KEY_ENV not in json.dumps(unsecured)
+
+
+def test_the_judges_key_reaches_only_the_trainer_and_only_as_a_secret_key_ref() -> None:
+    judge = {"endpoint": "https://judge.example/v1", "model": "judge",
+             "apiKeySecretRef": {"name": "judge-key", "key": "token"}}
+    spec = _spec(evaluation={"task": "Chat", "judge": judge})
+    job = _job(spec)
+    [container] = _pod_spec(job)["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[JUDGE_API_KEY_ENV] == {
+        "name": JUDGE_API_KEY_ENV,
+        "valueFrom": {"secretKeyRef": {"name": "judge-key", "key": "token"}},
+    }
+    assert not any("judge-key" in arg for arg in [*container.get("command", []),
+                                                  *container.get("args", [])])
+    config_map = run_config_map(_owner(), 3, spec, plan(), {})
+    assert JUDGE_API_KEY_ENV not in json.dumps(config_map)
+    # The run config names the Secret (the spec), never holds its value.
+    assert "valueFrom" not in json.dumps(config_map)
+    for other in (export_job(_owner(), 3, spec, CONFIG),
+                  serving_deployment(_owner(), 3, None, spec, CONFIG)):
+        assert JUDGE_API_KEY_ENV not in json.dumps(other)  # only the trainer asks the judge
+    assert "judge-key" in referenced_secrets(spec)  # looked up before training starts
+    keyless = _spec(evaluation={"task": "Chat", "judge": {"endpoint": judge["endpoint"],
+                                                           "model": "judge"}})
+    assert JUDGE_API_KEY_ENV not in json.dumps(_job(keyless))
+    assert JUDGE_API_KEY_ENV not in json.dumps(_job(_spec()))
 
 
 def test_config_map_holds_a_valid_run_config() -> None:

@@ -78,7 +78,8 @@ TABLE = [
                  id="evaluation labels"),
     pytest.param({"evaluation": {"metrics": ["exactMatch", "evalLoss"]}}, True,
                  id="evaluation.metrics"),
-    pytest.param({"evaluation": {"judge": {"endpoint": "http://judge/v1", "model": "j"}}}, True,
+    pytest.param({"evaluation": {"task": "Chat",
+                                 "judge": {"endpoint": "http://judge/v1", "model": "j"}}}, True,
                  id="evaluation.judge"),
     pytest.param({"evaluation": {"task": "Generation"}}, False,
                  id="evaluation default spelled out"),
@@ -104,9 +105,13 @@ def test_only_edits_that_change_the_model_start_a_new_generation(
 
 def test_the_judges_secret_is_a_credential_not_what_is_measured() -> None:
     judge = {"endpoint": "http://judge/v1", "model": "j"}
-    first = _spec(evaluation={"judge": {**judge, "apiKeySecretRef": {"name": "judge-a"}}})
-    second = _spec(evaluation={"judge": {**judge, "apiKeySecretRef": {"name": "judge-b"}}})
+    first = _spec(evaluation={"task": "Chat",
+                              "judge": {**judge, "apiKeySecretRef": {"name": "judge-a"}}})
+    second = _spec(evaluation={"task": "Chat",
+                               "judge": {**judge, "apiKeySecretRef": {"name": "judge-b"}}})
     assert training_hash(first) == training_hash(second)
+    # The judge itself is what is measured: adding one to a Chat job measures judgeWinRate.
+    assert training_hash(first) != training_hash(_spec(evaluation={"task": "Chat"}))
 
 
 def test_a_renamed_secret_leaves_the_running_jobs_applied_hash_alone() -> None:

@@ -16,7 +16,8 @@ kept for `evaluation.jsonl`.
 The caller reads the API key from the environment the operator fills from
 `judge.apiKeySecretRef` (it is sent as `Authorization: Bearer`, never logged). A judge that
 cannot be reached, or answers an HTTP error, raises `JudgeError` naming the endpoint and the
-status: a missing verdict is not a tie. A real judge must be far stronger than the model it
+status: a missing verdict is not a tie. `JudgeError.retryable` says whether asking again can
+help. A real judge must be far stronger than the model it
 judges; the tests use the built-in 135M model only to prove the plumbing.
 
 `judge_messages` (the prompt) and `parse_verdict` (the reply) are pure functions. Imports only
@@ -123,6 +124,18 @@ class JudgeError(RuntimeError):
     """The judge could not be asked (unreachable, an HTTP error, a reply that is not a chat
     completion)."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """The HTTP status the judge answered, None when it did not answer one."""
+
+    @property
+    def retryable(self) -> bool:
+        """Whether asking again may get an answer: the judge unreachable or timing out, busy
+        (408, 429) or failing (5xx) may recover; any other refusal (401 a wrong key, 404 a
+        wrong endpoint path or model) answers the same question the same way."""
+        return self.status is None or self.status in (408, 429) or self.status >= 500
+
 
 def judge_messages(prompt: str, answer_a: str, answer_b: str, rubric: str | None = None
                    ) -> list[dict[str, str]]:
@@ -212,15 +225,19 @@ def ask_judge(spec: JudgeSpec, api_key: str | None, messages: list[dict[str, str
             reply: Any = json.load(response)
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace")[:500]
-        raise JudgeError(f"judge {url}: HTTP {error.code}: {detail}") from None
+        raise JudgeError(f"judge {url}: HTTP {error.code}: {detail}", error.code
+                         ) from None
     except (urllib.error.URLError, OSError) as error:
         raise JudgeError(f"judge {url}: {error}") from None
     except ValueError as error:  # not JSON
-        raise JudgeError(f"judge {url}: the reply is not JSON: {error}") from None
+        # Answered, but not by an OpenAI-compatible API (a web page, say): asking again
+        # gets the same page.
+        raise JudgeError(f"judge {url}: the reply is not JSON: {error}", 200) from None
     try:
         content = reply["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        raise JudgeError(f"judge {url}: not a chat completion: {str(reply)[:300]}") from None
+        raise JudgeError(f"judge {url}: not a chat completion: {str(reply)[:300]}",
+                         200) from None
     return str(content or "")
 
 

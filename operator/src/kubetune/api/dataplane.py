@@ -10,8 +10,8 @@ code and every rule they both apply:
   `AutoChoice` and its `CandidateScore`s when `precision: Auto` chose by measurement.
 - `CONFIG_ERROR_EXIT_CODE`: the exit code of a run that retrying cannot fix.
 - `STOPPED_EXIT_CODE`: the exit code of a trainer stopped by a signal after its checkpoint.
-- `MODEL_TOKEN_ENV`, `DATASET_TOKEN_ENV`, `API_KEY_ENV`: the env vars the spec's Secrets reach
-  pods as.
+- `MODEL_TOKEN_ENV`, `DATASET_TOKEN_ENV`, `API_KEY_ENV`, `JUDGE_API_KEY_ENV`: the env vars
+  the spec's Secrets reach pods as.
 - `resolve_precision`: what `precision: Auto` means on a device; `resolve_quantization`:
   INT4's rounding method.
 - `cache_root`: where converted models are cached on a machine.
@@ -55,6 +55,11 @@ API_KEY_ENV = "KUBETUNE_API_KEY"
 """The inference server's API key (`spec.serving.apiKeySecretRef`; `serve --api-key` locally):
 from a Secret through the environment, so it is in neither the pod's args nor the process
 list."""
+
+JUDGE_API_KEY_ENV = "KUBETUNE_JUDGE_API_KEY"
+"""The LLM judge's API key (`spec.evaluation.judge.apiKeySecretRef`), on the trainer pod only
+(the trainer asks the judge); `kubetune run`'s trainer inherits it from the shell. Never in
+the run config or the args."""
 
 STOPPED_EXIT_CODE = 143
 """The trainer got SIGTERM or SIGINT (eviction, preemption, `kubetune run`'s Ctrl-C), wrote a
@@ -173,6 +178,25 @@ class AdapterSet(Report):
     adapters: list[ServedAdapter] = Field(default_factory=list)
 
 
+class JudgeCounts(Report):
+    """The LLM judge's record of the fine-tuned model against the base model
+    (`spec.evaluation.judge`): each record judged twice, once in each order. Its win rate is
+    `metrics.values.judgeWinRate`; the verdicts, record by record, are in `evaluation.jsonl`."""
+
+    endpoint: str
+    model: str
+    records: int = 0
+    """Records judged (each twice)."""
+    comparisons: int = 0
+    wins: int = 0
+    losses: int = 0
+    ties: int = 0
+    """Ties, the unparsed replies included."""
+    unparsed: int = 0
+    """Replies that named neither answer (counted as ties): many of them mean the judge does
+    not follow the verdict format, and its win rate says little."""
+
+
 class TrainingReport(Report):
     """`report.json`: what a training run did. Every field has a default, so a short form
     (the termination message) and a report rebuilt from status read as the same model."""
@@ -198,7 +222,10 @@ class TrainingReport(Report):
     metrics: MetricScores | None = None
     """The fine-tuned model's task metrics on the validation records (`kubetune.api.metrics`)."""
     base_metrics: MetricScores | None = None
-    """The base model's, on the same records."""
+    """The base model's, on the same records (no `judgeWinRate`: the win rate is already the
+    fine-tuned model measured against the base)."""
+    judge: JudgeCounts | None = None
+    """The LLM judge's wins, losses, ties and unparsed replies, when a judge was asked."""
     tokens_per_second: float | None = None
     train_tokens: int = 0
     peak_memory_mib: float | None = Field(None, alias="peakMemoryMiB")

@@ -720,7 +720,8 @@ class EvaluationSpec(ApiModel):
     Summarization: rougeL, evalLoss, perplexity. Chat: evalLoss, perplexity, judgeWinRate
     (with a judge)."""
     judge: JudgeSpec | None = None
-    """An LLM judge of base vs fine-tuned answers (reports `judgeWinRate`)."""
+    """`Chat`: an LLM judge of base vs fine-tuned answers; the trainer reports the fine-tuned
+    model's `judgeWinRate` and each record's verdicts (`evaluation.jsonl`)."""
 
     rules = (
         Rule(
@@ -755,6 +756,18 @@ class EvaluationSpec(ApiModel):
             message="evaluation.metrics judgeWinRate needs evaluation.judge",
             check=lambda e: Metric.JUDGE_WIN_RATE not in (e.metrics or ()) or e.judge is not None,
             field_path=".metrics",
+        ),
+        Rule(
+            # A judge the run would not ask (its task has no judgeWinRate, or the metrics
+            # leave it out) would be a setting that silently does nothing.
+            cel="!has(self.judge) || (self.task == 'Chat' && (!has(self.metrics) || "
+            "'judgeWinRate' in self.metrics))",
+            message="evaluation.judge applies only to task Chat, and needs judgeWinRate in "
+            "evaluation.metrics when they are listed",
+            check=lambda e: e.judge is None or (
+                e.task is Task.CHAT
+                and (e.metrics is None or Metric.JUDGE_WIN_RATE in e.metrics)),
+            field_path=".judge",
         ),
     )
 

@@ -151,11 +151,11 @@ def training_hash(spec: FineTuneJobSpec) -> str:
       generation's run ConfigMap, which is updated in place; the trainer reads it when a pod
       starts, so they take effect at the generation's next pod (a retry, a resume after
       suspend). The running pod is never restarted for them;
-    - model.secretRef, dataset.secretRef: credentials, not the model. A container reads
-      its Secret when it starts, so a rotated value under the same name reaches the next pod
-      with no spec change; a renamed Secret reaches the next pods built from a new template
-      (the export Job, a later generation), as the training Job's template is immutable
-      (see `with_job_hash`);
+    - model.secretRef, dataset.secretRef, evaluation.judge.apiKeySecretRef: credentials, not
+      the model. A container reads its Secret when it starts, so a rotated value under the
+      same name reaches the next pod with no spec change; a renamed Secret reaches the next
+      pods built from a new template (the export Job, a later generation), as the training
+      Job's template is immutable (see `with_job_hash`);
     - storage.size and storageClassName (the PVC, one per FineTuneJob whatever the
       generation: a new generation would not change them either), suspend,
       activeDeadlineSeconds (fields of the live Job) and the rest of serving.

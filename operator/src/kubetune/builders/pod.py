@@ -95,8 +95,11 @@ def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
 
 def referenced_secrets(spec: FineTuneJobSpec) -> list[str]:
     """Every Secret the job's pods read. The serving API key's too, though only inference
-    pods read it: missing, it is reported before hours of training rather than after them."""
-    refs = (spec.model.secret_ref, spec.dataset.secret_ref, spec.serving.api_key_secret_ref)
+    pods read it, and the judge's, read only after training: missing, they are reported
+    before hours of training rather than after them."""
+    judge = spec.evaluation.judge
+    refs = (spec.model.secret_ref, spec.dataset.secret_ref, spec.serving.api_key_secret_ref,
+            judge.api_key_secret_ref if judge else None)
     return sorted({ref.name for ref in refs if ref})
 
 

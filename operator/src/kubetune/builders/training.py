@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec, PlanStatus, RunConfig
-from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, JUDGE_API_KEY_ENV
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.meta import (
@@ -168,7 +168,20 @@ def _trainer_env(
         {"name": "KUBETUNE_REPORT_TOKEN_FILE", "value": f"{naming.PROGRESS_TOKEN_DIR}/token"},
         {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(TORCHRUN_SHUTDOWN_SECONDS)},
         *pod.secret_env(spec),
+        *judge_key_env(spec),
     ]
+
+
+def judge_key_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The LLM judge's API key (`evaluation.judge.apiKeySecretRef`), on the trainer only (it
+    asks the judge), by a `secretKeyRef`: the value never passes through the operator, the
+    run config or the pod's args. None when the judge needs no key or there is no judge."""
+    judge = spec.evaluation.judge
+    if judge is None or judge.api_key_secret_ref is None:
+        return []
+    ref = judge.api_key_secret_ref
+    secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+    return [{"name": JUDGE_API_KEY_ENV, "valueFrom": secret}]
 
 
 def _volumes(

@@ -237,6 +237,12 @@ def print_training_report(report: TrainingReport, run_dir: Path) -> None:
             task = report.task.value if report.task is not None else "task"
             lines += [f"  {task} metrics on {report.metrics.records} validation records:",
                       *(f"  {row}" for row in rows)]
+    if report.judge is not None:
+        judge = report.judge
+        lines.append(f"  judge {judge.model} ({judge.endpoint}): fine-tuned vs base "
+                     f"{judge.wins} wins, {judge.losses} losses, {judge.ties} ties "
+                     f"({judge.unparsed} unparsed) in {judge.comparisons} comparisons of "
+                     f"{judge.records} records; verdicts in {run_dir / 'evaluation.jsonl'}")
     if (run_dir / "loss.png").is_file():
         lines.append(f"  loss curve                 {run_dir / 'loss.png'}")
     if report.plan_mismatch:

@@ -9,6 +9,11 @@ most `$KUBETUNE_EVAL_MAX_RECORDS` of them (default 50). Accuracy is their exact 
 (`kubetune.api.metrics.score_answers`) and `record_lines` compares base and fine-tuned answer
 by answer for `evaluation.jsonl`, the records that regressed most first.
 
+With `spec.evaluation.judge` set (and `judgeWinRate` among the run's metrics), `judge_items`
+gives the LLM judge each answered record's conversation and both models' answers
+(`kubetune_trainer.judge`), and `record_lines` adds each record's verdicts; a Chat run, which
+has no per-record metric, then lists the records the judge liked least first.
+
 The base model's evaluation, its answers included, is saved beside the checkpoints
 (`base-evaluation.json`) with a fingerprint of what it measured: a resumed attempt reads it
 back instead of generating the same greedy answers again, which on a CPU-limited pod costs as
@@ -40,12 +45,15 @@ from kubetune.api.metrics import (
     with_loss,
 )
 from kubetune.api.spec import EvaluationSpec
+from kubetune_trainer.judge import JudgeItem, JudgeResult
 from kubetune_trainer.train.data import Example
 from kubetune_trainer.train.encoding import Encoded, encode_prompt
 from kubetune_trainer.train.microbatches import collate, split_micro_batches
 from kubetune_trainer.train.stepper import token_loss_sum
 
 DEFAULT_MAX_RECORDS = 50
+DEFAULT_JUDGE_MAX_TOKENS = 256
+"""Tokens the judge may reply with: room for a short reasoning before its verdict."""
 BASE_EVALUATION = "base-evaluation.json"
 SAVED_FORMAT = 2
 """Bumped when `Evaluation` gains what a reused one must hold (2: the answers), so a file an
@@ -64,6 +72,10 @@ class Evaluation:
 
 def max_records() -> int:
     return int(os.environ.get("KUBETUNE_EVAL_MAX_RECORDS", str(DEFAULT_MAX_RECORDS)))
+
+
+def judge_max_tokens() -> int:
+    return int(os.environ.get("KUBETUNE_JUDGE_MAX_TOKENS", str(DEFAULT_JUDGE_MAX_TOKENS)))
 
 
 @torch.no_grad()
@@ -155,32 +167,70 @@ def prompt_text(example: Example) -> str:
     return users[-1] if users else example.prompt
 
 
+def judged(spec: EvaluationSpec) -> bool:
+    """Whether the run asks the LLM judge: a judge is set and `judgeWinRate` is among the
+    run's metrics (admission refuses a judge whose win rate the run would not report)."""
+    return spec.judge is not None and Metric.JUDGE_WIN_RATE in selected_metrics(spec.task,
+                                                                                 spec.metrics)
+
+
+def judge_prompt(example: Example) -> str:
+    """What the judge is shown as the user's request: the conversation up to the answer
+    (each earlier turn labelled by its role, so a follow-up question keeps its context), or
+    the completion prompt."""
+    turns = example.messages[:-1]
+    if len(turns) > 1 or (turns and turns[0][0] != "user"):
+        return "\n\n".join(f"{role}: {content}" for role, content in turns)
+    return prompt_text(example)
+
+
+def judge_items(examples: Sequence[Example], before: Evaluation,
+                after: Evaluation) -> list[JudgeItem]:
+    """The judge's questions: each of `answered(examples)` with the base and the fine-tuned
+    model's answers to it, in order; none when either model's answers are missing."""
+    chosen = answered(examples)
+    if not chosen or len(before.answers) != len(chosen) or len(after.answers) != len(chosen):
+        return []
+    return [JudgeItem(prompt=judge_prompt(example), base_answer=base, fine_tuned_answer=tuned)
+            for example, base, tuned in zip(chosen, before.answers, after.answers, strict=True)]
+
+
 def record_lines(spec: EvaluationSpec, examples: Sequence[Example], before: Evaluation,
-                 after: Evaluation) -> list[dict[str, Any]]:
+                 after: Evaluation, verdicts: JudgeResult | None = None) -> list[dict[str, Any]]:
     """`evaluation.jsonl`: base and fine-tuned answers record by record with each chosen
     metric that has a per-record value, and the one standing for the task's primary metric
     (`RECORD_METRIC`: a classifier's accuracy when only macro-F1 was chosen), by which the
-    records that regressed most come first; ties, and Chat (no per-record metric), keep
-    dataset order."""
+    records that regressed most come first; ties keep dataset order. With the judge's
+    `verdicts` (items in the same order), each line gains `judge`: the fine-tuned answer's
+    score on it (1 won both orders, 0 lost both) and both comparisons; a task without a
+    per-record metric (Chat) then lists the lowest scores first, else keeps dataset order."""
     chosen = answered(examples)
     if not chosen or len(before.answers) != len(chosen) or len(after.answers) != len(chosen):
         return []
     ranked_by = RECORD_METRIC[spec.task]
     wanted = None if spec.metrics is None else [*spec.metrics, *filter(None, [ranked_by])]
     labels = spec.labels or ()
+    by_index = {item.index: item for item in verdicts.items} if verdicts is not None else {}
     lines: list[dict[str, Any]] = []
-    for example, base, tuned in zip(chosen, before.answers, after.answers, strict=True):
+    for index, (example, base, tuned) in enumerate(
+            zip(chosen, before.answers, after.answers, strict=True)):
         reference = str(example.reference)
-        lines.append({
+        line: dict[str, Any] = {
             "line": example.line, "input": prompt_text(example), "expected": reference,
             "baseAnswer": base, "fineTunedAnswer": tuned,
             "base": score_answer(spec.task, base, reference, labels, wanted),
             "fineTuned": score_answer(spec.task, tuned, reference, labels, wanted),
-        })
+        }
+        if index in by_index:
+            line["judge"] = by_index[index].model_dump(by_alias=True, mode="json",
+                                                       exclude={"index"})
+        lines.append(line)
     if ranked_by is not None:
         metric = ranked_by
         lines.sort(key=lambda line: -regression(metric, line["base"][metric],
                                                 line["fineTuned"][metric]))
+    elif by_index:
+        lines.sort(key=lambda line: line["judge"]["score"] if "judge" in line else 1.0)
     return lines
 
 

@@ -4,17 +4,19 @@ Order of work: read and validate the run config, check every dataset line and to
 model yet, so a bad dataset fails in seconds with exit code 2), load the model, evaluate the
 base, train (resuming from the newest usable checkpoint in `DIR/checkpoints`; the last step is
 always checkpointed), write `adapter/`, evaluate the result on `spec.evaluation`'s task
-metrics, write `evaluation.json`, `evaluation.jsonl` (base vs fine-tuned record by record,
-the records that regressed most first), `merged/`, `heldout.json` and `calibration.json` (for
-the exporter) and `report.json`.
+metrics (and, with `spec.evaluation.judge`, ask the LLM judge to compare base and
+fine-tuned answers: `ask_judge`), write `evaluation.json`, `evaluation.jsonl` (base vs
+fine-tuned record by record, the records that regressed most first), `merged/`,
+`heldout.json` and `calibration.json` (for the exporter) and `report.json`.
 The adapter is saved before the greedy evaluation and the final checkpoint before both, so
 a crash in either costs no training.
 
 Exit codes: 0 success, 2 configuration error (bad run config, dataset or model source, a Hub
-repository that does not exist or refuses the token (`hub.py`): not retryable), 143 stopped
-by SIGTERM or SIGINT after checkpointing at a step boundary (`STOPPED_EXIT_CODE`, `stop.py`;
-retryable), 1 any other failure (retryable: a restart resumes from the newest usable
-checkpoint; the network or the Hub failing is one).
+repository that does not exist or refuses the token (`hub.py`), a judge that refuses the
+request: not retryable), 143 stopped by SIGTERM or SIGINT after checkpointing at a step
+boundary (`STOPPED_EXIT_CODE`, `stop.py`; retryable), 1 any other failure (retryable: a
+restart resumes from the newest usable checkpoint; the network, the Hub or the judge failing
+is one).
 Under `torchrun` every rank runs this; rank 0 writes the outputs and reports. See
 `distributed.py` for how the node rank reaches torchrun, `report.py` for the report schema.
 """
@@ -24,29 +26,43 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kubetune.api import RunConfig
-from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, TrainingReport
+from kubetune.api.dataplane import (
+    CONFIG_ERROR_EXIT_CODE,
+    JUDGE_API_KEY_ENV,
+    STOPPED_EXIT_CODE,
+    JudgeCounts,
+    TrainingReport,
+)
+from kubetune.api.metrics import Metric
 from kubetune.api.spec import EvaluationSpec, Method
 from kubetune_trainer import allocator, hub, runconfig, sources
 from kubetune_trainer.errors import ConfigError, Stopped
 from kubetune_trainer.heldout import Calibration, HeldOut, HeldOutRecord
+from kubetune_trainer.judge import JudgeError, JudgeResult, judge_pairwise
 from kubetune_trainer.train import checkpoint, distributed, outputs, plancheck
 from kubetune_trainer.train import deepspeed as dsconfig
 from kubetune_trainer.train import model as models
+from kubetune_trainer.train.data import Example
 from kubetune_trainer.train.encoding import encode_prompt
 from kubetune_trainer.train.evaluate import (
     BASE_EVALUATION,
     Evaluation,
     base_fingerprint,
     evaluate,
+    judge_items,
+    judge_max_tokens,
+    judged,
     max_records,
     record_lines,
     save_base,
@@ -194,20 +210,59 @@ def _finish(run: RunConfig, data: PreparedData, final: Any, tokenizer: Any,
     report.eval_records = after.records
     evaluation = run.spec.evaluation
     report.task = evaluation.task
+    verdicts = None
     if data.validation:
         report.metrics = task_scores(evaluation, after, data.validation_examples)
         report.base_metrics = task_scores(evaluation, before, data.validation_examples)
+        if judged(evaluation):
+            verdicts = ask_judge(evaluation, data.validation_examples, before, after)
+            report.judge = judge_counts(evaluation, verdicts)
+            if verdicts.win_rate is not None:
+                report.metrics.values[Metric.JUDGE_WIN_RATE] = verdicts.win_rate
     _write_json(output / "evaluation.json", {
         "baseEvalLoss": before.loss, "evalLoss": after.loss, "baseAccuracy": before.accuracy,
         "accuracy": after.accuracy, "records": after.records, "validationRecords":
         len(data.validation), "baseSamples": before.samples, "samples": after.samples,
     })
-    lines = record_lines(evaluation, data.validation_examples, before, after)
+    lines = record_lines(evaluation, data.validation_examples, before, after, verdicts)
     (output / "evaluation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     outputs.save_merged(location, run.spec, tokenizer, final, adapter, output / "merged")
     report.merged = "merged"
     held_out(data, tokenizer, run.spec.evaluation).write(output)
     Calibration(sequences=[r.input_ids for r in data.train[:CALIBRATION_RECORDS]]).write(output)
+
+
+def ask_judge(evaluation: EvaluationSpec, examples: Sequence[Example], before: Evaluation,
+              after: Evaluation) -> JudgeResult:
+    """The LLM judge's verdicts on the answered validation records, base vs fine-tuned, with
+    the key from `$KUBETUNE_JUDGE_API_KEY` (the judge's Secret on a pod, the shell's locally).
+
+    A judge that cannot answer fails the run, never scores 0 or a tie: unreachable, timing
+    out, busy (408, 429) or failing (5xx) is retryable (exit 1: the restart resumes from the
+    final checkpoint, so only the evaluation is redone); any other refusal (401 a wrong key,
+    404 a wrong URL or model, a reply that is no chat completion) is a configuration error
+    (exit 2), since asking again gets the same answer."""
+    assert evaluation.judge is not None
+    items = judge_items(examples, before, after)
+    log.info("asking the judge %s (model %s) about %d records, each in both orders",
+             evaluation.judge.endpoint, evaluation.judge.model, len(items))
+    try:
+        return judge_pairwise(evaluation.judge, os.environ.get(JUDGE_API_KEY_ENV) or None,
+                              items, max_tokens=judge_max_tokens())
+    except JudgeError as error:
+        message = f"spec.evaluation.judge: {error}"
+        if error.retryable:
+            raise JudgeError(message, error.status) from None
+        raise ConfigError(message) from None
+
+
+def judge_counts(evaluation: EvaluationSpec, verdicts: JudgeResult) -> JudgeCounts:
+    assert evaluation.judge is not None
+    return JudgeCounts(
+        endpoint=evaluation.judge.endpoint, model=evaluation.judge.model,
+        records=len(verdicts.items), comparisons=verdicts.comparisons, wins=verdicts.wins,
+        losses=verdicts.losses, ties=verdicts.ties, unparsed=verdicts.unparsed,
+    )
 
 
 CALIBRATION_RECORDS = 128
