@@ -150,13 +150,14 @@ def metrics_table(base: MetricScores | None, tuned: MetricScores | None,
         number = scores.values[metric]
         return f"{number:.2f}" if metric in PERCENT_SCALE else f"{number:.4f}"
 
-    rows = [f"  {'metric':16} {'base model':>14} {'fine-tuned model':>18}"]
-    rows += [f"  {m.value:16} {value(base, m):>14} {value(tuned, m):>18}" for m in names]
     labels = list(dict.fromkeys([*base_scores.per_label_f1, *tuned_scores.per_label_f1]))
+    width = max([16, *(len("F1 " + label) for label in labels)])
+    rows = [f"  {'metric':{width}} {'base model':>14} {'fine-tuned model':>18}"]
+    rows += [f"  {m.value:{width}} {value(base, m):>14} {value(tuned, m):>18}" for m in names]
     for label in labels:
         cells = [f"{s.per_label_f1[label]:.4f}" if label in s.per_label_f1 else "-"
                  for s in (base_scores, tuned_scores)]
-        rows.append(f"  {'F1 ' + label:16} {cells[0]:>14} {cells[1]:>18}")
+        rows.append(f"  {'F1 ' + label:{width}} {cells[0]:>14} {cells[1]:>18}")
     signatures = {**base_scores.signatures, **tuned_scores.signatures}
     rows += [f"  ({metric.value}: {signature})" for metric, signature in signatures.items()
              if metric in names]
