@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec
-from kubetune.api.dataplane import AdapterSet, ServedAdapter
+from kubetune.api.dataplane import CONFIG_ERROR_EXIT_CODE, AdapterSet, ServedAdapter
 from kubetune.builders.meta import Owner
 from kubetune.builders.pool import PoolOwners, base_export_args, pool_objects, publish_job
 from tests.unit.operator_fixtures import CONFIG, spec_dict
@@ -78,3 +78,12 @@ def test_publish_copies_the_generations_adapter_onto_the_pool_claim() -> None:
     assert (source["subPath"], source["readOnly"]) == ("a/gen-3/adapter", True)
     assert job["metadata"]["ownerReferences"][0]["name"] == "a"
     assert job["metadata"]["labels"]["kubetune.io/job"] == "a"
+
+
+def test_the_base_export_fails_at_once_on_a_configuration_error_as_a_jobs_export_does() -> None:
+    # A base that cannot be exported (say, a model the exporter refuses) exits with the
+    # configuration-error code: retrying it would fail the same way, backoffLimit times.
+    job = pool_objects(OWNERS, _spec(), AdapterSet(), CONFIG, base_exported=False)[1]
+    [fail_job, _] = job["spec"]["podFailurePolicy"]["rules"]
+    assert fail_job["action"] == "FailJob"
+    assert fail_job["onExitCodes"]["values"] == [CONFIG_ERROR_EXIT_CODE]

@@ -30,23 +30,25 @@ def export_args(owner: Owner, generation: int, spec: FineTuneJobSpec) -> list[st
     ]  # fmt: skip
 
 
-def export_job(
-    owner: Owner, generation: int, spec: FineTuneJobSpec, config: OperatorConfig
-) -> Manifest:
-    name = naming.export_job_name(owner.name, generation)
-    extra_labels, extra_annotations = pod_metadata_overrides(owner, "export", config)
+def exporter_pod_spec(
+    spec: FineTuneJobSpec,
+    config: OperatorConfig,
+    args: list[str],
+    env: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A pod that runs `kubetune_trainer` once in the trainer image, on the serving device's
+    GPUs when there are any (an export for CUDA is built and checked on one)."""
     gpus = pod.serving_gpus(spec)
     container: dict[str, Any] = {
         "name": naming.EXPORTER_CONTAINER,
         "image": config.trainer_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["python"],
-        "args": export_args(owner, generation, spec),
-        "env": [*pod.common_env(owner.name, generation), *pod.secret_env(spec)],
-        "volumeMounts": [
-            {"name": pod.ARTIFACTS_VOLUME, "mountPath": naming.ARTIFACTS_MOUNT},
-            pod.tmp_mount(),
-        ],
+        "args": args,
+        "env": env,
+        "volumeMounts": [*mounts, pod.tmp_mount()],
         "securityContext": pod.container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -57,13 +59,45 @@ def export_job(
         "restartPolicy": "Never",
         **pod.base_pod_spec(config, config.trainer_service_account),
         "containers": [container],
-        "volumes": [pod.artifacts_volume(pod.artifacts_claim(spec, owner.name)), pod.tmp_volume()],
+        "volumes": [*volumes, pod.tmp_volume()],
     }
     tolerations = pod.gpu_tolerations(spec, gpus)
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if spec.resources.node_selector and gpus:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    return pod_spec
+
+
+def export_failure_policy() -> dict[str, Any]:
+    """A configuration error (exit code `CONFIG_ERROR_EXIT_CODE`) fails the Job at once: a
+    retry would fail the same way. A pod evicted or preempted is retried without counting."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": naming.EXPORTER_CONTAINER,
+                    "operator": "In",
+                    "values": [CONFIG_ERROR_EXIT_CODE],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
+def export_job(
+    owner: Owner, generation: int, spec: FineTuneJobSpec, config: OperatorConfig
+) -> Manifest:
+    name = naming.export_job_name(owner.name, generation)
+    extra_labels, extra_annotations = pod_metadata_overrides(owner, "export", config)
+    pod_spec = exporter_pod_spec(
+        spec, config, export_args(owner, generation, spec),
+        env=[*pod.common_env(owner.name, generation), *pod.secret_env(spec)],
+        mounts=[{"name": pod.ARTIFACTS_VOLUME, "mountPath": naming.ARTIFACTS_MOUNT}],
+        volumes=[pod.artifacts_volume(pod.artifacts_claim(spec, owner.name))],
+    )  # fmt: skip
     pod_labels = {**metadata(owner, name, naming.COMPONENT_EXPORTER, generation)["labels"]}
     return with_job_hash(
         {
@@ -72,19 +106,7 @@ def export_job(
             "metadata": metadata(owner, name, naming.COMPONENT_EXPORTER, generation),
             "spec": {
                 "backoffLimit": config.export_backoff_limit,
-                "podFailurePolicy": {
-                    "rules": [
-                        {
-                            "action": "FailJob",
-                            "onExitCodes": {
-                                "containerName": naming.EXPORTER_CONTAINER,
-                                "operator": "In",
-                                "values": [CONFIG_ERROR_EXIT_CODE],
-                            },
-                        },
-                        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                    ]
-                },
+                "podFailurePolicy": export_failure_policy(),
                 "template": {
                     "metadata": {
                         "labels": {**pod_labels, **extra_labels},

@@ -25,8 +25,17 @@ from kubetune.api import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.api.dataplane import AdapterSet, resolve_precision
 from kubetune.builders import naming, pod
 from kubetune.builders.config import OperatorConfig
+from kubetune.builders.export import export_failure_policy, exporter_pod_spec
 from kubetune.builders.meta import Manifest, Owner, metadata, with_hash, with_job_hash
-from kubetune.builders.serving import DRAIN_SECONDS, GRACE_SECONDS, MODEL_VOLUME
+from kubetune.builders.serving import (
+    MODEL_VOLUME,
+    copy_container,
+    http_service,
+    rolling_deployment,
+    server_amounts,
+    server_container,
+    server_pod_spec,
+)
 
 POOL_VOLUME = "pool"
 POOL_CONFIG_VOLUME = "pool-config"
@@ -138,41 +147,18 @@ def base_export_job(
 ) -> Manifest:
     """Exports the pool's base onto the pool claim, once per pool."""
     name = naming.pool_base_export_job_name(owners.pool)
-    gpus = pod.serving_gpus(founder)
     source_volumes, source_mounts = pod.pvc_source_volumes(founder)
-    container: dict[str, Any] = {
-        "name": naming.EXPORTER_CONTAINER,
-        "image": config.trainer_image,
-        "imagePullPolicy": config.image_pull_policy,
-        "command": ["python"],
-        "args": base_export_args(founder),
-        "env": [
+    pod_spec = exporter_pod_spec(
+        founder, config, base_export_args(founder),
+        env=[
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HOME", "value": "/tmp"},
             {"name": "KUBETUNE_PVC_ROOT", "value": naming.PVC_MOUNT_ROOT},
             *pod.secret_env(founder),
         ],
-        "volumeMounts": [
-            {"name": POOL_VOLUME, "mountPath": POOL_MOUNT},
-            *source_mounts,
-            pod.tmp_mount(),
-        ],
-        "securityContext": pod.container_security_context(),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    if gpus:
-        amount = {founder.resources.gpu_resource: str(gpus)}
-        container["resources"] = {"requests": dict(amount), "limits": dict(amount)}
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        **pod.base_pod_spec(config, config.trainer_service_account),
-        "containers": [container],
-        "volumes": [pool_volume(owners.pool, read_only=False), *source_volumes,
-                    pod.tmp_volume()],
-    }
-    tolerations = pod.gpu_tolerations(founder, gpus)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
+        mounts=[{"name": POOL_VOLUME, "mountPath": POOL_MOUNT}, *source_mounts],
+        volumes=[pool_volume(owners.pool, read_only=False), *source_volumes],
+    )  # fmt: skip
     return with_job_hash(
         {
             "apiVersion": "batch/v1",
@@ -180,6 +166,7 @@ def base_export_job(
             "metadata": pool_metadata(owners, name, naming.COMPONENT_POOL_BASE),
             "spec": {
                 "backoffLimit": config.export_backoff_limit,
+                "podFailurePolicy": export_failure_policy(),
                 "template": {
                     "metadata": {"labels": pool_labels(owners.pool, naming.COMPONENT_POOL_BASE)},
                     "spec": pod_spec,
@@ -273,127 +260,45 @@ def pool_serve_args(pool: str, founder: FineTuneJobSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
-            "failureThreshold": failures}
-
-
 def pool_deployment(
     owners: PoolOwners, founder: FineTuneJobSpec, config: OperatorConfig
 ) -> Manifest:
     """The pool's server: the founder's serving settings (replicas, resources, max tokens,
     device). Nothing in its template names a member or a generation, so adding, replacing
     or removing an adapter never rolls it: those go through the operator's load calls."""
-    name = naming.pool_server_name(owners.pool)
-    resources = founder.serving.resources
-    cpu, memory = (resources.cpu, resources.memory) if resources else ("2", "4Gi")
-    gpus = pod.serving_gpus(founder)
-    amounts = {"cpu": cpu, "memory": memory}
-    if gpus:
-        amounts[founder.resources.gpu_resource] = str(gpus)
     size = founder.storage.size or config.default_storage_size
-    copy_amounts = {"cpu": cpu, "memory": memory}
-    copy = {
-        "name": naming.MODEL_COPY_CONTAINER,
-        "image": config.serving_image,
-        "imagePullPolicy": config.image_pull_policy,
-        "command": ["python"],
-        "args": ["-m", "kubetune_trainer", "copy-model",
-                 "--source", naming.MODEL_SOURCE_MOUNT, "--dest", naming.MODEL_MOUNT],
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"}],
-        "resources": {"requests": dict(copy_amounts), "limits": dict(copy_amounts)},
-        "volumeMounts": [
-            {"name": POOL_VOLUME, "mountPath": naming.MODEL_SOURCE_MOUNT,
-             "subPath": naming.POOL_BASE_EXPORT_PATH, "readOnly": True},
-            {"name": MODEL_VOLUME, "mountPath": naming.MODEL_MOUNT},
-            pod.tmp_mount(),
-        ],
-        "securityContext": pod.container_security_context(),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    server = {
-        "name": naming.SERVER_CONTAINER,
-        "image": config.serving_image,
-        "imagePullPolicy": config.image_pull_policy,
-        "command": ["python"],
-        "args": pool_serve_args(owners.pool, founder),
-        "env": [
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
-            {"name": "HOME", "value": "/tmp"},
-            {"name": "KUBETUNE_SERVE_MAX_TOKENS", "value": str(founder.serving.max_tokens_limit)},
-            {"name": "KUBETUNE_SERVE_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
-            {"name": "KUBETUNE_SERVE_GRACE_SECONDS", "value": str(GRACE_SECONDS)},
-        ],
-        "ports": [{"name": "http", "containerPort": naming.SERVING_PORT}],
-        "readinessProbe": _probe("/readyz", 5, 3),
-        "livenessProbe": {**_probe("/healthz", 10, 3), "initialDelaySeconds": 30},
-        "startupProbe": _probe("/healthz", 5, 60),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
-        "volumeMounts": [
-            {"name": MODEL_VOLUME, "mountPath": naming.MODEL_MOUNT, "readOnly": True},
+    copy = copy_container({"name": POOL_VOLUME, "subPath": naming.POOL_BASE_EXPORT_PATH},
+                          config, server_amounts(founder))  # fmt: skip
+    server = server_container(
+        pool_serve_args(owners.pool, founder), founder, config, extra_env=[],
+        extra_mounts=[
             # Read only when the operator asks for a load: the adapters published so far.
             {"name": POOL_VOLUME, "mountPath": naming.POOL_ADAPTERS_MOUNT,
              "subPath": naming.POOL_ADAPTERS_PATH, "readOnly": True},
             {"name": POOL_CONFIG_VOLUME, "mountPath": naming.POOL_CONFIG_MOUNT, "readOnly": True},
-            pod.tmp_mount(),
         ],
-        "securityContext": pod.container_security_context(),
-    }
-    pod_spec: dict[str, Any] = {
-        **pod.base_pod_spec(config, config.serving_service_account),
-        "initContainers": [copy],
-        "containers": [server],
-        "terminationGracePeriodSeconds": DRAIN_SECONDS + GRACE_SECONDS + 5,
-        "volumes": [
-            pool_volume(owners.pool, read_only=True),
-            {"name": MODEL_VOLUME, "emptyDir": {"sizeLimit": size}},
-            {"name": POOL_CONFIG_VOLUME,
-             "configMap": {"name": naming.pool_config_map_name(owners.pool)}},
-            pod.tmp_volume(),
-        ],
-    }
-    tolerations = pod.gpu_tolerations(founder, gpus)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    return with_hash(
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": pool_metadata(owners, name, naming.COMPONENT_POOL_SERVER),
-            "spec": {
-                "replicas": founder.serving.replicas,
-                "selector": {"matchLabels": pool_selector(owners.pool)},
-                "strategy": {
-                    "type": "RollingUpdate",
-                    "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-                },
-                "template": {
-                    "metadata": {
-                        "labels": pool_labels(owners.pool, naming.COMPONENT_POOL_SERVER)
-                    },
-                    "spec": pod_spec,
-                },
-            },
-        }
+    )  # fmt: skip
+    volumes = [
+        pool_volume(owners.pool, read_only=True),
+        {"name": MODEL_VOLUME, "emptyDir": {"sizeLimit": size}},
+        {"name": POOL_CONFIG_VOLUME,
+         "configMap": {"name": naming.pool_config_map_name(owners.pool)}},
+    ]  # fmt: skip
+    return rolling_deployment(
+        pool_metadata(owners, naming.pool_server_name(owners.pool), naming.COMPONENT_POOL_SERVER),
+        founder.serving.replicas,
+        pool_selector(owners.pool),
+        {"labels": pool_labels(owners.pool, naming.COMPONENT_POOL_SERVER)},
+        server_pod_spec(founder, config, copy, server, volumes),
     )
 
 
 def pool_service(owners: PoolOwners) -> Manifest:
-    return with_hash(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": pool_metadata(
-                owners, naming.pool_server_name(owners.pool), naming.COMPONENT_POOL_SERVER
-            ),
-            "spec": {
-                "type": "ClusterIP",
-                "selector": pool_selector(owners.pool),
-                "ports": [{"name": "http", "port": naming.SERVING_PORT, "targetPort": "http",
-                           "protocol": "TCP"}],
-            },
-        }
+    return http_service(
+        pool_metadata(
+            owners, naming.pool_server_name(owners.pool), naming.COMPONENT_POOL_SERVER
+        ),
+        pool_selector(owners.pool),
     )
 
 
