@@ -25,6 +25,11 @@ packed MatMul one block each, each block's B writing only its projection's outpu
 projection that no MatMul computes, or widths that disagree with the graph's, are refused by
 name when the adapter is loaded (`adapter_weights`).
 
+MatMuls that read the same input (separate gate and up) keep a branch each. One shared shrink
+and mask needs each B laid on all the group's rows, zeros read every step (measured: no faster
+for an adapter row, slower for several, bench/RESULTS.md), or a Split node (one node fewer than
+two branches: not worth a layout of its own).
+
 Fed, A and B are not prepacked by ONNX Runtime, and MLAS multiplies a single row (a GEMV) in
 another order than several: an adapter row's last bits depend on what shares its batch (the base
 rows' do not: their branch adds zeros). bench/RESULTS.md has the costs of both designs.
