@@ -100,6 +100,11 @@ def fleet_nodes() -> list[dict[str, Any]]:
     return nodes
 
 
+def established(crd: dict[str, Any]) -> bool:
+    conditions = (crd.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+
 def prepare(cluster: controlplane.Cluster, workdir: Path) -> Path:
     """CRD, namespace, a bound shared claim, the fleet's nodes and the operator's
     ServiceAccount; returns the operator's kubeconfig (a token, as the chart deploys it)."""
@@ -107,8 +112,9 @@ def prepare(cluster: controlplane.Cluster, workdir: Path) -> Path:
         [sys.executable, "-m", "kubetune.cli", "crd"], capture_output=True, text=True, check=True
     ).stdout
     cluster.kubectl("apply", "--server-side", "-f", "-", input=crd)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io",
-                    "--timeout=60s")  # fmt: skip
+    # Polled rather than `kubectl wait --for=condition=Established`: that fails at once when
+    # the CRD has no status.conditions yet (it did, on the floor's fresh control plane).
+    cluster.wait_for("crd", "finetunejobs.kubetune.io", established, what="the CRD")
     cluster.kubectl("create", "-f", "-", input="\n---\n".join(map(json.dumps, fleet_nodes())))
     cluster.kubectl("create", "namespace", NAMESPACE)
     cluster.wait_for("serviceaccount", "default", lambda _: True, namespace=NAMESPACE)

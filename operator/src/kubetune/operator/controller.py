@@ -26,6 +26,7 @@ from kubetune.builders.config import OperatorConfig
 from kubetune.operator.adapters import AdapterSync, ready_replicas
 from kubetune.operator.applier import Applier, RetryLater, resource_version, updated_children
 from kubetune.operator.client import ApiError, KubeClient
+from kubetune.operator.indexes import kept_finetunejob
 from kubetune.operator.lanes import Lanes
 from kubetune.operator.references import ExistenceCache
 from kubetune.planner.deepspeed import deepspeed_config
@@ -82,6 +83,9 @@ class Controller:
         (CreateContainerConfigError, read by `reconcile.runs`)."""
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._latest: dict[Key, dict[str, Any]] = {}
+        """The body this process's last status patch (or progress patch) returned, until the
+        watch delivers that version or a newer one (`wrote`): from then on the index holds
+        it, and a copy per settled job would only cost memory."""
         self._background: set[asyncio.Task[None]] = set()
         self._references = ExistenceCache(client.exists)
         self._lanes = Lanes()
@@ -111,20 +115,49 @@ class Controller:
     def remember(self, key: Key, body: Mapping[str, Any]) -> None:
         """A newer FineTuneJob body seen by someone else (e.g. a progress patch's response)."""
         if resource_version(body) > resource_version(self._latest.get(key)):
-            self._latest[key] = dict(body)
+            self._latest[key] = kept_finetunejob(body)
 
     def _freshest(self, key: Key, body: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The body as given, or the one our last status patch returned if that is newer."""
+        """The body as given, or the one our last status patch returned if that is newer.
+        Called holding the job's lock: a `body` as new as ours means the index has caught
+        up, and every pass queued behind this one read the index later (the lock is FIFO),
+        so our copy is dropped."""
         latest = self._latest.get(key)
-        newer = latest is not None and resource_version(latest) > resource_version(body)
-        return latest if newer and latest is not None else body
+        if latest is None:
+            return body
+        if resource_version(latest) > resource_version(body):
+            return latest
+        del self._latest[key]
+        return body
+
+    def newest(self, key: Key) -> Mapping[str, Any] | None:
+        """The body this process's last patch returned, while the watch has not delivered
+        that version (or a newer one) yet; None otherwise."""
+        return self._latest.get(key)
 
     def wrote(self, key: Key, body: Mapping[str, Any]) -> bool:
         """Whether `body` is exactly the version this process's last status patch produced
-        (its watch event echoes a decision already made)."""
+        (its watch event echoes a decision already made). `body` is the watch's: once it is
+        that version or a newer one, the index holds it and the patch's answer is dropped,
+        unless a pass holds or awaits the job's lock (it may have read the index before the
+        echo: `_freshest` drops it then)."""
         latest = self._latest.get(key)
         version = resource_version(body)
-        return latest is not None and version > 0 and version == resource_version(latest)
+        if latest is None or version <= 0:
+            return False
+        written = resource_version(latest)
+        if version >= written and not self.lock(key).locked():
+            del self._latest[key]
+        return version == written
+
+    def lock(self, key: Key) -> asyncio.Lock:
+        """The job's lock: one pass at a time per FineTuneJob, in the order they came."""
+        return self._locks[key]
+
+    async def critical_idle(self) -> None:
+        """Return when no critical write (a Job, a Deployment, a claim) is in flight, or
+        after the lanes' longest wait: passes that follow child events go after them."""
+        await self._lanes.wait_turn()
 
     def passed_within(self, key: Key, seconds: float) -> bool:
         """Whether a pass over this FineTuneJob ran in the last `seconds` (the resync skips
@@ -143,7 +176,7 @@ class Controller:
         """`peers` and `pool_children`: the namespace's FineTuneJobs and the pool's objects,
         for a job that names a pool (`serving.share`)."""
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        async with self._locks[key]:
+        async with self.lock(key):
             self._last_pass[key] = time.monotonic()
             await self._reconcile(key, self._freshest(key, body), children, peers, pool_children)
 
@@ -284,4 +317,4 @@ class Controller:
         except ApiError as error:
             raise RetryLater(str(error)) from error
         if result is not None:
-            self._latest[key] = result
+            self._latest[key] = kept_finetunejob(result)

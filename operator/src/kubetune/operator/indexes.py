@@ -5,6 +5,10 @@ server: the watches kopf keeps open are the only reads in steady state. Every ki
 applies is watched, so a child someone deletes or edits is seen (and put back) at once; the
 watches ask the API server for KubeTune's children only (`CHILD_KINDS`, label selector
 `MANAGED`), so the cluster's other ConfigMaps and Services never reach the operator.
+
+What is kept is what a pass reads: children as `observed_view` slims them, FineTuneJobs as
+`kept_finetunejob` does (without `managedFields`). With 1,000 jobs these indexes are most
+of what the operator holds (bench/fleet.py).
 """
 
 from __future__ import annotations
@@ -70,6 +74,16 @@ def owner_key(body: kopf.Body) -> tuple[str, str] | None:
     return pool_key(body.metadata.namespace or "", pool) if pool else None
 
 
+def kept_finetunejob(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the operator keeps of a FineTuneJob (its index, the controller's newest body):
+    the body without `metadata.managedFields`. Nothing reads them, and they are the largest
+    part of a settled job's body: the API server lists there, per writer, every field it
+    set, so every status field the operator ever wrote is in them once more. A shallow copy:
+    spec and status are shared with the body kopf parsed, not copied."""
+    metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    return {**body, "metadata": metadata}
+
+
 def children_of(key: tuple[str, str], indexes: Mapping[str, Any]) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for name in CHILD_INDEXES:
@@ -102,7 +116,7 @@ def register_indexes(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="finetunejobs")
     async def finetunejobs(body: kopf.Body, **_: Any) -> Any:
-        return {(body.metadata.namespace, body.metadata.name): dict(body)}
+        return {(body.metadata.namespace, body.metadata.name): kept_finetunejob(body)}
 
     for child in CHILD_KINDS:
         kopf.index(
