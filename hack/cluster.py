@@ -495,6 +495,32 @@ def _stop(record: ProcessRecord, timeout: float) -> None:
         child.wait(timeout=timeout)
 
 
+def start_component(
+    name: str, argv: list[str], workdir: Path, *, die_with_parent: bool
+) -> ProcessRecord:
+    """Start one more process beside a running control plane (e.g. hack/prometheus.py's),
+    recorded in `workdir`'s state so that `down` stops it with the rest."""
+    return _start(name, argv, workdir, die_with_parent=die_with_parent)
+
+
+def stop_component(record: ProcessRecord, timeout: float = 15) -> None:
+    _stop(record, timeout)
+
+
+def check_alive(records: Sequence[ProcessRecord]) -> None:
+    """Raise ControlPlaneError with its log tail if one of `records` has exited."""
+    _check_alive(records)
+
+
+def free_ports(count: int) -> list[int]:
+    return _free_ports(count)
+
+
+def http_ok(url: str) -> bool:
+    """GET on a loopback health endpoint answers 200."""
+    return _http_ok(url)
+
+
 # --------------------------------------------------------------------------- state
 
 

@@ -18,9 +18,7 @@ rules ship untested. helm is the tier's (test_chart.py skips without it, as ther
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +33,8 @@ from kubetune.builders.meta import Owner
 from kubetune.builders.serving import serving_deployment
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune_trainer.serve.metrics import Metrics as ServerMetrics
+from tests.monitoring import as_promql, dashboards, panel_queries, variable_queries
+from tests.unit.deploy.conftest import PROMTOOL_ENV, find_promtool
 from tests.unit.deploy.test_chart import (
     CHART_DIR,
     KUBE_VERSION,
@@ -43,7 +43,6 @@ from tests.unit.deploy.test_chart import (
     PROMETHEUS_PEER,
     RELEASE,
     by_kind,
-    helm_binary,
     one,
     run_helm,
 )
@@ -51,8 +50,6 @@ from tests.unit.deploy.test_chart_networkpolicy import selects
 from tests.unit.operator_fixtures import CONFIG, body, spec_dict
 
 ALERT_CASES = Path(__file__).parent / "monitoring" / "alerts_test.yaml"
-DASHBOARDS = CHART_DIR / "dashboards"
-PROMTOOL_ENV = "KUBETUNE_PROMTOOL"
 ALL_ON = {
     "metrics": {
         "serviceMonitor": {"enabled": True},
@@ -72,23 +69,6 @@ ALERTS = {
 }
 
 
-def find_promtool() -> str:
-    """promtool from $KUBETUNE_PROMTOOL or PATH; fails the test, saying how to get it."""
-    binary = os.environ.get(PROMTOOL_ENV) or shutil.which("promtool")
-    if binary is None:
-        pytest.fail(
-            "promtool not found, so the chart's alert rules and dashboards cannot be checked: "
-            "run `make setup` (it installs Debian's prometheus package with apt-get, as root: "
-            "hack/install-promtool.sh), or put promtool on PATH or in $" + PROMTOOL_ENV
-        )
-    return binary
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    return find_promtool()
-
-
 def test_a_missing_promtool_fails_and_says_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -104,15 +84,6 @@ def run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [promtool, *args], capture_output=True, text=True, timeout=120, check=False
     )
-
-
-@pytest.fixture(scope="module")
-def chart_helm() -> str:
-    """The tier's helm (skipped without it, as in test_chart.py)."""
-    binary, reason = helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 def with_monitoring_api(helm: str, values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -250,36 +221,6 @@ def test_promtool_test_rules_fails_when_an_alert_does_not_fire(
 
 
 # --------------------------------------------------------------------------- dashboards
-
-
-GRAFANA_VARIABLES = {
-    "$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h",
-}  # fmt: skip
-
-
-def dashboards() -> dict[str, dict[str, Any]]:
-    return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
-
-
-def panel_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(panel title, PromQL) of every panel target."""
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            yield panel["title"], target["expr"]
-
-
-def variable_queries(dashboard: dict[str, Any]) -> Iterator[str]:
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            yield variable["query"]["query"]
-
-
-def as_promql(expr: str) -> str:
-    """A panel's query with Grafana's variables replaced by what they expand to: ranges for
-    the interval variables, `.*` (the dashboards' All) for the label variables."""
-    for variable, value in GRAFANA_VARIABLES.items():
-        expr = expr.replace(variable, value)
-    return re.sub(r"\$\{?[A-Za-z_]\w*\}?", ".*", expr)
 
 
 def test_the_dashboards_are_the_two_views(chart_helm: str) -> None:
