@@ -1,6 +1,6 @@
 """A client of a KubeTune inference Service, as the real-node tier and bench/rollout.py use it:
 one chat completion, and a steady load of them from threads (the server batches concurrent
-requests). Only the standard library."""
+requests), whole or streamed. Only the standard library."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def messages(content: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
 
 
-def post_chat(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _open(url: str, body: dict[str, Any], timeout: float) -> Any:
     request = urllib.request.Request(
         f"{url}/v1/chat/completions",
         data=json.dumps(body).encode(),
@@ -29,14 +29,45 @@ def post_chat(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     )
     # No proxy: the Service's ClusterIP is reached from the host directly.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=timeout) as response:
+    return opener.open(request, timeout=timeout)
+
+
+def post_chat(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with _open(url, body, timeout) as response:
         answer: dict[str, Any] = json.loads(response.read())
     return answer
 
 
-def chat(url: str, model: str, content: str, max_tokens: int = 48) -> dict[str, Any]:
-    body = {"model": model, "messages": messages(content), "max_tokens": max_tokens,
-            "temperature": 0}  # fmt: skip
+def stream_chat(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """A streamed chat completion read to its end (`data: [DONE]`), as one answer: the model
+    of its chunks and their text joined. A chunk carrying an error, or a stream that ends
+    without [DONE], raises ValueError."""
+    models, parts = set(), []
+    with _open(url, {**body, "stream": True}, timeout) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                [model] = models
+                text = "".join(parts)
+                return {"model": model, "choices": [{"message": {"content": text}}]}
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                raise ValueError(f"error in the stream: {chunk['error']}")
+            models.add(chunk["model"])
+            parts += [choice["delta"].get("content") or "" for choice in chunk["choices"]]
+    raise ValueError("the stream ended without data: [DONE]")
+
+
+def chat(
+    url: str, model: str, content: str, max_tokens: int = 48, *,
+    conversation: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """One greedy answer to `content` under the built-in dataset's system message, or to
+    the whole `conversation` when given."""
+    body = {"model": model, "messages": conversation or messages(content),
+            "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
     return post_chat(url, body, timeout=60)
 
 
@@ -48,6 +79,9 @@ class Load:
     url: str
     model: str
     threads: int = 8
+    conversation: list[dict[str, str]] = field(default_factory=lambda: messages(PROMPT))
+    max_tokens: int = 1
+    stream: bool = False
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     models: set[str] = field(default_factory=set)
@@ -56,9 +90,11 @@ class Load:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def one(self) -> None:
-        body = {"model": self.model, "messages": messages(PROMPT), "max_tokens": 1}
+        body = {"model": self.model, "messages": self.conversation,
+                "max_tokens": self.max_tokens}  # fmt: skip
         try:
-            answer = post_chat(self.url, body, timeout=30)
+            send = stream_chat if self.stream else post_chat
+            answer = send(self.url, body, timeout=30)
             with self._lock:
                 self.ok += 1
                 self.models.add(answer["model"])

@@ -4,6 +4,8 @@ One control plane for the tier with one real node beside kwok's fake GPU nodes
 (`hack/cluster.py up --real-node`): kubelet + containerd + CNI bridge + kube-proxy + CoreDNS.
 KubeTune's images are built without Docker (`hack/images.py`, cached by content) and imported
 into the node's containerd. Nothing on this node is faked: no kwok stage touches its pods.
+Debian's Prometheus (`monitoring`) scrapes what the chart's ServiceMonitor and PodMonitor
+select, translated by hack/prometheus.py, and evaluates the chart's alert rules.
 
 The cluster is package-scoped: it stops after the tier's last test, so the trainer and unit
 tiers do not share the two cores with its kubelet, containerd and control plane.
@@ -17,6 +19,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 HACK_DIR = ROOT / "hack"
@@ -31,6 +36,7 @@ if str(HACK_DIR) not in sys.path:
     sys.path.insert(0, str(HACK_DIR))
 
 import cluster as controlplane  # noqa: E402  (hack/ is not a package; found via sys.path)
+import prometheus as promserver  # noqa: E402
 import realnode  # noqa: E402
 
 TIER_DIR = Path(__file__).resolve().parent
@@ -177,6 +183,89 @@ def install_chart(real_cluster: controlplane.Cluster, images: Images) -> Release
         args += ["--set", f"{key}={value}"]
     real_cluster.helm(*args)
     return Release("kubetune", system, watched)
+
+
+# Scrapes and rule evaluations every 2 s, so a tier of minutes has a dense loss curve and the
+# serving series of a short rollout.
+SCRAPE_INTERVAL = "2s"
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """The tier's Prometheus, scraping what the chart's monitors select."""
+
+    prometheus: promserver.Prometheus
+    discovery: promserver.Discovery
+    started_at: float
+    """Unix time Prometheus started: the start of every query_range over the tier."""
+    rules: dict[str, list[str]]
+    """The alert rules the chart's PrometheusRule renders: their names by group."""
+
+    def diagnosis(self) -> str:
+        """What a failing check prints: the discovery's errors and Prometheus' log."""
+        errors = "\n".join(self.discovery.errors[-10:]) or "(none)"
+        return (f"discovery errors:\n{errors}\nprometheus log "
+                f"({self.prometheus.record.log}):\n{self.prometheus.log_tail()}")  # fmt: skip
+
+
+def render_monitoring(cluster: controlplane.Cluster, release: Release) -> list[dict[str, Any]]:
+    """The chart's ServiceMonitor, PodMonitor and PrometheusRule for `release`, rendered as on
+    a cluster with the Prometheus Operator's API. The installed release has none (no CRDs
+    here), and keeps its values as a user's: these are only for the translation."""
+    node_ip = urllib.parse.urlparse(cluster.server).hostname
+    monitor = {"enabled": True, "interval": SCRAPE_INTERVAL, "scrapeTimeout": SCRAPE_INTERVAL}
+    values = {
+        "watch": {"namespaces": [release.watched]},
+        "metrics": {"serviceMonitor": monitor, "servingMonitor": monitor,
+                    "rules": {"enabled": True}},
+        # The chart refuses a monitor its NetworkPolicy would drop: the scraper is the host.
+        "networkPolicy": {"metricsFrom": [{"ipBlock": {"cidr": f"{node_ip}/32"}}]},
+    }  # fmt: skip
+    # `helm template` does not ask the cluster: it is told its version and the monitors' API.
+    server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    rendered = cluster.helm(
+        "template", release.name, str(CHART), "-n", release.namespace,
+        "--kube-version", server["gitVersion"], "--api-versions", promserver.MONITORING_API,
+        "-f", "-", input=yaml.safe_dump(values),
+    ).stdout  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+@pytest.fixture(scope="package")
+def monitoring(real_cluster: controlplane.Cluster, release: Release) -> Iterator[Monitoring]:
+    """Debian's Prometheus scraping the operator and the inference pods as the chart's
+    monitors say (hack/prometheus.py), evaluating the chart's alert rules; stopped at the
+    end of the tier. A test that needs the series from a job's start requests it first."""
+    if promserver.find_prometheus() is None:
+        pytest.fail("prometheus not found: hack/install-promtool.sh installs Debian's package")
+    manifests = render_monitoring(real_cluster, release)
+    home = real_cluster.workdir / "prometheus"
+    rules = home / "rules.yaml"
+    home.mkdir(parents=True, exist_ok=True)
+    groups = promserver.rule_groups(manifests)
+    rules.write_text(yaml.safe_dump(groups, sort_keys=False))
+    discovery = promserver.Discovery(real_cluster.kubeconfig, home / "discovery")
+    scrape = promserver.served_by(
+        promserver.scrape_configs(manifests, real_cluster.kubeconfig), discovery.url
+    )
+    started_at = time.time()
+    try:
+        running = promserver.start(
+            real_cluster.workdir, promserver.config(scrape, [rules], SCRAPE_INTERVAL)
+        )
+    except BaseException:
+        discovery.close()
+        raise
+    rendered_rules = {group["name"]: [rule["alert"] for rule in group["rules"]]
+                      for group in groups["groups"]}  # fmt: skip
+    watched = Monitoring(running, discovery, started_at, rendered_rules)
+    try:
+        yield watched
+        # Prometheus must have lived through the tier: a crash shows here, with its log.
+        controlplane.check_alive([running.record])
+    finally:
+        promserver.stop(running)
+        discovery.close()
 
 
 def condition(obj: dict[str, Any], kind: str) -> bool:
