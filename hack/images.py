@@ -459,7 +459,8 @@ def import_all(address: str, built: dict[str, Built]) -> None:
     listed = run([*ctr, "images", "ls", "--quiet"], capture=True).splitlines()
     stale = stale_refs(listed, [image.ref for name, image in built.items() if name != "base"])
     if stale:
-        run([*ctr, "images", "rm", *stale])
+        # --sync: the blobs and unpacked layers go now, not at some later collection.
+        run([*ctr, "images", "rm", "--sync", *stale])
         log(f"removed from containerd: {', '.join(stale)}")
 
 

@@ -291,6 +291,28 @@ def test_stale_refs_are_other_tags_of_the_current_repositories() -> None:
     assert images.stale_refs(listed, current) == ["docker.io/kubetune/operator:aaa"]
 
 
+def test_an_import_removes_older_builds_and_collects_them_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Without --sync containerd left the removed images' blobs and unpacked layers on disk
+    # (the node's store reached 25 GB of old trainers).
+    listed = ["docker.io/kubetune/operator:new", "docker.io/kubetune/operator:old",
+              "docker.io/kubetune/trainer:new"]  # fmt: skip
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str], *, capture: bool = False) -> str:
+        calls.append([str(a) for a in argv])
+        return "\n".join(listed) if capture else ""
+
+    monkeypatch.setattr(images, "run", fake_run)
+    monkeypatch.setattr(images.shutil, "which", lambda _: "/usr/bin/ctr")
+    built = {name: images.Built(f"docker.io/kubetune/{name}:new", tmp_path / name, None)
+             for name in ("operator", "trainer")}  # fmt: skip
+    images.import_all("/run/containerd.sock", built)
+    [removal] = [c for c in calls if "rm" in c]
+    assert removal[-3:] == ["rm", "--sync", "docker.io/kubetune/operator:old"]
+
+
 # --------------------------------------------------------------------------- one build at a time
 
 

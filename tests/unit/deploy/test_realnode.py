@@ -7,6 +7,7 @@ import io
 import json
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 HACK_DIR = Path(__file__).resolve().parents[3] / "hack"
@@ -90,3 +91,7 @@ def test_kubelet_settings_this_machine_needs(tmp_path: Path) -> None:
     toml = realnode.containerd_config(layout, "/usr/lib/cni")
     assert "restrict_oom_score_adj = true" in toml
     assert f'address = "{layout.containerd_socket}"' in toml
+    # An image removed is collected at once (the store is in the cache and outlives runs).
+    parsed = tomllib.loads(toml)
+    assert parsed["plugins"]["io.containerd.gc.v1.scheduler"]["deletion_threshold"] == 1
+    assert parsed["root"] == str(layout.containerd_root)
