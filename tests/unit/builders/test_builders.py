@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 
 from kubetune.api import FineTuneJobSpec, RunConfig
-from kubetune.api.dataplane import API_KEY_ENV, JUDGE_API_KEY_ENV, AdapterSet
+from kubetune.api.dataplane import API_KEY_ENV, JUDGE_API_KEY_ENV
 from kubetune.builders import naming
 from kubetune.builders.config import OperatorConfig
 from kubetune.builders.export import export_job
 from kubetune.builders.meta import Owner, manifest_hash, training_hash
 from kubetune.builders.pod import referenced_secrets
-from kubetune.builders.pool import PoolOwners, pool_objects
 from kubetune.builders.serving import serving_deployment, serving_service
 from kubetune.builders.training import (
     artifacts_claim,
@@ -303,33 +302,6 @@ def test_export_job_command() -> None:
     )
     args = chosen["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[-2:] == ["--quantization", "KQuantMixed"]
-
-
-@pytest.mark.parametrize(
-    ("serving", "requests", "limits"),
-    [
-        pytest.param({}, {"cpu": "2", "memory": "4Gi"}, None, id="defaults"),
-        pytest.param({"resources": {"cpu": "900m", "memory": "2Gi"}},
-                     {"cpu": "900m", "memory": "2Gi"}, None, id="the-servers"),
-        pytest.param({"device": "CUDA", "resources": {"cpu": "4", "memory": "16Gi", "gpus": 1}},
-                     {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-                     {"nvidia.com/gpu": "1"}, id="cuda"),
-    ],
-)  # fmt: skip
-def test_the_exporters_request_the_servers_cpu_and_memory_and_limit_neither(
-    serving: dict[str, Any], requests: dict[str, str], limits: dict[str, str] | None
-) -> None:
-    # With no request an export pod is BestEffort: on the real node a pool's base export
-    # starved behind two Guaranteed trainers. A memory limit would kill an export, which
-    # merges in more memory than the server holds.
-    spec = _spec(serving=serving)
-    shared = _spec(serving={**serving, "share": "p"})
-    owners = PoolOwners("p", "ns", (_owner(),))
-    base = pool_objects(owners, shared, AdapterSet(), CONFIG, base_exported=False)[1]
-    for job in (export_job(_owner(), 3, spec, CONFIG), base):
-        resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
-        assert resources["requests"] == requests
-        assert resources.get("limits") == limits
 
 
 def test_deployment_rolls_with_zero_unavailable_and_generation_in_template() -> None:

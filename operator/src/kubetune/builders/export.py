@@ -52,14 +52,9 @@ def exporter_pod_spec(
         "securityContext": pod.container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    # Requests, as much as the server's: without any the pod is BestEffort, starved by the
-    # node's Guaranteed pods (on a 2-CPU node a pool's base export waited 15 minutes behind
-    # two trainers) and evicted first. No CPU or memory limit: an export merges and
-    # quantizes in more memory than the server needs, and a limit would kill it.
-    amounts = pod.serving_amounts(spec)
-    container["resources"] = {"requests": dict(amounts)}
     if gpus:
-        container["resources"]["limits"] = {spec.resources.gpu_resource: str(gpus)}
+        amount = {spec.resources.gpu_resource: str(gpus)}
+        container["resources"] = {"requests": dict(amount), "limits": dict(amount)}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         **pod.base_pod_spec(config, config.trainer_service_account),

@@ -112,18 +112,6 @@ def serving_gpus(spec: FineTuneJobSpec) -> int:
     return spec.serving.resources.gpus if spec.serving.resources else 1
 
 
-def serving_amounts(spec: FineTuneJobSpec) -> dict[str, str]:
-    """CPU, memory and GPUs of each pod that runs the exported model: `serving.resources`,
-    or 2 CPUs and 4Gi when unset."""
-    resources = spec.serving.resources
-    cpu, memory = (resources.cpu, resources.memory) if resources else ("2", "4Gi")
-    amounts = {"cpu": cpu, "memory": memory}
-    gpus = serving_gpus(spec)
-    if gpus:
-        amounts[spec.resources.gpu_resource] = str(gpus)
-    return amounts
-
-
 def gpu_tolerations(spec: FineTuneJobSpec, gpus: int) -> list[dict[str, Any]]:
     """The usual GPU taint (`<gpuResource>` with any value) plus the spec's own tolerations."""
     tolerations: list[dict[str, Any]] = []

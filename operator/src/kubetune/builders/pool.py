@@ -32,6 +32,7 @@ from kubetune.builders.serving import (
     copy_container,
     http_service,
     rolling_deployment,
+    server_amounts,
     server_container,
     server_pod_spec,
 )
@@ -267,7 +268,7 @@ def pool_deployment(
     or removing an adapter never rolls it: those go through the operator's load calls."""
     size = founder.storage.size or config.default_storage_size
     copy = copy_container({"name": POOL_VOLUME, "subPath": naming.POOL_BASE_EXPORT_PATH},
-                          config, pod.serving_amounts(founder))  # fmt: skip
+                          config, server_amounts(founder))  # fmt: skip
     server = server_container(
         pool_serve_args(owners.pool, founder), founder, config, extra_env=[],
         extra_mounts=[

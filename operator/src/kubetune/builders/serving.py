@@ -131,6 +131,17 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+def server_amounts(spec: FineTuneJobSpec) -> dict[str, str]:
+    """A server pod's CPU, memory and GPUs (requests = limits)."""
+    resources = spec.serving.resources
+    cpu, memory = (resources.cpu, resources.memory) if resources else ("2", "4Gi")
+    amounts = {"cpu": cpu, "memory": memory}
+    gpus = pod.serving_gpus(spec)
+    if gpus:
+        amounts[spec.resources.gpu_resource] = str(gpus)
+    return amounts
+
+
 def server_container(
     args: list[str],
     spec: FineTuneJobSpec,
@@ -140,7 +151,7 @@ def server_container(
     extra_mounts: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The inference server's container, reading its model from `MODEL_VOLUME`."""
-    amounts = pod.serving_amounts(spec)
+    amounts = server_amounts(spec)
     return {
         "name": naming.SERVER_CONTAINER,
         "image": config.serving_image,
@@ -266,8 +277,7 @@ def serving_deployment(
     }
     server = server_container(serve_args(owner, model_generation, spec), spec, config,
                               extra_env=api_key_env(spec), extra_mounts=[])  # fmt: skip
-    amounts = pod.serving_amounts(spec)
-    copy, copy_volumes = model_copy(owner, model_generation, spec, config, amounts)
+    copy, copy_volumes = model_copy(owner, model_generation, spec, config, server_amounts(spec))
     annotations = {naming.ANNOTATION_MODEL_GENERATION: str(model_generation)}
     if model_eval_loss is not None:
         annotations[naming.ANNOTATION_MODEL_EVAL_LOSS] = model_eval_loss
