@@ -129,18 +129,32 @@ def _scrape_job(
     return job
 
 
-def _service_monitor(monitor: Mapping[str, Any], kubeconfig: Path) -> list[dict[str, Any]]:
+def _monitor_parts(
+    monitor: Mapping[str, Any], kind: str, spec_fields: Any, endpoints_key: str, role: str
+) -> tuple[Any, list[dict[str, Any]], list[tuple[int, Mapping[str, Any], str]]]:
+    """What a ServiceMonitor and a PodMonitor share: their fields checked, the namespaces,
+    the selector's keep rules, and each endpoint with its index and port name."""
     meta, spec = monitor["metadata"], monitor["spec"]
-    where = f"ServiceMonitor {meta['name']}"
-    _refuse_unknown(f"{where}.spec", spec, SERVICE_MONITOR_SPEC)
+    where = f"{kind} {meta['name']}"
+    _refuse_unknown(f"{where}.spec", spec, spec_fields)
     namespaces = _namespaces(where, monitor)
-    keeps = _selector_keeps(where, spec.get("selector") or {}, "service")
-    jobs = []
-    for index, endpoint in enumerate(spec["endpoints"]):
-        _refuse_unknown(f"{where}.spec.endpoints[{index}]", endpoint, ENDPOINT_FIELDS)
+    keeps = _selector_keeps(where, spec.get("selector") or {}, role)
+    endpoints = []
+    for index, endpoint in enumerate(spec[endpoints_key]):
+        _refuse_unknown(f"{where}.spec.{endpoints_key}[{index}]", endpoint, ENDPOINT_FIELDS)
         if "port" not in endpoint:
-            raise UnsupportedMonitorField(f"{where}.spec.endpoints[{index}] names no port")
-        port = endpoint["port"]
+            raise UnsupportedMonitorField(f"{where}.spec.{endpoints_key}[{index}] names no port")
+        endpoints.append((index, endpoint, endpoint["port"]))
+    return namespaces, keeps, endpoints
+
+
+def _service_monitor(monitor: Mapping[str, Any], kubeconfig: Path) -> list[dict[str, Any]]:
+    meta = monitor["metadata"]
+    namespaces, keeps, endpoints = _monitor_parts(
+        monitor, "ServiceMonitor", SERVICE_MONITOR_SPEC, "endpoints", "service"
+    )
+    jobs = []
+    for index, endpoint, port in endpoints:
         target = ["__meta_kubernetes_endpoint_address_target_kind",
                   "__meta_kubernetes_endpoint_address_target_name"]  # fmt: skip
         relabel = [
@@ -173,18 +187,11 @@ def _service_monitor(monitor: Mapping[str, Any], kubeconfig: Path) -> list[dict[
 
 def _pod_monitor(monitor: Mapping[str, Any], kubeconfig: Path) -> list[dict[str, Any]]:
     meta, spec = monitor["metadata"], monitor["spec"]
-    where = f"PodMonitor {meta['name']}"
-    _refuse_unknown(f"{where}.spec", spec, POD_MONITOR_SPEC)
-    namespaces = _namespaces(where, monitor)
-    keeps = _selector_keeps(where, spec.get("selector") or {}, "pod")
+    namespaces, keeps, endpoints = _monitor_parts(
+        monitor, "PodMonitor", POD_MONITOR_SPEC, "podMetricsEndpoints", "pod"
+    )
     jobs = []
-    for index, endpoint in enumerate(spec["podMetricsEndpoints"]):
-        _refuse_unknown(f"{where}.spec.podMetricsEndpoints[{index}]", endpoint, ENDPOINT_FIELDS)
-        if "port" not in endpoint:
-            raise UnsupportedMonitorField(
-                f"{where}.spec.podMetricsEndpoints[{index}] names no port"
-            )
-        port = endpoint["port"]
+    for index, endpoint, port in endpoints:
         relabel = [
             {"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"},
             {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"],
