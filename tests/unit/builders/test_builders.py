@@ -402,3 +402,30 @@ def test_a_cuda_inference_pod_requests_its_gpus_and_tells_the_server_its_device(
         assert ("nvidia.com/gpu" in tolerated) is (gpus is not None)
     args = container["args"]
     assert args[args.index("--device") + 1] == spec.serving.device.value
+
+
+@pytest.mark.parametrize(
+    ("resources", "requests"),
+    [
+        pytest.param(
+            {"gpusPerNode": 0, "cpu": "800m", "memory": "5Gi"},
+            {"cpu": "800m", "memory": "5Gi"},
+            id="cpu-trainers",
+        ),
+        pytest.param({"gpusPerNode": 0, "cpu": "2"}, {"cpu": "2"}, id="cpu-only"),
+        pytest.param({"gpusPerNode": 0}, None, id="nothing-to-go-on"),
+        pytest.param({"gpusPerNode": 1, "cpu": "16", "memory": "64Gi"}, None, id="gpu-trainers"),
+    ],
+)
+def test_a_cpu_export_asks_for_what_a_cpu_trainer_pod_asked(
+    resources: dict[str, object], requests: dict[str, str] | None
+) -> None:
+    """A BestEffort export starved behind the node's Guaranteed trainers (a pool's base export
+    waited 15 minutes on the real node). It asks for a trainer pod's CPU and memory, which fit
+    where the trainers ran, never a limit, and nothing sized for GPU nodes."""
+    spec = _spec(resources=resources, serving={"device": "CPU"})
+    [container] = _pod_spec(export_job(_owner(), 3, spec, CONFIG))["containers"]
+    if requests is None:
+        assert "resources" not in container
+    else:
+        assert container["resources"] == {"requests": requests}
