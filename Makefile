@@ -65,7 +65,7 @@ test-trainer: setup
 	$(PY) -m pytest tests/trainer -p no:cacheprovider
 
 # Every model family at every export precision (tests/trainer/families/matrix.py): about 20
-# minutes more than the rotation `make test` runs.
+# minutes more than the one precision a family `make test` runs.
 test-families: setup
 	$(PY) -m pytest tests/trainer/families -p no:cacheprovider
 
