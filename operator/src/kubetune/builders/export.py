@@ -55,12 +55,13 @@ def exporter_pod_spec(
     if gpus:
         amount = {spec.resources.gpu_resource: str(gpus)}
         container["resources"] = {"requests": dict(amount), "limits": dict(amount)}
-    elif cpu_trainer_requests(spec):
+    elif spec.resources.gpus_per_node == 0 and (requests := pod.trainer_cpu_and_memory(spec)):
         # Without requests the pod is BestEffort: on a node busy with Guaranteed trainers it
         # barely runs (a pool's base export waited 15 minutes behind two on 2 CPUs) and is
         # evicted first. Each CPU trainer pod's requests fit a node the trainers ran on, so
-        # they fit once those are done. No limits: a merge may need more than it asked.
-        container["resources"] = {"requests": cpu_trainer_requests(spec)}
+        # they fit once those are done. Not GPU trainers' amounts: those are sized for GPU
+        # nodes, where a CPU export is not tolerated. No limits: a merge may need more.
+        container["resources"] = {"requests": requests}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         **pod.base_pod_spec(config, config.trainer_service_account),
@@ -73,15 +74,6 @@ def exporter_pod_spec(
     if spec.resources.node_selector and gpus:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     return pod_spec
-
-
-def cpu_trainer_requests(spec: FineTuneJobSpec) -> dict[str, str]:
-    """The CPU and memory each trainer pod asks for, when the trainers run on CPUs. Not for
-    GPU trainers: their CPUs are sized for GPU nodes, where a CPU export is not tolerated."""
-    if spec.resources.gpus_per_node > 0:
-        return {}
-    amounts = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
-    return {name: amount for name, amount in amounts.items() if amount}
 
 
 def export_failure_policy() -> dict[str, Any]:

@@ -103,6 +103,13 @@ def referenced_secrets(spec: FineTuneJobSpec) -> list[str]:
     return sorted({ref.name for ref in refs if ref})
 
 
+def trainer_cpu_and_memory(spec: FineTuneJobSpec) -> dict[str, str]:
+    """`resources.cpu` and `resources.memory`, those set: what each trainer pod asks for
+    besides its GPUs."""
+    amounts = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    return {name: amount for name, amount in amounts.items() if amount}
+
+
 def serving_gpus(spec: FineTuneJobSpec) -> int:
     """GPUs of each pod that runs the exported model (exporter and server): none on the CPU;
     on CUDA `serving.resources.gpus`, or one when `serving.resources` is unset (the admission

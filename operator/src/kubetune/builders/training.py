@@ -146,10 +146,7 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     amounts: dict[str, str] = {}
     if spec.resources.gpus_per_node > 0:
         amounts[spec.resources.gpu_resource] = str(spec.resources.gpus_per_node)
-    if spec.resources.cpu:
-        amounts["cpu"] = spec.resources.cpu
-    if spec.resources.memory:
-        amounts["memory"] = spec.resources.memory
+    amounts.update(pod.trainer_cpu_and_memory(spec))
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
