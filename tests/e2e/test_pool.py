@@ -59,11 +59,12 @@ def test_two_lora_jobs_share_one_server_and_a_dora_job_is_served_alone(
     owners = {ref["name"] for ref in deployments[0]["metadata"]["ownerReferences"]}
     assert owners == {"alpha", "beta"}
     assert items(cluster, "deployment", ns, "kubetune.io/job in (alpha,beta)") == []
-    # Every member's adapter is in the set the replicas load at start, at its generation.
-    assert _adapters(cluster, ns) == [
-        {"name": "alpha", "path": "/adapters/alpha/gen-1"},
-        {"name": "beta", "path": "/adapters/beta/gen-1"},
-    ]
+    # Every member's adapter is in the set the replicas load at start, at its generation,
+    # with the metrics its next generation must beat under mustBeatServing.
+    adapters = _adapters(cluster, ns) or []
+    assert [(a["name"], a["path"]) for a in adapters] == [
+        ("alpha", "/adapters/alpha/gen-1"), ("beta", "/adapters/beta/gen-1")]
+    assert all("evalLoss" in a["metrics"] for a in adapters)
 
     delta = wait_ftj(
         cluster, ns, "delta", lambda o: condition(o, "Ready").get("status") == "True",

@@ -4,7 +4,10 @@ calls bring a replica to the set, and what a member's pass applies and reports. 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+import pytest
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.api.dataplane import AdapterSet, ServedAdapter
@@ -235,7 +238,10 @@ def test_a_member_that_passes_its_gate_is_in_the_set_and_names_the_shared_endpoi
 
     config_map = _named(outcome, "ConfigMap", "team-pool-adapters")
     assert json.loads(config_map["data"]["adapters.json"]) == {"adapters": [
-        {"name": "a", "path": "/adapters/a/gen-1"}, {"name": "b", "path": "/adapters/b/gen-2"}]}
+        {"name": "a", "path": "/adapters/a/gen-1",
+         "metrics": {"evalLoss": 1.1, "perplexity": pytest.approx(math.exp(1.1))}},
+        # Its own pass writes its metrics; this one has none to keep for it.
+        {"name": "b", "path": "/adapters/b/gen-2", "metrics": {}}]}
     assert outcome.pool is not None and len(outcome.pool.adapters.adapters) == 2
     status = merge_patched(job.get("status") or {}, outcome.status_patch)
     assert status["serving"] == {
@@ -302,3 +308,83 @@ def test_a_peer_newer_in_the_applied_set_than_in_its_status_is_not_taken_back_ou
     assert later.pool == outcome.pool
     alone = _observe(job, children, [job], [*pool_children, config_map])
     assert alone.pool is not None and [a.name for a in alone.pool.adapters.adapters] == ["a"]
+
+
+# ---------------------------------------------------------------- mustBeatServing in a pool
+
+GATED = {"evaluation": {"task": "Classification", "labels": ["billing", "access"]},
+         "serving": {"gate": {"mustBeatServing": True}}}
+
+
+def _classified(macro_f1: float) -> str:
+    return json.dumps({
+        "status": "Succeeded", "steps": 20, "evalLoss": 0.7, "baseEvalLoss": 1.9,
+        "task": "Classification",
+        "metrics": {"values": {"accuracy": 0.8, "macroF1": macro_f1, "evalLoss": 0.7}},
+        "baseMetrics": {"values": {"accuracy": 0.3, "macroF1": 0.2, "evalLoss": 1.9}},
+    })
+
+
+def _generation(job: dict[str, Any], generation: int, macro_f1: float,
+                pool_children: list[dict[str, Any]]) -> tuple[Outcome, list[dict[str, Any]]]:
+    """`job`'s generation `generation` trained (macroF1 `macro_f1`) and published: its pass,
+    and its children."""
+    train = as_observed(_named(_observe(job, [], [job], pool_children), "Job",
+                               f"a-g{generation}-train"), job_status("Complete", succeeded=1))
+    children = [train, pod(train["metadata"]["name"], "Succeeded",
+                           message=_classified(macro_f1), generation=generation)]
+    publish = _named(_observe(job, children, [job], pool_children), "Job",
+                     f"a-g{generation}-publish")
+    children.append(as_observed(publish, job_status("Complete", succeeded=1)))
+    return _observe(job, children, [job], pool_children), children
+
+
+def _gated_member_serving_generation_1() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Member `a` (gate mustBeatServing) whose generation 1 (macroF1 0.7) passed and is in the
+    pool's set: its status and the pool's objects as observed."""
+    job = member("a", **GATED)
+    first, _ = _generation(job, 1, 0.7, [])
+    base = as_observed(_named(first, "Job", "team-pool-base-export"),
+                       job_status("Complete", succeeded=1))
+    served, _ = _generation(job, 1, 0.7, [base])
+    pool_children = [base, as_observed(_named(served, "Deployment", "team-pool"),
+                                       deployment_status()),
+                     as_observed(_named(served, "ConfigMap", "team-pool-adapters"))]
+    ready, _ = _generation(job, 1, 0.7, pool_children)
+    return dict(merge_patched({}, ready.status_patch)), pool_children
+
+
+def _generation_2(macro_f1: float) -> Outcome:
+    status, pool_children = _gated_member_serving_generation_1()
+    assert status["serving"]["modelGeneration"] == 1
+    job = member("a", status=status, training={"epochs": 2}, **GATED)
+    job["metadata"]["generation"] = 2
+    outcome, _ = _generation(job, 2, macro_f1, pool_children)
+    return outcome
+
+
+def test_the_pools_set_keeps_each_served_adapters_metrics() -> None:
+    _, pool_children = _gated_member_serving_generation_1()
+    (entry,) = AdapterSet.parse(pool_children[-1]["data"]["adapters.json"]).adapters
+    assert (entry.path, entry.metrics["macroF1"]) == ("/adapters/a/gen-1", 0.7)
+
+
+def test_a_member_generation_that_does_not_beat_its_served_adapter_is_not_swapped_in() -> None:
+    """Before, a pool member's mustBeatServing compared with nothing (the pool's Deployment
+    names no member's metrics) and every generation passed."""
+    outcome = _generation_2(0.6)
+    ready = condition(outcome, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "GateFailed")
+    assert "macroF1 0.6 does not beat the serving model's 0.7" in ready["message"]
+    assert outcome.pool is not None
+    assert [(a.path, a.metrics["macroF1"]) for a in outcome.pool.adapters.adapters] == [
+        ("/adapters/a/gen-1", 0.7)]
+
+
+def test_a_member_generation_that_beats_its_served_adapter_replaces_it() -> None:
+    outcome = _generation_2(0.85)
+    assert "macroF1 0.85 beats the serving model's 0.7" in (
+        outcome.status_patch["evaluation"]["message"])
+    assert outcome.pool is not None
+    assert [(a.path, a.metrics["macroF1"]) for a in outcome.pool.adapters.adapters] == [
+        ("/adapters/a/gen-2", 0.85)]

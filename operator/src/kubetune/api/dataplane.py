@@ -168,6 +168,10 @@ class ServedAdapter(Report):
     name: str
     path: str
     """The PEFT adapter directory (adapter_config.json and its weights)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """The adapter's validation metrics when it passed its gate (metric name -> value): what
+    its job's next generation must beat under `mustBeatServing`, as a Deployment of its own
+    keeps them in an annotation. The server does not read them."""
 
 
 class AdapterSet(Report):

@@ -47,7 +47,13 @@ from kubetune.reconcile.children import (
 )
 from kubetune.reconcile.conditions import Cond, Event, merge, phase, transitions
 from kubetune.reconcile.gate import evaluate_gate, fine_tuned_scores
-from kubetune.reconcile.pool import Pool, applied_generations, pools_of
+from kubetune.reconcile.pool import (
+    AppliedAdapter,
+    Pool,
+    PoolJob,
+    applied_adapters,
+    pools_of,
+)
 from kubetune.reconcile.readiness import (
     export_condition,
     ready_condition,
@@ -61,6 +67,7 @@ from kubetune.reconcile.status import (
     build_status,
     of_generation,
     recorded_training,
+    served_scores,
     serving_view,
     status_patch,
 )
@@ -184,11 +191,17 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
     # it runs, even when the same edit turned serving off.
     serving_enabled = spec.serving.enabled or (not valid and view.exists)
     pool, not_shared = _membership(obs, owner.name)
+    applied_set: dict[str, AppliedAdapter] = {}
     if pool is not None:
         publishers = of_component(obs.children, "Job", naming.COMPONENT_PUBLISHER)
         exporter = named(publishers, naming.publish_job_name(owner.name, generation))
         endpoint = naming.endpoint_url(naming.pool_server_name(pool.name), owner.namespace)
-        view = _pool_view(obs, pool.name, previous)
+        applied_set = applied_adapters(
+            named(of_component(obs.pool_children, "ConfigMap", naming.COMPONENT_POOL_ADAPTERS),
+                  naming.pool_config_map_name(pool.name))
+        )
+        view = _pool_view(obs, pool.name, previous,
+                          applied_set.get(naming.served_model_name(owner.name)))
 
     if not valid or obs.plan is None:  # valid implies a plan; mypy needs it said
         # Nothing is created, applied or deleted until the spec is valid again: the
@@ -269,7 +282,8 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Outcome:
         model_scores = MetricScores(values=fine_tuned_scores(report)) if report else None
     if pool is not None:
         if valid:
-            outcome.pool = _apply_pool(outcome, obs, pool, owner.name, model_generation, config)
+            outcome.pool = _apply_pool(outcome, obs, pool, owner.name, model_generation,
+                                       model_scores, applied_set, config)
             # Served by the pool now: a Deployment of its own from before goes.
             if of_component(obs.children, "Deployment", naming.COMPONENT_SERVER):
                 name = naming.serving_name(owner.name)
@@ -353,15 +367,20 @@ def _membership(obs: Observed, name: str) -> tuple[Pool | None, str | None]:
     return pools.pool_of(name), pools.alone.get(name)
 
 
-def _pool_view(obs: Observed, pool: str, previous: Mapping[str, Any]) -> ServingView:
+def _pool_view(
+    obs: Observed, pool: str, previous: Mapping[str, Any], applied: AppliedAdapter | None
+) -> ServingView:
     """The pool's Deployment as this member sees it: the generation it serves is the member's
-    own published one, not a template annotation (the pool's template names no member)."""
+    own published one, not a template annotation (the pool's template names no member), and
+    its scores are those kept with that generation's adapter in the pool's set (`applied`)."""
     deployments = of_component(obs.pool_children, "Deployment", naming.COMPONENT_POOL_SERVER)
     pods = of_component(obs.pool_children, "Pod", naming.COMPONENT_POOL_SERVER)
     kept = previous.get("serving") or {}
     mine = kept.get("modelGeneration") if kept.get("pool") == obs.spec.serving.share else None
     view = serving_view(deployments, {}, pods)
-    return dataclasses.replace(view, template_generation=mine, eval_loss=None)
+    recorded = applied.metrics if applied is not None and applied.generation == mine else {}
+    return dataclasses.replace(view, template_generation=mine, eval_loss=None,
+                               scores=served_scores(dict(recorded), None))
 
 
 def _with_model(view: ServingView, model_generation: int | None) -> ServingView:
@@ -381,22 +400,21 @@ def _apply_pool(
     pool: Pool,
     name: str,
     model_generation: int | None,
+    model_scores: MetricScores | None,
+    applied_set: Mapping[str, AppliedAdapter],
     config: OperatorConfig,
 ) -> PoolTarget:
-    """The pool's objects as this member sees them, with its own model generation as this
-    pass decided it (its status may not say so yet)."""
-    # Another member's generation is the newer of its status and the set as applied: its own
-    # pass may have put a new generation in the set before its status says so, and this pass
-    # must not take it back out (the replicas would unload it until that pass ran again).
-    applied_set = applied_generations(
-        named(of_component(obs.pool_children, "ConfigMap", naming.COMPONENT_POOL_ADAPTERS),
-              naming.pool_config_map_name(pool.name))
-    )
+    """The pool's objects as this member sees them, with its own model generation (and its
+    scores) as this pass decided it (its status may not say so yet)."""
+    scores = model_scores.values if model_scores is not None else {}
     members = tuple(
-        dataclasses.replace(member, published_generation=model_generation)
+        dataclasses.replace(
+            member,
+            published_generation=model_generation,
+            published_metrics={str(metric): value for metric, value in scores.items()},
+        )
         if member.name == name
-        else dataclasses.replace(member, published_generation=_newer(
-            member.published_generation, applied_set.get(naming.served_model_name(member.name))))
+        else _as_applied(member, applied_set.get(naming.served_model_name(member.name)))
         for member in pool.members
     )
     pool = dataclasses.replace(pool, members=members)
@@ -416,6 +434,17 @@ def _apply_pool(
     adapters = pool.adapter_set()
     outcome.apply += pool_objects(owners, pool.founder.spec, adapters, config, base_exported)
     return PoolTarget(pool.name, adapters)
+
+
+def _as_applied(member: PoolJob, applied: AppliedAdapter | None) -> PoolJob:
+    """Another member as this pass writes it into the set: the newer of its status and the set
+    as applied (its own pass may have put a new generation in the set before its status says
+    so, and this pass must not take it back out: the replicas would unload it until that pass
+    ran again), with the metrics the set keeps for that generation."""
+    applied_generation = applied.generation if applied is not None else None
+    generation = _newer(member.published_generation, applied_generation)
+    metrics = applied.metrics if applied is not None and generation == applied_generation else {}
+    return dataclasses.replace(member, published_generation=generation, published_metrics=metrics)
 
 
 def _newer(first: int | None, second: int | None) -> int | None:

@@ -13,7 +13,7 @@ the pool to another base under its members' traffic.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -64,6 +64,9 @@ class PoolJob:
     published_generation: int | None
     """The generation whose adapter passed its gate and was published to this pool
     (`status.serving.modelGeneration` while `status.serving.pool` names it)."""
+    published_metrics: Mapping[str, float] = field(default_factory=dict)
+    """That generation's validation metrics, kept with its adapter in the pool's set (its
+    status does not hold them): what a next generation must beat under `mustBeatServing`."""
 
     @property
     def base(self) -> PoolBase:
@@ -139,6 +142,7 @@ class Pool:
                 ServedAdapter(
                     name=naming.served_model_name(member.name),
                     path=naming.served_adapter_path(member.name, member.published_generation),
+                    metrics=dict(member.published_metrics),
                 )
                 for member in self.members
                 if member.published_generation is not None
@@ -201,9 +205,9 @@ def pools_of(bodies: Sequence[Mapping[str, Any]]) -> Pools:
     return form_pools(jobs)
 
 
-def applied_generations(config_map: Mapping[str, Any] | None) -> dict[str, int]:
-    """Adapter name -> generation, as the pool's ConfigMap lists them (what the last pass of
-    any member applied); {} when there is none or it cannot be read."""
+def applied_adapters(config_map: Mapping[str, Any] | None) -> dict[str, AppliedAdapter]:
+    """Adapter name -> its generation and metrics, as the pool's ConfigMap lists them (what
+    the last pass of any member applied); {} when there is none or it cannot be read."""
     text = ((config_map or {}).get("data") or {}).get(naming.ADAPTER_SET_KEY)
     adapters = AdapterSet.parse(text)
     if adapters is None:
@@ -212,8 +216,16 @@ def applied_generations(config_map: Mapping[str, Any] | None) -> dict[str, int]:
     for adapter in adapters.adapters:
         generation = naming.adapter_generation(adapter.path)
         if generation is not None:
-            found[adapter.name] = generation
+            found[adapter.name] = AppliedAdapter(generation, adapter.metrics)
     return found
+
+
+@dataclass(frozen=True)
+class AppliedAdapter:
+    """One entry of the pool's set as applied."""
+
+    generation: int
+    metrics: Mapping[str, float]
 
 
 # ---------------------------------------------------------------- the adapter calls

@@ -98,12 +98,13 @@ def serving_view(
 
 
 def served_scores(metrics: Any, eval_loss: Any) -> MetricScores:
-    """The served model's metrics from the Deployment's annotations: the metrics annotation
-    (unknown names, which a newer operator may write, and non-numbers skipped), completed by
-    the eval-loss one that Deployments rolled before metrics existed carry alone."""
+    """The served model's metrics from the Deployment's annotations (or, in a pool, the set's
+    entry: a mapping already): the metrics annotation (unknown names, which a newer operator
+    may write, and non-numbers skipped), completed by the eval-loss one that Deployments
+    rolled before metrics existed carry alone."""
     values: dict[Metric, float] = {}
     try:
-        recorded = json.loads(metrics) if isinstance(metrics, str) else {}
+        recorded = json.loads(metrics) if isinstance(metrics, str) else metrics
     except ValueError:
         recorded = {}
     for name, value in (recorded.items() if isinstance(recorded, dict) else ()):
