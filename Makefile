@@ -56,7 +56,7 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest tests -p no:cacheprovider --durations=25 -m "not exhaustive and not extended"
+	bash hack/test-lanes.sh $(PY) -p no:cacheprovider --durations=25 -m "not exhaustive and not extended"
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -p no:cacheprovider
