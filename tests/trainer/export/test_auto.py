@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.api.metrics import Task
 from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.builtin import builtin_model_dir
 from kubetune_trainer.export import auto
@@ -17,7 +18,7 @@ from kubetune_trainer.tokenizer import ServingTokenizer
 from tests.trainer.conftest import QA
 from tests.trainer.export.test_export import weight_bits
 
-FP32 = auto.Score(accuracy=0.8, agreement=1.0, loss=0.5)
+FP32 = auto.Score(accuracy=0.8, agreement=1.0, loss=0.5, task_score=0.8)
 
 
 @pytest.mark.parametrize(("accuracy", "passes"), [(0.8, True), (0.79, True), (0.78, False),
@@ -25,8 +26,48 @@ FP32 = auto.Score(accuracy=0.8, agreement=1.0, loss=0.5)
 def test_with_answers_exact_match_decides_within_one_point(accuracy: float,
                                                            passes: bool) -> None:
     # agreement and loss do not count when there are answers
-    verdict, reason = auto.decide(auto.Score(accuracy, 0.5, 9.0), FP32)
-    assert verdict is passes and "exact match" in reason
+    verdict, reason = auto.decide(auto.Score(accuracy, 0.5, 9.0, accuracy), FP32)
+    assert verdict is passes and "exactMatch" in reason
+
+
+@pytest.mark.parametrize(("task", "fp32", "candidate", "passes"), [
+    # chrF is 0-100: one point is 1.0; exact match (0 here) does not count.
+    (Task.TRANSLATION, 95.0, 94.1, True), (Task.TRANSLATION, 95.0, 93.9, False),
+    (Task.CLASSIFICATION, 0.9, 0.891, True), (Task.CLASSIFICATION, 0.9, 0.88, False),
+    (Task.EXTRACTION, 0.94, 0.79, False),
+])
+def test_with_answers_the_tasks_own_metric_decides_within_one_point(
+    task: Task, fp32: float, candidate: float, passes: bool
+) -> None:
+    verdict, reason = auto.decide(auto.Score(0.0, 1.0, 0.5, candidate),
+                                  auto.Score(0.0, 1.0, 0.5, fp32), task)
+    assert verdict is passes and str(auto.judged_metric(task)) in reason
+
+
+def test_a_chat_task_is_judged_teacher_forced_not_by_exact_match() -> None:
+    """Free answers: FP32 and a broken candidate both match no reference exactly. Before, exact
+    match decided (0 >= 0 - 0.01) and the broken candidate passed."""
+    fp32 = auto.Score(accuracy=0.0, agreement=1.0, loss=0.5)
+    broken = auto.Score(accuracy=0.0, agreement=0.6, loss=2.5)
+    verdict, reason = auto.decide(broken, fp32, Task.CHAT)
+    assert verdict is False and "agreement" in reason
+    assert "agreement" in auto.rule(fp32, Task.CHAT)
+
+
+def test_answers_are_scored_on_the_tasks_metric_and_exact_match() -> None:
+    records = [HeldOutRecord(input_ids=[1, 2], labels=[IGNORE, 2], prompt=[1], reference=ref)
+               for ref in ("La regro trovas.", "Mia domo.")]
+    held_out = HeldOut(records=records, task=Task.TRANSLATION)
+    source = builtin_model_dir("smollm2-135m-instruct")
+    tokenizer = ServingTokenizer.load(source)
+    replies = iter(["La regro trovos.", "Mia domo."])
+
+    def greedy(prompt: list[int], budget: int) -> list[int]:
+        return tokenizer.encode(next(replies), add_special_tokens=False)
+
+    accuracy, chrf = auto.answer_scores(held_out, greedy, source)
+    assert accuracy == 0.5
+    assert chrf is not None and 60 < chrf < 100
 
 
 @pytest.mark.parametrize(("agreement", "loss", "passes"), [
@@ -101,8 +142,10 @@ def test_auto_exports_the_first_candidate_that_passes(tmp_path: Path,
     assert tried and all(not c["passed"] for c in tried[:-1])
     for candidate in tried:
         assert 0 <= candidate["agreement"] <= 1 and candidate["loss"] > 0
-        score = auto.Score(candidate["accuracy"], candidate["agreement"], candidate["loss"])
-        fp32 = auto.Score(choice["fp32"]["accuracy"], 1.0, choice["fp32"]["loss"])
+        score = auto.Score(candidate["accuracy"], candidate["agreement"], candidate["loss"],
+                           candidate["taskScore"])
+        fp32 = auto.Score(choice["fp32"]["accuracy"], 1.0, choice["fp32"]["loss"],
+                          choice["fp32"]["taskScore"])
         assert auto.decide(score, fp32)[0] is candidate["passed"]
     chosen = tried[-1] if tried[-1]["passed"] else {"precision": "FP32", "quantization": None}
     assert (data["precision"], data["quantization"]) == (chosen["precision"],

@@ -282,6 +282,10 @@ class CandidateScore(Report):
     """Teacher-forced top-1 agreement with FP32's argmax over the held-out target tokens."""
     loss: float | None = None
     """Mean held-out target-token loss."""
+    task_metric: str | None = None
+    """The task's metric its answers were judged by (chrF for Translation, ...); None when
+    it was judged teacher-forced (no answers, or a task judged by its loss)."""
+    task_score: float | None = None
     passed: bool = False
     reason: str = ""
     seconds: float = 0.0
@@ -292,9 +296,16 @@ class CandidateScore(Report):
         return weights_label(self.precision, self.quantization)
 
     def describe(self) -> str:
-        """Its score as the rule reads it: exact match, else agreement and loss."""
-        if self.accuracy is not None:
-            return f"exact match {100 * self.accuracy:.1f}%"
+        """Its score as the rule reads it: the task's metric (and exact match), else
+        agreement and loss."""
+        exact = None if self.accuracy is None else f"exact match {100 * self.accuracy:.1f}%"
+        if self.task_metric is not None and self.task_score is not None:
+            if self.task_metric == "exactMatch":
+                return str(exact)
+            judged = f"{self.task_metric} {self.task_score:.3f}"
+            return judged if exact is None else f"{judged}, {exact}"
+        if exact is not None:
+            return exact
         return f"agreement {100 * (self.agreement or 0):.1f}%, loss {self.loss or 0:.3f}"
 
 

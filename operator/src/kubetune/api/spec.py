@@ -565,8 +565,10 @@ class ServingSpec(ApiModel):
     """Inference pods."""
     precision: Precision = Precision.AUTO
     """ONNX weight precision. `Auto` on CPU: the fastest of INT4 (GPTQ), INT4 (KQuantMixed)
-    and INT8 whose held-out exact match stays within a point of FP32's (FP32 when none does;
-    the export's `export.json` records what was tried); FP16 on CUDA. `INT8` runs on CPU."""
+    and INT8 whose held-out answers stay within a point of FP32's on the task's primary
+    metric (exact match, macroF1, tokenF1, chrF, rougeL; Chat: teacher-forced agreement and
+    loss), FP32 when none does (the export's `export.json` records what was tried); FP16 on
+    CUDA. `INT8` runs on CPU."""
     quantization: Quantization | None = None
     """How INT4 weights are rounded (only with `precision: INT4`); default `RTN`. `GPTQ` keeps
     RTN's speed and most of FP32's accuracy."""

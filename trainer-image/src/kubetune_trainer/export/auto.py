@@ -4,11 +4,14 @@ Candidates go fastest first (single-stream decode on the bench machine, bench/RE
 is built and scored on the run's held-out records (`kubetune_trainer.heldout`) against the FP32
 model in PyTorch (which the FP32 export matches token for token: `parity`):
 
-- with reference answers: greedy exact match. A candidate passes when its accuracy is at most
-  `ACCURACY_TOLERANCE` below FP32's;
-- without any: teacher-forced top-1 agreement with FP32 over the target tokens and their mean
-  loss. A candidate passes with agreement of at least `AGREEMENT_FLOOR` and a loss at most
-  `LOSS_TOLERANCE` above FP32's.
+- with reference answers: the greedy answers on the task's primary metric (`PRIMARY_METRIC`:
+  exact match for Generation, macroF1, tokenF1, chrF, rougeL), the metric the run's gate
+  judged it by. A candidate passes when its score is at most `TOLERANCE` of the metric's
+  range below FP32's (one point: 0.01 of exact match, 1.0 of chrF);
+- without any, or for a task judged by its loss (Chat: free answers, whose exact match is 0
+  for FP32 and every candidate alike, so it would pass any of them): teacher-forced top-1
+  agreement with FP32 over the target tokens and their mean loss. A candidate passes with
+  agreement of at least `AGREEMENT_FLOOR` and a loss at most `LOSS_TOLERANCE` above FP32's.
 
 The first that passes is exported; when none does, FP32 is. With no held-out records at all
 (a plain model directory), the candidates are scored teacher-forced on PyTorch's greedy
@@ -26,13 +29,22 @@ from typing import Any
 import numpy as np
 
 from kubetune.api.dataplane import CandidateScore
-from kubetune.api.metrics import exact_match
+from kubetune.api.metrics import (
+    LOWER_IS_BETTER,
+    PRIMARY_METRIC,
+    Metric,
+    Task,
+    exact_match,
+    score_answers,
+)
 from kubetune.api.spec import Precision, Quantization
 from kubetune_trainer.genai_model import DecoderLayout, kv_dtype, stop_token_ids
 from kubetune_trainer.heldout import IGNORE, HeldOut, HeldOutRecord
 
-ACCURACY_TOLERANCE = 0.01
-"""Exact match may fall at most one point below FP32's."""
+TOLERANCE = 0.01
+"""The task's metric may fall at most this share of its range below FP32's: one point."""
+PERCENT_METRICS = frozenset({Metric.CHRF, Metric.BLEU})
+"""Metrics on a 0-100 scale (sacrebleu's); the others answers score are 0-1."""
 AGREEMENT_FLOOR = 0.97
 LOSS_TOLERANCE = 0.05
 """Mean target-token loss (nats) may rise at most this much above FP32's."""
@@ -72,16 +84,29 @@ class Score:
     """Teacher-forced top-1 agreement with FP32's argmax (FP32 itself: 1)."""
     loss: float
     """Mean loss of the target tokens."""
+    task_score: float | None = None
+    """The greedy answers on `judged_metric(task)`; None without answers or such a metric."""
 
 
-def decide(candidate: Score, fp32: Score) -> tuple[bool, str]:
+def judged_metric(task: Task) -> Metric | None:
+    """The metric candidates' answers are judged by: the task's primary one, or None for a
+    task judged by its loss (its candidates are compared teacher-forced)."""
+    metric = PRIMARY_METRIC[task]
+    return None if metric in LOWER_IS_BETTER else metric
+
+
+def tolerance(metric: Metric) -> float:
+    return TOLERANCE * (100 if metric in PERCENT_METRICS else 1)
+
+
+def decide(candidate: Score, fp32: Score, task: Task = Task.GENERATION) -> tuple[bool, str]:
     """Whether a candidate keeps FP32's quality, and why (in the tolerance's own terms)."""
-    if fp32.accuracy is not None and candidate.accuracy is not None:
-        floor = fp32.accuracy - ACCURACY_TOLERANCE
-        verdict = candidate.accuracy >= floor - 1e-9
-        return verdict, (f"exact match {candidate.accuracy:.3f} "
-                         f"{'>=' if verdict else '<'} FP32's {fp32.accuracy:.3f} - "
-                         f"{ACCURACY_TOLERANCE}")
+    metric = judged_metric(task)
+    if metric is not None and fp32.task_score is not None and candidate.task_score is not None:
+        slack = tolerance(metric)
+        verdict = candidate.task_score >= fp32.task_score - slack - 1e-9
+        return verdict, (f"{metric} {candidate.task_score:.3f} "
+                         f"{'>=' if verdict else '<'} FP32's {fp32.task_score:.3f} - {slack:g}")
     ceiling = fp32.loss + LOSS_TOLERANCE
     verdict = candidate.agreement >= AGREEMENT_FLOOR and candidate.loss <= ceiling
     return verdict, (f"teacher-forced agreement {candidate.agreement:.3f} (floor "
@@ -161,8 +186,8 @@ def torch_reference(model_dir: Path, held_out: HeldOut) -> Reference:
             )
             return [int(t) for t in output[0, len(prompt):]]
 
-        accuracy = _accuracy(held_out, greedy, model_dir)
-    return Reference(held_out, Score(accuracy, 1.0, loss / max(count, 1)), argmax)
+        accuracy, task_score = answer_scores(held_out, greedy, model_dir)
+    return Reference(held_out, Score(accuracy, 1.0, loss / max(count, 1), task_score), argmax)
 
 
 def greedy_answers(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> list[str]:
@@ -179,12 +204,20 @@ def greedy_answers(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> list[
     return answers
 
 
-def _accuracy(held_out: HeldOut, greedy: Any, tokenizer_dir: Path) -> float | None:
+def answer_scores(held_out: HeldOut, greedy: Any,
+                  tokenizer_dir: Path) -> tuple[float | None, float | None]:
+    """(exact match, the task's judged metric) of the greedy answers; Nones without any."""
     answers = greedy_answers(held_out, greedy, tokenizer_dir)
     if not answers:
-        return None
+        return None, None
     references = [str(record.reference) for record in held_out.answers]
-    return sum(exact_match(a, r) for a, r in zip(answers, references, strict=True)) / len(answers)
+    pairs = zip(answers, references, strict=True)
+    accuracy = sum(exact_match(a, r) for a, r in pairs) / len(answers)
+    metric = judged_metric(held_out.task)
+    if metric is None:
+        return accuracy, None
+    scores = score_answers(held_out.task, answers, references, held_out.labels, [metric])
+    return accuracy, scores.values.get(metric)
 
 
 class OnnxDecoder:
@@ -233,24 +266,28 @@ def onnx_score(onnx_dir: Path, reference: Reference) -> Score:
         hits += int((logits[positions].argmax(axis=1) == wanted).sum())
         loss += target_loss(logits, positions, targets)
         count += len(targets)
-    accuracy = _accuracy(reference.held_out, decoder.greedy, onnx_dir)
-    return Score(accuracy, hits / max(count, 1), loss / max(count, 1))
+    accuracy, task_score = answer_scores(reference.held_out, decoder.greedy, onnx_dir)
+    return Score(accuracy, hits / max(count, 1), loss / max(count, 1), task_score)
 
 
-def rule(fp32: Score) -> str:
+def rule(fp32: Score, task: Task = Task.GENERATION) -> str:
     """`decide`'s rule for this held-out set, in words."""
-    if fp32.accuracy is not None:
-        return f"exact match at most {ACCURACY_TOLERANCE} below FP32's"
+    metric = judged_metric(task)
+    if metric is not None and fp32.task_score is not None:
+        return f"{metric} at most {tolerance(metric):g} below FP32's"
     return (f"teacher-forced agreement >= {AGREEMENT_FLOOR} and loss at most {LOSS_TOLERANCE} "
             "above FP32's")
 
 
 def score_report(candidate: Candidate, score: Score, passed: bool, reason: str,
-                 seconds: float) -> CandidateScore:
+                 seconds: float, task: Task = Task.GENERATION) -> CandidateScore:
+    metric = judged_metric(task) if score.task_score is not None else None
     return CandidateScore(
         **candidate.names(),
         accuracy=None if score.accuracy is None else round(score.accuracy, 4),
         agreement=round(score.agreement, 4), loss=round(score.loss, 4),
+        task_metric=None if metric is None else str(metric),
+        task_score=None if score.task_score is None else round(score.task_score, 4),
         passed=passed, reason=reason, seconds=round(seconds, 1),
     )
 
@@ -278,8 +315,8 @@ def try_candidate(candidate: Candidate, onnx_dir: Path, reference: Reference,
     """Score a built candidate and judge it (`decide`)."""
     started = time.monotonic()
     score = onnx_score(onnx_dir, reference)
-    passed, reason = decide(score, reference.score)
+    passed, reason = decide(score, reference.score, reference.held_out.task)
     if math.isnan(score.loss):
         passed, reason = False, "loss is NaN"
     return score_report(candidate, score, passed, reason,
-                        build_seconds + time.monotonic() - started)
+                        build_seconds + time.monotonic() - started, reference.held_out.task)

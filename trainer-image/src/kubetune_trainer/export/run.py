@@ -335,9 +335,9 @@ def choose_automatically(
     reference = auto.torch_reference(model_dir, held_out)
     fp32 = auto.Candidate(Precision.FP32)
     report.auto = AutoChoice(
-        rule=auto.rule(reference.score), held_out_records=len(held_out.records),
+        rule=auto.rule(reference.score, held_out.task), held_out_records=len(held_out.records),
         answers=len(held_out.answers), seconds=round(time.monotonic() - started, 1),
-        fp32=auto.score_report(fp32, reference.score, True, "the reference", 0.0),
+        fp32=auto.score_report(fp32, reference.score, True, "the reference", 0.0, held_out.task),
     )
     for index, candidate in enumerate(auto.candidates(calibration is not None)):
         started = time.monotonic()
