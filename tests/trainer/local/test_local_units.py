@@ -145,6 +145,20 @@ def test_auto_summary_puts_each_candidate_beside_fp32() -> None:
     assert "INT4-GPTQ" in text.splitlines()[-1] and "85.0%" in text and "chosen" in text
 
 
+def test_auto_summary_shows_the_tasks_metric_the_rule_read() -> None:
+    choice = AutoChoice(
+        rule="chrF at most 1 below FP32's", held_out_records=40, answers=40,
+        fp32=CandidateScore(precision="FP32", accuracy=0.45, agreement=1.0, loss=0.06,
+                            task_metric="chrF", task_score=95.18),
+        candidates=[CandidateScore(precision="INT4", quantization="GPTQ", accuracy=0.475,
+                                   agreement=0.99, loss=0.06, task_metric="chrF",
+                                   task_score=95.3, passed=True)],
+    )
+    text = auto_summary(choice, "INT4-GPTQ")
+    assert "chrF 95.180, exact match 45.0%" in text
+    assert "chrF 95.300, exact match 47.5%  chosen" in text.splitlines()[-1]
+
+
 def _quickstart_config(source: str) -> RunConfig:
     spec = FineTuneJobSpec.model_validate({
         "model": {"source": source}, "dataset": {"source": "builtin://kubectl-commands"},
