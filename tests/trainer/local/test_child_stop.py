@@ -34,11 +34,15 @@ STUBBORN_CHILD = textwrap.dedent("""
 """)
 
 DRIVER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from kubetune.local.processes import Child, run_child, terminate_like_ctrl_c
 
     log, ignores, path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    # Ctrl-C as a terminal's foreground process gets it: a shell starts a background command
+    # with SIGINT ignored, and Python then installs no handler (a test run started with `&`
+    # failed here, the driver deaf to the test's SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     terminate_like_ctrl_c()  # as `kubetune run` does
     child = Child([sys.executable, "-c", sys.argv[4], ignores], log)
     print(child.process.pid, flush=True)
