@@ -64,6 +64,10 @@ mapfile -t requirements <<<"$requirements"
 # CPU builds, which would overwrite the CUDA builds' files (the same `onnxruntime` module).
 "${pip[@]}" --no-deps "$source_dir" "$source_dir/trainer-image[trainer,serve]"
 
+# The serving engine's ONNX Runtime kernels (C, kubetune_trainer/serve/engines/batch/kernels),
+# built into the package so that a pod, which may have no compiler, never builds them.
+"$venv/bin/python" -m kubetune_trainer.serve.engines.batch.kernels >/dev/null
+
 # The entry points the operator's pods run: fail the build, not the first training run.
 # (`python -m kubetune_trainer --help` exits 2: it names no subcommand.)
 for command in train export serve; do

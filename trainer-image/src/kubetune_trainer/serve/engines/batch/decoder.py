@@ -9,6 +9,7 @@ the GenAI builder's export looks like to ONNX Runtime; decode steps run through 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,14 +26,19 @@ from kubetune_trainer.serve.engines.batch.graph import (
 from kubetune_trainer.serve.engines.batch.kv import KVCache
 from kubetune_trainer.serve.engines.batch.lora import (
     AdapterWeights,
+    BranchDesign,
     BranchFeeds,
     adapter_weights,
 )
 
+log = logging.getLogger(__name__)
 
 class Decoder:
-    def __init__(self, model_dir: Path, lora: bool = False) -> None:
-        """`lora`: the graph gets LoRA branches, fed for each run's adapters (`lora`)."""
+    def __init__(
+        self, model_dir: Path, lora: bool = False, design: BranchDesign | None = None
+    ) -> None:
+        """`lora`: the graph gets LoRA branches, fed for each run's adapters (`lora`), computed
+        as `design` says (None: the best this machine runs, `graph.branch_design`)."""
         layout = DecoderLayout.read(model_dir)
         config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
         self.hidden = int(config["hidden_size"])
@@ -41,8 +47,17 @@ class Decoder:
         # `rope_switch`: where a LongRoPE graph's rotary caches switch to the long factors
         # (None: one cache); a prompt longer than that is prefilled alone
         # (`scheduler.prefill_groups`), with the long factors throughout (`graph.rope_switch`).
-        self.session, self.branches, self.rope_switch = serving_session(layout, config, lora)
+        self.session, self.branches, self.rope_switch = serving_session(
+            layout, config, lora, design
+        )
         self.prefill_feeds = BranchFeeds(self.branches) if self.branches else None
+        if self.branches is not None:
+            design = self.branches.design
+            log.info(
+                "LoRA branches: %s, A and B in %s",
+                "one LoraBranch kernel node each" if design.fused else "four ONNX nodes each",
+                np.dtype(self.branches.weights).name,
+            )
         self.kv_shape = layout.kv_shape
         self.kv_dtype = kv_dtype(self.session)
         self.kv_names = layout.kv_names

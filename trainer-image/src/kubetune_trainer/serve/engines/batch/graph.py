@@ -16,16 +16,24 @@ made per position instead of per run (`rope_switch`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kubetune_trainer.genai_model import (
     DecoderLayout,
+    Device,
     check_session_providers,
     execution_providers,
 )
-from kubetune_trainer.serve.engines.batch.lora import BranchLayout, add_branches
+from kubetune_trainer.serve.engines.batch.kernels import lora_branch
+from kubetune_trainer.serve.engines.batch.lora import (
+    NODES,
+    BranchDesign,
+    BranchLayout,
+    add_branches,
+)
 
 POSITIONS = "logits_positions"
 """The graph input that picks each row's position for its logits: (rows, 1, hidden), every
@@ -173,16 +181,38 @@ def rope_switch(model: Any) -> int | None:
     return threshold
 
 
+def branch_design(device: Device, model: Any, library: Path | None) -> BranchDesign:
+    """The branches' design for this graph (`lora.BranchDesign`): the one-node kernel where it
+    runs (a CPU export with FP32 activations, its only type, and its `library` built), else
+    four standard nodes; FP16 A and B on a quantized base, whose own rounding (INT4, INT8) is
+    far coarser than FP16's on the adapter's small update, FP32 on an FP32 base, whose answers
+    the adapter's merged FP32 export matches."""
+    from onnx import TensorProto
+
+    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
+    if (
+        library is None
+        or device is not Device.CPU
+        or past.type.tensor_type.elem_type != TensorProto.FLOAT
+    ):
+        return NODES
+    quantized = any(node.op_type == "MatMulNBits" for node in model.graph.node)
+    return BranchDesign(fused=True, half=quantized)
+
+
 def serving_session(
-    layout: DecoderLayout, config: dict[str, Any], lora: bool
+    layout: DecoderLayout,
+    config: dict[str, Any],
+    lora: bool,
+    design: BranchDesign | None = None,
 ) -> tuple[Any, BranchLayout | None, int | None]:
     """An ONNX Runtime session of the served graph (`config`: genai_config.json's decoder),
     with `lora` a fed LoRA branch on every decoder MatMul and their layout (`lora`; None
-    without), and where the rotary caches switch to the
-    long factors (`rope_switch`; None: one cache). The base's external weights are read from
-    where they are. It runs on the execution providers of the device the export was built for
-    (`genai_model.execution_providers`): CUDA for a CUDA export, refused where onnxruntime
-    cannot run it there."""
+    without), computed as `design` says (None: `branch_design`'s choice), and where the
+    rotary caches switch to the long factors (`rope_switch`; None: one cache). The base's
+    external weights are read from where they are. It runs on the execution providers of the
+    device the export was built for (`genai_model.execution_providers`): CUDA for a CUDA
+    export, refused where onnxruntime cannot run it there."""
     import onnx
     import onnxruntime as ort
 
@@ -192,7 +222,11 @@ def serving_session(
     model = onnx.load(str(layout.model_file), load_external_data=False)
     gather_positions(model, hidden)
     switch = rope_switch(model)
-    branches = add_branches(model, config) if lora else None
+    branches = None
+    if lora:
+        if design is None:
+            design = branch_design(layout.device, model, lora_branch.library())
+        branches = add_branches(model, config, design)
     # Serialized and dropped before the session exists: memory freed after ONNX Runtime has
     # allocated stays with the process.
     graph = model.SerializeToString()
@@ -202,6 +236,11 @@ def serving_session(
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(layout.model_file.parent)
     )
+    if branches is not None and design is not None and design.fused:
+        library = lora_branch.library()
+        if library is None:
+            raise RuntimeError("the fused LoRA branch's library could not be built (logged)")
+        options.register_custom_ops_library(str(library))
     session = ort.InferenceSession(graph, options, providers=providers)
     check_session_providers(session, providers)
     return session, branches, switch

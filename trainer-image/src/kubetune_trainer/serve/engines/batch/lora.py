@@ -30,9 +30,16 @@ and mask needs each B laid on all the group's rows, zeros read every step (measu
 for an adapter row, slower for several, bench/RESULTS.md), or a Split node (one node fewer than
 two branches: not worth a layout of its own).
 
-Fed, A and B are not prepacked by ONNX Runtime, and MLAS multiplies a single row (a GEMV) in
-another order than several: an adapter row's last bits depend on what shares its batch (the base
-rows' do not: their branch adds zeros). bench/RESULTS.md has the costs of both designs.
+How a branch computes is its `BranchDesign`. Where the C kernel builds (`kernels`: a CPU export
+with FP32 activations, a C compiler where the server first runs or in the image), each branch
+is one `LoraBranch` node: a row multiplies only its own adapter's columns (Punica's BGMV), a
+base row costs one look at its mask, and on a quantized base A and B are fed in FP16 (a decode
+step through an adapter is bound by reading them; INT4's own rounding is far coarser). Each
+row is computed alone, in one order, so its answer does not depend on what shares its batch.
+Elsewhere (CUDA, FP16 activations, no compiler) each branch is four standard nodes (MatMul,
+Mul, MatMul, Add): the same update, four dispatches instead of one, and MLAS multiplies a single
+row (a GEMV) in another order than several, so an adapter row's last bits depend on its batch
+(base rows' do not: their branch adds zeros). bench/RESULTS.md has the designs' costs.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from kubetune_trainer.serve.adapters import AdapterError, LoraAdapter, parts
+from kubetune_trainer.serve.engines.batch.kernels import lora_branch
 
 _MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(\w+)/MatMul[^/]*$")
 """The builder's node names for a decoder layer's linear layers (`MatMul`, `MatMul_Q4`, ...)."""
@@ -91,14 +99,34 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class BranchDesign:
+    """How the branches compute: one `lora_branch.OP` node each (`fused`; the session must
+    register `lora_branch.library()`) or four standard nodes (MatMul, Mul, MatMul, Add), and
+    whether the kernel is fed A and B in FP16 (`half`: half the bytes a decode step reads)."""
+
+    fused: bool = False
+    half: bool = False
+
+    def __post_init__(self) -> None:
+        if self.half and not self.fused:
+            raise ValueError("FP16 adapter weights need the fused kernel (MatMul wants one dtype)")
+
+
+NODES = BranchDesign()
+
+
+@dataclass(frozen=True)
 class BranchLayout:
     """Every branch of the served graph, the widths of each layer's projections, and the
-    dtype its activations (and so A, B and the masks) have."""
+    dtype its activations (and so the masks) have, and A and B's (`weights`): the
+    activations' in standard nodes, FP16 in the fused kernel on a quantized base."""
 
     branches: tuple[Branch, ...]
     widths: dict[int, dict[str, int]]  # layer -> projection -> output columns
     layers: int
     dtype: type[np.generic]
+    weights: type[np.generic]
+    design: BranchDesign
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,15 +183,19 @@ def targets(graph: Any, layers: int, config: dict[str, Any]) -> dict[int, list[T
     return found
 
 
-def add_branches(model: Any, config: dict[str, Any]) -> BranchLayout:
+
+
+def add_branches(model: Any, config: dict[str, Any], design: BranchDesign = NODES) -> BranchLayout:
     """Add a fed low-rank branch to every decoder MatMul of `model` (an onnx ModelProto,
-    changed in place): any adapter may be loaded later, so every layer gets one."""
-    from onnx import helper
+    changed in place), computed as `design` says: any adapter may be loaded later, so every
+    layer gets one."""
+    from onnx import TensorProto, helper
 
     graph = model.graph
     past = next(i for i in graph.input if i.name.startswith("past_key_values"))
     elem_type = past.type.tensor_type.elem_type
     dtype: type[np.generic] = helper.tensor_dtype_to_np_dtype(elem_type).type
+    weight_type = TensorProto.FLOAT16 if design.half else elem_type
     layers = int(config["num_hidden_layers"])
     found = targets(graph, layers, config)
     branches: list[Branch] = []
@@ -176,23 +208,41 @@ def add_branches(model: Any, config: dict[str, Any]) -> BranchLayout:
             rank = f"{prefix}.rank"  # its own symbolic width: each branch is fed its own
             graph.input.extend(
                 [
-                    helper.make_tensor_value_info(branch.a, elem_type, [target.features, rank]),
-                    helper.make_tensor_value_info(branch.b, elem_type, [rank, target.columns]),
+                    helper.make_tensor_value_info(branch.a, weight_type, [target.features, rank]),
+                    helper.make_tensor_value_info(branch.b, weight_type, [rank, target.columns]),
                     helper.make_tensor_value_info(branch.mask, elem_type, ["batch_size", 1, rank]),
                 ]
             )
-            new_nodes[target.output] = [
-                helper.make_node("MatMul", [target.node.input[0], branch.a], [f"{prefix}/xA"]),
-                helper.make_node("Mul", [f"{prefix}/xA", branch.mask], [f"{prefix}/masked"]),
-                helper.make_node("MatMul", [f"{prefix}/masked", branch.b], [f"{prefix}/delta"]),
-                helper.make_node("Add", [target.output, f"{prefix}/delta"], [f"{prefix}/output_0"]),
-            ]
+            new_nodes[target.output] = branch_nodes(branch, design.fused)
     _splice(graph, new_nodes)
+    if design.fused and not any(o.domain == lora_branch.DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(lora_branch.DOMAIN, 1))
     widths = {
         layer: {p: width for t in layer_targets for p, _, width in t.parts}
         for layer, layer_targets in found.items()
     }
-    return BranchLayout(tuple(branches), widths, layers, dtype)
+    weights = helper.tensor_dtype_to_np_dtype(weight_type).type
+    return BranchLayout(tuple(branches), widths, layers, dtype, weights, design)
+
+
+def branch_nodes(branch: Branch, fused: bool) -> list[Any]:
+    """The nodes computing `y + ((x @ A) * mask) @ B` onto the branch's base MatMul output."""
+    from onnx import helper
+
+    x, y, prefix = branch.target.node.input[0], branch.target.output, branch.prefix
+    if fused:
+        inputs = [y, x, branch.a, branch.b, branch.mask]
+        return [
+            helper.make_node(
+                lora_branch.OP, inputs, [f"{prefix}/output_0"], domain=lora_branch.DOMAIN
+            )
+        ]
+    return [
+        helper.make_node("MatMul", [x, branch.a], [f"{prefix}/xA"]),
+        helper.make_node("Mul", [f"{prefix}/xA", branch.mask], [f"{prefix}/masked"]),
+        helper.make_node("MatMul", [f"{prefix}/masked", branch.b], [f"{prefix}/delta"]),
+        helper.make_node("Add", [y, f"{prefix}/delta"], [f"{prefix}/output_0"]),
+    ]
 
 
 def _splice(graph: Any, new_nodes: dict[str, list[Any]]) -> None:
@@ -289,7 +339,7 @@ def adapter_weights(adapter: LoraAdapter, layout: BranchLayout) -> AdapterWeight
     """The adapter as the branches are fed it; refused by name where the graph disagrees."""
     _check_covered(adapter, layout)
     pairs = [
-        _branch_weights(branch, layout.widths[branch.layer], adapter, layout.dtype)
+        _branch_weights(branch, layout.widths[branch.layer], adapter, layout.weights)
         for branch in layout.branches
     ]
     return AdapterWeights(
@@ -312,7 +362,7 @@ class BranchFeeds:
         self.active: tuple[AdapterWeights, ...] | None = None
         self.weights: dict[str, np.ndarray] = {}
         self.empty = {
-            name: np.zeros(shape, layout.dtype)
+            name: np.zeros(shape, layout.weights)
             for branch in layout.branches
             for name, shape in (
                 (branch.a, (branch.target.features, 0)),

@@ -1,0 +1,201 @@
+"""The LoraBranch kernel (engines/batch/kernels/lora_branch.c), built here with the machine's C
+compiler, against the four standard ONNX nodes it replaces: the same update for every row
+(its own adapter's columns, base rows untouched), in decode and prefill shapes, with A and B
+in FP32 or FP16; a row's answer bit for bit the same alone and in any batch; bad shapes
+refused by name; and where it cannot be built, the graph keeps its standard nodes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kubetune_trainer.genai_model import Device
+from kubetune_trainer.serve.engines.batch.graph import branch_design
+from kubetune_trainer.serve.engines.batch.kernels import lora_branch as kernels
+from kubetune_trainer.serve.engines.batch.lora import (
+    NODES,
+    Branch,
+    BranchDesign,
+    Target,
+    branch_nodes,
+)
+
+FP32_KERNEL = BranchDesign(fused=True)
+FP16_KERNEL = BranchDesign(fused=True, half=True)
+
+
+def library() -> Path:
+    built = kernels.library()
+    assert built is not None, "the kernel did not build: is a C compiler installed?"
+    return built
+
+
+def branch_session(design: BranchDesign) -> Any:
+    """One branch, `out = y + ((x @ A) * mask) @ B`, computed as `design` says."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    weights = TensorProto.FLOAT16 if design.half else TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "tokens", "out"]),
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "tokens", "in"]),
+        helper.make_tensor_value_info("b.A", weights, ["in", "rank"]),
+        helper.make_tensor_value_info("b.B", weights, ["rank", "out"]),
+        helper.make_tensor_value_info("b.mask", TensorProto.FLOAT, ["rows", 1, "rank"]),
+    ]
+    base = helper.make_node("Identity", ["x"], ["y"])  # stands for the base MatMul (y, fed)
+    target = Target(base, 0, ())
+    nodes = branch_nodes(Branch(0, target, "b"), design.fused)
+    graph = helper.make_graph(
+        nodes,
+        "branch",
+        inputs,
+        [helper.make_tensor_value_info("b/output_0", TensorProto.FLOAT, None)],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)]
+    options = ort.SessionOptions()
+    if design.fused:
+        options.register_custom_ops_library(str(library()))
+    model = helper.make_model(graph, opset_imports=opsets)
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def feeds(
+    rows: int, tokens: int, features: int, columns: int, ranks: list[int], owners: list[int | None]
+) -> dict[str, np.ndarray]:
+    """Inputs for `rows` rows on adapters of `ranks` side by side; row r on adapter owners[r]
+    (None: the base)."""
+    rng = np.random.default_rng(rows * 1000 + tokens)
+    rank = sum(ranks)
+    mask = np.zeros((rows, 1, rank), np.float32)
+    starts = np.cumsum([0, *ranks])
+    for row, owner in enumerate(owners):
+        if owner is not None:
+            mask[row, 0, starts[owner] : starts[owner + 1]] = 1
+    return {
+        "y": rng.standard_normal((rows, tokens, columns)).astype(np.float32),
+        "x": rng.standard_normal((rows, tokens, features)).astype(np.float32),
+        "b.A": (0.1 * rng.standard_normal((features, rank))).astype(np.float32),
+        "b.B": (0.1 * rng.standard_normal((rank, columns))).astype(np.float32),
+        "b.mask": mask,
+    }
+
+
+def half(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float16) if k in ("b.A", "b.B") else v for k, v in inputs.items()}
+
+
+def rounded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """FP32 inputs holding exactly what FP16 A and B hold."""
+    return {k: v.astype(np.float32) for k, v in half(inputs).items()}
+
+
+CASES = {
+    # rows, tokens, in features, out columns, adapters' ranks, each row's adapter
+    "decode, one row on one adapter": (1, 1, 576, 1536, [8], [0]),
+    "decode, mixed rows and a base row": (4, 1, 96, 80, [8, 4, 16], [2, None, 0, 1]),
+    "a rank that is not a multiple of 8": (2, 1, 33, 17, [5, 3], [1, 0]),
+    "prefill (pool threads)": (3, 20, 64, 48, [8, 8], [1, None, 0]),
+    "a rank wider than the stack buffer": (1, 2, 16, 24, [300], [0]),
+    "no adapter in the batch": (2, 3, 16, 24, [0], [None, None]),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_the_kernel_adds_what_the_standard_nodes_add(case: tuple[Any, ...]) -> None:
+    inputs = feeds(*case)
+    nodes = branch_session(NODES).run(None, inputs)[0]
+    fp32 = branch_session(FP32_KERNEL).run(None, inputs)[0]
+    np.testing.assert_allclose(fp32, nodes, rtol=1e-5, atol=1e-5)
+    # FP16 weights: the standard nodes fed exactly those weights' values, in FP32.
+    fp16 = branch_session(FP16_KERNEL).run(None, half(inputs))[0]
+    np.testing.assert_allclose(
+        fp16, branch_session(NODES).run(None, rounded(inputs))[0], rtol=1e-5, atol=1e-5
+    )
+    base_rows = [row for row, owner in enumerate(case[5]) if owner is None]
+    assert np.array_equal(fp32[base_rows], inputs["y"][base_rows])  # exactly the base's
+    assert np.array_equal(fp16[base_rows], inputs["y"][base_rows])
+    if case[4] != [0]:
+        assert not np.allclose(fp32, inputs["y"])  # the branch adds something
+
+
+@pytest.mark.parametrize("design", [FP32_KERNEL, FP16_KERNEL], ids=["FP32", "FP16"])
+def test_a_rows_answer_does_not_depend_on_its_batch(design: BranchDesign) -> None:
+    """The fed standard nodes lose this (MLAS multiplies one row and several in different
+    orders); each row of the kernel is computed alone, in one order."""
+    session = branch_session(design)
+    convert = half if design.half else (lambda inputs: inputs)
+    batch = feeds(5, 1, 96, 80, [8, 4], [0, 1, None, 0, 1])
+    together = session.run(None, convert(batch))[0]
+    for row in range(5):
+        alone = {k: v[row : row + 1] if k in ("y", "x", "b.mask") else v for k, v in batch.items()}
+        assert np.array_equal(session.run(None, convert(alone))[0][0], together[row]), row
+
+
+def test_inputs_that_disagree_are_refused_by_name() -> None:
+    inputs = feeds(2, 1, 16, 24, [4], [0, 0])
+    inputs["b.B"] = inputs["b.B"][:, :20]
+    with pytest.raises(Exception, match="LoraBranch: the inputs' shapes disagree"):
+        branch_session(FP32_KERNEL).run(None, inputs)
+
+
+def model_for(activations: int, quantized: bool) -> Any:
+    from onnx import helper
+
+    past = helper.make_tensor_value_info("past_key_values.0.key", activations, ["r", 1, "p", 4])
+    op = "MatMulNBits" if quantized else "MatMul"
+    node = helper.make_node(op, ["x", "w"], ["y"], domain="com.microsoft" if quantized else "")
+    graph = helper.make_graph([node], "g", [past], [])
+    return helper.make_model(graph)
+
+
+def test_the_design_follows_the_device_the_base_and_the_library() -> None:
+    from onnx import TensorProto
+
+    built = Path("/lib.so")
+    int4 = model_for(TensorProto.FLOAT, quantized=True)
+    fp32 = model_for(TensorProto.FLOAT, quantized=False)
+    assert branch_design(Device.CPU, int4, built) == FP16_KERNEL
+    assert branch_design(Device.CPU, fp32, built) == FP32_KERNEL  # the merged export's answers
+    assert branch_design(Device.CUDA, int4, built) == NODES  # a CPU kernel
+    assert branch_design(Device.CPU, model_for(TensorProto.FLOAT16, True), built) == NODES
+    assert branch_design(Device.CPU, int4, None) == NODES  # not built here
+    with pytest.raises(ValueError, match="FP16 adapter weights need the fused kernel"):
+        BranchDesign(fused=False, half=True)
+
+
+def test_without_a_compiler_the_graph_keeps_standard_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(kernels, "HERE", tmp_path / "package")  # no library built at install
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert kernels.library() is None
+        assert "LoRA branches run as standard ONNX nodes" in caplog.text
+        assert "no C compiler" in caplog.text
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_a_built_library_is_found_by_its_sources_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = kernels.build(tmp_path)
+    assert built.name == kernels.library_name() and built.stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left behind
+    monkeypatch.setattr(kernels, "HERE", tmp_path)  # as the image installs it
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))  # so nothing is built
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() == built
+    finally:
+        kernels.library.cache_clear()
