@@ -16,9 +16,11 @@
  * and every row is computed alone in one fixed order: a row's answer does not depend on what
  * shares its batch.
  *
- * Built by kernels/__init__.py against the vendored ONNX Runtime C API header (API version 24,
- * include/); the functions come through the OrtApi table ORT hands RegisterCustomOps, so the
- * library links against no ONNX Runtime and loads into any runtime of API version >= 24.
+ * A and B are float, or float16 (half the bytes a decode step reads: on a quantized base).
+ *
+ * Built by kernels/lora_branch.py against the vendored ONNX Runtime C API header (API version
+ * 24, include/); the functions come through the OrtApi table ORT hands RegisterCustomOps, so
+ * the library links against no ONNX Runtime and loads into any runtime of API version >= 24.
  */
 #include <stddef.h>
 #include <stdint.h>
