@@ -52,10 +52,11 @@ class Decoder:
         )
         self.prefill_feeds = BranchFeeds(self.branches) if self.branches else None
         if self.branches is not None:
-            design = self.branches.design
             log.info(
                 "LoRA branches: %s, A and B in %s",
-                "one LoraBranch kernel node each" if design.fused else "four ONNX nodes each",
+                "one LoraBranch kernel node each"
+                if self.branches.design.fused
+                else "four ONNX nodes each",
                 np.dtype(self.branches.weights).name,
             )
         self.kv_shape = layout.kv_shape

@@ -32,6 +32,7 @@ from kubetune_trainer.serve.engines.batch.lora import (
     NODES,
     BranchDesign,
     BranchLayout,
+    activation_type,
     add_branches,
 )
 
@@ -189,11 +190,10 @@ def branch_design(device: Device, model: Any, library: Path | None) -> BranchDes
     the adapter's merged FP32 export matches."""
     from onnx import TensorProto
 
-    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
     if (
         library is None
         or device is not Device.CPU
-        or past.type.tensor_type.elem_type != TensorProto.FLOAT
+        or activation_type(model) != TensorProto.FLOAT
     ):
         return NODES
     quantized = any(node.op_type == "MatMulNBits" for node in model.graph.node)
@@ -236,7 +236,7 @@ def serving_session(
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(layout.model_file.parent)
     )
-    if branches is not None and design is not None and design.fused:
+    if branches is not None and branches.design.fused:
         library = lora_branch.library()
         if library is None:
             raise RuntimeError("the fused LoRA branch's library could not be built (logged)")

@@ -118,15 +118,18 @@ NODES = BranchDesign()
 @dataclass(frozen=True)
 class BranchLayout:
     """Every branch of the served graph, the widths of each layer's projections, and the
-    dtype its activations (and so the masks) have, and A and B's (`weights`): the
-    activations' in standard nodes, FP16 in the fused kernel on a quantized base."""
+    dtype its activations (and so the masks) have, and how the branches compute."""
 
     branches: tuple[Branch, ...]
     widths: dict[int, dict[str, int]]  # layer -> projection -> output columns
     layers: int
     dtype: type[np.generic]
-    weights: type[np.generic]
     design: BranchDesign
+
+    @property
+    def weights(self) -> type[np.generic]:
+        """A and B's dtype: FP16 where the design says, else the activations'."""
+        return np.float16 if self.design.half else self.dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,6 +188,12 @@ def targets(graph: Any, layers: int, config: dict[str, Any]) -> dict[int, list[T
 
 
 
+def activation_type(model: Any) -> int:
+    """The ONNX element type of the graph's activations (its past key/values')."""
+    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
+    return int(past.type.tensor_type.elem_type)
+
+
 def add_branches(model: Any, config: dict[str, Any], design: BranchDesign = NODES) -> BranchLayout:
     """Add a fed low-rank branch to every decoder MatMul of `model` (an onnx ModelProto,
     changed in place), computed as `design` says: any adapter may be loaded later, so every
@@ -192,8 +201,7 @@ def add_branches(model: Any, config: dict[str, Any], design: BranchDesign = NODE
     from onnx import TensorProto, helper
 
     graph = model.graph
-    past = next(i for i in graph.input if i.name.startswith("past_key_values"))
-    elem_type = past.type.tensor_type.elem_type
+    elem_type = activation_type(model)
     dtype: type[np.generic] = helper.tensor_dtype_to_np_dtype(elem_type).type
     weight_type = TensorProto.FLOAT16 if design.half else elem_type
     layers = int(config["num_hidden_layers"])
@@ -221,8 +229,7 @@ def add_branches(model: Any, config: dict[str, Any], design: BranchDesign = NODE
         layer: {p: width for t in layer_targets for p, _, width in t.parts}
         for layer, layer_targets in found.items()
     }
-    weights = helper.tensor_dtype_to_np_dtype(weight_type).type
-    return BranchLayout(tuple(branches), widths, layers, dtype, weights, design)
+    return BranchLayout(tuple(branches), widths, layers, dtype, design)
 
 
 def branch_nodes(branch: Branch, fused: bool) -> list[Any]:
