@@ -6,5 +6,6 @@ machine that runs them: `lora_branch` (`lora_branch.c`), one fed LoRA branch as 
 the kernel reaches ONNX Runtime only through the function table it is handed, so it builds
 against these and loads into any runtime of that API version or later.
 
-Imports only the standard library: the image builds the kernels with nothing else loaded.
+Imports the standard library and `kubetune.api` (where KubeTune's cache is): the image
+builds the kernels with nothing else loaded.
 """

@@ -2,7 +2,7 @@
 
 The library is built once per source: the image builds it when it installs the package
 (`python -m kubetune_trainer.serve.engines.batch.kernels`, into the package's directory), and
-elsewhere it is built on first use into the user's cache (~0.5 s with a C compiler). Without a
+elsewhere it is built on first use into KubeTune's cache (~0.5 s with a C compiler). Without a
 compiler `library()` says so and returns None, and the graph keeps its four standard nodes per
 branch: the same answers, slower (bench/RESULTS.md). `lora` decides where the op is used.
 """
@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+
+from kubetune.api.dataplane import cache_root
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "lora_branch.c"
@@ -44,8 +46,8 @@ def library_name() -> str:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kubetune" / "kernels"
+    """Where libraries built on first use live: beside the converted models (`cache_root`)."""
+    return cache_root() / "kernels"
 
 
 def compiler() -> str | None:
