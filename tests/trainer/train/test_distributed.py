@@ -51,3 +51,29 @@ def test_ranks_and_stages_agree_with_one_process(zero_runs: dict[int, Path],
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-4, rtol=1e-3)
+
+
+def test_starting_deepspeed_compiles_no_extension(tmp_path: Path) -> None:
+    """DeepSpeed's CPU backend built its shared-memory all-reduce (a C++ extension, two c++
+    processes of ~1.5 GB) in every trainer pod as it started, which OOM-killed a 5 GiB pod;
+    training never uses it, so nothing is compiled."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    extensions = tmp_path / "torch-extensions"
+    script = textwrap.dedent("""
+        import deepspeed.comm.comm as comm
+        from kubetune_trainer.train import distributed
+        distributed.init(distributed.Ranks(rank=0, world=1, local_rank=0), need_group=True)
+        print("shared-memory op:", comm.cdb.shm_comm_op)
+    """)
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+    started = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, timeout=600, check=False)  # fmt: skip
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert "shared-memory op: None" in started.stdout, started.stdout
+    assert not list(extensions.rglob("*.so")), list(extensions.rglob("*"))

@@ -76,7 +76,26 @@ def init(ranks: Ranks, need_group: bool) -> None:
     ensure_rendezvous_env()
     import deepspeed
 
+    skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=backend())
+
+
+SHARED_MEMORY_OP = "deepspeed_shm_comm"
+"""DeepSpeed's CPU shared-memory all-reduce: built by its backend's constructor (a JIT C++
+extension) and used by `inference_all_reduce` alone, which training never calls."""
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed from compiling `SHARED_MEMORY_OP` when its backend starts.
+
+    On a CPU it did on every trainer start, in the pod: two c++ processes of ~1.5 GB each
+    beside the loaded model, a minute or more of the pod's CPU share. On a 5 GiB trainer pod
+    (the real-node test's) that build was OOM-killed after 12 minutes of thrashing (CI,
+    2026-12-07). Marked incompatible, the backend goes without it (its all-reduce is the
+    process group's either way)."""
+    from deepspeed import ops
+
+    ops.__compatible_ops__[SHARED_MEMORY_OP] = False
 
 
 def barrier() -> None:
