@@ -8,8 +8,8 @@ Every branch design (`lora.BranchDesign`) is built side by side in one process a
 interleaved, round by round (medians of the rounds' per-step means):
 - `no branches`: the export as a server without adapters runs it;
 - `nodes`: four standard ONNX nodes per branch (what runs without a C compiler);
-- `kernel FP32` / `kernel FP16`: one LoraBranch node per branch, A and B in FP32 or FP16
-  (`graph.branch_design` picks FP16 on a quantized base, FP32 on an FP32 one);
+- `kernel FP32` / `kernel INT8`: one LoraBranch node per branch, A and B in FP32 or INT8
+  (`graph.branch_design` picks INT8 on a quantized base, FP32 on an FP32 one);
 each with a base row (zero-width feeds), an adapter row (`--loaded` adapters loaded: copies of
 ADAPTER_DIR, lora_B perturbed as bench/adapters.py does) and one row on each loaded adapter.
 The ratio printed is against `no branches` with as many rows. Then each one-row variant's
@@ -74,7 +74,7 @@ def time_steps(
 DESIGNS = {
     "nodes": BranchDesign(),
     "kernel FP32": BranchDesign(fused=True),
-    "kernel FP16": BranchDesign(fused=True, half=True),
+    "kernel INT8": BranchDesign(fused=True, int8=True),
 }
 
 

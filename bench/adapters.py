@@ -12,8 +12,8 @@ distinct adapters of the same shape, which is what memory and speed depend on.
 Prints:
 - accuracy: greedy exact match on the built-in test split for the merged fine-tune and for the
   base + adapter, at FP32 (answers should agree one for one) and at the served precision
-  (a stated agreement: the adapter's update stays FP32 on a quantized base, where the merged
-  export quantizes the merged weights);
+  (a stated agreement: on a quantized base the adapter's update is its own, in INT8 with a
+  scale per rank column, where the merged export quantizes the merged weights);
 - memory: resident set size of the server with 0 and N adapters, against N merged servers;
 - speed: single-stream decode of an adapter against its merged model, and the 8-stream
   aggregate with the streams spread over the N adapters against 8 streams on one merged model

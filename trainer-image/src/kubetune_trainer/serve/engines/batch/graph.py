@@ -185,9 +185,9 @@ def rope_switch(model: Any) -> int | None:
 def branch_design(device: Device, model: Any, library: Path | None) -> BranchDesign:
     """The branches' design for this graph (`lora.BranchDesign`): the one-node kernel where it
     runs (a CPU export with FP32 activations, its only type, and its `library` built), else
-    four standard nodes; FP16 A and B on a quantized base, whose own rounding (INT4, INT8) is
-    far coarser than FP16's on the adapter's small update, FP32 on an FP32 base, whose answers
-    the adapter's merged FP32 export matches."""
+    four standard nodes; INT8 A and B on a quantized base, whose own rounding (INT4, INT8) is
+    far coarser than INT8's per-rank-column scales on the adapter's small update, FP32 on an
+    FP32 base, whose answers the adapter's merged FP32 export matches."""
     from onnx import TensorProto
 
     if (
@@ -197,7 +197,7 @@ def branch_design(device: Device, model: Any, library: Path | None) -> BranchDes
     ):
         return NODES
     quantized = any(node.op_type == "MatMulNBits" for node in model.graph.node)
-    return BranchDesign(fused=True, half=quantized)
+    return BranchDesign(fused=True, int8=quantized)
 
 
 def serving_session(

@@ -33,8 +33,10 @@ two branches: not worth a layout of its own).
 How a branch computes is its `BranchDesign`. Where the C kernel builds (`kernels`: a CPU export
 with FP32 activations, a C compiler where the server first runs or in the image), each branch
 is one `LoraBranch` node: a row multiplies only its own adapter's columns (Punica's BGMV), a
-base row costs one look at its mask, and on a quantized base A and B are fed in FP16 (a decode
-step through an adapter is bound by reading them; INT4's own rounding is far coarser). Each
+base row costs one look at its mask, and on a quantized base A and B are fed in INT8 (a
+decode step through an adapter is bound by reading them; INT4's own rounding is far coarser),
+each rank column symmetric with its own scale, A's per column and B's per row, the two
+multiplied into the mask where it would hold 1 (`quantize`). Each
 row is computed alone, in one order, so its answer does not depend on what shares its batch.
 Elsewhere (CUDA, FP16 activations, no compiler) each branch is four standard nodes (MatMul,
 Mul, MatMul, Add): the same update, four dispatches instead of one, and MLAS multiplies a single
@@ -102,14 +104,15 @@ class Branch:
 class BranchDesign:
     """How the branches compute: one `lora_branch.OP` node each (`fused`; the session must
     register `lora_branch.library()`) or four standard nodes (MatMul, Mul, MatMul, Add), and
-    whether the kernel is fed A and B in FP16 (`half`: half the bytes a decode step reads)."""
+    whether the kernel is fed A and B in INT8 (`int8`: a quarter of the bytes a decode step
+    reads, the scales in the mask)."""
 
     fused: bool = False
-    half: bool = False
+    int8: bool = False
 
     def __post_init__(self) -> None:
-        if self.half and not self.fused:
-            raise ValueError("FP16 adapter weights need the fused kernel (MatMul wants one dtype)")
+        if self.int8 and not self.fused:
+            raise ValueError("INT8 adapter weights need the fused kernel (MatMul wants floats)")
 
 
 NODES = BranchDesign()
@@ -128,25 +131,27 @@ class BranchLayout:
 
     @property
     def weights(self) -> type[np.generic]:
-        """A and B's dtype: FP16 where the design says, else the activations'."""
-        return np.float16 if self.design.half else self.dtype
+        """A and B's dtype: INT8 where the design says, else the activations'."""
+        return np.int8 if self.design.int8 else self.dtype
 
 
 @dataclass(frozen=True, eq=False)
 class AdapterWeights:
     """One loaded adapter as the branches are fed it: per branch (in `BranchLayout` order) its
-    A (in features x width) and B (width x out features, scaled), or None where it changes
-    nothing. Compared by identity: a replaced adapter is another object, and the sequences
+    A (in features x width), B (width x out features, scaled) and what its rows' mask holds on
+    its columns (`scales`: ones, or INT8's scales), or None where it changes nothing. Compared
+    by identity: a replaced adapter is another object, and the sequences
     that started on the old one keep it until they end."""
 
     name: str
     path: Path
     a: tuple[np.ndarray | None, ...]
     b: tuple[np.ndarray | None, ...]
+    scales: tuple[np.ndarray | None, ...]
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in (*self.a, *self.b) if x is not None)
+        return sum(x.nbytes for x in (*self.a, *self.b, *self.scales) if x is not None)
 
 
 def _shape(node: Any, weights: dict[str, Any]) -> tuple[int, int] | None:
@@ -203,7 +208,7 @@ def add_branches(model: Any, config: dict[str, Any], design: BranchDesign = NODE
     graph = model.graph
     elem_type = activation_type(model)
     dtype: type[np.generic] = helper.tensor_dtype_to_np_dtype(elem_type).type
-    weight_type = TensorProto.FLOAT16 if design.half else elem_type
+    weight_type = TensorProto.INT8 if design.int8 else elem_type
     layers = int(config["num_hidden_layers"])
     found = targets(graph, layers, config)
     branches: list[Branch] = []
@@ -298,9 +303,10 @@ def _check_covered(adapter: LoraAdapter, layout: BranchLayout) -> None:
 
 
 def _branch_weights(
-    branch: Branch, widths: dict[str, int], adapter: LoraAdapter, dtype: type[np.generic]
+    branch: Branch, widths: dict[str, int], adapter: LoraAdapter
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The adapter's (A, B) for one branch, or None when it changes none of its projections.
+    """The adapter's (A, B) for one branch in FP32, or None when it changes none of its
+    projections.
 
     One block of columns per adapter layer that feeds the branch (a packed LoRA on a packed
     MatMul: one; separate q, k, v LoRAs on a packed MatMul: three), each as wide as that
@@ -337,23 +343,42 @@ def _branch_weights(
         return None
     # C order: IO binding hands ONNX Runtime the buffer as it is (lora_A.T concatenated alone
     # would stay in Fortran order, and be read transposed).
-    a = np.ascontiguousarray(np.concatenate([a for a, _ in blocks], axis=1), dtype)
-    b = np.ascontiguousarray(np.concatenate([b for _, b in blocks], axis=0), dtype)
+    a = np.ascontiguousarray(np.concatenate([a for a, _ in blocks], axis=1), np.float32)
+    b = np.ascontiguousarray(np.concatenate([b for _, b in blocks], axis=0), np.float32)
     return a, b
+
+
+def quantize(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A and B in INT8, and each rank column's factor: A's columns and B's rows symmetric, each
+    on its own scale (max |value| / 127), so that (x @ A) * mask @ B is unchanged up to the
+    rounding when the mask holds sA * sB. A column that is all zeros gets a factor of 0 (it
+    adds nothing either way)."""
+    a_scale = np.abs(a).max(axis=0) / 127
+    b_scale = np.abs(b).max(axis=1) / 127
+    a_int8 = np.round(a / np.where(a_scale > 0, a_scale, 1)).astype(np.int8)
+    b_int8 = np.round(b / np.where(b_scale > 0, b_scale, 1)[:, None]).astype(np.int8)
+    return a_int8, b_int8, (a_scale * b_scale).astype(np.float32)
 
 
 def adapter_weights(adapter: LoraAdapter, layout: BranchLayout) -> AdapterWeights:
     """The adapter as the branches are fed it; refused by name where the graph disagrees."""
     _check_covered(adapter, layout)
-    pairs = [
-        _branch_weights(branch, layout.widths[branch.layer], adapter, layout.weights)
-        for branch in layout.branches
-    ]
+    fed: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+    for branch in layout.branches:
+        pair = _branch_weights(branch, layout.widths[branch.layer], adapter)
+        if pair is None:
+            fed.append(None)
+        elif layout.design.int8:
+            fed.append(quantize(*pair))
+        else:
+            a, b = (np.ascontiguousarray(x, layout.dtype) for x in pair)
+            fed.append((a, b, np.ones(a.shape[1], np.float32)))
     return AdapterWeights(
         adapter.name,
         adapter.path,
-        tuple(None if p is None else p[0] for p in pairs),
-        tuple(None if p is None else p[1] for p in pairs),
+        tuple(None if f is None else f[0] for f in fed),
+        tuple(None if f is None else f[1] for f in fed),
+        tuple(None if f is None else f[2] for f in fed),
     )
 
 
@@ -402,17 +427,15 @@ class BranchFeeds:
         if active != self.active:
             self._assemble(active)
         feeds = dict(self.weights)
-        masks: dict[tuple[int, ...], np.ndarray] = {}  # per widths of the active adapters
         for index, branch in enumerate(self.layout.branches):
-            widths = tuple(0 if x.a[index] is None else x.a[index].shape[1] for x in active)  # type: ignore[union-attr]
-            mask = masks.get(widths)
-            if mask is None:
-                starts = dict(zip(active, np.cumsum((0, *widths))[:-1].tolist(), strict=True))
-                mask = np.zeros((len(rows), 1, sum(widths)), self.layout.dtype)
-                for row, adapter in enumerate(rows):
-                    if adapter is not None:
-                        width = widths[active.index(adapter)]
-                        mask[row, 0, starts[adapter] : starts[adapter] + width] = 1
-                masks[widths] = mask
+            scales = [x.scales[index] for x in active]
+            widths = [0 if s is None else len(s) for s in scales]
+            starts = dict(zip(active, np.cumsum((0, *widths))[:-1].tolist(), strict=True))
+            mask = np.zeros((len(rows), 1, sum(widths)), self.layout.dtype)
+            for row, adapter in enumerate(rows):
+                own = None if adapter is None else adapter.scales[index]
+                if own is not None:
+                    start = starts[adapter]  # type: ignore[index]
+                    mask[row, 0, start : start + len(own)] = own
             feeds[branch.mask] = mask
         return feeds

@@ -16,7 +16,9 @@
  * and every row is computed alone in one fixed order: a row's answer does not depend on what
  * shares its batch.
  *
- * A and B are float, or float16 (half the bytes a decode step reads: on a quantized base).
+ * A and B are float, or int8 (a quarter of the bytes a decode step reads: on a quantized base),
+ * each rank column's scales then carried by the mask (lora.py: `mask` holds sA[c] * sB[c]
+ * where it would hold 1).
  *
  * Built by kernels/lora_branch.py against the vendored ONNX Runtime C API header (API version
  * 24, include/); the functions come through the OrtApi table ORT hands RegisterCustomOps, so
@@ -40,13 +42,14 @@ enum { IN_Y, IN_X, IN_A, IN_B, IN_MASK, INPUTS };
 
 static const OrtApi *ort;
 
-/* The two kernels, for A and B held in FP32 (`_f32`) or FP16 (`_f16`, half the bytes a step
- * reads: a decode step through an adapter is bound by reading its weights).
+/* The two kernels, for A and B held in FP32 (`_f32`) or INT8 (`_i8`: a quarter of the bytes
+ * a decode step reads, which is bound by reading them; each rank column's two scales are in
+ * the mask, see lora.py).
  *
  * shrink: h[c] = sum_k x[k] * a[k * lda + c], c < width. Eight columns at a time in registers,
  * and four partial sums over k (a chain of dependent adds would wait on each one's latency);
  * the order is fixed, so a row's sums are the same whatever shares its batch.
- * expand: out[j] += sum_c h[c] * b[c * columns + j], c < width. */
+ * expand: out[j] += sum_c h[c] * b[c * ldb + j], j < columns, c < width, in c's order. */
 #define KERNELS(SUFFIX, W)                                                                     \
   KERNEL_CLONES static void shrink##SUFFIX(const float *restrict x, const W *restrict a,       \
                                            int64_t lda, int64_t width, int64_t features,       \
@@ -76,81 +79,122 @@ static const OrtApi *ort;
     }                                                                                          \
   }                                                                                            \
   KERNEL_CLONES static void expand##SUFFIX(const float *restrict h, const W *restrict b,       \
-                                           int64_t width, int64_t columns,                     \
+                                           int64_t width, int64_t columns, int64_t ldb,        \
                                            float *restrict out) {                              \
     for (int64_t c = 0; c < width; c++) {                                                      \
       const float hc = h[c];                                                                   \
-      const W *restrict bc = b + c * columns;                                                  \
+      const W *restrict bc = b + c * ldb;                                                      \
       for (int64_t j = 0; j < columns; j++) out[j] += hc * (float)bc[j];                       \
     }                                                                                          \
   }
 
 KERNELS(_f32, float)
-KERNELS(_f16_portable, _Float16)
+KERNELS(_i8_portable, int8_t)
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define F16C_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma")))
 
-/* FP16 with F16C: GCC converts _Float16 one element at a time, which costs more than the
- * bytes it saves; these convert eight at a time (same sums, same order as the portable ones
- * up to FMA's single rounding). */
-F16C_TARGET static void shrink_f16_f16c(const float *restrict x, const _Float16 *restrict a,
-                                        int64_t lda, int64_t width, int64_t features,
-                                        float *restrict h) {
+/* INT8 by hand: GCC's vectorized int8-to-float conversion of the portable loops costs more
+ * than the bytes saved. These widen 8 (AVX2) or 16 (AVX-512) weights at a time, and the
+ * expand keeps a block of output columns in registers over all c (one load and store of
+ * `out` a block, not one a rank column). Same sums in the same order as the portable ones,
+ * up to FMA's single rounding. */
+static inline AVX2_TARGET __m256 widen8(const int8_t *p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline AVX512_TARGET __m512 widen16(const int8_t *p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+AVX2_TARGET static void shrink_i8_avx2(const float *restrict x, const int8_t *restrict a,
+                                       int64_t lda, int64_t width, int64_t features,
+                                       float *restrict h) {
   int64_t c0 = 0;
   for (; c0 + 8 <= width; c0 += 8) {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     int64_t k = 0;
     for (; k + 4 <= features; k += 4) {
-      const _Float16 *r = a + k * lda + c0;
-      s0 = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)r)), s0);
-      s1 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 1]), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + lda))), s1);
-      s2 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 2]), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + 2 * lda))), s2);
-      s3 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 3]), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + 3 * lda))), s3);
+      const int8_t *r = a + k * lda + c0;
+      s0 = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), widen8(r), s0);
+      s1 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 1]), widen8(r + lda), s1);
+      s2 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 2]), widen8(r + 2 * lda), s2);
+      s3 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 3]), widen8(r + 3 * lda), s3);
     }
-    for (; k < features; k++) {
-      const __m128i r = _mm_loadu_si128((const __m128i *)(a + k * lda + c0));
-      s0 = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), _mm256_cvtph_ps(r), s0);
-    }
+    for (; k < features; k++) s0 = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), widen8(a + k * lda + c0), s0);
     _mm256_storeu_ps(h + c0, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   }
-  if (c0 < width) shrink_f16_portable(x, a + c0, lda, width - c0, features, h + c0);
+  if (c0 < width) shrink_i8_portable(x, a + c0, lda, width - c0, features, h + c0);
 }
 
-F16C_TARGET static void expand_f16_f16c(const float *restrict h, const _Float16 *restrict b,
-                                        int64_t width, int64_t columns, float *restrict out) {
-  for (int64_t c = 0; c < width; c++) {
-    const __m256 hc = _mm256_set1_ps(h[c]);
-    const _Float16 *bc = b + c * columns;
-    int64_t j = 0;
-    for (; j + 8 <= columns; j += 8) {
-      const __m256 bj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bc + j)));
-      _mm256_storeu_ps(out + j, _mm256_fmadd_ps(hc, bj, _mm256_loadu_ps(out + j)));
-    }
-    for (; j < columns; j++) out[j] += h[c] * (float)bc[j];
+AVX2_TARGET static void expand_i8_avx2(const float *restrict h, const int8_t *restrict b,
+                                       int64_t width, int64_t columns, int64_t ldb,
+                                       float *restrict out) {
+  int64_t j = 0;
+  for (; j + 8 <= columns; j += 8) {
+    __m256 o = _mm256_loadu_ps(out + j);
+    for (int64_t c = 0; c < width; c++) o = _mm256_fmadd_ps(_mm256_set1_ps(h[c]), widen8(b + c * ldb + j), o);
+    _mm256_storeu_ps(out + j, o);
+  }
+  for (; j < columns; j++) {
+    for (int64_t c = 0; c < width; c++) out[j] += h[c] * (float)b[c * ldb + j];
   }
 }
 
-static int f16c(void) {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+AVX512_TARGET static void shrink_i8_avx512(const float *restrict x, const int8_t *restrict a,
+                                           int64_t lda, int64_t width, int64_t features,
+                                           float *restrict h) {
+  int64_t c0 = 0;
+  for (; c0 + 16 <= width; c0 += 16) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 4 <= features; k += 4) {
+      const int8_t *r = a + k * lda + c0;
+      s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), widen16(r), s0);
+      s1 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 1]), widen16(r + lda), s1);
+      s2 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 2]), widen16(r + 2 * lda), s2);
+      s3 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 3]), widen16(r + 3 * lda), s3);
+    }
+    for (; k < features; k++) s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), widen16(a + k * lda + c0), s0);
+    _mm512_storeu_ps(h + c0, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  }
+  if (c0 < width) shrink_i8_avx2(x, a + c0, lda, width - c0, features, h + c0);
 }
+
+AVX512_TARGET static void expand_i8_avx512(const float *restrict h, const int8_t *restrict b,
+                                           int64_t width, int64_t columns, int64_t ldb,
+                                           float *restrict out) {
+  int64_t j = 0;
+  for (; j + 16 <= columns; j += 16) {
+    __m512 o = _mm512_loadu_ps(out + j);
+    for (int64_t c = 0; c < width; c++) o = _mm512_fmadd_ps(_mm512_set1_ps(h[c]), widen16(b + c * ldb + j), o);
+    _mm512_storeu_ps(out + j, o);
+  }
+  if (j < columns) expand_i8_avx2(h, b + j, width, columns - j, ldb, out + j);
+}
+
+static int has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+static int has_avx512(void) { return has_avx2() && __builtin_cpu_supports("avx512f"); }
 #else
-#define shrink_f16_f16c shrink_f16_portable
-#define expand_f16_f16c expand_f16_portable
-static int f16c(void) { return 0; }
+#define shrink_i8_avx2 shrink_i8_portable
+#define expand_i8_avx2 expand_i8_portable
+#define shrink_i8_avx512 shrink_i8_portable
+#define expand_i8_avx512 expand_i8_portable
+static int has_avx2(void) { return 0; }
+static int has_avx512(void) { return 0; }
 #endif
 
-typedef void Shrink16(const float *, const _Float16 *, int64_t, int64_t, int64_t, float *);
-typedef void Expand16(const float *, const _Float16 *, int64_t, int64_t, float *);
-static Shrink16 *shrink_f16 = shrink_f16_portable; /* chosen at registration */
-static Expand16 *expand_f16 = expand_f16_portable;
+typedef void Shrink8(const float *, const int8_t *, int64_t, int64_t, int64_t, float *);
+typedef void Expand8(const float *, const int8_t *, int64_t, int64_t, int64_t, float *);
+static Shrink8 *shrink_i8 = shrink_i8_portable; /* chosen at registration */
+static Expand8 *expand_i8 = expand_i8_portable;
 
 typedef struct {
   const float *x, *mask;
-  const void *a, *b; /* float or _Float16: `half` */
-  int half;
+  const void *a, *b; /* float or int8_t: `int8` */
+  int int8;
   float *out;
   int64_t rows, tokens, features, rank, columns;
 } Branch;
@@ -170,16 +214,16 @@ static void position(void *data, size_t index) {
   if (h == NULL) abort(); /* out of memory for a few KB: nothing sane is left to do */
   const float *x = w->x + (int64_t)index * w->features;
   float *out = w->out + (int64_t)index * w->columns;
-  if (w->half) {
-    shrink_f16(x, (const _Float16 *)w->a + lo, w->rank, width, w->features, h);
+  if (w->int8) {
+    shrink_i8(x, (const int8_t *)w->a + lo, w->rank, width, w->features, h);
   } else {
     shrink_f32(x, (const float *)w->a + lo, w->rank, width, w->features, h);
   }
   for (int64_t c = 0; c < width; c++) h[c] *= m[lo + c];
-  if (w->half) {
-    expand_f16(h, (const _Float16 *)w->b + lo * w->columns, width, w->columns, out);
+  if (w->int8) {
+    expand_i8(h, (const int8_t *)w->b + lo * w->columns, width, w->columns, w->columns, out);
   } else {
-    expand_f32(h, (const float *)w->b + lo * w->columns, width, w->columns, out);
+    expand_f32(h, (const float *)w->b + lo * w->columns, width, w->columns, w->columns, out);
   }
   if (h != stack) free(h);
 }
@@ -217,11 +261,11 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
   }
   const ONNXTensorElementDataType weights = types[IN_A];
   if (types[IN_B] != weights || (weights != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-                                 weights != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)) {
+                                 weights != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)) {
     return ort->CreateStatus(ORT_INVALID_ARGUMENT,
-                             "LoraBranch: A and B must both be float or both float16");
+                             "LoraBranch: A and B must both be float or both int8");
   }
-  Branch w = {.half = weights == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, .rows = y[0], .tokens = y[1], .columns = y[2], .features = x[2], .rank = a[1]};
+  Branch w = {.int8 = weights == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, .rows = y[0], .tokens = y[1], .columns = y[2], .features = x[2], .rank = a[1]};
   OrtValue *output = NULL;
   CHECK(ort->KernelContext_GetOutput(context, 0, y, 3, &output));
   const void *data = NULL;
@@ -261,7 +305,7 @@ static const char *ORT_API_CALL provider(const OrtCustomOp *op) {
 }
 static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t i) {
   (void)op;
-  /* A and B: float or float16, checked when run (UNDEFINED: any type). */
+  /* A and B: float or int8, checked when run (UNDEFINED: any type). */
   return i == IN_A || i == IN_B ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
                                 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
@@ -304,7 +348,11 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
   ort = base->GetApi(ORT_API_VERSION);
   if (ort == NULL) return NULL; /* cannot even say why: the caller's runtime is older */
   if (lora_branch.version == 0) { /* once: sessions registered earlier hold this op */
-    if (f16c()) shrink_f16 = shrink_f16_f16c, expand_f16 = expand_f16_f16c;
+    if (has_avx512()) {
+      shrink_i8 = shrink_i8_avx512, expand_i8 = expand_i8_avx512;
+    } else if (has_avx2()) {
+      shrink_i8 = shrink_i8_avx2, expand_i8 = expand_i8_avx2;
+    }
   lora_branch.GetName = name;
   lora_branch.GetExecutionProviderType = provider;
   lora_branch.GetInputType = input_type;
