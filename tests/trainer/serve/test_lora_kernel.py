@@ -218,3 +218,23 @@ def test_int8_stays_within_two_percent_of_the_fp32_update_and_a_zero_b_adds_noth
     # A fresh adapter (PEFT starts B at zeros): every scale is 0, the row is left as the base's.
     untrained = {**inputs, "b.B": np.zeros_like(inputs["b.B"])}
     assert np.array_equal(session.run(None, int8(untrained))[0], inputs["y"])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_every_instruction_sets_int8_loops_add_the_same_update(isa: str) -> None:
+    """The library picks its INT8 loops once per process (AVX-512, AVX2, portable C);
+    `KUBETUNE_LORA_ISA` caps that pick, so the lower ones run here too, in a process of
+    their own, through the same cases."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    selected = "adds_what_the_standard_nodes_add or does_not_depend_on_its_batch or two_percent"
+    env = {**os.environ, "KUBETUNE_LORA_ISA": isa}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert re.search(r"^9 passed", run.stdout, re.MULTILINE), run.stdout[-500:]

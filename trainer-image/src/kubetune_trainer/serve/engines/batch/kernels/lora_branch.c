@@ -7,7 +7,7 @@
  *   x     (rows, tokens, features)  the projection's input
  *   A     (features, rank)          the active adapters' lora_A side by side (lora.py)
  *   B     (rank, columns)           their lora_B stacked, scaling folded in
- *   mask  (rows, 1, rank)           1 on a row's own adapter's columns, 0 elsewhere
+ *   mask  (rows, 1, rank)           1 (or int8 scales) on a row's own adapter's columns, else 0
  *
  * Why a kernel: a decode step through an adapter was four nodes per projection, 600 a step on
  * a 30-layer model, each a tiny GEMV or elementwise op whose dispatch costs more than its work
@@ -123,7 +123,9 @@ AVX2_TARGET static void shrink_i8_avx2(const float *restrict x, const int8_t *re
       s2 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 2]), widen8(r + 2 * lda), s2);
       s3 = _mm256_fmadd_ps(_mm256_set1_ps(x[k + 3]), widen8(r + 3 * lda), s3);
     }
-    for (; k < features; k++) s0 = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), widen8(a + k * lda + c0), s0);
+    for (; k < features; k++) {
+      s0 = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), widen8(a + k * lda + c0), s0);
+    }
     _mm256_storeu_ps(h + c0, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   }
   if (c0 < width) shrink_i8_portable(x, a + c0, lda, width - c0, features, h + c0);
@@ -135,7 +137,9 @@ AVX2_TARGET static void expand_i8_avx2(const float *restrict h, const int8_t *re
   int64_t j = 0;
   for (; j + 8 <= columns; j += 8) {
     __m256 o = _mm256_loadu_ps(out + j);
-    for (int64_t c = 0; c < width; c++) o = _mm256_fmadd_ps(_mm256_set1_ps(h[c]), widen8(b + c * ldb + j), o);
+    for (int64_t c = 0; c < width; c++) {
+      o = _mm256_fmadd_ps(_mm256_set1_ps(h[c]), widen8(b + c * ldb + j), o);
+    }
     _mm256_storeu_ps(out + j, o);
   }
   for (; j < columns; j++) {
@@ -157,7 +161,9 @@ AVX512_TARGET static void shrink_i8_avx512(const float *restrict x, const int8_t
       s2 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 2]), widen16(r + 2 * lda), s2);
       s3 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 3]), widen16(r + 3 * lda), s3);
     }
-    for (; k < features; k++) s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), widen16(a + k * lda + c0), s0);
+    for (; k < features; k++) {
+      s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), widen16(a + k * lda + c0), s0);
+    }
     _mm512_storeu_ps(h + c0, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
   }
   if (c0 < width) shrink_i8_avx2(x, a + c0, lda, width - c0, features, h + c0);
@@ -169,13 +175,17 @@ AVX512_TARGET static void expand_i8_avx512(const float *restrict h, const int8_t
   int64_t j = 0;
   for (; j + 16 <= columns; j += 16) {
     __m512 o = _mm512_loadu_ps(out + j);
-    for (int64_t c = 0; c < width; c++) o = _mm512_fmadd_ps(_mm512_set1_ps(h[c]), widen16(b + c * ldb + j), o);
+    for (int64_t c = 0; c < width; c++) {
+      o = _mm512_fmadd_ps(_mm512_set1_ps(h[c]), widen16(b + c * ldb + j), o);
+    }
     _mm512_storeu_ps(out + j, o);
   }
   if (j < columns) expand_i8_avx2(h, b + j, width, columns - j, ldb, out + j);
 }
 
-static int has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+static int has_avx2(void) {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
 static int has_avx512(void) { return has_avx2() && __builtin_cpu_supports("avx512f"); }
 #else
 #define shrink_i8_avx2 shrink_i8_portable
@@ -265,7 +275,8 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
     return ort->CreateStatus(ORT_INVALID_ARGUMENT,
                              "LoraBranch: A and B must both be float or both int8");
   }
-  Branch w = {.int8 = weights == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, .rows = y[0], .tokens = y[1], .columns = y[2], .features = x[2], .rank = a[1]};
+  Branch w = {.int8 = weights == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, .rows = y[0], .tokens = y[1],
+              .columns = y[2], .features = x[2], .rank = a[1]};
   OrtValue *output = NULL;
   CHECK(ort->KernelContext_GetOutput(context, 0, y, 3, &output));
   const void *data = NULL;
@@ -348,9 +359,14 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
   ort = base->GetApi(ORT_API_VERSION);
   if (ort == NULL) return NULL; /* cannot even say why: the caller's runtime is older */
   if (lora_branch.version == 0) { /* once: sessions registered earlier hold this op */
-    if (has_avx512()) {
+    /* KUBETUNE_LORA_ISA=avx2|portable caps the INT8 loops' instruction set (the tests run
+     * each on a CPU that has them all). */
+    const char *cap = getenv("KUBETUNE_LORA_ISA");
+    const int avx512 = cap == NULL && has_avx512();
+    const int avx2 = (cap == NULL || strcmp(cap, "avx2") == 0) && has_avx2();
+    if (avx512) {
       shrink_i8 = shrink_i8_avx512, expand_i8 = expand_i8_avx512;
-    } else if (has_avx2()) {
+    } else if (avx2) {
       shrink_i8 = shrink_i8_avx2, expand_i8 = expand_i8_avx2;
     }
   lora_branch.GetName = name;
